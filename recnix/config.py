@@ -1,0 +1,142 @@
+"""recnix configuration: defaults from ``defaults.toml`` overlaid with a site TOML file.
+
+The defaults file is the single source of truth for settings; the NixOS module
+(``module/``) and the VM templates (``vm/``) read the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
+SYSTEM_CONFIG_FILE = Path("/etc/recnix/config.toml")
+CONFIG_ENV = "RECNIX_CONFIG"
+
+FEATURE = "recnix"
+FEATURE_READONLY = "recnix-readonly"
+
+
+class ConfigError(Exception):
+    """A configuration file is unreadable or has a bad key or value."""
+
+
+def load_defaults() -> dict[str, Any]:
+    """Return the defaults as nested dicts (sections of ``defaults.toml``)."""
+    with DEFAULTS_FILE.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if key not in base:
+            raise ConfigError(f"unknown setting '{where}{key}' (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}{key}' must be a table")
+            merged[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            expected = type(base[key])
+            if expected is int and isinstance(value, bool):
+                raise ConfigError(f"'{where}{key}' must be an integer, not a boolean")
+            if not isinstance(value, expected):
+                raise ConfigError(
+                    f"'{where}{key}' must be {expected.__name__}, got {type(value).__name__}"
+                )
+            merged[key] = value
+    return merged
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file to read: explicit > $RECNIX_CONFIG > /etc/recnix/config.toml > none."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    if SYSTEM_CONFIG_FILE.exists():
+        return SYSTEM_CONFIG_FILE
+    return None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings; ``raw`` keeps the merged TOML tables."""
+
+    raw: dict[str, Any]
+    source: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.raw[section]
+
+    @property
+    def control_socket(self) -> Path:
+        return Path(self.raw["daemon"]["control-socket"])
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.raw["daemon"]["state-dir"])
+
+    @property
+    def policy(self) -> dict[str, Any]:
+        return self.raw["policy"]
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Load defaults, overlay the config file (if any), validate and return it."""
+    raw = load_defaults()
+    path = config_path(explicit)
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                site = tomllib.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from e
+        raw = _merge(raw, site, "")
+    _validate(raw)
+    return Config(raw=raw, source=path)
+
+
+def _validate(raw: dict[str, Any]) -> None:
+    daemon, policy = raw["daemon"], raw["policy"]
+    if daemon["max-sessions"] < 1:
+        raise ConfigError("'daemon.max-sessions' must be at least 1")
+    up = daemon["upstream"]
+    if up not in ("daemon", "stdio") and not up.startswith("unix://"):
+        raise ConfigError(
+            f"'daemon.upstream' is {up!r}: use \"daemon\", \"stdio\" or \"unix:///path/to/socket\""
+        )
+    for key in ("max-depth", "max-builds-per-session", "max-added-bytes"):
+        if policy[key] < 0:
+            raise ConfigError(f"'policy.{key}' must not be negative")
+
+
+def _conf_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def nix_conf_settings(
+    raw: dict[str, Any], pre_build_hook: str, post_build_hook: str
+) -> dict[str, str]:
+    """The nix.conf settings a host needs for recnix, as name -> value strings."""
+    settings = {key: _conf_value(value) for key, value in raw["nix"].items()}
+    settings["pre-build-hook"] = pre_build_hook
+    settings["post-build-hook"] = post_build_hook
+    return dict(sorted(settings.items()))
+
+
+def render_nix_conf(raw: dict[str, Any], pre_build_hook: str, post_build_hook: str) -> str:
+    """Render :func:`nix_conf_settings` as nix.conf lines (sorted, one per line)."""
+    settings = nix_conf_settings(raw, pre_build_hook, post_build_hook)
+    return "".join(f"{key} = {value}\n" for key, value in settings.items())

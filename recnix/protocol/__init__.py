@@ -1,0 +1,1 @@
+"""Sans-IO codec for Nix's daemon worker protocol (no sockets in here)."""

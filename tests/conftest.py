@@ -1,0 +1,1 @@
+"""Shared pytest configuration: tier markers are declared in pyproject.toml."""
