@@ -1,0 +1,178 @@
+# NixOS module for recnix: recursive Nix as an add-on.
+#
+#   imports = [ recnix.nixosModules.default ];
+#   services.recnix.enable = true;
+#
+# Builds opt in with `requiredSystemFeatures = [ "recnix" ]` (or
+# "recnix-readonly"). Every default below is read from ../recnix/defaults.toml,
+# the file the recnix daemon itself and the VM images read: one source of truth.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  cfg = config.services.recnix;
+  defaults = builtins.fromTOML (builtins.readFile ../recnix/defaults.toml);
+  unit = builtins.fromTOML (builtins.readFile ./unit.toml);
+  format = pkgs.formats.toml { };
+
+  configPath = "/etc/recnix/config.toml";
+  configFile = format.generate "recnix.toml" cfg.settings;
+
+  preBuildHook = lib.getExe' cfg.package "recnix-pre-build-hook";
+  postBuildHook = lib.getExe' cfg.package "recnix-post-build-hook";
+
+  # nix-required-mounts also wants nix.conf's single `pre-build-hook`. recnix's
+  # hook runs the hooks in `preBuildHooks` and passes their output through, so
+  # the two compose: recnix takes the setting and chains nix-required-mounts.
+  nrmEnabled = config.programs.nix-required-mounts.enable or false;
+  nrmHook = lib.getExe config.programs.nix-required-mounts.package;
+
+  setting =
+    section: key: type: description:
+    lib.mkOption {
+      inherit type description;
+      default = defaults.${section}.${key};
+    };
+in
+{
+  options.services.recnix = {
+    enable = lib.mkEnableOption "recnix, which gives Nix builds that require the system feature `recnix` (or `recnix-readonly`) their own restricted Nix daemon socket";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      default = pkgs.recnix or (pkgs.callPackage ./package.nix { });
+      defaultText = lib.literalExpression "pkgs.callPackage ./module/package.nix { }";
+      description = "The recnix package (daemon and the pre-/post-build hooks).";
+    };
+
+    preBuildHooks = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = lib.optional nrmEnabled nrmHook;
+      defaultText = lib.literalExpression ''lib.optional config.programs.nix-required-mounts.enable (lib.getExe config.programs.nix-required-mounts.package)'';
+      description = "Further pre-build hooks. recnix owns nix.conf's `pre-build-hook`; it runs these after its own logic (same arguments) and passes their `extra-sandbox-paths` blocks through to Nix.";
+    };
+
+    postBuildHooks = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = lib.literalExpression ''[ "''${pkgs.writeShellScript "upload" "..."}" ]'';
+      description = "Further post-build hooks (e.g. a binary-cache upload). recnix owns nix.conf's `post-build-hook` and runs these after it has registered the references of recursive outputs.";
+    };
+
+    settings = lib.mkOption {
+      default = { };
+      description = "recnix configuration, written to /etc/recnix/config.toml (same layout as recnix/defaults.toml). Keys not listed here are passed through; the daemon rejects unknown ones.";
+      type = lib.types.submodule {
+        freeformType = format.type;
+        options = {
+          daemon = {
+            upstream =
+              setting "daemon" "upstream" lib.types.str
+                ''Where sessions forward allowed operations: "daemon" (the system nix-daemon socket) or "unix:///path/to/socket".'';
+            max-sessions =
+              setting "daemon" "max-sessions" lib.types.ints.positive
+                "Concurrent recursive sessions (builds using recnix at once). Keep it below the number of build users (nix.nrBuildUsers), or nested builds wait for a free user forever.";
+            audit-log =
+              setting "daemon" "audit-log" lib.types.str
+                "JSON-lines audit log, one line per session event (read it with `recnix tree`). Empty: no audit log.";
+            control-socket =
+              setting "daemon" "control-socket" lib.types.str
+                "Root-only socket the pre-/post-build hooks talk to.";
+            state-dir =
+              setting "daemon" "state-dir" lib.types.str
+                "Root-only directory holding one socket per session.";
+            log-level =
+              setting "daemon" "log-level" lib.types.str
+                ''Daemon log level ("debug", "info", "warning", "error").'';
+          };
+          policy = {
+            readonly-only =
+              setting "policy" "readonly-only" lib.types.bool
+                "Give every opted-in build the read-only view (queries over its own input closure only), even builds asking for `recnix`.";
+            allow-fixed-output =
+              setting "policy" "allow-fixed-output" lib.types.bool
+                "Allow nested fixed-output derivations (they have network access).";
+            max-depth =
+              setting "policy" "max-depth" lib.types.ints.unsigned
+                "Maximum nesting depth (the outer build is depth 1).";
+            max-builds-per-session =
+              setting "policy" "max-builds-per-session" lib.types.ints.unsigned
+                "Nested build requests one session may make.";
+            max-added-bytes =
+              setting "policy" "max-added-bytes" lib.types.ints.unsigned
+                "Bytes (NAR size) one session may add to the store.";
+            forward-build-logs =
+              setting "policy" "forward-build-logs" lib.types.bool
+                "Forward nested build logs into the outer build's log.";
+          };
+          signing.secret-key-files =
+            setting "signing" "secret-key-files" (lib.types.listOf lib.types.str)
+              "Secret key files used to re-sign outputs after recnix adds their references (re-registration drops signatures). Usually the same as nix.settings.secret-key-files.";
+        };
+      };
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = nrmEnabled -> lib.elem nrmHook cfg.preBuildHooks;
+        message = "programs.nix-required-mounts is enabled but its hook is not in services.recnix.preBuildHooks: recnix takes nix.settings.pre-build-hook, so nix-required-mounts would silently stop working.";
+      }
+      {
+        assertion = cfg.settings.daemon.upstream != "stdio";
+        message = ''services.recnix.settings.daemon.upstream = "stdio" is for hosts without a nix-daemon; on NixOS use "daemon".'';
+      }
+    ];
+
+    services.recnix.settings.hooks = {
+      pre-build = cfg.preBuildHooks;
+      post-build = cfg.postBuildHooks;
+    };
+
+    environment.etc."recnix/config.toml".source = configFile;
+
+    # Everything in defaults.toml's [nix] table (extra-system-features,
+    # experimental-features, sandbox, sandbox-fallback), plus the hooks.
+    nix.settings = lib.mkMerge [
+      defaults.nix
+      {
+        # mkForce only over nix-required-mounts' own definition, which recnix
+        # chains (see the assertion); any other module setting the hook still
+        # conflicts loudly instead of being silently dropped.
+        pre-build-hook = if nrmEnabled then lib.mkForce preBuildHook else preBuildHook;
+        post-build-hook = postBuildHook;
+      }
+    ];
+
+    # The hooks run inside nix-daemon; /etc/recnix/config.toml is their default
+    # too, set explicitly so that `systemctl show nix-daemon` tells.
+    systemd.services.nix-daemon.environment.RECNIX_CONFIG = configPath;
+
+    systemd.services.recnix = {
+      description = "recnix: restricted Nix daemon sockets for recursive builds";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "nix-daemon.socket" ];
+      after = [
+        "nix-daemon.socket"
+        "nix-daemon.service"
+      ];
+      restartTriggers = [ configFile ];
+      environment.RECNIX_CONFIG = configPath;
+      # nix-store (--register-validity) for the post-build registration.
+      path = [ config.nix.package ];
+      serviceConfig = unit.Service // {
+        ExecStart = "${lib.getExe cfg.package} daemon --config ${configPath}";
+        Restart = "on-failure";
+        # /run/recnix: control socket and session sockets (defaults.toml [daemon]).
+        RuntimeDirectory = "recnix";
+        # /var/log/recnix: the audit log.
+        LogsDirectory = "recnix";
+      };
+    };
+  };
+}

@@ -1,0 +1,208 @@
+"""Put a Nix usable inside sandboxed builds into the store on a host that is not NixOS.
+
+Debian's ``nix`` lives in ``/usr``, outside the store, so a build cannot run it.
+``bundle_nix`` adds three things to the store, all content-addressed or
+input-addressed, so a second run gives the same paths:
+
+* ``busybox_store_path()``: Debian's static busybox as ``<path>/bin/busybox``
+  plus a symlink per applet (``bin/sh``, ``bin/mkdir``, ...), a builder shell
+  that needs nothing else;
+* ``nix_files_store_path()``: the multi-call ``nix`` binary as
+  ``libexec/nix`` with every library ``ldd`` lists (and the dynamic loader)
+  in ``lib/``;
+* the bundle itself, built by a tiny derivation so its wrapper scripts can
+  name their own dependencies and the store records them as references:
+  ``bin/nix``, ``bin/nix-build``, ... each
+  ``exec <files>/lib/ld-linux-x86-64.so.2 --argv0 <name> --library-path <files>/lib
+  <files>/libexec/nix "$@"`` under ``#!<busybox>/bin/sh``.
+
+Run once per machine (``recnix bundle-nix``), not per build.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+BUSYBOX_BINARY = "/bin/busybox"
+NIX_BINARY = "/usr/bin/nix"
+BUSYBOX_NAME = "busybox-static"
+NIX_FILES_NAME = "nix-files"
+BUNDLE_NAME_FORMAT = "nix-{version}-bundle"
+LOADER_NAME = "ld-linux-x86-64.so.2"
+# Libraries Nix loads with dlopen (not listed by ldd); copied when present.
+DLOPENED_LIBRARIES = ("libnss_dns.so.2", "libnss_files.so.2")
+SYSTEM_LIBRARY_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu")
+# The names Debian's nix-bin links to the multi-call binary.
+NIX_COMMANDS = (
+    "nix",
+    "nix-build",
+    "nix-channel",
+    "nix-collect-garbage",
+    "nix-copy-closure",
+    "nix-daemon",
+    "nix-env",
+    "nix-hash",
+    "nix-instantiate",
+    "nix-prefetch-url",
+    "nix-shell",
+    "nix-store",
+)
+
+_BUNDLE_EXPRESSION = r"""
+{ busybox, files, name, commands }:
+let
+  bb = builtins.storePath busybox;
+  nixFiles = builtins.storePath files;
+in
+derivation {
+  inherit name;
+  system = builtins.currentSystem;
+  builder = "${bb}/bin/sh";
+  args = [ "-e" "-c" ''
+    ${bb}/bin/busybox mkdir -p $out/bin
+    for c in ${commands}; do
+      ${bb}/bin/busybox printf '#!%s\nexec %s --argv0 %s --library-path %s %s "$@"\n' \
+        ${bb}/bin/sh ${nixFiles}/lib/ld-linux-x86-64.so.2 "$c" ${nixFiles}/lib \
+        ${nixFiles}/libexec/nix > $out/bin/$c
+      ${bb}/bin/busybox chmod 555 $out/bin/$c
+    done
+  '' ];
+}
+"""
+
+
+class BundleError(RuntimeError):
+    """A step of making the bundle failed (message names the command and its output)."""
+
+
+def _run(argv: list[str], env: dict[str, str] | None) -> str:
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BundleError(
+            f"{' '.join(argv)} exited with {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result.stdout
+
+
+def _client_env(nix_env: dict[str, str] | None) -> dict[str, str] | None:
+    if nix_env is None:
+        return None
+    env = dict(nix_env)
+    env.setdefault("PATH", os.environ.get("PATH", "/usr/bin:/bin"))
+    return env
+
+
+def _store_add(directory: Path, nix_env: dict[str, str] | None) -> str:
+    """``nix-store --add`` a directory; its basename becomes the store path's name."""
+    out = _run(["nix-store", "--add", str(directory)], _client_env(nix_env)).strip()
+    if not out.startswith("/nix/store/"):
+        raise BundleError(f"nix-store --add printed {out!r}, not a store path")
+    return out
+
+
+def shared_libraries(binary: str) -> dict[str, str]:
+    """Map each library name ``ldd`` lists for ``binary`` to its file on this host.
+
+    The dynamic loader is included under ``LOADER_NAME``.
+    """
+    listing = _run(["ldd", binary], None)
+    libraries: dict[str, str] = {}
+    for line in listing.splitlines():
+        resolved = re.match(r"\s*(\S+) => (/\S+) \(0x[0-9a-f]+\)", line)
+        if resolved:
+            libraries[resolved.group(1)] = resolved.group(2)
+            continue
+        loader = re.match(r"\s*(/\S+) \(0x[0-9a-f]+\)", line)
+        if loader:
+            libraries[os.path.basename(loader.group(1))] = loader.group(1)
+            continue
+        if "not found" in line:
+            raise BundleError(f"ldd {binary}: a library is missing: {line.strip()}")
+    if LOADER_NAME not in libraries:
+        raise BundleError(f"ldd {binary} names no {LOADER_NAME}:\n{listing}")
+    return libraries
+
+
+def busybox_store_path(
+    nix_env: dict[str, str] | None = None, busybox_binary: str = BUSYBOX_BINARY
+) -> str:
+    """Add a static busybox to the store; return the path (``bin/sh``, one link per applet)."""
+    applets = _run([busybox_binary, "--list"], None).split()
+    with tempfile.TemporaryDirectory(prefix="recnix-busybox-") as scratch:
+        bin_dir = Path(scratch, BUSYBOX_NAME, "bin")
+        bin_dir.mkdir(parents=True)
+        shutil.copyfile(busybox_binary, bin_dir / "busybox")
+        (bin_dir / "busybox").chmod(0o555)
+        for applet in sorted(set(applets) | {"sh"}):
+            if applet != "busybox" and "/" not in applet:
+                (bin_dir / applet).symlink_to("busybox")
+        return _store_add(bin_dir.parent, nix_env)
+
+
+def nix_files_store_path(
+    nix_env: dict[str, str] | None = None, nix_binary: str = NIX_BINARY
+) -> str:
+    """Add the nix binary (``libexec/nix``) and its libraries (``lib/``) to the store."""
+    libraries = shared_libraries(nix_binary)
+    for name in DLOPENED_LIBRARIES:
+        for directory in SYSTEM_LIBRARY_DIRS:
+            candidate = os.path.join(directory, name)
+            if os.path.exists(candidate):
+                libraries.setdefault(name, candidate)
+                break
+    with tempfile.TemporaryDirectory(prefix="recnix-nix-files-") as scratch:
+        top = Path(scratch, NIX_FILES_NAME)
+        (top / "lib").mkdir(parents=True)
+        (top / "libexec").mkdir()
+        shutil.copyfile(nix_binary, top / "libexec" / "nix")
+        (top / "libexec" / "nix").chmod(0o555)
+        for name, source in sorted(libraries.items()):
+            shutil.copyfile(source, top / "lib" / name)  # follows symlinks
+            (top / "lib" / name).chmod(0o555)
+        return _store_add(top, nix_env)
+
+
+def bundle_nix(nix_env: dict[str, str] | None = None, gc_root: str | None = None) -> str:
+    """Make Debian's nix runnable inside builds; return the bundle's store path.
+
+    ``nix_env`` is the environment for the nix CLI (e.g. ``NIX_REMOTE``,
+    ``NIX_CONF_DIR``); ``None`` means this process's environment. The bundle
+    has ``bin/<command>`` for every name in ``NIX_COMMANDS``; its closure
+    holds the busybox and nix-files paths. ``gc_root``, if given, becomes an
+    indirect GC root (``nix-build --out-link``) for the bundle.
+    """
+    busybox = busybox_store_path(nix_env)
+    files = nix_files_store_path(nix_env)
+    version = _run([NIX_BINARY, "--version"], None).split()[-1]
+    if not re.fullmatch(r"[0-9A-Za-z.+_-]+", version):
+        raise BundleError(f"{NIX_BINARY} --version gave an odd version {version!r}")
+    link_args = ["--out-link", gc_root] if gc_root else ["--no-out-link"]
+    argv = [
+        "nix-build",
+        "--quiet",
+        "-E",
+        _BUNDLE_EXPRESSION,
+        *link_args,
+        "--argstr",
+        "busybox",
+        busybox,
+        "--argstr",
+        "files",
+        files,
+        "--argstr",
+        "name",
+        BUNDLE_NAME_FORMAT.format(version=version),
+        "--argstr",
+        "commands",
+        " ".join(NIX_COMMANDS),
+    ]
+    lines = _run(argv, _client_env(nix_env)).split()
+    if not lines or not lines[-1].startswith("/nix/store/"):
+        raise BundleError(f"nix-build printed no store path: {lines!r}")
+    return lines[-1]

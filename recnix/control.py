@@ -1,0 +1,76 @@
+"""The control protocol between the hooks (and the CLI) and the recnix service.
+
+One JSON object per line over a root-only Unix socket: the client sends one
+request line, the service answers with one reply line and closes. Replies carry
+``"ok": true`` or ``"ok": false`` with an ``"error"`` text meant for humans.
+This module is imported by the hooks on every opted-in build: standard library
+only, no asyncio.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+MAX_LINE = 1 << 20
+
+
+class ControlError(Exception):
+    """The service could not be reached or refused the request."""
+
+
+def request(control_socket: Path, message: dict[str, Any], timeout: float | None = 600.0) -> dict:
+    """Send one request to the service and return its reply (raises ControlError)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(control_socket))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > MAX_LINE:
+                    raise ControlError("reply from the recnix service is too long")
+    except FileNotFoundError as e:
+        raise ControlError(
+            f"the recnix service is not running (no control socket at {control_socket}); "
+            "start it with `recnix daemon` (systemd: `systemctl start recnix`)"
+        ) from e
+    except ConnectionRefusedError as e:
+        raise ControlError(
+            f"the recnix service is not running (connection refused on {control_socket}); "
+            "start it with `recnix daemon` (systemd: `systemctl start recnix`)"
+        ) from e
+    except TimeoutError as e:
+        raise ControlError(f"the recnix service did not answer within {timeout} s") from e
+    except OSError as e:
+        raise ControlError(f"cannot talk to the recnix service at {control_socket}: {e}") from e
+    if not data:
+        raise ControlError("the recnix service closed the connection without answering")
+    try:
+        reply = json.loads(data)
+    except ValueError as e:
+        raise ControlError(f"the recnix service sent a malformed reply: {data[:200]!r}") from e
+    if not isinstance(reply, dict):
+        raise ControlError(f"the recnix service sent a malformed reply: {data[:200]!r}")
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "the recnix service refused the request")))
+    return reply
+
+
+def decode_request(line: bytes) -> dict[str, Any]:
+    """Parse one request line (service side); raises ValueError on bad input."""
+    message = json.loads(line)
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise ValueError("a control request must be a JSON object with a string 'op'")
+    return message
+
+
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    """Serialise one reply line (service side)."""
+    return json.dumps(reply).encode() + b"\n"

@@ -1,0 +1,81 @@
+"""What a session may do: the restricted view's decisions, kept apart from I/O.
+
+``Denied`` carries the message the in-sandbox client sees; it always names the
+path or operation and says what to do about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.storepath import InvalidStorePath, validate_store_path
+
+
+class Denied(Exception):
+    """An operation the session refuses; the message goes to the in-sandbox client."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-session limits from the ``[policy]`` table."""
+
+    max_depth: int
+    max_builds: int
+    max_added_bytes: int
+    allow_fixed_output: bool
+
+    @classmethod
+    def from_policy(cls, policy: dict) -> Limits:
+        return cls(
+            max_depth=policy["max-depth"],
+            max_builds=policy["max-builds-per-session"],
+            max_added_bytes=policy["max-added-bytes"],
+            allow_fixed_output=policy["allow-fixed-output"],
+        )
+
+
+def checked_path(path: str) -> str:
+    """Validate a store path received from a sandboxed client (raises Denied)."""
+    try:
+        return validate_store_path(path)
+    except InvalidStorePath as e:
+        raise Denied(str(e)) from e
+
+
+def path_part(derived_path: str) -> str:
+    """The store path part of a DerivedPath string (``drv!out`` -> ``drv``)."""
+    return derived_path.split("!", 1)[0]
+
+
+def fixed_output_drvs(roots: list[str], is_valid_output: callable) -> list[str]:
+    """Fixed-output derivations in the drv closure of ``roots`` whose outputs are not valid.
+
+    ``is_valid_output(path) -> bool`` tells whether an output path already
+    exists (then nothing needs the network to build it).
+    """
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        drv_path = stack.pop()
+        if drv_path in seen or not drv_path.endswith(".drv"):
+            continue
+        seen.add(drv_path)
+        drv = _read(drv_path)
+        if drv is None:
+            continue
+        if drv.is_fixed_output:
+            outs = [o.path for o in drv.outputs.values() if o.path]
+            if not outs or not all(is_valid_output(p) for p in outs):
+                found.append(drv_path)
+        stack.extend(drv.input_drvs)
+    return found
+
+
+def _read(drv_path: str) -> Derivation | None:
+    try:
+        return read_derivation(Path(drv_path))
+    except (OSError, DerivationError):
+        return None

@@ -1,0 +1,472 @@
+"""Sans-IO connections: :class:`ServerConnection` (we serve a Nix client) and
+:class:`ClientConnection` (we talk to a nix-daemon).
+
+Feed received bytes with ``receive_data`` (``b""`` = EOF), pull events with
+``next_event`` until ``NEED_DATA``, and drain output with ``data_to_send``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from recnix.nar import NarParser
+
+from .errors import ProtocolError
+from .handshake import HandshakeDone, client_handshake, client_hello, server_handshake
+from .schema import OpSpec, StreamKind, op_spec
+from .stderr import Error, Last, Read, StderrMessage, read_stderr, write_stderr
+from .wire import (
+    MAX_FRAME_LEN,
+    MAX_LIST_LEN,
+    MAX_STRING_LEN,
+    SERVER_MINOR_DEFAULT,
+    Ctx,
+    Decoder,
+    Op,
+    ReceiveBuffer,
+    Stderr,
+    read_bytes,
+    u64,
+    write_bytes,
+)
+
+TUNNEL_CHUNK = 65536  # bytes asked for per STDERR_READ
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""``next_event`` result: more input is needed."""
+
+
+@dataclass
+class Request:
+    """A complete request (server role). Stream events may follow (see ``StreamKind``)."""
+
+    op: Op
+    args: dict[str, Any]
+
+
+@dataclass
+class Data:
+    """A piece of a trailing stream: framed payload (unframed) or plain NAR bytes."""
+
+    data: bytes
+
+
+@dataclass
+class EndOfData:
+    """The trailing stream is complete."""
+
+
+@dataclass
+class ConnectionClosed:
+    """The peer closed the connection at a message boundary."""
+
+
+@dataclass
+class Log:
+    """A log message from the daemon (anything but STDERR_LAST / STDERR_ERROR)."""
+
+    msg: StderrMessage
+
+
+@dataclass
+class ErrorReply:
+    """The daemon ended the current op (or the handshake) with STDERR_ERROR."""
+
+    error: Error
+
+
+@dataclass
+class Reply:
+    """The daemon's reply to an op (``None`` for ops without a reply payload)."""
+
+    op: Op
+    value: Any
+
+
+Event = (
+    _NeedData
+    | HandshakeDone
+    | Request
+    | Data
+    | EndOfData
+    | ConnectionClosed
+    | Log
+    | ErrorReply
+    | Reply
+)
+
+
+class _Base:
+    """Buffers, stream readers and output queue shared by both roles."""
+
+    def __init__(self, max_string: int, max_list: int) -> None:
+        self._buf = ReceiveBuffer()
+        self._out = bytearray()
+        self._limits = Ctx(0, frozenset(), max_string, max_list)
+        self.ctx: Ctx | None = None
+        self._dec: Decoder | None = None
+        self._state = "handshake"
+        self._frame_left = 0
+        self._nar: NarParser | None = None
+
+    # -- I/O side
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; ``b""`` signals EOF."""
+        if not data:
+            self._buf.eof = True
+        elif self._buf.eof:
+            raise ProtocolError("data received after EOF", self._buf.offset)
+        else:
+            self._buf.feed(data)
+
+    def data_to_send(self) -> bytes:
+        """Drain queued output."""
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def _send(self, data: bytes) -> None:
+        self._out += data
+
+    @property
+    def minor(self) -> int:
+        """The negotiated minor (after the handshake)."""
+        if self.ctx is None:
+            raise RuntimeError("handshake not complete")
+        return self.ctx.minor
+
+    # -- stream readers; each returns an event or None to keep going
+
+    def _need(self, what: str) -> _NeedData:
+        if self._buf.eof:
+            raise ProtocolError(f"unexpected end of stream in {what}", self._buf.offset)
+        return NEED_DATA
+
+    def _read_framed(self) -> Event:
+        buf = self._buf
+        if self._frame_left == 0:
+            if len(buf) < 8:
+                return self._need("framed data")
+            offset = buf.offset
+            n = int.from_bytes(buf.take(8), "little")
+            if n == 0:
+                self._state = "idle"
+                return EndOfData()
+            if n > MAX_FRAME_LEN:
+                raise ProtocolError(f"frame of {n} bytes is too large", offset)
+            self._frame_left = n
+        if not len(buf):
+            return self._need("framed data")
+        data = buf.take(min(len(buf), self._frame_left))
+        self._frame_left -= len(data)
+        return Data(data)
+
+    def _start_nar(self) -> None:
+        self._nar = NarParser()
+        self._state = "nar"
+
+    def _read_nar(self) -> Event:
+        nar = self._nar
+        assert nar is not None
+        buf = self._buf
+        while True:
+            if nar.done:
+                self._state = "idle"
+                self._nar = None
+                return EndOfData()
+            if not len(buf):
+                return self._need("NAR")
+            with buf.peek(len(buf)) as view:
+                n = nar.feed(view)
+            if n:
+                return Data(buf.take(n))
+
+
+class ServerConnection(_Base):
+    """We serve a Nix client: handshake, then requests (and their streams) as events."""
+
+    def __init__(
+        self,
+        server_minor: int = SERVER_MINOR_DEFAULT,
+        nix_version: str = "2.8.0",
+        trust: int | None = None,
+        features: frozenset[str] = frozenset(),
+        *,
+        max_string: int = MAX_STRING_LEN,
+        max_list: int = MAX_LIST_LEN,
+    ) -> None:
+        super().__init__(max_string, max_list)
+        self.server_minor = server_minor
+        self._spec: OpSpec | None = None
+        self._tunnel_asked = False
+        gen = server_handshake(
+            self._send, server_minor, nix_version, trust, frozenset(features), self._limits
+        )
+        self._dec = Decoder(gen, "handshake")
+
+    def next_event(self) -> Event:
+        """The next event, or ``NEED_DATA``. Raises ``ProtocolError`` on bad input."""
+        buf = self._buf
+        while True:
+            state = self._state
+            if state == "idle":
+                if not len(buf):
+                    if buf.eof:
+                        self._state = "closed"
+                        return ConnectionClosed()
+                    return NEED_DATA
+                if len(buf) < 8:
+                    return self._need("operation number")
+                offset = buf.offset
+                op = int.from_bytes(buf.take(8), "little")
+                try:
+                    spec = op_spec(op)
+                except ProtocolError as e:
+                    e.offset = offset
+                    raise
+                self._spec = spec
+                assert self.ctx is not None
+                self._dec = Decoder(spec.request.read(self.ctx), f"{spec.op.name} request")
+                self._state = "request"
+            elif state == "request":
+                assert self._dec is not None and self._spec is not None and self.ctx is not None
+                if not self._dec.step(buf):
+                    return NEED_DATA
+                spec = self._spec
+                kind = spec.stream(self.ctx.minor)
+                if kind is StreamKind.FRAMED:
+                    self._state = "framed"
+                    self._frame_left = 0
+                elif kind is StreamKind.NAR:
+                    self._start_nar()
+                elif kind is StreamKind.TUNNEL_NAR:
+                    self._start_nar()
+                    self._state = "tunnel"
+                    self._tunnel_asked = False
+                else:
+                    self._state = "idle"
+                return Request(spec.op, self._dec.value)
+            elif state == "framed":
+                return self._read_framed()
+            elif state == "nar":
+                return self._read_nar()
+            elif state == "tunnel":
+                event = self._read_tunnel()
+                if event is not None:
+                    return event
+            elif state == "handshake":
+                assert self._dec is not None
+                if not len(buf) and buf.eof and buf.offset == 0:
+                    self._state = "closed"
+                    return ConnectionClosed()
+                if not self._dec.step(buf):
+                    return NEED_DATA
+                done: HandshakeDone = self._dec.value
+                self.ctx = Ctx(
+                    done.minor,
+                    done.features,
+                    self._limits.max_string,
+                    self._limits.max_list,
+                )
+                self._state = "idle"
+                return done
+            else:
+                return ConnectionClosed()
+
+    def _read_tunnel(self) -> Event | None:
+        """AddToStoreNar at minors 21-22: pull the NAR with STDERR_READ."""
+        nar = self._nar
+        assert nar is not None and self.ctx is not None
+        if nar.done:
+            self._state = "idle"
+            self._nar = None
+            return EndOfData()
+        if not self._tunnel_asked:
+            write_stderr(self._out, Read(TUNNEL_CHUNK), self.ctx)
+            self._tunnel_asked = True
+            self._dec = Decoder(read_bytes(TUNNEL_CHUNK), "STDERR_READ reply")
+        assert self._dec is not None
+        if not self._dec.step(self._buf):
+            return NEED_DATA
+        self._tunnel_asked = False
+        chunk: bytes = self._dec.value
+        if not chunk:
+            raise ProtocolError("client sent no data for STDERR_READ", self._buf.offset)
+        if nar.feed(chunk) != len(chunk):
+            raise ProtocolError("data after the end of the NAR", self._buf.offset)
+        return Data(chunk)
+
+    # -- sending
+
+    def send_log(self, msg: StderrMessage) -> None:
+        """Queue a log message (encoded for the client's minor; may be dropped below 1.20)."""
+        assert self.ctx is not None, "handshake not complete"
+        write_stderr(self._out, msg, self.ctx)
+
+    def send_reply(self, op: Op | int, value: Any = None) -> None:
+        """Queue STDERR_LAST and the encoded reply of ``op``."""
+        assert self.ctx is not None, "handshake not complete"
+        spec = op_spec(op)
+        self._out += u64(Stderr.LAST)
+        if spec.reply is not None:
+            spec.reply.write(self._out, value, self.ctx)
+
+    def send_error(self, message: str, status: int = 1) -> None:
+        """Queue STDERR_ERROR in the layout of the client's minor."""
+        if self.ctx is None:
+            # before the handshake completed: assume a modern client
+            write_stderr(self._out, Error(message, status), Ctx(self.server_minor))
+        else:
+            write_stderr(self._out, Error(message, status), self.ctx)
+
+    def send_raw(self, data: bytes) -> None:
+        """Queue raw bytes (e.g. the NAR after ``send_reply(Op.NAR_FROM_PATH)``)."""
+        self._out += data
+
+
+class ClientConnection(_Base):
+    """We are a Nix client talking to a daemon."""
+
+    def __init__(
+        self,
+        client_minor: int = SERVER_MINOR_DEFAULT,
+        features: frozenset[str] = frozenset(),
+        *,
+        max_string: int = MAX_STRING_LEN,
+        max_list: int = MAX_LIST_LEN,
+    ) -> None:
+        super().__init__(max_string, max_list)
+        self.client_minor = client_minor
+        self.features = frozenset(features)
+        self._state = "new"
+        self._pending: deque[OpSpec | None] = deque()  # None = the handshake's STDERR_LAST
+        self._handshake: HandshakeDone | None = None
+        self._stream_kind = StreamKind.NONE
+
+    def initiate(self) -> None:
+        """Queue the magic and our version and start the handshake."""
+        if self._state != "new":
+            raise RuntimeError("already initiated")
+        self._send(client_hello(self.client_minor))
+        gen = client_handshake(self._send, self.client_minor, self.features, self._limits)
+        self._dec = Decoder(gen, "handshake")
+        self._state = "handshake"
+
+    def next_event(self) -> Event:
+        """The next event, or ``NEED_DATA``. Raises ``ProtocolError`` on bad input."""
+        buf = self._buf
+        while True:
+            state = self._state
+            if state == "stderr":
+                assert self._dec is not None and self.ctx is not None
+                if not self._dec.step(buf):
+                    return NEED_DATA
+                msg = self._dec.value
+                spec = self._pending[0]
+                if isinstance(msg, Last):
+                    if spec is None:
+                        self._pending.popleft()
+                        self._state = "idle"
+                        assert self._handshake is not None
+                        return self._handshake
+                    if spec.reply is None:
+                        return self._finish_reply(None)
+                    self._dec = Decoder(spec.reply.read(self.ctx), f"{spec.op.name} reply")
+                    self._state = "reply"
+                elif isinstance(msg, Error):
+                    self._pending.popleft()
+                    self._state = "idle"
+                    return ErrorReply(msg)
+                else:
+                    self._dec = Decoder(read_stderr(self.ctx), "log message")
+                    return Log(msg)
+            elif state == "reply":
+                assert self._dec is not None
+                if not self._dec.step(buf):
+                    return NEED_DATA
+                return self._finish_reply(self._dec.value)
+            elif state == "idle":
+                if self._pending:
+                    assert self.ctx is not None
+                    self._dec = Decoder(read_stderr(self.ctx), "log message")
+                    self._state = "stderr"
+                    continue
+                if len(buf):
+                    raise ProtocolError("unexpected data from the daemon", buf.offset)
+                if buf.eof:
+                    self._state = "closed"
+                    return ConnectionClosed()
+                return NEED_DATA
+            elif state == "nar":
+                return self._read_nar()
+            elif state == "handshake":
+                assert self._dec is not None
+                if not self._dec.step(buf):
+                    return NEED_DATA
+                done: HandshakeDone = self._dec.value
+                self._handshake = done
+                self.ctx = Ctx(
+                    done.minor, done.features, self._limits.max_string, self._limits.max_list
+                )
+                self._pending.append(None)
+                self._state = "idle"
+            elif state == "new":
+                raise RuntimeError("call initiate() first")
+            else:
+                return ConnectionClosed()
+
+    def _finish_reply(self, value: Any) -> Event:
+        spec = self._pending.popleft()
+        assert spec is not None
+        if spec.reply_stream is StreamKind.NAR:
+            self._start_nar()
+        else:
+            self._state = "idle"
+        return Reply(spec.op, value)
+
+    # -- sending
+
+    def send_request(self, op: Op | int, args: dict[str, Any] | None = None) -> None:
+        """Queue a request; for ops with a trailing stream follow with ``send_data``..."""
+        if self.ctx is None or self._state in ("handshake", "new"):
+            raise RuntimeError("handshake not complete")
+        spec = op_spec(op)
+        self._out += u64(spec.op)
+        spec.request.write(self._out, args or {}, self.ctx)
+        self._pending.append(spec)
+        self._stream_kind = spec.stream(self.ctx.minor)
+
+    def send_data(self, chunk: bytes) -> None:
+        """Queue a piece of the current request's stream (framed, or raw for plain NARs)."""
+        if not chunk:
+            return
+        if self._stream_kind is StreamKind.FRAMED:
+            for i in range(0, len(chunk), MAX_FRAME_LEN):
+                part = chunk[i : i + MAX_FRAME_LEN]
+                self._out += u64(len(part))
+                self._out += part
+        elif self._stream_kind is StreamKind.NAR:
+            self._out += chunk
+        else:
+            raise RuntimeError(f"the current request has no {self._stream_kind.value} stream")
+
+    def send_end_of_data(self) -> None:
+        """End the current request's stream (the framed terminator; nothing for plain NARs)."""
+        if self._stream_kind is StreamKind.FRAMED:
+            self._out += u64(0)
+        self._stream_kind = StreamKind.NONE
+
+    def send_tunnel_data(self, data: bytes) -> None:
+        """Answer a ``Log(Read(n))`` (STDERR_READ) with up to n bytes."""
+        write_bytes(self._out, data)

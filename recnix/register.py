@@ -1,0 +1,292 @@
+"""Post-build fix-up of output references (DESIGN step 5, NI §6.2).
+
+Nix scans a build's outputs only for references to paths *it* knows (§3.6), so references to
+paths that reached the sandbox through recnix are dropped. After registration (post-build hook)
+recnix scans every output for the hash parts of the session's paths, re-checks the
+derivation's reference constraints, adds the missing references with
+`nix-store --register-validity --reregister --hash-given` and re-signs. Content-addressed
+outer derivations cannot be fixed up (their path depends on their references, §6.5): such an
+output referencing a session path fails the finalisation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.nar import scan_for_hashes
+from recnix.storepath import (
+    STORE_PREFIX,
+    InvalidStorePath,
+    hash_part,
+    store_path_name,
+    validate_store_path,
+)
+
+NIX_COMMAND = ["--extra-experimental-features", "nix-command"]
+CA_OUTPUT_KINDS = ("caFixed", "caFloating", "impure")
+
+
+class FinaliseError(Exception):
+    """Finalising a build's outputs failed; the message says which output and why."""
+
+
+@dataclass
+class FinaliseReport:
+    """Outputs of the derivation (name -> path) and the references added to each."""
+
+    outputs: dict[str, str]
+    added_refs: dict[str, set[str]] = field(default_factory=dict)
+
+
+def local_store_env(nix_env: Mapping[str, str]) -> dict[str, str]:
+    """`nix_env` with direct local-store access (NIX_REMOTE removed), as re-registering needs."""
+    env = dict(nix_env)
+    env.pop("NIX_REMOTE", None)
+    env.setdefault("NIX_PAGER", "cat")
+    return env
+
+
+def _run(argv: list[str], env: Mapping[str, str], stdin: str | None = None) -> str:
+    """Run a Nix CLI command; its stdout, or FinaliseError with its stderr."""
+    try:
+        result = subprocess.run(
+            argv,
+            env=dict(env),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as e:
+        raise FinaliseError(f"cannot run {argv[0]}: {e}") from None
+    if result.returncode != 0:
+        raise FinaliseError(
+            f"`{' '.join(argv)}` failed (exit {result.returncode}): {result.stderr.strip()}"
+        )
+    return result.stdout
+
+
+def _read_drv(drv_path: str) -> Derivation:
+    try:
+        return read_derivation(drv_path)
+    except (OSError, DerivationError) as e:
+        raise FinaliseError(f"cannot read derivation {drv_path}: {e}") from None
+
+
+def outputs_of(drv_path: str, nix_env: Mapping[str, str]) -> dict[str, str]:
+    """Output name -> output path of a built derivation.
+
+    Nix 2.8.0's post-build hook gets an empty OUT_PATHS, so the outputs come from the .drv;
+    outputs whose path is not in the .drv (floating CA, impure) are matched by name among
+    `nix-store -q --outputs`.
+    """
+    drv = _read_drv(drv_path)
+    outputs = {name: out.path for name, out in drv.outputs.items() if out.path}
+    missing = [name for name in drv.outputs if name not in outputs]
+    if missing:
+        queried = _run(["nix-store", "-q", "--outputs", drv_path], nix_env).split()
+        drv_name = os.path.basename(drv_path).removesuffix(".drv")[33:]
+        for name in missing:
+            wanted = drv_name if name == "out" else f"{drv_name}-{name}"
+            match = [p for p in queried if store_path_name(p) == wanted]
+            if len(match) != 1:
+                raise FinaliseError(f"cannot determine output {name!r} of {drv_path}")
+            outputs[name] = match[0]
+    return outputs
+
+
+def scan_references(output_path: str, candidates: Iterable[str]) -> set[str]:
+    """Which `candidates` (store paths) have their hash part in `output_path`'s NAR."""
+    by_hash: dict[str, str] = {}
+    for path in candidates:
+        by_hash[hash_part(path)] = path
+    if not by_hash:
+        return set()
+    return {by_hash[h] for h in scan_for_hashes(output_path, by_hash)}
+
+
+def query_references(path: str, nix_env: Mapping[str, str]) -> set[str]:
+    """Registered references of a valid store path."""
+    return set(_run(["nix-store", "-q", "--references", path], nix_env).split())
+
+
+def query_closure(paths: Iterable[str], nix_env: Mapping[str, str]) -> set[str]:
+    """The closure (`nix-store -qR`) of `paths`."""
+    paths = list(paths)
+    if not paths:
+        return set()
+    return set(_run(["nix-store", "-qR", *paths], nix_env).split())
+
+
+def add_references(output_path: str, new_refs: Iterable[str], nix_env: Mapping[str, str]) -> None:
+    """Re-register `output_path` with its references ∪ `new_refs` (deriver and hash kept).
+
+    Needs root and direct local-store access; drops `ultimate` and all signatures (re-sign).
+    """
+    env = local_store_env(nix_env)
+    new = set(new_refs)
+    for ref in new:
+        validate_store_path(ref)
+    old = query_references(output_path, env)
+    nar_hash = _run(["nix-store", "-q", "--hash", output_path], env).strip()
+    nar_size = _run(["nix-store", "-q", "--size", output_path], env).strip()
+    deriver = _run(["nix-store", "-q", "--deriver", output_path], env).strip()
+    if not deriver.startswith(STORE_PREFIX):
+        deriver = ""  # "unknown-deriver"
+    refs = sorted(old | new)
+    record = [output_path, nar_hash, nar_size, deriver, str(len(refs)), *refs]
+    _run(
+        ["nix-store", "--register-validity", "--reregister", "--hash-given"],
+        env,
+        stdin="".join(line + "\n" for line in record),
+    )
+    missing = set(refs) - query_references(output_path, env)
+    if missing:
+        raise FinaliseError(
+            f"re-registering {output_path} did not add references {sorted(missing)}"
+        )
+
+
+def _reference_spec(drv: Derivation, outputs: Mapping[str, str], items: list[str]) -> set[str]:
+    """Nix's reference specifiers: store paths, or names of this derivation's outputs."""
+    spec = set()
+    for item in items:
+        if item in outputs:
+            spec.add(outputs[item])
+            continue
+        try:
+            spec.add(validate_store_path(item))
+        except InvalidStorePath:
+            raise FinaliseError(
+                f"derivation {drv.name!r} contains an illegal reference specifier {item!r}"
+            ) from None
+    return spec
+
+
+def check_output_constraints(
+    drv: Derivation,
+    output_name: str,
+    outputs: Mapping[str, str],
+    refs: set[str],
+    closure: set[str],
+    new_paths: set[str] | None = None,
+) -> None:
+    """Re-check allowed/disallowed references/requisites of one output.
+
+    `refs`: the output's references (old ∪ new); `closure`: its closure with them.
+    Only paths in `new_paths` (what the fix-up adds, directly or through the closure) are
+    reported, since Nix already accepted the rest; None checks everything.
+    """
+    output_path = outputs[output_name]
+    checks = drv.output_checks(output_name)
+    rules = [
+        ("allowedReferences", checks.allowed_references, refs, True),
+        ("disallowedReferences", checks.disallowed_references, refs, False),
+        ("allowedRequisites", checks.allowed_requisites, closure, True),
+        ("disallowedRequisites", checks.disallowed_requisites, closure, False),
+    ]
+    for attr, items, used, allowed in rules:
+        if items is None:
+            continue
+        spec = _reference_spec(drv, outputs, items)
+        bad = sorted(
+            p
+            for p in used - {output_path}
+            if (p not in spec if allowed else p in spec) and (new_paths is None or p in new_paths)
+        )
+        if bad:
+            raise FinaliseError(
+                f"output {output_name!r} ({output_path}) of {drv.name or 'derivation'} violates "
+                f"{attr}: it refers to {', '.join(bad)} (a path added through recnix)"
+            )
+
+
+def ensure_not_ca_referencing(
+    drv: Derivation, drv_path: str, output_name: str, found: set[str]
+) -> None:
+    """Fail when a content-addressed output references session paths (NI §6.5)."""
+    kind = drv.outputs[output_name].kind
+    if kind in CA_OUTPUT_KINDS and found:
+        what = {
+            "caFixed": "fixed-output",
+            "caFloating": "floating content-addressed",
+            "impure": "impure",
+        }[kind]
+        raise FinaliseError(
+            f"output {output_name!r} of {what} derivation {drv_path} refers to "
+            f"{', '.join(sorted(found))}, which came from a recursive Nix call; the store path "
+            f"of a content-addressed output is computed from its references, so they cannot "
+            f"be added after the build. Use recursive results only at build time in such "
+            f"derivations, or make the derivation input-addressed."
+        )
+
+
+def resign(paths: Iterable[str], key_files: Iterable[str], nix_env: Mapping[str, str]) -> None:
+    """Sign `paths` with every secret key file (re-registration dropped all signatures)."""
+    paths = list(paths)
+    if not paths:
+        return
+    env = local_store_env(nix_env)
+    for key_file in key_files:
+        _run(["nix", *NIX_COMMAND, "store", "sign", "--key-file", key_file, *paths], env)
+
+
+def finalise_outputs(
+    drv_path: str,
+    session_paths: set[str],
+    key_files: list[str],
+    nix_env: dict[str, str],
+) -> FinaliseReport:
+    """Add the references Nix missed to every output of `drv_path` (see module docstring)."""
+    drv = _read_drv(drv_path)
+    outputs = outputs_of(drv_path, nix_env)
+    candidates = set(session_paths) - set(outputs.values())
+    report = FinaliseReport(outputs=outputs)
+    for name, output_path in sorted(outputs.items()):
+        if not os.path.lexists(output_path):
+            raise FinaliseError(f"output {name!r} of {drv_path} ({output_path}) does not exist")
+        try:
+            found = scan_references(output_path, candidates)
+        except (OSError, ValueError, InvalidStorePath) as e:
+            raise FinaliseError(f"cannot scan output {name!r} ({output_path}): {e}") from None
+        ensure_not_ca_referencing(drv, drv_path, name, found)
+        old = query_references(output_path, nix_env)
+        new = found - old
+        if not new:
+            continue
+        old_closure = query_closure([output_path], nix_env)
+        new_closure = query_closure(sorted(new), nix_env)
+        check_output_constraints(
+            drv,
+            name,
+            outputs,
+            refs=old | new,
+            closure=old_closure | new_closure,
+            new_paths=new_closure - old_closure,
+        )
+        add_references(output_path, new, nix_env)
+        report.added_refs[name] = new
+    changed = [outputs[name] for name in report.added_refs]
+    if changed and key_files:
+        resign(changed, key_files, nix_env)
+    return report
+
+
+__all__ = [
+    "FinaliseError",
+    "FinaliseReport",
+    "add_references",
+    "check_output_constraints",
+    "ensure_not_ca_referencing",
+    "finalise_outputs",
+    "local_store_env",
+    "outputs_of",
+    "query_closure",
+    "query_references",
+    "resign",
+    "scan_references",
+]

@@ -1,0 +1,381 @@
+"""An asyncio client of a real nix-daemon, built on the sans-IO codec.
+
+Used by the sessions to forward what they allow, and by tests. One operation
+is in flight per connection at a time; log frames the daemon sends while it
+works are handed to an optional callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+from recnix.protocol import (
+    NEED_DATA,
+    ClientConnection,
+    ClientOptions,
+    ConnectionClosed,
+    Data,
+    DerivedPath,
+    EndOfData,
+    ErrorReply,
+    HandshakeDone,
+    KeyedBuildResult,
+    Log,
+    Missing,
+    Op,
+    PathInfo,
+    Reply,
+    StderrMessage,
+    ValidPathInfo,
+)
+from recnix.protocol.connection import Event
+
+DEFAULT_SOCKET = "/nix/var/nix/daemon-socket/socket"
+READ_CHUNK = 1 << 16
+
+LogCallback = Callable[[StderrMessage], Awaitable[None] | None]
+
+
+class UpstreamError(Exception):
+    """The daemon answered an operation with an error (its message is the text)."""
+
+
+class UpstreamClosed(UpstreamError):
+    """The connection to the daemon is gone."""
+
+
+def daemon_socket_path() -> str:
+    """The system daemon socket ($NIX_DAEMON_SOCKET_PATH, else Nix's default)."""
+    return os.environ.get("NIX_DAEMON_SOCKET_PATH") or DEFAULT_SOCKET
+
+
+class Upstream:
+    """One worker-protocol connection to a nix-daemon."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter | None,
+        conn: ClientConnection,
+        process: asyncio.subprocess.Process | None = None,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._conn = conn
+        self._process = process
+        self._lock = asyncio.Lock()
+        self.handshake: HandshakeDone | None = None
+        self.closed = False
+
+    # -- connecting
+
+    @classmethod
+    async def connect(
+        cls,
+        target: str = "daemon",
+        client_minor: int = 35,
+        options: ClientOptions | None = None,
+    ) -> Upstream:
+        """Connect to ``target`` ("daemon", "unix:///path" or "stdio"), handshake, SetOptions."""
+        process = None
+        try:
+            if target == "stdio":
+                process = await asyncio.create_subprocess_exec(
+                    "nix-daemon",
+                    "--stdio",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    limit=READ_CHUNK * 4,
+                )
+                assert process.stdout is not None and process.stdin is not None
+                reader = process.stdout
+                writer = _PipeWriter(process.stdin)
+            else:
+                path = target[len("unix://") :] if target.startswith("unix://") else daemon_socket_path()
+                reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK * 4)
+        except OSError as e:
+            raise UpstreamClosed(f"cannot connect to the nix-daemon ({target}): {e}") from e
+        conn = ClientConnection(client_minor=client_minor)
+        self = cls(reader, writer, conn, process)  # type: ignore[arg-type]
+        conn.initiate()
+        await self._flush()
+        ev = await self._next_event()
+        if isinstance(ev, ErrorReply):
+            await self.close()
+            raise UpstreamError(ev.error.message)
+        if not isinstance(ev, HandshakeDone):
+            await self.close()
+            raise UpstreamClosed(f"unexpected handshake event from the nix-daemon: {ev!r}")
+        self.handshake = ev
+        await self.call(Op.SET_OPTIONS, {"options": options or default_options()})
+        return self
+
+    @property
+    def minor(self) -> int:
+        """The negotiated protocol minor."""
+        assert self.handshake is not None
+        return self.handshake.minor
+
+    @property
+    def nix_version(self) -> str:
+        """The daemon's Nix version string (or "unknown" before 1.33)."""
+        assert self.handshake is not None
+        return getattr(self.handshake, "nix_version", None) or "unknown"
+
+    # -- plumbing
+
+    async def _flush(self) -> None:
+        data = self._conn.data_to_send()
+        if data and self._writer is not None:
+            self._writer.write(data)
+            await self._writer.drain()
+
+    async def _next_event(self) -> Event:
+        while True:
+            ev = self._conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            data = await self._reader.read(READ_CHUNK)
+            self._conn.receive_data(data)
+            if not data:
+                ev = self._conn.next_event()
+                if ev is NEED_DATA or isinstance(ev, ConnectionClosed):
+                    self.closed = True
+                    raise UpstreamClosed("the nix-daemon closed the connection")
+                return ev
+
+    async def _await_reply(self, on_log: LogCallback | None) -> Any:
+        while True:
+            ev = await self._next_event()
+            if isinstance(ev, Log):
+                if on_log is not None:
+                    result = on_log(ev.msg)
+                    if result is not None:
+                        await result
+            elif isinstance(ev, ErrorReply):
+                raise UpstreamError(ev.error.message)
+            elif isinstance(ev, Reply):
+                return ev.value
+            elif isinstance(ev, ConnectionClosed):
+                self.closed = True
+                raise UpstreamClosed("the nix-daemon closed the connection")
+            else:
+                raise UpstreamClosed(f"unexpected event from the nix-daemon: {ev!r}")
+
+    async def _send_stream(self, data: AsyncIterable[bytes] | Iterable[bytes]) -> None:
+        if isinstance(data, AsyncIterable):
+            async for chunk in data:
+                self._conn.send_data(chunk)
+                await self._flush()
+        else:
+            for chunk in data:
+                self._conn.send_data(chunk)
+                await self._flush()
+        self._conn.send_end_of_data()
+        await self._flush()
+
+    # -- operations
+
+    async def call(
+        self,
+        op: Op,
+        args: dict[str, Any] | None = None,
+        *,
+        data: AsyncIterable[bytes] | Iterable[bytes] | None = None,
+        on_log: LogCallback | None = None,
+    ) -> Any:
+        """Send one request (and its stream) and return the reply value.
+
+        Raises UpstreamError with the daemon's message when it refuses.
+        """
+        if self.closed:
+            raise UpstreamClosed("the connection to the nix-daemon is closed")
+        async with self._lock:
+            try:
+                self._conn.send_request(op, args or {})
+                await self._flush()
+                if data is None:
+                    return await self._await_reply(on_log)
+                # Read the daemon's messages while the stream goes out, so a
+                # daemon busy logging never blocks us (and an early error ends it).
+                reply_task = asyncio.ensure_future(self._await_reply(on_log))
+                send_task = asyncio.ensure_future(self._send_stream(data))
+                done, _ = await asyncio.wait(
+                    {reply_task, send_task}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if reply_task in done and send_task not in done:
+                    send_task.cancel()
+                    await asyncio.gather(send_task, return_exceptions=True)
+                    # the daemon gave up mid-stream: its reply decides, the
+                    # connection can no longer be trusted to be in sync
+                    self.closed = True
+                    return reply_task.result()
+                send_exc = send_task.exception()
+                if send_exc is not None:
+                    reply_task.cancel()
+                    await asyncio.gather(reply_task, return_exceptions=True)
+                    self.closed = True
+                    raise send_exc
+                return await reply_task
+            except (ConnectionError, BrokenPipeError) as e:
+                self.closed = True
+                raise UpstreamClosed(f"lost the connection to the nix-daemon: {e}") from e
+
+    async def nar_from_path(self, path: str) -> AsyncIterator[bytes]:
+        """Stream the NAR of ``path`` (op 38)."""
+        async with self._lock:
+            self._conn.send_request(Op.NAR_FROM_PATH, {"path": path})
+            await self._flush()
+            await self._await_reply(None)
+            while True:
+                ev = await self._next_event()
+                if isinstance(ev, Data):
+                    yield ev.data
+                elif isinstance(ev, EndOfData):
+                    return
+                else:
+                    raise UpstreamClosed(f"unexpected event in a NAR stream: {ev!r}")
+
+    async def is_valid_path(self, path: str) -> bool:
+        return bool(await self.call(Op.IS_VALID_PATH, {"path": path}))
+
+    async def query_path_info(self, path: str) -> PathInfo | None:
+        return await self.call(Op.QUERY_PATH_INFO, {"path": path})
+
+    async def query_valid_paths(self, paths: Iterable[str], substitute: bool = False) -> list[str]:
+        return await self.call(
+            Op.QUERY_VALID_PATHS, {"paths": sorted(paths), "substitute": substitute}
+        )
+
+    async def query_derivation_output_map(self, drv_path: str) -> dict[str, str | None]:
+        return await self.call(Op.QUERY_DERIVATION_OUTPUT_MAP, {"drv_path": drv_path})
+
+    async def query_missing(self, targets: list[DerivedPath]) -> Missing:
+        return await self.call(Op.QUERY_MISSING, {"targets": targets})
+
+    async def add_temp_root(self, path: str) -> None:
+        await self.call(Op.ADD_TEMP_ROOT, {"path": path})
+
+    async def build_paths(
+        self, targets: list[DerivedPath], build_mode: int = 0, on_log: LogCallback | None = None
+    ) -> None:
+        await self.call(
+            Op.BUILD_PATHS, {"paths": targets, "build_mode": build_mode}, on_log=on_log
+        )
+
+    async def build_paths_with_results(
+        self, targets: list[DerivedPath], build_mode: int = 0, on_log: LogCallback | None = None
+    ) -> list[KeyedBuildResult]:
+        return await self.call(
+            Op.BUILD_PATHS_WITH_RESULTS,
+            {"paths": targets, "build_mode": build_mode},
+            on_log=on_log,
+        )
+
+    async def add_to_store(
+        self,
+        name: str,
+        ca_method: str,
+        references: Iterable[str],
+        data: AsyncIterable[bytes] | Iterable[bytes],
+        repair: bool = False,
+    ) -> ValidPathInfo:
+        """AddToStore (≥ 1.25): ``ca_method`` e.g. "text:sha256", "fixed:r:sha256"."""
+        return await self.call(
+            Op.ADD_TO_STORE,
+            {
+                "name": name,
+                "ca_method": ca_method,
+                "references": sorted(references),
+                "repair": repair,
+            },
+            data=data,
+        )
+
+    async def add_to_store_nar(
+        self,
+        info: ValidPathInfo,
+        data: AsyncIterable[bytes] | Iterable[bytes],
+        repair: bool = False,
+        dont_check_sigs: bool = False,
+    ) -> None:
+        """AddToStoreNar (framed NAR, ≥ 1.23)."""
+        i = info.info
+        await self.call(
+            Op.ADD_TO_STORE_NAR,
+            {
+                "path": info.path,
+                "deriver": i.deriver,
+                "nar_hash": i.nar_hash,
+                "references": list(i.references),
+                "registration_time": i.registration_time,
+                "nar_size": i.nar_size,
+                "ultimate": i.ultimate,
+                "sigs": list(i.sigs),
+                "ca": i.ca,
+                "repair": repair,
+                "dont_check_sigs": dont_check_sigs,
+            },
+            data=data,
+        )
+
+    async def close(self) -> None:
+        """Close the connection (the daemon then drops this connection's temp roots)."""
+        self.closed = True
+        if self._writer is not None:
+            try:
+                self._writer.close()
+                await self._writer.wait_closed()
+            except (OSError, ConnectionError):
+                pass
+        if self._process is not None:
+            try:
+                await asyncio.wait_for(self._process.wait(), 10)
+            except TimeoutError:
+                self._process.kill()
+                await self._process.wait()
+
+    def abort(self) -> None:
+        """Drop the connection at once (e.g. mid-stream, so the daemon discards a partial add)."""
+        self.closed = True
+        if self._writer is not None:
+            transport = getattr(self._writer, "transport", None)
+            if transport is not None:
+                transport.abort()
+            else:
+                self._writer.close()
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+
+
+class _PipeWriter:
+    """Adapts a subprocess stdin to the StreamWriter methods Upstream uses."""
+
+    def __init__(self, stdin: asyncio.StreamWriter) -> None:
+        self._stdin = stdin
+        self.transport = stdin.transport
+
+    def write(self, data: bytes) -> None:
+        self._stdin.write(data)
+
+    async def drain(self) -> None:
+        await self._stdin.drain()
+
+    def close(self) -> None:
+        self._stdin.close()
+
+    async def wait_closed(self) -> None:
+        await self._stdin.wait_closed()
+
+
+def default_options() -> ClientOptions:
+    """The SetOptions recnix sends upstream (its sandboxed clients' own are ignored)."""
+    return ClientOptions(
+        verbosity=3,  # lvlInfo: build log lines and activities reach us
+        max_build_jobs=max(1, os.cpu_count() or 1),
+        verbose_build=0,  # 0 = lvlError means "verbose build" in SetOptions
+        use_substitutes=1,
+    )

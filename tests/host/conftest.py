@@ -1,0 +1,307 @@
+"""Host tier: a private nix-daemon (Debian's nix-bin) with real sandboxed builds.
+
+Fixtures (all session-scoped):
+
+* ``nix_host``: daemon without the recnix hooks (Nix's built-in
+  ``recursive-nix`` is on: the oracle).
+* ``nix_host_recnix``: daemon with ``pre-build-hook``/``post-build-hook`` set
+  to the venv's recnix hooks and ``RECNIX_CONFIG=<root>/recnix.toml`` in its
+  environment (the service fixture writes that file).
+* ``busybox``, ``nix_bundle``: store paths (see ``recnix.bundle``).
+* ``oracle_runner``: a ``ScenarioRunner`` on ``nix_host``.
+
+Both daemons share the machine's real /nix/store; each has its own socket,
+NIX_CONF_DIR and build directory (TMPDIR).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from recnix.bundle import bundle_nix, busybox_store_path
+from tests.scenarios.runner import ScenarioRunner
+
+SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
+VENV_BIN = Path(sys.executable).parent
+PRE_BUILD_HOOK = VENV_BIN / "recnix-pre-build-hook"
+POST_BUILD_HOOK = VENV_BIN / "recnix-post-build-hook"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DAEMON_START_TIMEOUT = 20.0
+DAEMON_STOP_TIMEOUT = 20.0
+
+
+class NixCommandError(AssertionError):
+    """A nix command run by a test failed (message has the command and its output)."""
+
+
+def require_host_prerequisites() -> None:
+    """Fail (never skip) when this machine cannot run the host tier."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not running as root")
+    for tool in ("nix-daemon", "nix-build", "nix-store", "ldd"):
+        if shutil.which(tool, path=SYSTEM_PATH) is None:
+            problems.append(f"{tool} not found")
+    if not os.path.exists("/bin/busybox"):
+        problems.append("/bin/busybox (busybox-static) not found")
+    try:
+        grp.getgrnam("nixbld")
+    except KeyError:
+        problems.append("group nixbld (nix-setup-systemd) missing")
+    if problems:
+        pytest.fail(
+            "host tier prerequisites missing: " + "; ".join(problems) + " — run ./setup.sh as root",
+            pytrace=False,
+        )
+
+
+def nix_conf_text(hooks: bool, extra: str = "") -> str:
+    """The private nix.conf of a test daemon."""
+    lines = [
+        "build-users-group = nixbld",
+        "sandbox = true",
+        "sandbox-fallback = false",
+        "substituters =",
+        "experimental-features = nix-command recursive-nix",
+        "extra-system-features = recnix recnix-readonly",
+        "keep-failed = false",
+        "max-jobs = 4",
+        "cores = 1",
+        "fsync-metadata = false",
+    ]
+    if hooks:
+        lines += [f"pre-build-hook = {PRE_BUILD_HOOK}", f"post-build-hook = {POST_BUILD_HOOK}"]
+    return "\n".join(lines) + "\n" + extra
+
+
+@dataclass
+class NixHost:
+    """A running private nix-daemon and how to reach it."""
+
+    root: Path
+    hooks: bool
+    process: subprocess.Popen[bytes]
+    daemon_env: dict[str, str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "daemon.sock"
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def build_dir(self) -> Path:
+        """The daemon's TMPDIR: builds run in ``nix-build-<name>.drv-<n>`` below it."""
+        return self.root / "builds"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "daemon.log"
+
+    @property
+    def recnix_config(self) -> Path:
+        """Where RECNIX_CONFIG points for a daemon with hooks (written by the service fixture)."""
+        return self.root / "recnix.toml"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def run(
+        self,
+        args: Sequence[str],
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = 300.0,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a nix client command against this daemon; text output captured."""
+        result = subprocess.run(
+            list(args),
+            env={**self.env, **(env or {})},
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise NixCommandError(
+                f"{shlex.join(args)} exited with {result.returncode}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
+        return result
+
+    def exec(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        """The ``Exec`` callable for ``ScenarioRunner``."""
+        result = self.run(argv, check=False, timeout=timeout)
+        return result.returncode, result.stdout, result.stderr
+
+    def stop(self) -> list[str]:
+        """Stop the daemon; return descriptions of processes that were left over (and killed)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(DAEMON_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(DAEMON_STOP_TIMEOUT)
+        leftovers = []
+        deadline = time.monotonic() + DAEMON_STOP_TIMEOUT
+        while True:
+            leftovers = processes_with_env("NIX_CONF_DIR", str(self.conf_dir))
+            if not leftovers or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # connection workers exit once their client is gone
+        for pid, _ in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return [f"pid {pid}: {cmdline}" for pid, cmdline in leftovers]
+
+
+def processes_with_env(name: str, value: str) -> list[tuple[int, str]]:
+    """Processes whose environment has ``name=value`` (i.e. started by one test daemon)."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if wanted in environ:
+            found.append((int(entry), cmdline))
+    return found
+
+
+def start_nix_host(
+    hooks: bool = False, daemon_env: Mapping[str, str] | None = None, extra_conf: str = ""
+) -> NixHost:
+    """Start Debian's nix-daemon on a private socket and nix.conf."""
+    require_host_prerequisites()
+    if hooks:
+        for hook in (PRE_BUILD_HOOK, POST_BUILD_HOOK):
+            if not os.access(hook, os.X_OK):
+                pytest.fail(f"{hook} missing — run ./setup.sh as root", pytrace=False)
+    root = Path(tempfile.mkdtemp(prefix="recnix-host-"))
+    (root / "conf").mkdir()
+    (root / "builds").mkdir()
+    (root / "conf" / "nix.conf").write_text(nix_conf_text(hooks, extra_conf))
+    common = {
+        "PATH": SYSTEM_PATH,
+        "HOME": os.environ.get("HOME", "/root"),
+        "NIX_CONF_DIR": str(root / "conf"),
+        "NIX_DAEMON_SOCKET_PATH": str(root / "daemon.sock"),
+    }
+    env_for_daemon = {**common, "TMPDIR": str(root / "builds"), **(daemon_env or {})}
+    if hooks:
+        env_for_daemon.setdefault("RECNIX_CONFIG", str(root / "recnix.toml"))
+    log = open(root / "daemon.log", "wb")  # noqa: SIM115 - handed to the daemon
+    process = subprocess.Popen(
+        ["nix-daemon"],
+        env=env_for_daemon,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    host = NixHost(root=root, hooks=hooks, process=process, daemon_env=env_for_daemon)
+    host.env = {
+        **common,
+        "NIX_REMOTE": f"unix://{root / 'daemon.sock'}",
+        "NIX_PAGER": "cat",
+        "TMPDIR": "/tmp",
+    }
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while not _accepts(host.socket):
+        if process.poll() is not None or time.monotonic() > deadline:
+            host.stop()
+            pytest.fail(
+                f"nix-daemon did not start (exit {process.poll()}):\n{host.log_text()}",
+                pytrace=False,
+            )
+        time.sleep(0.05)
+    return host
+
+
+def _accepts(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _stopped(host: NixHost) -> None:
+    leftovers = host.stop()
+    if leftovers:
+        pytest.fail(
+            "processes were left after stopping the test nix-daemon:\n" + "\n".join(leftovers),
+            pytrace=False,
+        )
+    shutil.rmtree(host.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def nix_host() -> Iterator[NixHost]:
+    """A private nix-daemon without recnix hooks (built-in recursive-nix available)."""
+    host = start_nix_host(hooks=False)
+    yield host
+    _stopped(host)
+
+
+@pytest.fixture(scope="session")
+def nix_host_recnix() -> Iterator[NixHost]:
+    """A private nix-daemon whose pre/post-build hooks are recnix's."""
+    host = start_nix_host(hooks=True)
+    yield host
+    _stopped(host)
+
+
+@pytest.fixture(scope="session")
+def busybox(nix_host: NixHost) -> str:
+    """Store path of Debian's static busybox (bin/sh and one link per applet)."""
+    return busybox_store_path(nix_host.env)
+
+
+@pytest.fixture(scope="session")
+def nix_bundle(nix_host: NixHost, busybox: str) -> str:
+    """Store path of the nix bundle (bin/nix-build etc.), GC-rooted for the session."""
+    gc_root = nix_host.root / "nix-bundle"
+    return bundle_nix(nix_host.env, gc_root=str(gc_root))
+
+
+def scenario_runner(host: NixHost, busybox: str, nix_bundle: str) -> ScenarioRunner:
+    """A ScenarioRunner for the scenarios in this tree against ``host``."""
+    return ScenarioRunner(host.exec, str(SCENARIO_DIR), busybox, nix_bundle)
+
+
+@pytest.fixture(scope="session")
+def oracle_runner(nix_host: NixHost, busybox: str, nix_bundle: str) -> ScenarioRunner:
+    """Scenarios against the daemon without hooks (for Nix's built-in recursive-nix)."""
+    return scenario_runner(nix_host, busybox, nix_bundle)

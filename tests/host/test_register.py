@@ -1,0 +1,210 @@
+"""recnix.register against real Nix 2.8 builds: the post-build reference fix-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from recnix.register import (
+    FinaliseError,
+    finalise_outputs,
+    outputs_of,
+    scan_references,
+)
+
+pytestmark = pytest.mark.host
+
+# The output mentions $hidden (a store path passed as a plain string, without context), so
+# Nix does not know about it when it scans the output.
+OUTER = r"""
+{ bb, hidden, nonce, checks ? {}, fixed ? null }:
+derivation ({
+  name = "recnix-outer";
+  system = "x86_64-linux";
+  builder = "${bb}/bin/sh";
+  inherit hidden nonce;
+  outputs = [ "out" "dev" ];
+  args = [ "-c" ''
+    B=${bb}/bin/busybox
+    $B mkdir $out $dev
+    echo "uses $hidden" > $out/hidden-ref
+    echo "nonce $nonce" > $dev/nonce
+    $B ln -s ${bb}/bin/sh $out/sh
+  '' ];
+} // checks)
+"""
+
+# A fixed-output derivation whose (flat) output is exactly `content`.
+FIXED = r"""
+{ bb, content }:
+derivation {
+  name = "recnix-fixed";
+  system = "x86_64-linux";
+  builder = "${bb}/bin/sh";
+  inherit content;
+  outputHashMode = "flat";
+  outputHashAlgo = "sha256";
+  outputHash = builtins.hashString "sha256" content;
+  args = [ "-c" "echo -n \"$content\" > $out" ];
+}
+"""
+
+
+def _nix(nix_host, *argv: str, env: dict | None = None) -> str:
+    result = subprocess.run(
+        list(argv), env=env or nix_host.env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
+    return result.stdout
+
+
+def _add_text(nix_host, tmp_path: Path, name: str, text: str) -> str:
+    f = tmp_path / name
+    f.write_text(text)
+    return _nix(nix_host, "nix-store", "--add", str(f)).strip()
+
+
+def _build(nix_host, tmp_path: Path, expr: str, **args: str) -> str:
+    """Instantiate and build `expr`; returns the .drv path."""
+    f = tmp_path / f"e{uuid.uuid4().hex[:8]}.nix"
+    f.write_text(expr)
+    argv = []
+    for k, v in args.items():
+        argv += ["--arg", k, v]
+    drv = _nix(nix_host, "nix-instantiate", str(f), *argv).strip()
+    _nix(nix_host, "nix-store", "--realise", drv)
+    return drv
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+@pytest.fixture
+def hidden(nix_host, tmp_path) -> str:
+    return _add_text(nix_host, tmp_path, "hidden", f"hidden {uuid.uuid4().hex}\n")
+
+
+def _outer(nix_host, tmp_path, busybox, hidden, checks: str = "{}") -> str:
+    return _build(
+        nix_host,
+        tmp_path,
+        OUTER,
+        bb=f"builtins.storePath {_q(busybox)}",
+        hidden=_q(hidden),
+        nonce=_q(uuid.uuid4().hex),
+        checks=checks,
+    )
+
+
+def test_finalise_adds_missing_reference(nix_host, busybox, tmp_path, hidden):
+    drv = _outer(nix_host, tmp_path, busybox, hidden)
+    outputs = outputs_of(drv, nix_host.env)
+    assert set(outputs) == {"out", "dev"}
+    out = outputs["out"]
+    before = set(_nix(nix_host, "nix-store", "-q", "--references", out).split())
+    assert hidden not in before, "Nix itself should not have seen the hidden reference"
+    assert busybox in before
+    assert scan_references(out, {hidden, busybox}) == {hidden, busybox}
+
+    unrelated = _add_text(nix_host, tmp_path, "unrelated", f"x {uuid.uuid4().hex}")
+    report = finalise_outputs(drv, {hidden, unrelated}, [], nix_host.env)
+    assert report.outputs == outputs
+    assert report.added_refs == {"out": {hidden}}
+
+    after = set(_nix(nix_host, "nix-store", "-q", "--references", out).split())
+    assert after == before | {hidden}
+    assert hidden in _nix(nix_host, "nix-store", "-qR", out).split()
+    assert _nix(nix_host, "nix-store", "-q", "--deriver", out).strip() == drv
+    dev_refs = _nix(nix_host, "nix-store", "-q", "--references", outputs["dev"]).split()
+    assert hidden not in dev_refs
+    verify = subprocess.run(
+        ["nix-store", "--verify-path", out], env=nix_host.env, capture_output=True, text=True
+    )
+    assert verify.returncode == 0, verify.stderr
+
+    # Idempotent: a second run finds nothing new.
+    again = finalise_outputs(drv, {hidden}, [], nix_host.env)
+    assert again.added_refs == {}
+
+
+def test_allowed_references_violation(nix_host, busybox, tmp_path, hidden):
+    drv = _outer(
+        nix_host,
+        tmp_path,
+        busybox,
+        hidden,
+        checks=f"{{ allowedReferences = [ (builtins.storePath {_q(busybox)}) ]; }}",
+    )
+    out = outputs_of(drv, nix_host.env)["out"]
+    with pytest.raises(FinaliseError, match=rf"'out'.*allowedReferences.*{hidden}"):
+        finalise_outputs(drv, {hidden}, [], nix_host.env)
+    assert hidden not in _nix(nix_host, "nix-store", "-q", "--references", out).split()
+
+
+def test_disallowed_requisites_violation(nix_host, busybox, tmp_path, hidden):
+    # `carrier` references `hidden`; the outer output refers to `carrier` only, so `hidden`
+    # enters its closure only through the fix-up.
+    carrier = _build(
+        nix_host,
+        tmp_path,
+        '{ p }: derivation { name = "carrier"; system = "x86_64-linux"; builder = "${p.bb}/bin/sh";'
+        ' args = [ "-c" "echo ${p.hidden} > $out" ]; }',
+        p=f"{{ bb = builtins.storePath {_q(busybox)}; hidden = builtins.storePath {_q(hidden)}; }}",
+    )
+    carrier_out = outputs_of(carrier, nix_host.env)["out"]
+    drv = _outer(
+        nix_host,
+        tmp_path,
+        busybox,
+        carrier_out,
+        checks=f"{{ disallowedRequisites = [ {_q(hidden)} ]; }}",
+    )
+    with pytest.raises(FinaliseError, match=rf"disallowedRequisites.*{hidden}"):
+        finalise_outputs(drv, {carrier_out}, [], nix_host.env)
+
+
+def test_fixed_output_referencing_session_path_fails(nix_host, busybox, tmp_path, hidden):
+    content = f"fetched {hidden} {uuid.uuid4().hex}"
+    drv = _build(
+        nix_host,
+        tmp_path,
+        FIXED,
+        bb=f"builtins.storePath {_q(busybox)}",
+        content=_q(content),
+    )
+    out = outputs_of(drv, nix_host.env)["out"]
+    assert Path(out).read_text() == content
+    with pytest.raises(FinaliseError, match=r"fixed-output.*computed from its references"):
+        finalise_outputs(drv, {hidden}, [], nix_host.env)
+    # Without a session reference it is fine.
+    assert finalise_outputs(drv, set(), [], nix_host.env).added_refs == {}
+
+
+def test_resign_after_reregistration(nix_host, busybox, tmp_path, hidden):
+    key_name = f"recnix-test-{uuid.uuid4().hex[:8]}"
+    secret, public = tmp_path / "sk", tmp_path / "pk"
+    _nix(nix_host, "nix-store", "--generate-binary-cache-key", key_name, str(secret), str(public))
+    drv = _outer(nix_host, tmp_path, busybox, hidden)
+    out = outputs_of(drv, nix_host.env)["out"]
+    report = finalise_outputs(drv, {hidden}, [str(secret)], nix_host.env)
+    assert report.added_refs == {"out": {hidden}}
+    info = _nix(
+        nix_host, "nix", "--extra-experimental-features", "nix-command", "path-info", "--sigs", out
+    )
+    assert f"{key_name}:" in info, info
+    verify = subprocess.run(
+        [
+            "nix", "--extra-experimental-features", "nix-command", "store", "verify",
+            "--no-contents", "--trusted-public-keys", public.read_text().strip(), out,
+        ],
+        env=nix_host.env,
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stderr
+    assert os.path.exists(out)

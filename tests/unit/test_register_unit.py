@@ -1,0 +1,115 @@
+"""Pure parts of recnix.register: constraint re-checks and the content-addressed refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recnix.derivation import Derivation, DerivationOutput
+from recnix.register import (
+    FinaliseError,
+    check_output_constraints,
+    ensure_not_ca_referencing,
+    local_store_env,
+    scan_references,
+)
+
+OUT = "/nix/store/0c5m4jqm7lbaffp2a2n6dfbq3n0kxbn9-x"
+DEV = "/nix/store/1c5m4jqm7lbaffp2a2n6dfbq3n0kxbn9-x-dev"
+A = "/nix/store/2c5m4jqm7lbaffp2a2n6dfbq3n0kxbn9-a"
+B = "/nix/store/3c5m4jqm7lbaffp2a2n6dfbq3n0kxbn9-b"
+OUTPUTS = {"out": OUT, "dev": DEV}
+
+
+def _drv(env: dict[str, str], kind: str = "inputAddressed") -> Derivation:
+    outputs = {
+        "out": DerivationOutput(kind=kind, path=OUT if kind != "caFloating" else None),
+        "dev": DerivationOutput(kind="inputAddressed", path=DEV),
+    }
+    return Derivation(
+        outputs=outputs,
+        input_drvs={},
+        input_srcs=[],
+        platform="x86_64-linux",
+        builder="/bin/sh",
+        args=[],
+        env={"name": "x", **env},
+        name="x",
+    )
+
+
+def test_no_constraints_accepts_anything():
+    check_output_constraints(_drv({}), "out", OUTPUTS, {A, B}, {A, B})
+
+
+def test_allowed_references_by_path_and_output_name():
+    drv = _drv({"allowedReferences": f"{A} dev"})
+    check_output_constraints(drv, "out", OUTPUTS, {A, DEV, OUT}, {A, DEV, OUT})
+    with pytest.raises(FinaliseError, match=rf"'out'.*allowedReferences.*{B}"):
+        check_output_constraints(drv, "out", OUTPUTS, {A, B}, {A, B})
+
+
+def test_empty_allowed_references_forbids_all_but_self():
+    drv = _drv({"allowedReferences": ""})
+    check_output_constraints(drv, "out", OUTPUTS, {OUT}, {OUT})
+    with pytest.raises(FinaliseError, match=A):
+        check_output_constraints(drv, "out", OUTPUTS, {A}, {A})
+
+
+def test_requisites_look_at_the_closure():
+    drv = _drv({"disallowedRequisites": B})
+    check_output_constraints(drv, "out", OUTPUTS, {A}, {A})
+    with pytest.raises(FinaliseError, match=rf"disallowedRequisites.*{B}"):
+        check_output_constraints(drv, "out", OUTPUTS, {A}, {A, B})
+    allowed = _drv({"allowedRequisites": A})
+    with pytest.raises(FinaliseError, match=rf"allowedRequisites.*{B}"):
+        check_output_constraints(allowed, "out", OUTPUTS, {A}, {A, B})
+
+
+def test_only_new_paths_are_reported():
+    drv = _drv({"disallowedReferences": f"{A} {B}"})
+    # A was already there (Nix accepted it); only B is new.
+    check_output_constraints(drv, "out", OUTPUTS, {A}, {A}, new_paths=set())
+    with pytest.raises(FinaliseError, match=B) as info:
+        check_output_constraints(drv, "out", OUTPUTS, {A, B}, {A, B}, new_paths={B})
+    assert A not in str(info.value)
+
+
+def test_structured_attrs_output_checks():
+    attrs = {"outputChecks": {"out": {"disallowedReferences": [A]}, "dev": {}}}
+    drv = _drv({"__json": json.dumps(attrs)})
+    check_output_constraints(drv, "dev", OUTPUTS, {A}, {A})
+    with pytest.raises(FinaliseError, match=A):
+        check_output_constraints(drv, "out", OUTPUTS, {A}, {A})
+
+
+def test_illegal_reference_specifier():
+    drv = _drv({"allowedReferences": "nonsense"})
+    with pytest.raises(FinaliseError, match="illegal reference specifier 'nonsense'"):
+        check_output_constraints(drv, "out", OUTPUTS, {A}, {A})
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [("caFixed", "fixed-output"), ("caFloating", "floating content-addressed")],
+)
+def test_content_addressed_output_with_session_reference_is_refused(kind, what):
+    drv = _drv({}, kind=kind)
+    ensure_not_ca_referencing(drv, "/nix/store/d.drv", "out", set())
+    with pytest.raises(FinaliseError, match=rf"'out' of {what} derivation.*{A}.*cannot be added"):
+        ensure_not_ca_referencing(drv, "/nix/store/d.drv", "out", {A})
+    ensure_not_ca_referencing(drv, "/nix/store/d.drv", "dev", {A})  # input-addressed output
+
+
+def test_scan_references_maps_hash_parts_back_to_paths(tmp_path):
+    (tmp_path / "f").write_text(f"x {A}/bin/a y")
+    (tmp_path / "l").symlink_to(B[len("/nix/store/") :])
+    assert scan_references(str(tmp_path), {A, B, OUT}) == {A, B}
+    assert scan_references(str(tmp_path), set()) == set()
+
+
+def test_local_store_env_drops_nix_remote():
+    env = local_store_env({"NIX_REMOTE": "daemon", "NIX_CONF_DIR": "/c"})
+    assert "NIX_REMOTE" not in env
+    assert env["NIX_CONF_DIR"] == "/c"

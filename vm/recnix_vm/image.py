@@ -1,0 +1,431 @@
+"""The guest disk image: Debian 12 from Debian's packages, recnix from the working tree.
+
+Two cached layers under the cache directory (``$RECNIX_VM_CACHE`` or
+``/var/cache/recnix-vm``):
+
+1. ``base/<key>.tar``: the root filesystem made by ``mmdebstrap`` (slow, about
+   two minutes), keyed by a hash of the suite, the mirrors, the package list and
+   the mmdebstrap options.
+2. ``images/<key>/``: ``disk.img`` (raw ext4 made with ``mkfs.ext4 -d``, no
+   loop mounts), the guest's own ``vmlinuz`` and ``initrd.img``, the guest's SSH
+   host key and ``image.json``; keyed by a hash of the base, the recnix sources,
+   the scenario files, the templates and this module (fast, seconds).
+
+Guests never write to ``disk.img``: each boots from its own qcow2 overlay
+(:func:`create_overlay`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from .log import log, nested
+
+CACHE_ENV = "RECNIX_VM_CACHE"
+DEFAULT_CACHE_DIR = Path("/var/cache/recnix-vm")
+
+SUITE = "bookworm"
+MIRRORS = (
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+)
+BASE_PACKAGES = (
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "libpam-systemd",
+    "nix-bin",
+    "nix-setup-systemd",
+    "python3",
+    "openssh-server",
+    "busybox-static",
+    "linux-image-amd64",
+    "iproute2",
+    "procps",
+    "less",
+)
+# Files nobody needs in a test guest: keeps the image small and mkfs fast.
+_EXCLUDES = (
+    "/usr/share/doc/*",
+    "/usr/share/man/*",
+    "/usr/share/locale/*",
+    "/usr/share/info/*",
+)
+_MODULE_EXCLUDES = ("gpu", "media", "net/wireless", "infiniband", "staging", "bluetooth", "isdn")
+MMDEBSTRAP_OPTIONS = (
+    "--variant=apt",
+    "--format=tar",
+    *(f"--dpkgopt=path-exclude={p}" for p in _EXCLUDES),
+    *(
+        f"--dpkgopt=path-exclude={prefix}/lib/modules/*/kernel/drivers/{d}/*"
+        for d in _MODULE_EXCLUDES
+        for prefix in ("", "/usr")
+    ),
+    "--dpkgopt=path-exclude=/lib/modules/*/kernel/sound/*",
+    "--dpkgopt=path-exclude=/usr/lib/modules/*/kernel/sound/*",
+)
+
+DISK_SIZE = "6G"  # sparse; the Nix store in the guest grows into it
+KERNEL_CMDLINE = "console=ttyS0,115200 root=/dev/vda rw net.ifnames=0 panic=-1"
+PRE_BUILD_HOOK = "/usr/local/bin/recnix-pre-build-hook"
+POST_BUILD_HOOK = "/usr/local/bin/recnix-post-build-hook"
+READY_MARKER = "RECNIX-VM-READY"
+GUEST_RECNIX_DIR = "/opt/recnix"
+GUEST_SCENARIOS_DIR = "/opt/recnix-tests/scenarios"
+# nix.conf lines only the guest needs (the recnix lines come from recnix.config).
+GUEST_NIX_SETTINGS = {
+    "build-users-group": "nixbld",
+    "substituters": "",
+    "trusted-users": "root",
+    "max-jobs": "2",
+}
+# recnix's experimental-features list plus what the guest's tooling needs.
+GUEST_EXTRA_EXPERIMENTAL_FEATURES = ("nix-command",)
+
+TEMPLATES_DIR = Path(__file__).with_name("templates")
+
+
+class ImageError(Exception):
+    """Building the base rootfs or the disk image failed."""
+
+
+def cache_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The cache directory: explicit > ``$RECNIX_VM_CACHE`` > ``/var/cache/recnix-vm``."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built guest image: everything needed to boot it."""
+
+    directory: Path
+    disk: Path
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    ssh_key: Path
+    ssh_host_key: Path
+
+    @classmethod
+    def load(cls, directory: Path, ssh_key: Path) -> Image:
+        meta = json.loads((directory / "image.json").read_text())
+        return cls(
+            directory=directory,
+            disk=directory / "disk.img",
+            kernel=directory / "vmlinuz",
+            initrd=directory / "initrd.img",
+            cmdline=meta["cmdline"],
+            ssh_key=ssh_key,
+            ssh_host_key=directory / "ssh_host_ed25519_key.pub",
+        )
+
+
+def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)
+    except FileNotFoundError as e:
+        raise ImageError(f"{argv[0]} not found: install it (see setup.sh)") from e
+    except subprocess.CalledProcessError as e:
+        raise ImageError(
+            f"{' '.join(argv)} failed with exit status {e.returncode}\n"
+            f"stdout:\n{e.stdout}\nstderr:\n{e.stderr}"
+        ) from e
+
+
+def base_key() -> str:
+    """Hash of everything that determines the mmdebstrap rootfs."""
+    spec = json.dumps(
+        {"suite": SUITE, "mirrors": MIRRORS, "packages": BASE_PACKAGES, "opts": MMDEBSTRAP_OPTIONS}
+    )
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def build_base(cache: Path) -> Path:
+    """Return the cached base rootfs tarball, running mmdebstrap if it is missing."""
+    target = cache / "base" / f"{base_key()}.tar"
+    if target.exists():
+        log(f"base rootfs: reusing {target}")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".tar.partial-{os.getpid()}")
+    argv = [
+        "mmdebstrap",
+        *MMDEBSTRAP_OPTIONS,
+        "--include=" + ",".join(BASE_PACKAGES),
+        SUITE,
+        str(partial),
+        *MIRRORS,
+    ]
+    log_path = target.with_suffix(".log")
+    with nested(f"building base rootfs with mmdebstrap (about 2 min; log: {log_path})"):
+        with log_path.open("w") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
+            _follow(proc, log_path)
+        if proc.returncode != 0:
+            partial.unlink(missing_ok=True)
+            tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+            raise ImageError(f"mmdebstrap failed (exit {proc.returncode}):\n{tail}")
+        partial.rename(target)
+    return target
+
+
+def _follow(proc: subprocess.Popen[str], log_path: Path) -> None:
+    """Wait for ``proc``, logging its latest output line every 15 s."""
+    while True:
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            lines = log_path.read_text(errors="replace").splitlines()
+            log(f"... {lines[-1][:100] if lines else '(no output yet)'}")
+
+
+def ensure_ssh_key(cache: Path) -> Path:
+    """The per-cache-dir SSH key for root in the guests (generated once)."""
+    key = cache / "ssh" / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "recnix-vm", "-f", str(key)])
+    return key
+
+
+def source_dirs() -> tuple[Path, Path]:
+    """The ``recnix`` package directory and the scenario directory of the working tree."""
+    import recnix
+
+    package = Path(recnix.__file__).resolve().parent
+    return package, package.parent / "tests" / "scenarios"
+
+
+def _tree_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc")
+    )
+
+
+def _hash_tree(h: hashlib._Hash, label: str, root: Path) -> None:
+    for path in _tree_files(root):
+        h.update(f"{label}/{path.relative_to(root)}\0".encode())
+        h.update(path.read_bytes())
+        h.update(b"\0")
+
+
+def image_key(base: Path, recnix_dir: Path, scenarios_dir: Path) -> str:
+    """Hash of every input of the disk image."""
+    h = hashlib.sha256()
+    h.update(base.name.encode())
+    _hash_tree(h, "recnix", recnix_dir)
+    _hash_tree(h, "scenarios", scenarios_dir)
+    _hash_tree(h, "templates", TEMPLATES_DIR)
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def render_nix_conf() -> str:
+    """The guest's /etc/nix/nix.conf: recnix's lines plus the guest-only lines."""
+    from recnix.config import load_defaults, render_nix_conf as recnix_lines
+
+    raw = load_defaults()
+    features = list(raw["nix"].get("experimental-features", []))
+    features += [f for f in GUEST_EXTRA_EXPERIMENTAL_FEATURES if f not in features]
+    raw["nix"]["experimental-features"] = features
+    return _templates().get_template("nix.conf.j2").render(
+        recnix_lines=recnix_lines(raw, PRE_BUILD_HOOK, POST_BUILD_HOOK),
+        guest_settings=GUEST_NIX_SETTINGS,
+    )
+
+
+def render_recnix_config() -> str:
+    """The guest's /etc/recnix/config.toml (recnix's defaults, as the NixOS module writes)."""
+    from recnix.config import DEFAULTS_FILE
+
+    return _templates().get_template("config.toml.j2").render(defaults=DEFAULTS_FILE.read_text())
+
+
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+def _write(root: Path, guest_path: str, text: str, mode: int = 0o644) -> None:
+    path = root / guest_path.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def _enable(root: Path, unit: str, target: str, unit_dir: str = "/etc/systemd/system") -> None:
+    wants = root / "etc/systemd/system" / f"{target}.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / unit
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(f"{unit_dir}/{unit}")
+
+
+def _mask(root: Path, unit: str) -> None:
+    link = root / "etc/systemd/system" / unit
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to("/dev/null")
+
+
+def _wrapper(import_line: str, call: str) -> str:
+    return (
+        "#!/usr/bin/python3\n"
+        "import sys\n"
+        f"sys.path.insert(0, {GUEST_RECNIX_DIR!r})\n"
+        f"{import_line}\n"
+        f"sys.exit({call})\n"
+    )
+
+
+def customise_rootfs(root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub: str) -> None:
+    """Install recnix, the scenarios and the guest configuration into an unpacked rootfs."""
+    env = _templates()
+    shutil.copytree(
+        recnix_dir,
+        root / GUEST_RECNIX_DIR.lstrip("/") / "recnix",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
+    scen_target = root / GUEST_SCENARIOS_DIR.lstrip("/")
+    if scenarios_dir.is_dir():
+        shutil.copytree(
+            scenarios_dir, scen_target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    else:
+        scen_target.mkdir(parents=True)
+    for name, line, call in (
+        ("recnix", "from recnix.cli import main", "main()"),
+        ("recnix-pre-build-hook", "from recnix.hooks import pre_build_main", "pre_build_main()"),
+        ("recnix-post-build-hook", "from recnix.hooks import post_build_main", "post_build_main()"),
+    ):
+        _write(root, f"/usr/local/bin/{name}", _wrapper(line, call), 0o755)
+
+    _write(root, "/etc/nix/nix.conf", render_nix_conf())
+    _write(root, "/etc/recnix/config.toml", render_recnix_config())
+    _write(root, "/etc/systemd/system/recnix.service", env.get_template("recnix.service.j2").render(
+        exec_start="/usr/local/bin/recnix daemon"))
+    _write(
+        root,
+        "/etc/systemd/system/recnix-vm-ready.service",
+        env.get_template("recnix-vm-ready.service.j2").render(marker=READY_MARKER),
+    )
+    _write(root, "/etc/systemd/network/10-qemu-user.network",
+           env.get_template("10-qemu-user.network.j2").render())
+    _write(
+        root,
+        "/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf",
+        env.get_template("serial-autologin.conf.j2").render(),
+    )
+    _write(root, "/etc/hostname", "recnix-vm\n")
+    _write(root, "/etc/hosts", "127.0.0.1 localhost\n127.0.1.1 recnix-vm\n")
+    _write(root, "/etc/fstab", "/dev/vda / ext4 rw,errors=remount-ro 0 0\n")
+    _write(root, "/etc/environment", "NIX_PAGER=cat\nPAGER=cat\nSYSTEMD_PAGER=cat\n")
+    ssh_dir = root / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    _write(root, "/root/.ssh/authorized_keys", ssh_pub, 0o600)
+    (root / "etc/machine-id").write_text("")  # systemd generates one per boot
+
+    _enable(root, "recnix.service", "multi-user.target")
+    _enable(root, "recnix-vm-ready.service", "multi-user.target")
+    _enable(root, "systemd-networkd.service", "multi-user.target", "/lib/systemd/system")
+    _enable(root, "systemd-networkd.socket", "sockets.target", "/lib/systemd/system")
+    _enable(root, "nix-daemon.socket", "sockets.target", "/lib/systemd/system")
+    _enable(root, "ssh.service", "multi-user.target", "/lib/systemd/system")
+    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_reap.service",
+                 "systemd-timesyncd.service", "fstrim.timer"):
+        _mask(root, unit)
+
+
+def build_image(cache_path: str | os.PathLike[str] | None = None) -> Image:
+    """Build (or reuse) the cached disk image and return it."""
+    cache = cache_dir(cache_path)
+    cache.mkdir(parents=True, exist_ok=True)
+    with nested(f"guest image (cache: {cache})"):
+        base = build_base(cache)
+        ssh_key = ensure_ssh_key(cache)
+        recnix_dir, scenarios_dir = source_dirs()
+        key = image_key(base, recnix_dir, scenarios_dir)
+        final = cache / "images" / key
+        if (final / "image.json").exists():
+            log(f"disk image: reusing {final}")
+            return Image.load(final, ssh_key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=final.parent))
+        try:
+            _assemble(work, base, recnix_dir, scenarios_dir, ssh_key)
+            if final.exists():  # built concurrently by someone else
+                shutil.rmtree(work)
+            else:
+                work.rename(final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return Image.load(final, ssh_key)
+
+
+def _assemble(work: Path, base: Path, recnix_dir: Path, scenarios_dir: Path, key: Path) -> None:
+    root = work / "root"
+    root.mkdir()
+    with nested("unpacking base rootfs"):
+        _run(["tar", "--numeric-owner", "-xpf", str(base), "-C", str(root)])
+    with nested("installing recnix, scenarios and guest configuration"):
+        customise_rootfs(root, recnix_dir, scenarios_dir, key.with_suffix(".pub").read_text())
+        kernel, initrd = _find_boot_files(root)
+        shutil.copyfile(kernel, work / "vmlinuz")
+        shutil.copyfile(initrd, work / "initrd.img")
+        shutil.copyfile(root / "etc/ssh/ssh_host_ed25519_key.pub", work / "ssh_host_ed25519_key.pub")
+    with nested(f"mkfs.ext4 -d ({DISK_SIZE}, sparse)"):
+        _run(["mkfs.ext4", "-q", "-F", "-L", "recnix-root", "-d", str(root),
+              str(work / "disk.img"), DISK_SIZE])
+    shutil.rmtree(root)
+    (work / "image.json").write_text(
+        json.dumps({"cmdline": KERNEL_CMDLINE, "base": base.name, "kernel": kernel.name}, indent=1)
+    )
+
+
+def _find_boot_files(root: Path) -> tuple[Path, Path]:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise ImageError(f"no /boot/vmlinuz-* in the rootfs ({root})")
+    kernel = kernels[-1]
+    initrd = root / "boot" / ("initrd.img-" + kernel.name.removeprefix("vmlinuz-"))
+    if not initrd.exists():
+        raise ImageError(f"no {initrd.relative_to(root)} in the rootfs")
+    return kernel, initrd
+
+
+def create_overlay(image: Image, overlay: Path) -> Path:
+    """Create a qcow2 overlay backed by the image's (read-only) disk."""
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "raw",
+          str(overlay)])
+    return overlay
+
+
+def list_tar(base: Path) -> Iterable[str]:
+    """Member names of a base tarball (for diagnostics)."""
+    with tarfile.open(base) as tar:
+        yield from tar.getnames()
