@@ -111,7 +111,7 @@ def _validate(raw: dict[str, Any]) -> None:
     up = daemon["upstream"]
     if up not in ("daemon", "stdio") and not up.startswith("unix://"):
         raise ConfigError(
-            f"'daemon.upstream' is {up!r}: use \"daemon\", \"stdio\" or \"unix:///path/to/socket\""
+            f'\'daemon.upstream\' is {up!r}: use "daemon", "stdio" or "unix:///path/to/socket"'
         )
     for key in ("max-depth", "max-builds-per-session", "max-added-bytes"):
         if policy[key] < 0:

@@ -94,7 +94,11 @@ class Upstream:
                 reader = process.stdout
                 writer = _PipeWriter(process.stdin)
             else:
-                path = target[len("unix://") :] if target.startswith("unix://") else daemon_socket_path()
+                path = (
+                    target[len("unix://") :]
+                    if target.startswith("unix://")
+                    else daemon_socket_path()
+                )
                 reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK * 4)
         except OSError as e:
             raise UpstreamClosed(f"cannot connect to the nix-daemon ({target}): {e}") from e
@@ -138,6 +142,7 @@ class Upstream:
             ev = self._conn.next_event()
             if ev is not NEED_DATA:
                 return ev
+            await self._flush()  # the handshake queues replies while decoding
             data = await self._reader.read(READ_CHUNK)
             self._conn.receive_data(data)
             if not data:
@@ -262,9 +267,7 @@ class Upstream:
     async def build_paths(
         self, targets: list[DerivedPath], build_mode: int = 0, on_log: LogCallback | None = None
     ) -> None:
-        await self.call(
-            Op.BUILD_PATHS, {"paths": targets, "build_mode": build_mode}, on_log=on_log
-        )
+        await self.call(Op.BUILD_PATHS, {"paths": targets, "build_mode": build_mode}, on_log=on_log)
 
     async def build_paths_with_results(
         self, targets: list[DerivedPath], build_mode: int = 0, on_log: LogCallback | None = None

@@ -35,6 +35,16 @@ from .wire import (
 TUNNEL_CHUNK = 65536  # bytes asked for per STDERR_READ
 
 
+def feed_nar(nar: NarParser, data: bytes | memoryview, offset: int) -> int:
+    """``nar.feed(data)``, with any non-protocol exception turned into ``ProtocolError``."""
+    try:
+        return nar.feed(data)
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, UnicodeError, OverflowError, IndexError) as e:
+        raise ProtocolError(f"bad NAR: {e}", offset) from None
+
+
 class _NeedData:
     __slots__ = ()
 
@@ -188,7 +198,7 @@ class _Base:
             if not len(buf):
                 return self._need("NAR")
             with buf.peek(len(buf)) as view:
-                n = nar.feed(view)
+                n = feed_nar(nar, view, buf.offset)
             if n:
                 return Data(buf.take(n))
 
@@ -255,6 +265,7 @@ class ServerConnection(_Base):
                     self._state = "tunnel"
                     self._tunnel_asked = False
                 else:
+                    # NONE, or TUNNEL (ImportPaths): data flows only if we send STDERR_READ
                     self._state = "idle"
                 return Request(spec.op, self._dec.value)
             elif state == "framed":
@@ -303,7 +314,7 @@ class ServerConnection(_Base):
         chunk: bytes = self._dec.value
         if not chunk:
             raise ProtocolError("client sent no data for STDERR_READ", self._buf.offset)
-        if nar.feed(chunk) != len(chunk):
+        if feed_nar(nar, chunk, self._buf.offset) != len(chunk):
             raise ProtocolError("data after the end of the NAR", self._buf.offset)
         return Data(chunk)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from recnix.nar import NarParser
 
-from .connection import NEED_DATA, Data, EndOfData, _NeedData
+from .connection import NEED_DATA, Data, EndOfData, _NeedData, feed_nar
 from .errors import ProtocolError
 from .schema import VALID_PATH_INFO_16
 from .types import ValidPathInfo
@@ -78,7 +78,7 @@ class MultipleParser:
                         raise ProtocolError("unexpected end of stream in NAR", buf.offset)
                     return NEED_DATA
                 with buf.peek(len(buf)) as view:
-                    n = nar.feed(view)
+                    n = feed_nar(nar, view, buf.offset)
                 if n > self._nar_left:
                     raise ProtocolError("NAR is longer than its narSize", buf.offset)
                 self._nar_left -= n

@@ -40,6 +40,7 @@ SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 VENV_BIN = Path(sys.executable).parent
 PRE_BUILD_HOOK = VENV_BIN / "recnix-pre-build-hook"
 POST_BUILD_HOOK = VENV_BIN / "recnix-post-build-hook"
+RECNIX_BIN = VENV_BIN / "recnix"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DAEMON_START_TIMEOUT = 20.0
 DAEMON_STOP_TIMEOUT = 20.0
@@ -305,3 +306,106 @@ def scenario_runner(host: NixHost, busybox: str, nix_bundle: str) -> ScenarioRun
 def oracle_runner(nix_host: NixHost, busybox: str, nix_bundle: str) -> ScenarioRunner:
     """Scenarios against the daemon without hooks (for Nix's built-in recursive-nix)."""
     return scenario_runner(nix_host, busybox, nix_bundle)
+
+
+@dataclass
+class RecnixService:
+    """A running ``recnix daemon`` wired to a NixHost with hooks."""
+
+    host: NixHost
+    root: Path
+    config_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "control.sock"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "service.log"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def audit_events(self) -> list[dict]:
+        import json
+
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line]
+
+    def session_dirs(self) -> list[Path]:
+        return sorted(self.root.glob("s-*"))
+
+
+def recnix_config_text(root: Path, host: NixHost, extra: str = "") -> str:
+    """The service's config for the host tier (sections of recnix/defaults.toml)."""
+    return (
+        "[daemon]\n"
+        f'control-socket = "{root / "control.sock"}"\n'
+        f'state-dir = "{root}"\n'
+        f'upstream = "unix://{host.socket}"\n'
+        f'audit-log = "{root / "audit.jsonl"}"\n'
+        "max-sessions = 3\n"
+        'log-level = "debug"\n' + extra
+    )
+
+
+def start_recnix_service(host: NixHost, extra_config: str = "") -> RecnixService:
+    """Write ``host.recnix_config`` and start ``recnix daemon`` on it."""
+    root = host.root / "recnix"
+    root.mkdir(mode=0o700, exist_ok=True)
+    host.recnix_config.write_text(recnix_config_text(root, host, extra_config))
+    env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config)}
+    env.pop("TMPDIR", None)
+    log = open(root / "service.log", "ab")  # noqa: SIM115 - handed to the service
+    process = subprocess.Popen(
+        [str(RECNIX_BIN), "daemon", "--config", str(host.recnix_config)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    service = RecnixService(host, root, host.recnix_config, process)
+    deadline = time.monotonic() + 20
+    while not _accepts(service.control_socket):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"recnix daemon did not start:\n{service.log_text()}", pytrace=False)
+        time.sleep(0.05)
+    return service
+
+
+def stop_recnix_service(service: RecnixService) -> None:
+    """SIGTERM the service and wait; it must exit cleanly and leave no session sockets."""
+    if service.process.poll() is None:
+        service.process.terminate()
+        try:
+            service.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+            service.process.wait()
+            pytest.fail(f"recnix daemon ignored SIGTERM:\n{service.log_text()}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def recnix_service(nix_host_recnix: NixHost) -> Iterator[RecnixService]:
+    """The recnix service serving ``nix_host_recnix``'s opted-in builds."""
+    service = start_recnix_service(nix_host_recnix)
+    yield service
+    stop_recnix_service(service)
+
+
+@pytest.fixture(scope="session")
+def recnix_runner(
+    nix_host_recnix: NixHost, recnix_service: RecnixService, busybox: str, nix_bundle: str
+) -> ScenarioRunner:
+    """Scenarios against the daemon whose hooks are recnix's, with the service running."""
+    return scenario_runner(nix_host_recnix, busybox, nix_bundle)

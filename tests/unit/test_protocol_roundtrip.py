@@ -225,3 +225,36 @@ def test_client_truncated_replies(data: st.DataObject) -> None:
     client.receive_data(b"")
     with pytest.raises(ProtocolError):
         client.next_event()
+
+
+def _drain_any(conn: Any) -> None:
+    """Pull events after EOF: only ProtocolError may escape, and it must end."""
+    for _ in range(100000):
+        try:
+            ev = conn.next_event()
+        except ProtocolError:
+            return
+        if ev is NEED_DATA or type(ev).__name__ == "ConnectionClosed":
+            return
+    raise AssertionError("no end after EOF (hang?)")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    junk=st.binary(max_size=200),
+    op=st.sampled_from(sorted(OPS)),
+    minor=st.sampled_from([10, 21, 22, 25, 34, 35, 38]),
+)
+def test_random_bytes_only_raise_protocol_error(junk: bytes, op: int, minor: int) -> None:
+    # into a fresh server (handshake), an established server (a known op, then junk), a client
+    fresh = ServerConnection()
+    fresh.receive_data(W.u64(W.WORKER_MAGIC_1))
+    established = _server_at(minor)
+    established.receive_data(W.u64(op))
+    client, _, _, _ = connected_pair(minor, 38)
+    client.send_request(OPS[26].op, {"path": "/nix/store/x"})
+    for conn in (fresh, established, client):
+        if junk:
+            conn.receive_data(junk)
+        conn.receive_data(b"")
+        _drain_any(conn)

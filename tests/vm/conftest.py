@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from recnix_vm.image import Image, build_image
 from recnix_vm.machine import Machine
 

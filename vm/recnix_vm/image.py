@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,7 @@ MMDEBSTRAP_OPTIONS = (
     "--dpkgopt=path-exclude=/usr/lib/modules/*/kernel/sound/*",
 )
 
+KEEP_IMAGES = 3  # older disk images in the cache are deleted after a new one is built
 DISK_SIZE = "6G"  # sparse; the Nix store in the guest grows into it
 KERNEL_CMDLINE = "console=ttyS0,115200 root=/dev/vda rw net.ifnames=0 panic=-1"
 PRE_BUILD_HOOK = "/usr/local/bin/recnix-pre-build-hook"
@@ -241,15 +243,20 @@ def image_key(base: Path, recnix_dir: Path, scenarios_dir: Path) -> str:
 
 def render_nix_conf() -> str:
     """The guest's /etc/nix/nix.conf: recnix's lines plus the guest-only lines."""
-    from recnix.config import load_defaults, render_nix_conf as recnix_lines
+    from recnix.config import load_defaults
+    from recnix.config import render_nix_conf as recnix_lines
 
     raw = load_defaults()
     features = list(raw["nix"].get("experimental-features", []))
     features += [f for f in GUEST_EXTRA_EXPERIMENTAL_FEATURES if f not in features]
     raw["nix"]["experimental-features"] = features
-    return _templates().get_template("nix.conf.j2").render(
-        recnix_lines=recnix_lines(raw, PRE_BUILD_HOOK, POST_BUILD_HOOK),
-        guest_settings=GUEST_NIX_SETTINGS,
+    return (
+        _templates()
+        .get_template("nix.conf.j2")
+        .render(
+            recnix_lines=recnix_lines(raw, PRE_BUILD_HOOK, POST_BUILD_HOOK),
+            guest_settings=GUEST_NIX_SETTINGS,
+        )
     )
 
 
@@ -325,15 +332,21 @@ def customise_rootfs(root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub:
 
     _write(root, "/etc/nix/nix.conf", render_nix_conf())
     _write(root, "/etc/recnix/config.toml", render_recnix_config())
-    _write(root, "/etc/systemd/system/recnix.service", env.get_template("recnix.service.j2").render(
-        exec_start="/usr/local/bin/recnix daemon"))
+    _write(
+        root,
+        "/etc/systemd/system/recnix.service",
+        env.get_template("recnix.service.j2").render(exec_start="/usr/local/bin/recnix daemon"),
+    )
     _write(
         root,
         "/etc/systemd/system/recnix-vm-ready.service",
         env.get_template("recnix-vm-ready.service.j2").render(marker=READY_MARKER),
     )
-    _write(root, "/etc/systemd/network/10-qemu-user.network",
-           env.get_template("10-qemu-user.network.j2").render())
+    _write(
+        root,
+        "/etc/systemd/network/10-qemu-user.network",
+        env.get_template("10-qemu-user.network.j2").render(),
+    )
     _write(
         root,
         "/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf",
@@ -354,8 +367,13 @@ def customise_rootfs(root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub:
     _enable(root, "systemd-networkd.socket", "sockets.target", "/lib/systemd/system")
     _enable(root, "nix-daemon.socket", "sockets.target", "/lib/systemd/system")
     _enable(root, "ssh.service", "multi-user.target", "/lib/systemd/system")
-    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_reap.service",
-                 "systemd-timesyncd.service", "fstrim.timer"):
+    for unit in (
+        "apt-daily.timer",
+        "apt-daily-upgrade.timer",
+        "e2scrub_reap.service",
+        "systemd-timesyncd.service",
+        "fstrim.timer",
+    ):
         _mask(root, unit)
 
 
@@ -383,7 +401,24 @@ def build_image(cache_path: str | os.PathLike[str] | None = None) -> Image:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        prune_images(final.parent, keep=final)
         return Image.load(final, ssh_key)
+
+
+def prune_images(images_dir: Path, keep: Path, count: int = KEEP_IMAGES) -> None:
+    """Delete all but the ``count`` newest disk images (never ``keep``), and stale partials."""
+    now = time.time()
+    built = []
+    for entry in images_dir.iterdir():
+        if ".partial-" in entry.name:
+            if now - entry.stat().st_mtime > 3600:
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry != keep and (entry / "image.json").exists():
+            built.append(entry)
+    built.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in built[max(0, count - 1) :]:
+        log(f"removing old disk image {old}")
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _assemble(work: Path, base: Path, recnix_dir: Path, scenarios_dir: Path, key: Path) -> None:
@@ -396,10 +431,23 @@ def _assemble(work: Path, base: Path, recnix_dir: Path, scenarios_dir: Path, key
         kernel, initrd = _find_boot_files(root)
         shutil.copyfile(kernel, work / "vmlinuz")
         shutil.copyfile(initrd, work / "initrd.img")
-        shutil.copyfile(root / "etc/ssh/ssh_host_ed25519_key.pub", work / "ssh_host_ed25519_key.pub")
+        shutil.copyfile(
+            root / "etc/ssh/ssh_host_ed25519_key.pub", work / "ssh_host_ed25519_key.pub"
+        )
     with nested(f"mkfs.ext4 -d ({DISK_SIZE}, sparse)"):
-        _run(["mkfs.ext4", "-q", "-F", "-L", "recnix-root", "-d", str(root),
-              str(work / "disk.img"), DISK_SIZE])
+        _run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                "recnix-root",
+                "-d",
+                str(root),
+                str(work / "disk.img"),
+                DISK_SIZE,
+            ]
+        )
     shutil.rmtree(root)
     (work / "image.json").write_text(
         json.dumps({"cmdline": KERNEL_CMDLINE, "base": base.name, "kernel": kernel.name}, indent=1)
@@ -420,8 +468,20 @@ def _find_boot_files(root: Path) -> tuple[Path, Path]:
 def create_overlay(image: Image, overlay: Path) -> Path:
     """Create a qcow2 overlay backed by the image's (read-only) disk."""
     overlay.parent.mkdir(parents=True, exist_ok=True)
-    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "raw",
-          str(overlay)])
+    _run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(image.disk),
+            "-F",
+            "raw",
+            str(overlay),
+        ]
+    )
     return overlay
 
 

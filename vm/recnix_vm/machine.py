@@ -12,8 +12,10 @@ Every action logs a nested, timed line (:func:`recnix_vm.log.nested`).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import math
 import os
 import re
 import select
@@ -209,11 +211,8 @@ class Machine:
 
     def _connect_ssh(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        host_key = paramiko.Ed25519Key(
-            data=paramiko.message.Message(
-                __import__("base64").b64decode(self.image.ssh_host_key.read_text().split()[1])
-            ).asbytes()
-        )
+        blob = base64.b64decode(self.image.ssh_host_key.read_text().split()[1])
+        host_key = paramiko.Ed25519Key(data=blob)
         last: Exception | None = None
         while time.monotonic() < deadline:
             self._check_expired()
@@ -429,9 +428,9 @@ class Machine:
             raise MachineError(f"{self.name} is not up (start() it first)")
         return self._ssh
 
-    def execute(self, cmd: str, timeout: float | None = DEFAULT_COMMAND_TIMEOUT) -> tuple[
-        int, str, str
-    ]:
+    def execute(
+        self, cmd: str, timeout: float | None = DEFAULT_COMMAND_TIMEOUT
+    ) -> tuple[int, str, str]:
         """Run ``cmd`` with bash as root; return ``(exit status, stdout, stderr)``.
 
         The command runs under ``timeout`` in the guest (exit status 124 when it
@@ -439,7 +438,7 @@ class Machine:
         """
         wrapped = f"bash -c {shlex.quote(cmd)}"
         if timeout is not None:
-            wrapped = f"timeout -k 10 {timeout:.0f} {wrapped}"
+            wrapped = f"timeout -k 10 {max(1, math.ceil(timeout))} {wrapped}"
         channel = self._client().get_transport().open_session()  # type: ignore[union-attr]
         try:
             channel.exec_command(wrapped)
@@ -455,14 +454,13 @@ class Machine:
                     out += channel.recv(65536)
                 while channel.recv_stderr_ready():
                     err += channel.recv_stderr(65536)
-                if channel.exit_status_ready() and not (
-                    channel.recv_ready() or channel.recv_stderr_ready()
-                ):
-                    # Drain what arrived with the exit status.
-                    if channel.eof_received:
-                        break
-                if channel.closed:
+                done = channel.exit_status_ready() and channel.eof_received
+                if done or channel.closed:
                     break
+            while channel.recv_ready():  # whatever arrived with the exit status
+                out += channel.recv(65536)
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(65536)
             rc = channel.recv_exit_status()
             return rc, out.decode(errors="replace"), err.decode(errors="replace")
         finally:
@@ -494,7 +492,9 @@ class Machine:
                 result.append(out)
                 return True
             if last_try:
-                self.log(f"last attempt of {cmd!r}: exit status {rc}\nstdout:\n{out}\nstderr:\n{err}")
+                self.log(
+                    f"last attempt of {cmd!r}: exit status {rc}\nstdout:\n{out}\nstderr:\n{err}"
+                )
             return False
 
         with self.nested(f"waiting for success: {cmd}"):
@@ -646,7 +646,8 @@ def resolve_accel(accel: str, image: Image) -> str:
     if accel != "auto":
         raise MachineError(f"accel must be auto, tcg or kvm, not {accel!r}")
     cache_file = image.directory.parent.parent / "kvm-probe.json"
-    key = f"{image.kernel.read_bytes().__len__()}:{json.loads((image.directory / 'image.json').read_text())['kernel']}:{_qemu_version()}"  # noqa: E501
+    kernel_name = json.loads((image.directory / "image.json").read_text())["kernel"]
+    key = f"{kernel_name}:{image.kernel.stat().st_size}:{_qemu_version()}"
     with contextlib.suppress(OSError, ValueError, KeyError):
         cached = json.loads(cache_file.read_text())
         if cached["key"] == key:

@@ -1,0 +1,249 @@
+"""``recnix`` command line: the daemon, the hooks, and tools around them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recnix import __version__
+
+DAEMON_HELP = """\
+Run the recnix service: a root-only control socket for the hooks and one
+restricted Nix daemon socket per opted-in build.
+
+Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
+/etc/recnix/config.toml, over the built-in defaults (recnix/defaults.toml).
+
+[daemon]
+  control-socket   path of the hooks' control socket (0600)       /run/recnix/control.sock
+  state-dir        root-only directory for session sockets        /run/recnix
+  upstream         "daemon" (system socket), "unix:///path",
+                   or "stdio" (spawn `nix-daemon --stdio`)         daemon
+  max-sessions     concurrent top-level recursive builds; keep it
+                   below the number of build users (Nix #7297).
+                   Further builds wait, with a log line.           4
+  audit-log        JSON lines, one per session event ("" = none)   /var/log/recnix/audit.jsonl
+  log-level        debug, info, warning, error                     info
+[policy]
+  readonly-only          every opted-in build gets the read-only
+                         view (queries over its inputs only)       false
+  allow-fixed-output     allow nested fixed-output derivations
+                         (they have network access)                false
+  max-depth              deepest nesting level (outer build = 1)   4
+  max-builds-per-session nested build requests per build           256
+  max-added-bytes        NAR bytes a build may add                 4294967296
+  forward-build-logs     nested build logs go into the outer
+                         build's log (Nix #7276)                   true
+[signing]
+  secret-key-files       keys to re-sign outputs after recnix adds
+                         references (re-registration drops sigs)   []
+[hooks]
+  pre-build, post-build  further hooks to chain after recnix's own []
+[nix]
+  nix.conf settings the host needs (see `recnix nix-conf`).
+"""
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from recnix.config import load_config
+    from recnix.service import Service
+
+    config = load_config(args.config)
+    logging.basicConfig(
+        level=getattr(logging, str(config["daemon"]["log-level"]).upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    asyncio.run(Service(config).run())
+    return 0
+
+
+def _cmd_pre_build_hook(args: argparse.Namespace) -> int:
+    from recnix.hooks import pre_build_main
+
+    return pre_build_main([args.drv] + ([args.chroot] if args.chroot else []))
+
+
+def _cmd_post_build_hook(args: argparse.Namespace) -> int:
+    from recnix.hooks import post_build_main
+
+    return post_build_main([])
+
+
+def _cmd_tree(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from recnix.audit import build_tree, read_events, render_tree
+    from recnix.config import load_config
+
+    config = load_config(args.config)
+    audit = args.audit_log or config["daemon"]["audit-log"]
+    if not audit or not Path(audit).exists():
+        print(f"recnix tree: no audit log at {audit!r} (daemon.audit-log)", file=sys.stderr)
+        return 1
+    target = args.path
+    if not target.endswith(".drv"):
+        proc = subprocess.run(
+            ["nix-store", "--query", "--deriver", target],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        deriver = proc.stdout.strip()
+        if proc.returncode != 0 or not deriver or deriver == "unknown-deriver":
+            print(
+                f"recnix tree: cannot find the derivation of {target}: "
+                f"{proc.stderr.strip() or 'unknown deriver'}",
+                file=sys.stderr,
+            )
+            return 1
+        target = deriver
+    sys.stdout.write(render_tree(build_tree(list(read_events(Path(audit))), target)))
+    return 0
+
+
+def _cmd_bundle_nix(args: argparse.Namespace) -> int:
+    from recnix.bundle import bundle_nix
+
+    print(bundle_nix(gc_root=args.add_root))
+    return 0
+
+
+def _cmd_busybox(args: argparse.Namespace) -> int:
+    from recnix.bundle import busybox_store_path
+
+    print(busybox_store_path())
+    return 0
+
+
+def _cmd_nix_conf(args: argparse.Namespace) -> int:
+    import shutil
+
+    from recnix.config import load_config, render_nix_conf
+
+    config = load_config(args.config)
+    pre = args.pre_build_hook or shutil.which("recnix-pre-build-hook") or "recnix-pre-build-hook"
+    post = (
+        args.post_build_hook or shutil.which("recnix-post-build-hook") or "recnix-post-build-hook"
+    )
+    sys.stdout.write(render_nix_conf(config.raw, pre, post))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from recnix import control
+    from recnix.config import load_config
+
+    config = load_config(args.config)
+    try:
+        reply = control.request(config.control_socket, {"op": "status"}, timeout=10)
+    except control.ControlError as e:
+        print(f"recnix status: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply["sessions"], indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of ``recnix``."""
+    parser = argparse.ArgumentParser(
+        prog="recnix",
+        description="Recursive Nix as an add-on: Nix builds that call Nix inside their "
+        "sandbox, with correct closures, on any Nix >= 2.8.",
+        epilog='A derivation opts in with requiredSystemFeatures = [ "recnix" ] '
+        '(or "recnix-readonly"). Run `recnix COMMAND --help` for details.',
+    )
+    parser.add_argument("--version", action="version", version=f"recnix {__version__}")
+    parser.add_argument("--config", help="configuration file (TOML)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "daemon",
+        help="run the recnix service",
+        description=DAEMON_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_daemon)
+
+    p = sub.add_parser(
+        "pre-build-hook",
+        help="nix.conf pre-build-hook: open a session for an opted-in build",
+        description="Called by Nix with DRV and CHROOT for every sandboxed build. Prints "
+        "nothing for builds that did not opt in; for opted-in builds, prints the "
+        "extra-sandbox-paths block that puts the session socket in the sandbox.",
+    )
+    p.add_argument("drv", metavar="DRV")
+    p.add_argument("chroot", metavar="CHROOT", nargs="?")
+    p.set_defaults(func=_cmd_pre_build_hook)
+
+    p = sub.add_parser(
+        "post-build-hook",
+        help="nix.conf post-build-hook: add references to what the build made recursively",
+        description="Reads DRV_PATH (and OUT_PATHS, empty on Nix 2.8.0) from the "
+        "environment, as Nix sets them.",
+    )
+    p.set_defaults(func=_cmd_post_build_hook)
+
+    p = sub.add_parser(
+        "tree",
+        help="print the tree of nested builds behind an output or a .drv",
+        description="Reads the audit log and prints what a recursive build built and "
+        "added inside its sandbox, level by level.",
+    )
+    p.add_argument("path", metavar="PATH-or-DRV")
+    p.add_argument("--audit-log", help="audit log to read (default: daemon.audit-log)")
+    p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_tree)
+
+    p = sub.add_parser(
+        "bundle-nix",
+        help="put a Nix usable inside builds into the store (non-NixOS hosts); print its path",
+        description="Copies this host's nix binary, the libraries it needs and wrapper "
+        "scripts (nix, nix-build, nix-store, ...) into the store, so a derivation "
+        "can use ${bundle}/bin/nix-build in its builder.",
+    )
+    p.add_argument("--add-root", metavar="LINK", help="also make LINK a GC root of the bundle")
+    p.set_defaults(func=_cmd_bundle_nix)
+
+    p = sub.add_parser(
+        "busybox",
+        help="put busybox-static into the store as a builder shell; print its path",
+    )
+    p.set_defaults(func=_cmd_busybox)
+
+    p = sub.add_parser(
+        "nix-conf",
+        help="print the nix.conf lines a non-NixOS host needs for recnix",
+    )
+    p.add_argument("--pre-build-hook", help="hook path (default: recnix-pre-build-hook on PATH)")
+    p.add_argument("--post-build-hook", help="hook path (default: recnix-post-build-hook on PATH)")
+    p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_nix_conf)
+
+    p = sub.add_parser("status", help="list the open sessions of the running service")
+    p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``recnix`` console script."""
+    from recnix.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"recnix: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

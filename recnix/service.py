@@ -1,0 +1,315 @@
+"""The recnix daemon: control socket for the hooks, one session per opted-in build.
+
+Control requests (see ``recnix.control``): ``open`` (pre-build hook), ``finalise``
+(post-build hook), ``status``. A watcher ends sessions whose build died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from recnix import control
+from recnix.audit import AuditLog
+from recnix.config import Config
+from recnix.derivation import DerivationError, read_derivation
+from recnix.policy import Limits
+from recnix.register import FinaliseError, finalise_outputs
+from recnix.session import Session
+from recnix.upstream import Upstream, UpstreamError
+
+log = logging.getLogger("recnix.service")
+
+WATCH_INTERVAL = 1.0
+FINALISE_GRACE = 60.0  # seconds a finished build's session waits for the post-build hook
+
+
+class OpenRefused(Exception):
+    """A session cannot be opened (the message goes to the build's log)."""
+
+
+class Service:
+    """Owns the sessions; serves the control socket."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self.sessions: dict[str, Session] = {}
+        audit_path = config["daemon"]["audit-log"]
+        self.audit = AuditLog(Path(audit_path) if audit_path else None)
+        self.limits = Limits.from_policy(config.policy)
+        self.max_sessions = config["daemon"]["max-sessions"]
+        self._slots = asyncio.Semaphore(self.max_sessions)
+        self._waiting = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._stopping = asyncio.Event()
+
+    # -- upstream
+
+    async def connect_upstream(self) -> Upstream:
+        """A new connection to the real nix-daemon, as configured."""
+        return await Upstream.connect(self.config["daemon"]["upstream"])
+
+    # -- lifecycle
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then close every session."""
+        self._prepare_dirs()
+        control_path = self.config.control_socket
+        control_path.parent.mkdir(parents=True, exist_ok=True)
+        if control_path.exists() or control_path.is_symlink():
+            control_path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._control, path=str(control_path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(control_path, 0o600)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        log.info(
+            "recnix service listening on %s (upstream %s, max %d concurrent sessions)",
+            control_path,
+            self.config["daemon"]["upstream"],
+            self.max_sessions,
+        )
+        watcher = asyncio.ensure_future(self._watch())
+        try:
+            await self._stopping.wait()
+        finally:
+            watcher.cancel()
+            self._server.close()
+            for session in list(self.sessions.values()):
+                await self._end(session, "aborted", "recnix service stopped")
+            if control_path.exists():
+                control_path.unlink()
+            log.info("recnix service stopped")
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return."""
+        self._stopping.set()
+
+    def _prepare_dirs(self) -> None:
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        # Sockets of a previous run are dead: their builds lost their sessions.
+        for stale in self.state_dir.glob("s-*"):
+            for child in stale.iterdir():
+                child.unlink()
+            stale.rmdir()
+
+    # -- control socket
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                message = control.decode_request(line)
+                reply = await self._dispatch(message)
+            except (ValueError, KeyError, TypeError) as e:
+                reply = {"ok": False, "error": f"bad control request: {e}"}
+            except (OpenRefused, FinaliseError, UpstreamError) as e:
+                reply = {"ok": False, "error": str(e)}
+            writer.write(control.encode_reply(reply))
+            await writer.drain()
+        except (ConnectionError, OSError) as e:
+            log.info("control connection lost: %s", e)
+        except Exception:
+            log.exception("control request failed")
+            try:
+                writer.write(control.encode_reply({"ok": False, "error": "internal error"}))
+                await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+        finally:
+            writer.close()
+
+    async def _dispatch(self, message: dict[str, Any]) -> dict[str, Any]:
+        op = message["op"]
+        if op == "open":
+            session = await self.open_session(
+                str(message["drv"]), Path(str(message["chroot"])), message.get("mode") == "readonly"
+            )
+            return {"ok": True, "socket": str(session.socket_path), "session": session.sid}
+        if op == "finalise":
+            messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
+            return {"ok": True, "messages": messages}
+        if op == "status":
+            return {"ok": True, "sessions": [self._describe(s) for s in self.sessions.values()]}
+        raise ValueError(f"unknown control op {op!r}")
+
+    def _describe(self, s: Session) -> dict[str, Any]:
+        return {
+            "session": s.sid,
+            "drv": s.drv_path,
+            "depth": s.depth,
+            "readonly": s.readonly,
+            "state": s.state,
+            "added": len(s.added),
+            "builds": s.builds,
+        }
+
+    # -- sessions
+
+    def _parent_of(self, drv_path: str) -> Session | None:
+        for s in self.sessions.values():
+            if s.state == "open" and drv_path in s.allowed and drv_path not in s.inputs:
+                return s
+        return None
+
+    async def open_session(self, drv_path: str, chroot: Path, readonly: bool) -> Session:
+        """Open a session for the build of ``drv_path`` (waits for a free slot if needed)."""
+        try:
+            drv = read_derivation(drv_path)
+        except (OSError, DerivationError) as e:
+            raise OpenRefused(f"cannot read {drv_path}: {e}") from e
+        parent = self._parent_of(drv_path)
+        depth = 1 if parent is None else parent.depth + 1
+        if self.limits.max_depth and depth > self.limits.max_depth:
+            raise OpenRefused(
+                f"{drv_path} would be recursive build level {depth}, above policy.max-depth = "
+                f"{self.limits.max_depth}; raise it in the recnix configuration"
+            )
+        if parent is not None and parent.readonly:
+            raise OpenRefused(f"{drv_path} was started from a read-only session")
+        # Only top-level sessions take a slot: a nested build's parent already
+        # holds one and waits for it, so making it wait too would deadlock.
+        if parent is None:
+            if self._slots.locked():
+                self._waiting += 1
+                log.info(
+                    "%s waits for a free recnix session slot (%d in use, %d waiting; "
+                    "daemon.max-sessions = %d)",
+                    drv_path,
+                    self.max_sessions,
+                    self._waiting,
+                    self.max_sessions,
+                )
+                try:
+                    await self._slots.acquire()
+                finally:
+                    self._waiting -= 1
+            else:
+                await self._slots.acquire()
+        sid = secrets.token_hex(8)
+        session = Session(self, sid, drv_path, drv, chroot, readonly, depth, parent, self.limits)
+        session.holds_slot = parent is None
+        try:
+            await session.start()
+        except Exception as e:
+            if session.holds_slot:
+                self._slots.release()
+            await session.close("failed to start")
+            raise OpenRefused(f"cannot open a recnix session for {drv_path}: {e}") from e
+        self.sessions[sid] = session
+        self.audit.write(
+            "opened",
+            sid,
+            drv=drv_path,
+            depth=depth,
+            readonly=readonly,
+            parent=parent.sid if parent else None,
+            inputs=len(session.inputs),
+        )
+        log.info(
+            "session %s opened for %s (depth %d%s, %d input paths)",
+            sid,
+            drv_path,
+            depth,
+            ", read-only" if readonly else "",
+            len(session.inputs),
+        )
+        return session
+
+    def _session_for(self, drv_path: str) -> Session | None:
+        found = [
+            s for s in self.sessions.values() if s.drv_path == drv_path and s.state != "closed"
+        ]
+        return found[-1] if found else None
+
+    async def finalise(self, drv_path: str, out_paths: list[str]) -> list[str]:
+        """Post-build: add the references the outputs have to session paths; end the session."""
+        session = self._session_for(drv_path)
+        if session is None:
+            raise FinaliseError(
+                f"recnix has no session for {drv_path} (was the recnix service restarted "
+                "during the build?); its outputs may lack references to what it built "
+                "recursively: rebuild it"
+            )
+        session.state = "finalising"
+        nix_env = dict(os.environ)
+        try:
+            report = await asyncio.get_running_loop().run_in_executor(
+                None,
+                finalise_outputs,
+                drv_path,
+                set(session.added),
+                list(self.config["signing"]["secret-key-files"]),
+                nix_env,
+            )
+        except FinaliseError as e:
+            await self._end(session, "aborted", f"finalise failed: {e}")
+            raise
+        messages = []
+        for out, refs in sorted(report.added_refs.items()):
+            if refs:
+                messages.append(
+                    f"added {len(refs)} reference(s) to {out}: {' '.join(sorted(refs))}"
+                )
+        self.audit.write(
+            "finalised",
+            session.sid,
+            drv=drv_path,
+            outputs=sorted(report.outputs.values()),
+            added_refs={k: sorted(v) for k, v in report.added_refs.items()},
+        )
+        await self._end(session, None, "finalised")
+        return messages
+
+    async def _end(self, session: Session, audit_event: str | None, reason: str) -> None:
+        if audit_event:
+            self.audit.write(audit_event, session.sid, drv=session.drv_path, reason=reason)
+        self.sessions.pop(session.sid, None)
+        await session.close(reason)
+        if getattr(session, "holds_slot", False):
+            session.holds_slot = False
+            self._slots.release()
+
+    async def _watch(self) -> None:
+        """End sessions whose build is gone (failed, killed) without a post-build hook."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for session in list(self.sessions.values()):
+                if session.state != "open":
+                    continue
+                try:
+                    await self._check_alive(session)
+                except Exception:
+                    log.exception("session %s: liveness check failed", session.sid)
+
+    async def _check_alive(self, session: Session) -> None:
+        if session.view.is_alive():
+            session.ended_since = None
+            return
+        now = time.monotonic()
+        if session.ended_since is None:
+            session.ended_since = now
+        outputs = [o.path for o in session.drv.outputs.values() if o.path]
+        succeeded = False
+        if outputs and session.keeper is not None and not session.keeper.closed:
+            valid = await session.keeper.query_valid_paths(outputs)
+            succeeded = len(valid) == len(outputs)
+        if not succeeded or now - session.ended_since > FINALISE_GRACE:
+            reason = (
+                "the build ended without a post-build hook call"
+                if succeeded
+                else "the build failed or was killed"
+            )
+            await self._end(session, "aborted", reason)

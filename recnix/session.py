@@ -1,0 +1,834 @@
+"""One opted-in build's restricted view of the store, and the proxy serving it.
+
+The view follows nix-internals §6.4: allowed = closure of the build's inputs ∪
+what this session added or built; everything else looks invalid; path infos
+are censored; no repair, no signature tricks, no GC, no arbitrary
+substitution; NarFromPath only of allowed paths (§3.5). Every path that
+becomes allowed is rooted on the session's keeper connection and made visible
+inside the sandbox before the reply goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from recnix.derivation import Derivation
+from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
+from recnix.nar import dump_path
+from recnix.policy import Denied, Limits, checked_path, fixed_output_drvs
+from recnix.protocol import (
+    NEED_DATA,
+    NOT_TRUSTED,
+    ConnectionClosed,
+    Data,
+    DerivedPath,
+    EndOfData,
+    GCResult,
+    HandshakeDone,
+    Missing,
+    MultipleParser,
+    NarEnd,
+    NarStart,
+    Op,
+    PathInfo,
+    ProtocolError,
+    Request,
+    ServerConnection,
+    StderrMessage,
+    StreamKind,
+    ValidPathInfo,
+    op_spec,
+)
+from recnix.upstream import Upstream, UpstreamClosed, UpstreamError
+
+if TYPE_CHECKING:
+    from recnix.service import Service
+
+log = logging.getLogger("recnix.session")
+
+READ_CHUNK = 1 << 16
+NAR_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Credentials of an in-sandbox client (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    """The connecting process's pid/uid/gid."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", raw))
+
+
+def censor(info: PathInfo) -> PathInfo:
+    """What a sandboxed client may learn about a path (as Nix's RestrictedStore)."""
+    return PathInfo(
+        deriver=None,
+        nar_hash=info.nar_hash,
+        references=list(info.references),
+        registration_time=0,
+        nar_size=info.nar_size,
+        ultimate=False,
+        sigs=[],
+        ca=info.ca,
+    )
+
+
+class Session:
+    """State of one opted-in build: its allowed set, its sandbox, its socket."""
+
+    def __init__(
+        self,
+        service: Service,
+        sid: str,
+        drv_path: str,
+        drv: Derivation,
+        chroot: Path,
+        readonly: bool,
+        depth: int,
+        parent: Session | None,
+        limits: Limits,
+    ) -> None:
+        self.service = service
+        self.sid = sid
+        self.drv_path = drv_path
+        self.drv = drv
+        self.chroot = chroot
+        self.readonly = readonly
+        self.depth = depth
+        self.parent = parent
+        self.limits = limits
+        self.inputs: set[str] = set()
+        self.allowed: set[str] = set()
+        self.added: set[str] = set()
+        self.realisations: set[str] = set()
+        self.builds = 0
+        self.added_bytes = 0
+        self.view = SandboxView(chroot)
+        self.keeper: Upstream | None = None
+        self.socket_dir = service.state_dir / f"s-{sid}"
+        self.socket_path = self.socket_dir / "socket"
+        self.server: asyncio.base_events.Server | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.state = "starting"
+        self.ended_since: float | None = None
+        self._allow_lock = asyncio.Lock()
+
+    # -- lifecycle
+
+    @property
+    def ancestry(self) -> set[str]:
+        """Derivations of this session and every session above it (never buildable here)."""
+        drvs = {self.drv_path}
+        if self.parent is not None:
+            drvs |= self.parent.ancestry
+        return drvs
+
+    async def start(self) -> None:
+        """Connect the keeper, compute the input closure, listen on the session socket."""
+        self.keeper = await self.service.connect_upstream()
+        self.inputs = await self._input_closure()
+        self.allowed = set(self.inputs)
+        self.view = SandboxView(self.chroot, known_present=self.inputs)
+        self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
+        self.server = await asyncio.start_unix_server(
+            self._serve, path=str(self.socket_path), limit=READ_CHUNK * 4
+        )
+        os.chmod(self.socket_path, 0o666)
+        self.state = "open"
+
+    async def _input_closure(self) -> set[str]:
+        assert self.keeper is not None
+        roots = set(self.drv.input_srcs)
+        for input_drv, wanted in self.drv.input_drv_outputs.items():
+            outputs = await self.keeper.query_derivation_output_map(input_drv)
+            for name, path in outputs.items():
+                if path and (name in wanted or "*" in wanted):
+                    roots.add(path)
+        return await self.closure(roots)
+
+    async def closure(self, roots: Iterable[str], known: set[str] | None = None) -> set[str]:
+        """Closure of ``roots`` over references, stopping at paths in ``known``."""
+        assert self.keeper is not None
+        known = known or set()
+        seen: set[str] = set()
+        stack = [p for p in roots if p not in known]
+        while stack:
+            path = stack.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            info = await self.keeper.query_path_info(path)
+            if info is None:
+                raise UpstreamError(f"path '{path}' is not valid in the host store")
+            stack.extend(r for r in info.references if r not in seen and r not in known)
+        return seen
+
+    async def close(self, reason: str) -> None:
+        """End the session: stop listening, close connections, drop roots, clean the sandbox."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.keeper is not None:
+            await self.keeper.close()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.view.cleanup)
+        except Exception as e:  # the sandbox may be half gone; cleanup must not raise
+            log.warning("session %s: sandbox cleanup: %s", self.sid, e)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        log.info("session %s (%s) closed: %s", self.sid, self.drv_path, reason)
+
+    # -- the allowed set
+
+    def is_allowed(self, path: str) -> bool:
+        return path in self.allowed
+
+    async def allow(self, paths: Iterable[str], peer_pid: int | None, event: str) -> None:
+        """Root, materialise and allow ``paths`` (already closed under references if needed)."""
+        assert self.keeper is not None
+        async with self._allow_lock:
+            new = sorted(p for p in set(paths) if p not in self.allowed)
+            if not new:
+                return
+            for path in new:
+                await self.keeper.add_temp_root(path)
+            if peer_pid is not None:
+                self.view.set_builder_pid(peer_pid)
+            await asyncio.get_running_loop().run_in_executor(None, self.view.materialise_many, new)
+            self.allowed.update(new)
+            self.added.update(new)
+            for path in new:
+                self.service.audit.write(event, self.sid, drv=self.drv_path, path=path)
+
+    # -- connections
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        sock = writer.get_extra_info("socket")
+        try:
+            peer = peer_credentials(sock)
+        except OSError as e:
+            log.warning("session %s: no peer credentials (%s): closing", self.sid, e)
+            writer.close()
+            return
+        if not peer_in_sandbox(peer.pid, self.chroot):
+            log.warning(
+                "session %s: refused connection from pid %d uid %d: not a process of %s",
+                self.sid,
+                peer.pid,
+                peer.uid,
+                self.drv_path,
+            )
+            self.service.audit.write(
+                "refused",
+                self.sid,
+                drv=self.drv_path,
+                op="connect",
+                reason=f"pid {peer.pid} (uid {peer.uid}) is not inside the build's sandbox",
+            )
+            writer.close()
+            return
+        handler = ConnectionHandler(self, reader, writer, peer)
+        try:
+            await handler.run()
+        finally:
+            await handler.close()
+
+
+class ConnectionHandler:
+    """Serves one in-sandbox client connection; one upstream connection behind it."""
+
+    def __init__(
+        self,
+        session: Session,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: Peer,
+    ) -> None:
+        self.session = session
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        version = session.keeper.nix_version if session.keeper else "2.8.0"
+        self.conn = ServerConnection(nix_version=version, trust=NOT_TRUSTED)
+        self.upstream: Upstream | None = None
+        self.stream_open = False  # the current request's trailing stream is not consumed yet
+        self.forward_logs = session.service.config.policy["forward-build-logs"]
+
+    # -- plumbing
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def next_event(self) -> Any:
+        while True:
+            ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            await self.flush()
+            data = await self.reader.read(READ_CHUNK)
+            self.conn.receive_data(data)
+
+    async def next_request_event(self) -> Any:
+        """The next event at a message boundary; notes whether a stream follows."""
+        ev = await self.next_event()
+        if isinstance(ev, Request):
+            self.stream_open = op_spec(ev.op).stream(self.conn.minor) is not StreamKind.NONE
+        return ev
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The current request's trailing stream, chunk by chunk."""
+        while True:
+            ev = await self.next_event()
+            if isinstance(ev, Data):
+                yield ev.data
+            elif isinstance(ev, EndOfData):
+                self.stream_open = False
+                return
+            else:
+                raise ProtocolError(f"unexpected {type(ev).__name__} inside a data stream")
+
+    async def drain_stream(self) -> None:
+        async for _ in self.stream():
+            pass
+
+    async def up(self) -> Upstream:
+        if self.upstream is None or self.upstream.closed:
+            self.upstream = await self.session.service.connect_upstream()
+        return self.upstream
+
+    async def forward_log(self, msg: StderrMessage) -> None:
+        if self.forward_logs:
+            self.conn.send_log(msg)
+            await self.flush()
+
+    async def close(self) -> None:
+        if self.upstream is not None:
+            await self.upstream.close()
+        try:
+            await self.flush()
+        except (ConnectionError, OSError):
+            pass
+        self.writer.close()
+
+    # -- main loop
+
+    async def run(self) -> None:
+        s = self.session
+        try:
+            ev = await self.next_event()
+            if isinstance(ev, ConnectionClosed):
+                return
+            assert isinstance(ev, HandshakeDone)
+            await self.flush()
+            while True:
+                ev = await self.next_request_event()
+                if isinstance(ev, ConnectionClosed):
+                    return
+                if not isinstance(ev, Request):
+                    raise ProtocolError(f"unexpected {type(ev).__name__} between requests")
+                await self.dispatch(ev)
+                await self.flush()
+        except ProtocolError as e:
+            log.warning(
+                "session %s: closing connection from pid %d: protocol error: %s",
+                s.sid,
+                self.peer.pid,
+                e,
+            )
+            s.service.audit.write(
+                "protocol-error", s.sid, drv=s.drv_path, pid=self.peer.pid, reason=str(e)
+            )
+            try:
+                self.conn.send_error(f"recnix: protocol error: {e}")
+                await self.flush()
+            except Exception:  # the peer may be gone; nothing more to tell it
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            log.info("session %s: client pid %d went away: %s", s.sid, self.peer.pid, e)
+        except UpstreamClosed as e:
+            log.warning("session %s: upstream connection lost: %s", s.sid, e)
+            try:
+                self.conn.send_error(f"recnix: lost the connection to the nix-daemon: {e}")
+                await self.flush()
+            except Exception:
+                pass
+
+    async def dispatch(self, req: Request) -> None:
+        handler = HANDLERS.get(req.op)
+        try:
+            if handler is None:
+                raise Denied(f"operation {req.op.name} is not allowed in recursive Nix (recnix)")
+            await handler(self, req.args)
+        except Denied as e:
+            await self._finish_stream(req.op)
+            self._refused(req.op, str(e))
+            self.conn.send_error(str(e))
+        except UpstreamClosed:
+            raise
+        except UpstreamError as e:
+            await self._finish_stream(req.op)
+            self.conn.send_error(str(e))
+        except MaterialiseError as e:
+            self._refused(req.op, str(e))
+            self.conn.send_error(f"recnix: {e}")
+
+    async def _finish_stream(self, op: Op) -> None:
+        """After a refusal, read the rest of the op's stream so the connection stays in sync."""
+        if self.stream_open:
+            await self.drain_stream()
+
+    def _refused(self, op: Op, reason: str) -> None:
+        s = self.session
+        s.service.audit.write("refused", s.sid, drv=s.drv_path, op=op.name, reason=reason)
+        log.info("session %s: refused %s: %s", s.sid, op.name, reason)
+
+    def _require_allowed(self, path: str, doing: str) -> str:
+        path = checked_path(path)
+        if not self.session.is_allowed(path):
+            raise Denied(
+                f"cannot {doing} '{path}' in recursive Nix: it is neither an input of "
+                f"{self.session.drv_path} nor something this build added or built"
+            )
+        return path
+
+    def _require_writable(self, what: str) -> None:
+        if self.session.readonly:
+            raise Denied(
+                f"{what} is not allowed: this build uses recnix-readonly (queries over its "
+                "inputs only); require the 'recnix' feature to add or build"
+            )
+
+    # -- queries
+
+    async def op_set_options(self, args: dict) -> None:
+        self.conn.send_reply(Op.SET_OPTIONS)
+
+    async def op_is_valid_path(self, args: dict) -> None:
+        path = checked_path(args["path"])
+        self.conn.send_reply(Op.IS_VALID_PATH, self.session.is_allowed(path))
+
+    async def op_query_path_info(self, args: dict) -> None:
+        path = checked_path(args["path"])
+        if not self.session.is_allowed(path):
+            if self.conn.minor < 17:
+                raise Denied(f"path '{path}' is not valid")
+            self.conn.send_reply(Op.QUERY_PATH_INFO, None)
+            return
+        info = await (await self.up()).query_path_info(path)
+        if info is None and self.conn.minor < 17:
+            raise Denied(f"path '{path}' is not valid")
+        self.conn.send_reply(Op.QUERY_PATH_INFO, censor(info) if info else None)
+
+    async def op_query_valid_paths(self, args: dict) -> None:
+        paths = [checked_path(p) for p in args["paths"]]
+        self.conn.send_reply(Op.QUERY_VALID_PATHS, [p for p in paths if self.session.is_allowed(p)])
+
+    async def op_query_all_valid_paths(self, args: dict) -> None:
+        self.conn.send_reply(Op.QUERY_ALL_VALID_PATHS, sorted(self.session.allowed))
+
+    async def op_query_path_hash(self, args: dict) -> None:
+        path = self._require_allowed(args["path"], "query")
+        info = await (await self.up()).query_path_info(path)
+        if info is None:
+            raise Denied(f"path '{path}' is not valid")
+        self.conn.send_reply(Op.QUERY_PATH_HASH, info.nar_hash)
+
+    async def op_query_references(self, args: dict) -> None:
+        path = self._require_allowed(args["path"], "query")
+        info = await (await self.up()).query_path_info(path)
+        if info is None:
+            raise Denied(f"path '{path}' is not valid")
+        self.conn.send_reply(Op.QUERY_REFERENCES, list(info.references))
+
+    async def op_query_deriver(self, args: dict) -> None:
+        checked_path(args["path"])
+        self.conn.send_reply(Op.QUERY_DERIVER, None)
+
+    async def op_empty_paths(self, args: dict, op: Op) -> None:
+        if "path" in args:
+            checked_path(args["path"])
+        self.conn.send_reply(op, [])
+
+    async def op_has_substitutes(self, args: dict) -> None:
+        checked_path(args["path"])
+        self.conn.send_reply(Op.HAS_SUBSTITUTES, False)
+
+    async def op_query_substitutable_path_info(self, args: dict) -> None:
+        checked_path(args["path"])
+        self.conn.send_reply(Op.QUERY_SUBSTITUTABLE_PATH_INFO, None)
+
+    async def op_query_substitutable_path_infos(self, args: dict) -> None:
+        self.conn.send_reply(Op.QUERY_SUBSTITUTABLE_PATH_INFOS, {})
+
+    async def op_query_path_from_hash_part(self, args: dict) -> None:
+        raise Denied("queryPathFromHashPart is not allowed in recursive Nix")
+
+    async def op_drv_query(self, args: dict, op: Op) -> None:
+        key = "drv_path" if "drv_path" in args else "path"
+        drv = self._require_allowed(args[key], "query the outputs of")
+        value = await (await self.up()).call(op, {key: drv})
+        self.conn.send_reply(op, value)
+
+    async def op_query_missing(self, args: dict) -> None:
+        targets: list[DerivedPath] = args["targets"]
+        allowed: list[DerivedPath] = []
+        unknown: list[str] = []
+        for t in targets:
+            path = checked_path(t.path)
+            (allowed if self.session.is_allowed(path) else unknown).append(
+                t if self.session.is_allowed(path) else path
+            )
+        missing = Missing(unknown=unknown)
+        if allowed:
+            up = await (await self.up()).query_missing(allowed)
+            missing = Missing(
+                will_build=up.will_build,
+                will_substitute=up.will_substitute,
+                unknown=sorted(set(up.unknown) | set(unknown)),
+                download_size=up.download_size,
+                nar_size=up.nar_size,
+            )
+        self.conn.send_reply(Op.QUERY_MISSING, missing)
+
+    async def op_query_realisation(self, args: dict) -> None:
+        rid = args.get("id")
+        if rid is not None and rid in self.session.realisations:
+            value = await (await self.up()).call(Op.QUERY_REALISATION, {"id": rid})
+        else:
+            value = [] if self.conn.minor >= 27 else []
+        self.conn.send_reply(Op.QUERY_REALISATION, value)
+
+    async def op_nar_from_path(self, args: dict) -> None:
+        path = self._require_allowed(args["path"], "dump")
+        self.conn.send_reply(Op.NAR_FROM_PATH, None)
+        loop = asyncio.get_running_loop()
+        chunks = dump_path(path)
+        while True:
+            chunk = await loop.run_in_executor(None, next, chunks, None)
+            if chunk is None:
+                break
+            self.conn.send_raw(chunk)
+            await self.flush()
+
+    # -- inert GC and maintenance ops (as Nix's RestrictedStore)
+
+    async def op_ensure_path(self, args: dict) -> None:
+        self._require_allowed(args["path"], "substitute")
+        self.conn.send_reply(Op.ENSURE_PATH, 1)
+
+    async def op_one(self, args: dict, op: Op) -> None:
+        if "path" in args and op is not Op.ADD_INDIRECT_ROOT:
+            checked_path(args["path"])
+        self.conn.send_reply(op, 1)
+
+    async def op_find_roots(self, args: dict) -> None:
+        self.conn.send_reply(Op.FIND_ROOTS, {})
+
+    async def op_collect_garbage(self, args: dict) -> None:
+        self._refused(Op.COLLECT_GARBAGE, "garbage collection is inert in recursive Nix")
+        self.conn.send_reply(Op.COLLECT_GARBAGE, GCResult())
+
+    async def op_verify_store(self, args: dict) -> None:
+        self.conn.send_reply(Op.VERIFY_STORE, 0)
+
+    # -- adds
+
+    def _check_references(self, refs: Iterable[str], own: str | None = None) -> list[str]:
+        refs = [checked_path(r) for r in refs]
+        for ref in refs:
+            if ref != own and not self.session.is_allowed(ref):
+                raise Denied(
+                    f"cannot add a path referring to '{ref}': it is neither an input of "
+                    f"{self.session.drv_path} nor something this build added or built"
+                )
+        return refs
+
+    def _count_bytes(self, n: int) -> None:
+        s = self.session
+        s.added_bytes += n
+        if s.limits.max_added_bytes and s.added_bytes > s.limits.max_added_bytes:
+            raise Denied(
+                f"this build added more than {s.limits.max_added_bytes} bytes through recnix "
+                "(policy.max-added-bytes); raise the limit in the recnix configuration"
+            )
+
+    async def _metered(self, upstream: Upstream) -> AsyncIterator[bytes]:
+        """The request's stream, counted against the byte limit (aborting upstream if hit)."""
+        async for chunk in self.stream():
+            try:
+                self._count_bytes(len(chunk))
+            except Denied:
+                upstream.abort()  # the daemon sees a truncated stream and discards it
+                raise
+            yield chunk
+
+    async def op_add_to_store(self, args: dict) -> None:
+        self._require_writable(f"adding '{args['name']}' to the store")
+        if self.conn.minor < 25:
+            raise Denied("recnix needs a Nix client speaking protocol ≥ 1.25 to add paths")
+        refs = self._check_references(args["references"])
+        up = await self.up()
+        result: ValidPathInfo = await up.call(
+            Op.ADD_TO_STORE,
+            {
+                "name": args["name"],
+                "ca_method": args["ca_method"],
+                "references": refs,
+                "repair": False,
+            },
+            data=self._metered(up),
+        )
+        await self.session.allow([result.path], self.peer.pid, "added")
+        self.conn.send_reply(Op.ADD_TO_STORE, ValidPathInfo(result.path, censor(result.info)))
+
+    async def op_add_text_to_store(self, args: dict) -> None:
+        self._require_writable(f"adding '{args['name']}' to the store")
+        refs = self._check_references(args["references"])
+        self._count_bytes(len(args["text"]))
+        result: ValidPathInfo = await (await self.up()).add_to_store(
+            args["name"], "text:sha256", refs, [args["text"]]
+        )
+        await self.session.allow([result.path], self.peer.pid, "added")
+        self.conn.send_reply(Op.ADD_TEXT_TO_STORE, result.path)
+
+    def _nar_args(self, info: ValidPathInfo) -> dict[str, Any]:
+        i = info.info
+        return {
+            "path": info.path,
+            "deriver": i.deriver,
+            "nar_hash": i.nar_hash,
+            "references": list(i.references),
+            "registration_time": i.registration_time,
+            "nar_size": i.nar_size,
+            "ultimate": False,
+            "sigs": list(i.sigs),
+            "ca": i.ca,
+            "repair": False,
+            "dont_check_sigs": False,
+        }
+
+    async def op_add_to_store_nar(self, args: dict) -> None:
+        path = checked_path(args["path"])
+        self._require_writable(f"adding '{path}' to the store")
+        refs = self._check_references(args["references"], own=path)
+        info = ValidPathInfo(
+            path,
+            PathInfo(
+                deriver=args["deriver"],
+                nar_hash=args["nar_hash"],
+                references=refs,
+                registration_time=args["registration_time"],
+                nar_size=args["nar_size"],
+                sigs=list(args["sigs"]),
+                ca=args["ca"],
+            ),
+        )
+        up = await self.up()
+        await up.call(Op.ADD_TO_STORE_NAR, self._nar_args(info), data=self._metered(up))
+        await self.session.allow([path], self.peer.pid, "added")
+        self.conn.send_reply(Op.ADD_TO_STORE_NAR)
+
+    async def op_add_multiple_to_store(self, args: dict) -> None:
+        self._require_writable("adding paths to the store")
+        parser = MultipleParser()
+        events = self._multiple_events(parser)
+        up = await self.up()
+        added: list[str] = []
+        async for ev in events:
+            if not isinstance(ev, NarStart):
+                raise ProtocolError(f"unexpected {type(ev).__name__} in AddMultipleToStore")
+            path = checked_path(ev.info.path)
+            self._check_references(ev.info.info.references, own=path)
+            self._count_bytes(ev.info.info.nar_size)
+
+            async def nar(events: AsyncIterator = events) -> AsyncIterator[bytes]:
+                async for e in events:
+                    if isinstance(e, Data):
+                        yield e.data
+                    elif isinstance(e, NarEnd):
+                        return
+                    else:
+                        raise ProtocolError(f"unexpected {type(e).__name__} inside a NAR")
+
+            # Nix 2.8's daemon desynchronises on already-valid paths inside
+            # AddMultipleToStore (§3.5 item 6): send each path on its own.
+            await up.call(Op.ADD_TO_STORE_NAR, self._nar_args(ev.info), data=nar())
+            added.append(path)
+        await self.session.allow(added, self.peer.pid, "added")
+        self.conn.send_reply(Op.ADD_MULTIPLE_TO_STORE)
+
+    async def _multiple_events(self, parser: MultipleParser) -> AsyncIterator[Any]:
+        async for chunk in self.stream():
+            parser.receive_data(chunk)
+            while (ev := parser.next_event()) is not NEED_DATA:
+                yield ev
+        parser.receive_data(b"")
+        while True:
+            ev = parser.next_event()
+            if isinstance(ev, EndOfData):
+                return
+            if ev is NEED_DATA:
+                raise ProtocolError("AddMultipleToStore stream ended early")
+            yield ev
+
+    # -- builds
+
+    def _check_build(self, targets: list[DerivedPath], build_mode: int) -> None:
+        s = self.session
+        self._require_writable("building")
+        if build_mode != 0:
+            raise Denied("repair and check builds are not allowed in recursive Nix")
+        for t in targets:
+            path = self._require_allowed(t.path, "build")
+            if path in s.ancestry:
+                raise Denied(
+                    f"cannot build '{path}' from inside its own build (it would wait forever "
+                    "on its own output locks)"
+                )
+        if s.limits.max_builds and s.builds + 1 > s.limits.max_builds:
+            raise Denied(
+                f"this build already made {s.builds} nested build requests "
+                "(policy.max-builds-per-session); raise the limit in the recnix configuration"
+            )
+        if not s.limits.allow_fixed_output:
+            fods = fixed_output_drvs(
+                [t.path for t in targets if t.path.endswith(".drv")],
+                lambda p: os.path.lexists(p),
+            )
+            if fods:
+                raise Denied(
+                    f"cannot build fixed-output derivation '{fods[0]}' in recursive Nix: "
+                    "fixed-output builds have network access; the operator can allow them "
+                    "with policy.allow-fixed-output = true"
+                )
+        s.builds += 1
+
+    async def _outputs_of(self, targets: list[DerivedPath]) -> set[str]:
+        up = await self.up()
+        paths: set[str] = set()
+        for t in targets:
+            if not t.is_built:
+                paths.add(t.path)
+                continue
+            outputs = await up.query_derivation_output_map(t.path)
+            wanted = set(t.outputs or ["*"])
+            for name, out in outputs.items():
+                if out and ("*" in wanted or name in wanted):
+                    paths.add(out)
+        return paths
+
+    async def _build(self, op: Op, args: dict) -> Any:
+        s = self.session
+        targets: list[DerivedPath] = args["paths"]
+        self._check_build(targets, args.get("build_mode", 0))
+        names = [t.path + ("!" + ",".join(t.outputs) if t.outputs else "") for t in targets]
+        s.service.audit.write("build-started", s.sid, drv=s.drv_path, targets=names)
+        up = await self.up()
+        try:
+            value = await up.call(op, {"paths": targets, "build_mode": 0}, on_log=self.forward_log)
+        except UpstreamError as e:
+            s.service.audit.write(
+                "build-finished", s.sid, drv=s.drv_path, targets=names, ok=False, error=str(e)
+            )
+            raise
+        ok_targets = targets
+        if op is Op.BUILD_PATHS_WITH_RESULTS:
+            ok_targets = [r.path for r in value if r.result.status in (0, 1, 2, 13)]
+            for r in value:
+                s.realisations.update(r.result.built_outputs)
+        outputs = await self._outputs_of(ok_targets)
+        closure = await s.closure(outputs, known=s.allowed)
+        await s.allow(closure, self.peer.pid, "built")
+        s.service.audit.write(
+            "build-finished",
+            s.sid,
+            drv=s.drv_path,
+            targets=names,
+            ok=len(ok_targets) == len(targets),
+            outputs=sorted(outputs),
+        )
+        return value
+
+    async def op_build_paths(self, args: dict) -> None:
+        await self._build(Op.BUILD_PATHS, args)
+        self.conn.send_reply(Op.BUILD_PATHS, 1)
+
+    async def op_build_paths_with_results(self, args: dict) -> None:
+        value = await self._build(Op.BUILD_PATHS_WITH_RESULTS, args)
+        self.conn.send_reply(Op.BUILD_PATHS_WITH_RESULTS, value)
+
+
+def _with_op(method: Any, op: Op) -> Any:
+    async def bound(self: ConnectionHandler, args: dict) -> None:
+        await method(self, args, op)
+
+    return bound
+
+
+H = ConnectionHandler
+HANDLERS: dict[Op, Any] = {
+    Op.SET_OPTIONS: H.op_set_options,
+    Op.IS_VALID_PATH: H.op_is_valid_path,
+    Op.QUERY_PATH_INFO: H.op_query_path_info,
+    Op.QUERY_VALID_PATHS: H.op_query_valid_paths,
+    Op.QUERY_ALL_VALID_PATHS: H.op_query_all_valid_paths,
+    Op.QUERY_PATH_HASH: H.op_query_path_hash,
+    Op.QUERY_REFERENCES: H.op_query_references,
+    Op.QUERY_DERIVER: H.op_query_deriver,
+    Op.QUERY_REFERRERS: _with_op(H.op_empty_paths, Op.QUERY_REFERRERS),
+    Op.QUERY_VALID_DERIVERS: _with_op(H.op_empty_paths, Op.QUERY_VALID_DERIVERS),
+    Op.QUERY_SUBSTITUTABLE_PATHS: _with_op(H.op_empty_paths, Op.QUERY_SUBSTITUTABLE_PATHS),
+    Op.HAS_SUBSTITUTES: H.op_has_substitutes,
+    Op.QUERY_SUBSTITUTABLE_PATH_INFO: H.op_query_substitutable_path_info,
+    Op.QUERY_SUBSTITUTABLE_PATH_INFOS: H.op_query_substitutable_path_infos,
+    Op.QUERY_PATH_FROM_HASH_PART: H.op_query_path_from_hash_part,
+    Op.QUERY_DERIVATION_OUTPUTS: _with_op(H.op_drv_query, Op.QUERY_DERIVATION_OUTPUTS),
+    Op.QUERY_DERIVATION_OUTPUT_NAMES: _with_op(H.op_drv_query, Op.QUERY_DERIVATION_OUTPUT_NAMES),
+    Op.QUERY_DERIVATION_OUTPUT_MAP: _with_op(H.op_drv_query, Op.QUERY_DERIVATION_OUTPUT_MAP),
+    Op.QUERY_MISSING: H.op_query_missing,
+    Op.QUERY_REALISATION: H.op_query_realisation,
+    Op.NAR_FROM_PATH: H.op_nar_from_path,
+    Op.ENSURE_PATH: H.op_ensure_path,
+    Op.ADD_TEMP_ROOT: _with_op(H.op_one, Op.ADD_TEMP_ROOT),
+    Op.ADD_INDIRECT_ROOT: _with_op(H.op_one, Op.ADD_INDIRECT_ROOT),
+    Op.SYNC_WITH_GC: _with_op(H.op_one, Op.SYNC_WITH_GC),
+    Op.OPTIMISE_STORE: _with_op(H.op_one, Op.OPTIMISE_STORE),
+    Op.FIND_ROOTS: H.op_find_roots,
+    Op.COLLECT_GARBAGE: H.op_collect_garbage,
+    Op.VERIFY_STORE: H.op_verify_store,
+    Op.ADD_TO_STORE: H.op_add_to_store,
+    Op.ADD_TEXT_TO_STORE: H.op_add_text_to_store,
+    Op.ADD_TO_STORE_NAR: H.op_add_to_store_nar,
+    Op.ADD_MULTIPLE_TO_STORE: H.op_add_multiple_to_store,
+    Op.BUILD_PATHS: H.op_build_paths,
+    Op.BUILD_PATHS_WITH_RESULTS: H.op_build_paths_with_results,
+}
+"""Ops served; every other op (BuildDerivation, AddSignatures, RegisterDrvOutput,
+AddBuildLog, AddPermRoot, ExportPath, ImportPaths, ...) is refused with an error."""
