@@ -149,6 +149,8 @@ class Service:
         return {
             "session": s.sid,
             "drv": s.drv_path,
+            "socket": str(s.socket_path),
+            "chroot": str(s.chroot),
             "depth": s.depth,
             "readonly": s.readonly,
             "state": s.state,
@@ -295,9 +297,16 @@ class Service:
                     log.exception("session %s: liveness check failed", session.sid)
 
     async def _check_alive(self, session: Session) -> None:
-        if session.view.is_alive():
-            session.ended_since = None
-            return
+        if session.chroot.is_dir():
+            pid = await asyncio.get_running_loop().run_in_executor(
+                None, session.view.sandbox_pid
+            )
+            if pid is not None:
+                session.seen_process = True
+            if pid is not None or not session.seen_process:
+                # running, or the builder has not started yet
+                session.ended_since = None
+                return
         now = time.monotonic()
         if session.ended_since is None:
             session.ended_since = now

@@ -126,6 +126,8 @@ class Session:
         self.tasks: set[asyncio.Task] = set()
         self.state = "starting"
         self.ended_since: float | None = None
+        self.seen_process = False  # a process was seen in the sandbox (the build started)
+        self.holds_slot = False  # counts against daemon.max-sessions
         self._allow_lock = asyncio.Lock()
 
     # -- lifecycle
@@ -556,6 +558,8 @@ class ConnectionHandler:
         self.conn.send_reply(Op.COLLECT_GARBAGE, GCResult())
 
     async def op_verify_store(self, args: dict) -> None:
+        if args["repair"]:
+            raise Denied("repairing the store is not allowed in recursive Nix")
         self.conn.send_reply(Op.VERIFY_STORE, 0)
 
     # -- adds

@@ -11,118 +11,55 @@ import os
 import subprocess
 import tempfile
 import time
-import uuid
 
 import pytest
 
-from tests.scenarios.runner import ScenarioRunner
+from tests.scenarios import checks
 
 pytestmark = pytest.mark.host
 
-BUILTIN = "recursive-nix"
-# Checks of the denied scenario that Nix's built-in refuses (see tests/scenarios/README.md).
-REFUSED_BY_THE_BUILTIN = (
-    "exists",
-    "query-references",
-    "query-hash",
-    "check-validity",
-    "path-info",
-    "realise",
-    "build",
-    "dump",
-    "add-root-secret",
-    "repair-path",
-    "verify-repair",
-    "build-repair",
-)
-
-
-def fresh_tag() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def build_ok(runner: ScenarioRunner, scenario: str, **extra) -> tuple[str, str]:
-    tag = fresh_tag()
-    outcome = runner.build(scenario, BUILTIN, tag, {"innerTag": tag, **extra})
-    assert outcome.ok, f"{scenario}: {outcome.describe()}"
-    assert runner.verify_path(outcome.out_path)
-    return outcome.out_path, tag
-
-
-def assert_complete_reference(runner: ScenarioRunner, out: str, linked: str) -> str:
-    """``out/linked`` is a symlink to a valid path that ``out`` references and keeps alive."""
-    target = runner.readlink(f"{out}/{linked}")
-    assert target.startswith("/nix/store/")
-    assert target in runner.references(out)
-    assert target in runner.closure(out)
-    assert runner.verify_path(target)
-    return target
+BUILTIN = checks.BUILTIN
 
 
 def test_inner(oracle_runner):
-    out, _ = build_ok(oracle_runner, "inner")
-    inner = assert_complete_reference(oracle_runner, out, "inner")
-    assert inner.endswith("-inner")
-    assert oracle_runner.read(f"{out}/inner-path").strip() == inner
-    assert oracle_runner.read(inner) == "hello from the inner build\n"
+    checks.check_inner(oracle_runner, BUILTIN)
 
 
 def test_add(oracle_runner):
-    out, tag = build_ok(oracle_runner, "add")
-    added = assert_complete_reference(oracle_runner, out, "added")
-    tofile = assert_complete_reference(oracle_runner, out, "tofile")
-    assert added.endswith("-added.txt") and tofile.endswith("-recnix-tofile.txt")
-    assert oracle_runner.read(added) == f"added by the add scenario {tag}\n"
-    assert oracle_runner.read(tofile) == f"made by toFile {tag}"
+    checks.check_add(oracle_runner, BUILTIN)
 
 
 def test_deep(oracle_runner):
-    out, _ = build_ok(oracle_runner, "deep")
-    middle = assert_complete_reference(oracle_runner, out, "middle")
-    inner = assert_complete_reference(oracle_runner, out, "inner")
-    assert middle.endswith("-deep-middle") and inner.endswith("-deep-inner")
-    assert inner in oracle_runner.references(middle)
+    checks.check_deep(oracle_runner, BUILTIN)
 
 
 def test_fixed_output(oracle_runner):
-    out, _ = build_ok(oracle_runner, "fod")
-    fod = assert_complete_reference(oracle_runner, out, "fod")
-    assert oracle_runner.read(fod) == "recnix fixed output\n"
+    checks.check_fod(oracle_runner, BUILTIN)
 
 
 def test_failure_fails_and_shows_the_inner_log(oracle_runner):
-    tag = fresh_tag()
-    outcome = oracle_runner.build("failure", BUILTIN, tag, {"innerTag": tag})
-    assert outcome.rc != 0 and outcome.out_path is None
-    assert f"RECNIX-INNER-FAILURE-MARKER tag={tag}" in outcome.stderr
-    assert "unreachable" not in outcome.stderr
+    _, stderr = checks.check_failure(oracle_runner, BUILTIN)
+    assert "unreachable" not in stderr
 
 
 def test_many(oracle_runner):
-    out, _ = build_ok(oracle_runner, "many", n=3)
-    targets = {assert_complete_reference(oracle_runner, out, f"inner-{i}") for i in (1, 2, 3)}
-    assert len(targets) == 3
+    checks.check_many(oracle_runner, BUILTIN, n=3)
 
 
 def test_denied_paths_stay_hidden(nix_host, oracle_runner):
     with tempfile.TemporaryDirectory() as scratch:
         path = os.path.join(scratch, "secret")
         with open(path, "w") as f:
-            f.write(f"secret {fresh_tag()}\n")
+            f.write(f"secret {checks.fresh_tag()}\n")
         secret = nix_host.run(["nix-store", "--add", path]).stdout.strip()
-    out, _ = build_ok(oracle_runner, "denied", secret=secret)
-    results = oracle_runner.check_results(out)
-    for check in REFUSED_BY_THE_BUILTIN:
-        assert results[check] != 0, f"{check}: {oracle_runner.read(f'{out}/{check}.err')}"
+    results = checks.check_denied(oracle_runner, BUILTIN, secret)
     # The built-in accepts these two but they change nothing (the secret survives).
     assert results["gc"] == 0 and results["delete"] == 0
-    assert oracle_runner.is_valid(secret)
-    assert secret not in oracle_runner.closure(out)
 
 
 def test_added_paths_survive_host_gc_during_a_nested_build(nix_host, oracle_runner):
     """While the nested build waits, the path the outer build added is alive (temp root)."""
-    tag = fresh_tag()
+    tag = checks.fresh_tag()
     with tempfile.TemporaryDirectory() as scratch:
         kept = os.path.join(scratch, "kept.txt")
         with open(kept, "w") as f:
@@ -153,6 +90,6 @@ def test_added_paths_survive_host_gc_during_a_nested_build(nix_host, oracle_runn
             build.communicate()
     assert build.returncode == 0, stderr
     out = stdout.split()[-1]
-    assert assert_complete_reference(oracle_runner, out, "added") == kept_path
-    inner = assert_complete_reference(oracle_runner, out, "inner")
+    assert checks.assert_complete_reference(oracle_runner, out, "added") == kept_path
+    inner = checks.assert_complete_reference(oracle_runner, out, "inner")
     assert oracle_runner.read(inner).startswith("waited ")

@@ -1,25 +1,200 @@
-"""recnix service on the host: real sandboxed outer builds calling Nix inside (issue 3)."""
+"""recnix on the host: real sandboxed outer builds that call Nix inside (issue 3).
+
+The same scenario checks run under Nix's built-in recursive-nix in
+test_builtin_oracle.py; here they run under recnix, then both are compared.
+"""
 
 from __future__ import annotations
 
-import uuid
+import glob
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
 
 import pytest
 
+from tests.host.conftest import (
+    NixHost,
+    RecnixService,
+    scenario_runner,
+    start_nix_host,
+    start_recnix_service,
+    stop_recnix_service,
+)
+from tests.scenarios import checks
+from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 
 pytestmark = pytest.mark.host
 
 
-def fresh() -> str:
-    return uuid.uuid4().hex[:12]
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)
 
 
-def test_inner_build_closure(recnix_runner: ScenarioRunner) -> None:
-    outcome = recnix_runner.build("inner", "recnix", tag=fresh())
-    assert outcome.ok, outcome.describe()
-    inner = recnix_runner.read(outcome.out_path + "/inner-path").strip()
-    assert recnix_runner.read(inner).strip() == "hello from the inner build"
-    closure = recnix_runner.closure(outcome.out_path)
-    assert inner in closure, f"inner output {inner} missing from closure {sorted(closure)}"
-    assert recnix_runner.verify_path(outcome.out_path)
+def sessions_of(service: RecnixService, drv_suffix: str) -> list[str]:
+    return [
+        e["session"]
+        for e in service.audit_events()
+        if e["event"] == "opened" and e["drv"].endswith(drv_suffix)
+    ]
+
+
+def events_of(service: RecnixService, session: str) -> list[dict]:
+    return [e for e in service.audit_events() if e["session"] == session]
+
+
+def assert_nothing_left(service: RecnixService) -> None:
+    """No session sockets, no recnix mounts in the host mount table."""
+    wait_until(lambda: not service.session_dirs(), 15, "session sockets to go away")
+    with open("/proc/self/mountinfo") as f:
+        mounts = f.read()
+    assert ".drv.chroot" not in mounts, mounts
+
+
+def test_inner_build(recnix_runner: ScenarioRunner) -> None:
+    checks.check_inner(recnix_runner, RECNIX)
+
+
+def test_add(recnix_runner: ScenarioRunner) -> None:
+    checks.check_add(recnix_runner, RECNIX)
+
+
+def test_deep_three_levels(recnix_runner: ScenarioRunner, recnix_service: RecnixService) -> None:
+    out = checks.check_deep(recnix_runner, RECNIX)
+    middle = [s for s in sessions_of(recnix_service, "-deep-middle.drv")]
+    assert middle, "the middle build did not get its own recnix session"
+    opened = [e for e in events_of(recnix_service, middle[-1]) if e["event"] == "opened"]
+    assert opened[0]["depth"] == 2 and opened[0]["parent"]
+    tree = subprocess.run(
+        [str(recnix_service_bin()), "tree", out],
+        env={**recnix_service.host.env, "RECNIX_CONFIG": str(recnix_service.config_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert tree.returncode == 0, tree.stderr
+    assert "-deep-middle.drv" in tree.stdout and "-deep-inner.drv" in tree.stdout, tree.stdout
+
+
+def recnix_service_bin():
+    from tests.host.conftest import RECNIX_BIN
+
+    return RECNIX_BIN
+
+
+def test_many_nested_builds(recnix_runner: ScenarioRunner) -> None:
+    checks.check_many(recnix_runner, RECNIX, n=3)
+
+
+def test_readonly(recnix_runner: ScenarioRunner) -> None:
+    checks.check_readonly(recnix_runner)
+
+
+def test_denied(nix_host_recnix: NixHost, recnix_runner: ScenarioRunner) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "secret")
+        with open(path, "w") as f:
+            f.write(f"secret {fresh_tag()}\n")
+        secret = nix_host_recnix.run(["nix-store", "--add", path]).stdout.strip()
+    results = checks.check_denied(recnix_runner, RECNIX, secret)
+    # recnix makes GC inert rather than pretending: the secret is still there
+    assert recnix_runner.is_valid(secret)
+    assert set(checks.DENIED_CHECKS) <= set(results)
+
+
+def test_failure_leaves_nothing(recnix_runner: ScenarioRunner, recnix_service) -> None:
+    tag, _ = checks.check_failure(recnix_runner, RECNIX)
+    sessions = sessions_of(recnix_service, "-scenario-failure.drv")
+    assert sessions
+    wait_until(
+        lambda: any(e["event"] == "aborted" for e in events_of(recnix_service, sessions[-1])),
+        15,
+        "the failed build's session to be aborted",
+    )
+    assert_nothing_left(recnix_service)
+    added = [e["path"] for e in events_of(recnix_service, sessions[-1]) if e["event"] == "added"]
+    assert added, "the failure scenario should have added its inner .drv"
+    dead = set(recnix_runner._checked(["nix-store", "--gc", "--print-dead"]).split())
+    still_rooted = [p for p in added if p not in dead]
+    assert not still_rooted, f"paths of a failed build are still rooted: {still_rooted}"
+
+
+def test_fixed_output_refused_by_default(recnix_runner: ScenarioRunner) -> None:
+    tag = fresh_tag()
+    outcome = recnix_runner.build("fod", RECNIX, tag, {"innerTag": tag})
+    assert outcome.rc != 0, outcome.describe()
+    assert "fixed-output" in outcome.stderr and "allow-fixed-output" in outcome.stderr
+
+
+@pytest.fixture(scope="module")
+def fod_host(busybox: str, nix_bundle: str) -> Iterator[tuple[NixHost, ScenarioRunner]]:
+    host = start_nix_host(hooks=True)
+    service = start_recnix_service(host, "[policy]\nallow-fixed-output = true\n")
+    try:
+        yield host, scenario_runner(host, busybox, nix_bundle)
+    finally:
+        stop_recnix_service(service)
+        host.stop()
+
+
+def test_fixed_output_allowed_when_configured(fod_host) -> None:
+    _, runner = fod_host
+    checks.check_fod(runner, RECNIX)
+
+
+@pytest.mark.parametrize("scenario", ["inner", "add", "deep"])
+def test_differential_against_builtin(recnix_runner: ScenarioRunner, scenario: str) -> None:
+    checks.check_differential(recnix_runner, scenario)
+
+
+def test_gc_during_and_after_nested_build(
+    nix_host_recnix: NixHost, recnix_runner: ScenarioRunner, recnix_service: RecnixService
+) -> None:
+    """Paths the session added survive GC while the nested build runs and after the build."""
+    tag = fresh_tag()
+    argv = recnix_runner.build_argv("gc", RECNIX, tag, {"innerTag": tag, "wait": 120})
+    build = subprocess.Popen(
+        argv, env=nix_host_recnix.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        started: list[str] = []
+
+        def nested_started() -> bool:
+            assert build.poll() is None, build.communicate()
+            started[:] = glob.glob(f"{nix_host_recnix.build_dir}/nix-build-waiting-inner*/started")
+            return bool(started)
+
+        wait_until(nested_started, 60, "the nested build to start")
+        session = sessions_of(recnix_service, "-scenario-gc.drv")[-1]
+        added = [e["path"] for e in events_of(recnix_service, session) if e["event"] == "added"]
+        kept = [p for p in added if p.endswith("-kept.txt")]
+        assert kept, f"the gc scenario's added file is not in the audit log: {added}"
+        dead = set(nix_host_recnix.run(["nix-store", "--gc", "--print-dead"]).stdout.split())
+        assert not (set(added) & dead), f"added paths are not rooted: {set(added) & dead}"
+        deleted = nix_host_recnix.run(["nix-store", "--delete", kept[0]], check=False)
+        assert deleted.returncode != 0 and "still alive" in deleted.stderr, deleted.stderr
+        open(os.path.join(os.path.dirname(started[0]), "release"), "w").close()
+        stdout, stderr = build.communicate(timeout=120)
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.communicate()
+    assert build.returncode == 0, stderr
+    out = stdout.split()[-1]
+    assert checks.assert_complete_reference(recnix_runner, out, "added") == kept[0]
+    inner = checks.assert_complete_reference(recnix_runner, out, "inner")
+    # after the build: everything the output refers to is alive through the output
+    with tempfile.TemporaryDirectory() as scratch:
+        root = os.path.join(scratch, "result")
+        nix_host_recnix.run(["nix-store", "--add-root", root, "--indirect", "--realise", out])
+        dead = set(nix_host_recnix.run(["nix-store", "--gc", "--print-dead"]).stdout.split())
+        closure = recnix_runner.closure(out)
+        assert inner in closure and kept[0] in closure
+        assert not (closure & dead), f"closure members would be collected: {closure & dead}"
+    assert_nothing_left(recnix_service)

@@ -1,0 +1,420 @@
+#!/usr/bin/env python3
+"""recnix service overhead against Nix's built-in recursive-nix, measured side by side.
+
+Three scenarios, each run on private nix-daemons started here (tests/host/conftest.py):
+
+1. QueryPathInfo round trip from inside a waiting sandboxed build: recnix's
+   session socket ÷ the built-in's ``<build dir>/.nix-socket``. The client is a
+   forked child that chroots into the build's sandbox root first (as a sandboxed
+   process would be; recnix refuses any other peer; done for both for fairness).
+2. Wall time of ``tests/scenarios/many.nix`` (n nested ``nix-build`` calls, fresh
+   tags): recnix (daemon with hooks + service) ÷ built-in (daemon without hooks).
+3. Trivial non-recursive builds with the recnix hooks installed ÷ without: all in
+   one ``nix-build`` call, and one ``nix-build`` call each.
+
+Prints a table and writes it to bench/results-service.txt.
+Run as root: .venv/bin/python bench/service_bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import secrets
+import socket
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from recnix import control  # noqa: E402
+from recnix.bundle import bundle_nix, busybox_store_path  # noqa: E402
+from recnix.protocol import (  # noqa: E402
+    NEED_DATA,
+    ClientConnection,
+    HandshakeDone,
+    Op,
+    PathInfo,
+    Reply,
+)
+from tests.host.conftest import (  # noqa: E402
+    NixHost,
+    RecnixService,
+    scenario_runner,
+    start_nix_host,
+    start_recnix_service,
+    stop_recnix_service,
+)
+
+RESULTS = REPO / "bench" / "results-service.txt"
+START_TIMEOUT = 120.0
+
+# A build that sits in its sandbox until `release` appears in its build directory.
+WAIT_NIX = """\
+{ busybox, feature, tag }:
+let bb = builtins.storePath busybox;
+in derivation {
+  name = "bench-wait";
+  system = builtins.currentSystem;
+  builder = "${bb}/bin/sh";
+  args = [ "-e" "-c" ''
+    touch started
+    while [ ! -e release ]; do sleep 0.1; done
+    echo "$tag" > "$out"
+  '' ];
+  PATH = "${bb}/bin";
+  inherit tag;
+  requiredSystemFeatures = [ feature ];
+}
+"""
+
+# n plain builds, element i writes "<prefix>-<i>" to $out.
+TRIVIAL_NIX = """\
+{ busybox, prefix, n }:
+let bb = builtins.storePath busybox;
+in builtins.genList (i: derivation {
+  name = "bench-trivial-${toString i}";
+  system = builtins.currentSystem;
+  builder = "${bb}/bin/sh";
+  args = [ "-c" "echo $tag > $out" ];
+  tag = "${prefix}-${toString i}";
+}) n
+"""
+
+
+def fresh_tag() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass
+class Row:
+    scenario: str
+    recnix: float
+    baseline: float
+    unit: str
+    target: float
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.recnix / self.baseline
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.ratio <= self.target else "FAIL"
+
+
+# -- 1. QueryPathInfo round trips
+
+
+def _exchange(sock: socket.socket, conn: ClientConnection) -> object:
+    """Send what ``conn`` queued, then read until it has an event."""
+    data = conn.data_to_send()
+    if data:
+        sock.sendall(data)
+    while True:
+        ev = conn.next_event()
+        if ev is not NEED_DATA:
+            return ev
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the daemon closed the connection")
+        conn.receive_data(chunk)
+
+
+def qpi_loop(sock: socket.socket, path: str, n: int) -> float:
+    """Handshake, then ``n`` QueryPathInfo of ``path``; seconds per round trip."""
+    conn = ClientConnection(35)
+    conn.initiate()
+    ev = _exchange(sock, conn)
+    if not isinstance(ev, HandshakeDone):
+        raise RuntimeError(f"handshake failed: {ev!r}")
+    for _ in range(20):  # warm up (first upstream connection, caches)
+        conn.send_request(Op.QUERY_PATH_INFO, {"path": path})
+        ev = _exchange(sock, conn)
+    if not (isinstance(ev, Reply) and isinstance(ev.value, PathInfo)):
+        raise RuntimeError(f"QueryPathInfo of {path} gave {ev!r}")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        conn.send_request(Op.QUERY_PATH_INFO, {"path": path})
+        ev = _exchange(sock, conn)
+        if not isinstance(ev, Reply):
+            raise RuntimeError(f"QueryPathInfo of {path} gave {ev!r}")
+    return (time.perf_counter() - t0) / n
+
+
+def qpi_from_sandbox(chroot: str, socket_dir: str, socket_name: str, path: str, n: int) -> float:
+    """Run ``qpi_loop`` in a forked child chrooted into the build's sandbox root."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        status = 1
+        try:
+            os.close(read_end)
+            dirfd = os.open(socket_dir, os.O_RDONLY | os.O_DIRECTORY)
+            os.chroot(chroot)
+            os.fchdir(dirfd)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(socket_name)
+                seconds = qpi_loop(sock, path, n)
+            os.write(write_end, struct.pack("d", seconds))
+            status = 0
+        except BaseException as e:  # report anything, then leave without cleanup handlers
+            os.write(write_end, b"E" + repr(e).encode()[:4000])
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or len(data) != 8:
+        raise RuntimeError(f"sandboxed QueryPathInfo client failed: {data!r}")
+    return struct.unpack("d", data)[0]
+
+
+class WaitingBuild:
+    """An opted-in build of WAIT_NIX that sits in its sandbox until released."""
+
+    def __init__(self, host: NixHost, expr: Path, busybox: str, feature: str) -> None:
+        self.host = host
+        self.tag = fresh_tag()
+        args = ["--argstr", "busybox", busybox, "--argstr", "feature", feature]
+        args += ["--argstr", "tag", self.tag]
+        self.drv = host.run(["nix-instantiate", str(expr), *args]).stdout.strip()
+        self.process = subprocess.Popen(
+            ["nix-build", "--no-out-link", self.drv],
+            env=host.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        pattern = f"{host.build_dir}/nix-build-bench-wait.drv-*/started"
+        while not (started := glob.glob(pattern)):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"waiting build ended early: {self.process.communicate()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("waiting build never started")
+            time.sleep(0.05)
+        self.build_dir = os.path.dirname(started[0])
+
+    def release(self) -> None:
+        Path(self.build_dir, "release").touch()
+        _, stderr = self.process.communicate(timeout=60)
+        if self.process.returncode != 0:
+            raise RuntimeError(f"waiting build failed: {stderr}")
+
+
+def bench_qpi(
+    hooked: NixHost, service: RecnixService, plain: NixHost, expr: Path, busybox: str, n: int
+) -> Row:
+    build = WaitingBuild(hooked, expr, busybox, "recnix")
+    try:
+        status = control.request(service.control_socket, {"op": "status"})
+        sessions = [s for s in status["sessions"] if s["drv"] == build.drv]
+        if len(sessions) != 1:
+            raise RuntimeError(f"no recnix session for {build.drv}: {status}")
+        sock_path = Path(sessions[0]["socket"])
+        recnix_s = qpi_from_sandbox(
+            sessions[0]["chroot"], str(sock_path.parent), sock_path.name, busybox, n
+        )
+    finally:
+        build.release()
+    build = WaitingBuild(plain, expr, busybox, "recursive-nix")
+    try:
+        builtin_s = qpi_from_sandbox(build.drv + ".chroot", build.build_dir, ".nix-socket", busybox, n)
+    finally:
+        build.release()
+    return Row(
+        f"QueryPathInfo round trip in the sandbox (N={n})",
+        recnix_s * 1e6,
+        builtin_s * 1e6,
+        "µs",
+        1.5,
+    )
+
+
+# -- 2. nested builds, 3. trivial builds
+
+
+def timed(action: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    action()
+    return time.perf_counter() - t0
+
+
+def interleaved(
+    reps: int, recnix_run: Callable[[], None], baseline_run: Callable[[], None]
+) -> tuple[list[float], list[float]]:
+    """Alternate the two (swapping who goes first each round); wall times in s."""
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(reps):
+        if i % 2 == 0:
+            a.append(timed(recnix_run))
+            b.append(timed(baseline_run))
+        else:
+            b.append(timed(baseline_run))
+            a.append(timed(recnix_run))
+    return a, b
+
+
+def many_runner(host: NixHost, busybox: str, nix: str, feature: str, n: int) -> Callable[[], None]:
+    runner = scenario_runner(host, busybox, nix)
+
+    def run() -> None:
+        tag = fresh_tag()
+        outcome = runner.build("many", feature, tag, {"innerTag": tag, "n": n})
+        if not outcome.ok:
+            raise RuntimeError(f"many.nix ({feature}) failed: {outcome.describe()}")
+
+    return run
+
+
+def trivial_runner(
+    host: NixHost, expr: Path, busybox: str, n: int, separate: bool
+) -> Callable[[], None]:
+    def run() -> None:
+        args = ["--argstr", "busybox", busybox, "--argstr", "prefix", fresh_tag()]
+        args += ["--arg", "n", str(n)]
+        if separate:
+            for i in range(n):
+                host.run(["nix-build", "--no-out-link", str(expr), *args, "-A", str(i)])
+        else:
+            out = host.run(["nix-build", "--no-out-link", str(expr), *args]).stdout.split()
+            if len(out) != n:
+                raise RuntimeError(f"expected {n} outputs, got {len(out)}")
+
+    return run
+
+
+def spread(values: list[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+# -- main
+
+
+def render(rows: list[Row], header: str) -> str:
+    lines = [header, ""]
+    lines.append(
+        f"{'scenario':<52} {'recnix':>10} {'built-in/without':>17} {'ratio':>6} "
+        f"{'target':>7}  verdict"
+    )
+    for r in rows:
+        lines.append(
+            f"{r.scenario:<52} {r.recnix:>8.2f}{r.unit:>2} {r.baseline:>15.2f}{r.unit:>2} "
+            f"{r.ratio:>6.2f} {'≤' + format(r.target, '.2f'):>7}  {r.verdict}"
+        )
+        if r.note:
+            lines.append(f"    {r.note}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--qpi", type=int, default=2000, help="QueryPathInfo round trips")
+    parser.add_argument("--nested", type=int, default=20, help="nested builds in many.nix")
+    parser.add_argument("--many-reps", type=int, default=3)
+    parser.add_argument("--trivial", type=int, default=50, help="trivial builds per run")
+    parser.add_argument("--trivial-reps", type=int, default=3)
+    parser.add_argument("--only", choices=["qpi", "many", "trivial"], action="append")
+    parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+    opts = parser.parse_args()
+    only = set(opts.only or ["qpi", "many", "trivial"])
+
+    started = time.perf_counter()
+    nix_version = subprocess.run(
+        ["nix-store", "--version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    hooked = start_nix_host(hooks=True)
+    plain = start_nix_host(hooks=False)
+    service = start_recnix_service(hooked)
+    scratch = Path(tempfile.mkdtemp(prefix="recnix-bench-"))
+    rows: list[Row] = []
+    try:
+        busybox = busybox_store_path(plain.env)
+        nix = bundle_nix(plain.env, gc_root=str(plain.root / "nix-bundle"))
+        wait_nix = scratch / "wait.nix"
+        wait_nix.write_text(WAIT_NIX)
+        trivial_nix = scratch / "trivial.nix"
+        trivial_nix.write_text(TRIVIAL_NIX)
+
+        if "qpi" in only:
+            row = bench_qpi(hooked, service, plain, wait_nix, busybox, opts.qpi)
+            row.note = "client chrooted into the sandbox root for both; path = busybox (an input)"
+            rows.append(row)
+            print(render(rows[-1:], ""), flush=True)
+
+        if "many" in only:
+            n = opts.nested
+            a, b = interleaved(
+                opts.many_reps,
+                many_runner(hooked, busybox, nix, "recnix", n),
+                many_runner(plain, busybox, nix, "recursive-nix", n),
+            )
+            rows.append(
+                Row(
+                    f"many.nix: {n} nested nix-build, wall (median of {opts.many_reps})",
+                    statistics.median(a),
+                    statistics.median(b),
+                    "s",
+                    1.2,
+                    f"runs recnix {spread(a)} s, built-in {spread(b)} s "
+                    "(built-in on the daemon without hooks)",
+                )
+            )
+            print(render(rows[-1:], ""), flush=True)
+
+        if "trivial" in only:
+            n = opts.trivial
+            for separate in (False, True):
+                a, b = interleaved(
+                    opts.trivial_reps,
+                    trivial_runner(hooked, trivial_nix, busybox, n, separate),
+                    trivial_runner(plain, trivial_nix, busybox, n, separate),
+                )
+                how = f"{n} separate nix-build calls" if separate else f"one nix-build of {n}"
+                rows.append(
+                    Row(
+                        f"{n} trivial builds, {how} (median of {opts.trivial_reps})",
+                        statistics.median(a),
+                        statistics.median(b),
+                        "s",
+                        1.05,
+                        f"runs hooks {spread(a)} s, without {spread(b)} s; "
+                        f"per build +{(statistics.median(a) - statistics.median(b)) / n * 1e3:.1f} ms",
+                    )
+                )
+                print(render(rows[-1:], ""), flush=True)
+    finally:
+        stop_recnix_service(service)
+        for host in (hooked, plain):
+            host.stop()
+        for d in (scratch, hooked.root, plain.root):
+            shutil.rmtree(d, ignore_errors=True)
+
+    header = (
+        f"recnix service benchmark — {time.strftime('%Y-%m-%d %H:%M:%S')}, "
+        f"{os.cpu_count()} CPUs, {nix_version}, "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
+    text = render(rows, header)
+    print(text)
+    if not opts.no_write:
+        RESULTS.write_text(text)
+    return 0 if all(r.verdict == "PASS" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
