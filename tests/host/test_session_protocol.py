@@ -1,0 +1,443 @@
+"""The worker protocol spoken directly to a live recnix session (issue 3, NI §6.4, §3.5).
+
+What the nix CLI never sends: ops a sandboxed client could send by hand, and
+malformed input. Each test starts an opted-in build that waits for a release
+file (``session_probe.start_live_build``), talks to its session socket from a
+process inside the build's sandbox, then releases the build and checks it
+finishes and its session is cleaned up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recnix.protocol import (
+    BasicDerivation,
+    DerivationOutput,
+    DerivedPath,
+    Error,
+    GCResult,
+    Op,
+    PathInfo,
+    ValidPathInfo,
+)
+from recnix.protocol.wire import u64
+from tests.host.conftest import NixHost, RecnixService
+from tests.host.session_probe import (
+    LiveBuild,
+    ProbeClient,
+    decode_stderr_messages,
+    recv_until_closed,
+    sandbox_socket,
+    service_sessions,
+    start_live_build,
+)
+from tests.scenarios.runner import BuildOutcome, ScenarioRunner
+
+pytestmark = pytest.mark.host
+
+GCROOTS_AUTO = Path("/nix/var/nix/gcroots/auto")
+SESSION_GONE_TIMEOUT = 10.0
+
+
+def fresh() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def host_add(host: NixHost, directory: Path, name: str, content: str) -> str:
+    """``nix-store --add`` a new file on the host (a valid path no build has as input)."""
+    f = directory / name
+    f.write_text(content)
+    return host.run(["nix-store", "--add", str(f)]).stdout.strip()
+
+
+def host_dump(host: NixHost, path: str) -> bytes:
+    result = subprocess.run(
+        ["nix-store", "--dump", path], env=host.env, capture_output=True, check=True
+    )
+    return result.stdout
+
+
+def path_info(host: NixHost, path: str) -> dict:
+    import json
+
+    return json.loads(host.run(["nix", "path-info", "--json", path]).stdout)[0]
+
+
+@pytest.fixture
+def live(
+    nix_host_recnix: NixHost, recnix_service: RecnixService, busybox: str, tmp_path: Path
+) -> Iterator[LiveBuild]:
+    """A waiting opted-in build with an open session; released and checked afterwards."""
+    build = start_live_build(
+        nix_host_recnix.env,
+        nix_host_recnix.build_dir,
+        recnix_service.control_socket,
+        busybox,
+        fresh(),
+        tmp_path,
+    )
+    try:
+        yield build
+    finally:
+        rc, stdout, stderr = build.finish()
+    assert rc == 0, f"the waiting build failed after release ({rc}):\n{stderr}"
+    assert stdout.strip() == build.out_path
+    assert Path(build.out_path).read_text().startswith("released after")
+    deadline = time.monotonic() + SESSION_GONE_TIMEOUT
+    while time.monotonic() < deadline:
+        open_sessions = [
+            s for s in service_sessions(recnix_service.control_socket) if s["drv"] == build.drv_path
+        ]
+        if not open_sessions and not recnix_service.session_dirs():
+            break
+        time.sleep(0.2)
+    assert not open_sessions, f"session still listed after the build ended: {open_sessions}"
+    assert not recnix_service.session_dirs(), (
+        f"session directories left behind: {recnix_service.session_dirs()}"
+    )
+
+
+@pytest.fixture
+def secret(nix_host_recnix: NixHost, tmp_path: Path) -> str:
+    """A valid host store path that is not an input of any build."""
+    return host_add(nix_host_recnix, tmp_path, "secret.txt", f"recnix probe secret {fresh()}\n")
+
+
+def client_for(sock: socket.socket) -> ProbeClient:
+    client = ProbeClient(sock)
+    client.do_handshake()
+    return client
+
+
+def audit_for(service: RecnixService, live: LiveBuild, event: str) -> list[dict]:
+    sid = live.session["session"]
+    return [e for e in service.audit_events() if e.get("event") == event and sid in str(e)]
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def test_outsider_is_refused_but_sandbox_process_accepted(
+    live: LiveBuild, recnix_service: RecnixService, busybox: str
+) -> None:
+    # The test process (host root, host mount namespace) connects to the host path.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as outsider:
+        outsider.connect(str(live.socket_path))
+        try:
+            outsider.sendall(u64(0x6E697863) + u64((1 << 8) | 35))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert recv_until_closed(outsider, timeout=10) == b"", "an outsider got a handshake"
+    refused = [e for e in audit_for(recnix_service, live, "refused") if e.get("op") == "connect"]
+    assert refused, f"no 'refused' connect audit event: {recnix_service.audit_events()[-5:]}"
+    assert str(os.getpid()) in refused[-1]["reason"]
+
+    # The same socket, from inside the sandbox: handshake and a real answer.
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        assert client.call(Op.IS_VALID_PATH, {"path": busybox}).value is True
+
+
+# --------------------------------------------------------------------------- restricted view
+
+
+def test_nar_from_path_only_of_allowed_paths(
+    live: LiveBuild, nix_host_recnix: NixHost, recnix_service: RecnixService, busybox: str,
+    secret: str,
+) -> None:
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        denied = client.call(Op.NAR_FROM_PATH, {"path": secret})
+        assert secret in denied.error_message
+        assert denied.nar == b""
+        # the connection is still in sync: an input's NAR is exactly nix-store --dump's
+        allowed = client.call(Op.NAR_FROM_PATH, {"path": busybox})
+        assert allowed.error is None
+        assert allowed.nar == host_dump(nix_host_recnix, busybox)
+    refused = [e for e in audit_for(recnix_service, live, "refused") if e["op"] == "NAR_FROM_PATH"]
+    assert refused and secret in refused[-1]["reason"]
+
+
+def test_queries_hide_what_is_not_allowed(live: LiveBuild, busybox: str, secret: str) -> None:
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        assert client.call(Op.IS_VALID_PATH, {"path": secret}).value is False
+        assert client.call(Op.QUERY_PATH_INFO, {"path": secret}).value is None
+        valid = client.call(Op.QUERY_VALID_PATHS, {"paths": [secret, busybox]}).value
+        assert valid == [busybox]
+        hash_part = os.path.basename(secret)[:32]
+        assert "not allowed" in client.call(
+            Op.QUERY_PATH_FROM_HASH_PART, {"hash_part": hash_part}
+        ).error_message
+        # controls: an input is valid, and its info is censored
+        assert client.call(Op.IS_VALID_PATH, {"path": busybox}).value is True
+        info = client.call(Op.QUERY_PATH_INFO, {"path": busybox}).value
+        assert isinstance(info, PathInfo)
+        assert info.nar_size > 0
+        assert info.deriver is None and info.sigs == [] and info.registration_time == 0
+
+
+def test_denied_ops_answer_errors_and_keep_the_connection(
+    live: LiveBuild, recnix_service: RecnixService, busybox: str, secret: str
+) -> None:
+    basic = BasicDerivation(
+        outputs={"out": DerivationOutput("/nix/store/" + "0" * 32 + "-probe-out")},
+        input_srcs=[busybox],
+        platform="x86_64-linux",
+        builder=busybox + "/bin/sh",
+        args=["-c", "echo pwned > $out"],
+        env={"out": "/nix/store/" + "0" * 32 + "-probe-out"},
+    )
+    cases: list[tuple[Op, dict, str]] = [
+        (Op.ENSURE_PATH, {"path": secret}, secret),
+        (Op.ADD_SIGNATURES, {"path": busybox, "sigs": ["cache.example.org-1:AAAA"]}, "not allowed"),
+        (
+            Op.BUILD_DERIVATION,
+            {"drv_path": live.drv_path, "drv": basic, "build_mode": 0},
+            "not allowed",
+        ),
+        (Op.BUILD_PATHS, {"paths": [DerivedPath(busybox)], "build_mode": 1}, "repair"),
+        (Op.BUILD_PATHS, {"paths": [DerivedPath(busybox)], "build_mode": 2}, "check"),
+        (Op.BUILD_PATHS, {"paths": [DerivedPath(live.drv_path, ["out"])]}, live.drv_path),
+        (Op.BUILD_PATHS_WITH_RESULTS, {"paths": [DerivedPath(secret)]}, secret),
+        (Op.ADD_TEXT_TO_STORE, {"name": "t", "text": b"x", "references": [secret]}, secret),
+    ]
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        for op, args, expected in cases:
+            result = client.call(op, args)
+            assert result.error is not None, f"{op.name} {args} was answered: {result.reply}"
+            assert expected in result.error_message, f"{op.name}: {result.error_message}"
+        # AddToStore with a reference to a path that is not allowed: refused, stream drained
+        bad_ref = client.call(
+            Op.ADD_TO_STORE,
+            {"name": "refers", "ca_method": "text:sha256", "references": [secret]},
+            data=[b"refers to the secret\n"],
+        )
+        assert secret in bad_ref.error_message
+        assert client.call(Op.IS_VALID_PATH, {"path": busybox}).value is True
+    refused_ops = {e["op"] for e in audit_for(recnix_service, live, "refused")}
+    assert {"ENSURE_PATH", "ADD_SIGNATURES", "BUILD_DERIVATION", "BUILD_PATHS"} <= refused_ops
+    assert not os.path.lexists("/nix/store/" + "0" * 32 + "-probe-out")
+    import json; print("\nAUDIT", *[json.dumps(e) for e in recnix_service.audit_events() if live.session["session"] in str(e)], sep="\n")
+
+
+def test_add_to_store_nar_repair_is_forced_off(
+    live: LiveBuild, nix_host_recnix: NixHost, tmp_path: Path
+) -> None:
+    path = host_add(nix_host_recnix, tmp_path, "repairable.txt", f"repair me {fresh()}\n")
+    info = path_info(nix_host_recnix, path)
+    nar = host_dump(nix_host_recnix, path)
+    args = {
+        "path": path,
+        "deriver": None,
+        "nar_hash": info["narHash"],
+        "references": [],
+        "registration_time": 0,
+        "nar_size": info["narSize"],
+        "ultimate": True,
+        "sigs": [],
+        "ca": info["ca"],
+        "repair": True,
+        "dont_check_sigs": True,
+    }
+    inode = os.lstat(path).st_ino
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        result = client.call(Op.ADD_TO_STORE_NAR, args, data=[nar])
+        assert result.error is None, result.error_message
+        assert client.call(Op.IS_VALID_PATH, {"path": path}).value is True
+    assert os.lstat(path).st_ino == inode, "the session let a sandboxed client repair a path"
+    assert os.path.lexists(live.sandbox_path(path))
+    # control: the same request sent straight to the (trusting) daemon does rewrite the path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as direct:
+        direct.connect(str(nix_host_recnix.socket))
+        client = client_for(direct)
+        assert client.call(Op.ADD_TO_STORE_NAR, args, data=[nar]).error is None
+    assert os.lstat(path).st_ino != inode, "repair=1 had no visible effect: the check is vacuous"
+
+
+def test_add_indirect_root_is_inert(
+    live: LiveBuild, nix_host_recnix: NixHost, tmp_path: Path
+) -> None:
+    link = tmp_path / "indirect-root"
+    link.symlink_to(live.out_path)
+
+    def roots_to_link() -> list[str]:
+        found = []
+        for entry in GCROOTS_AUTO.iterdir() if GCROOTS_AUTO.is_dir() else []:
+            if os.path.islink(entry) and os.readlink(entry) == str(link):
+                found.append(str(entry))
+        return found
+
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        assert client.call(Op.ADD_INDIRECT_ROOT, {"path": str(link)}).value == 1
+        assert client.call(Op.ADD_TEMP_ROOT, {"path": live.out_path}).value == 1
+    assert roots_to_link() == [], "a sandboxed client created a GC root on the host"
+    # control: the daemon itself would have made one
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as direct:
+        direct.connect(str(nix_host_recnix.socket))
+        client = client_for(direct)
+        assert client.call(Op.ADD_INDIRECT_ROOT, {"path": str(link)}).value == 1
+    made = roots_to_link()
+    try:
+        assert made, "the daemon made no indirect root either: the check is vacuous"
+    finally:
+        for entry in made:
+            os.unlink(entry)
+
+
+def test_collect_garbage_is_inert(
+    live: LiveBuild, nix_host_recnix: NixHost, recnix_service: RecnixService, tmp_path: Path
+) -> None:
+    dead = host_add(nix_host_recnix, tmp_path, "dead.txt", f"dead but kept {fresh()}\n")
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        gc_args = {"action": 3, "paths": [dead], "ignore_liveness": 1, "max_freed": 0}
+        assert client.call(Op.COLLECT_GARBAGE, gc_args).value == GCResult()
+        assert client.call(Op.COLLECT_GARBAGE, {"action": 2}).value == GCResult()
+        assert client.call(Op.FIND_ROOTS, {}).value == {}
+    assert os.path.exists(dead)
+    assert nix_host_recnix.run(["nix-store", "--check-validity", dead], check=False).returncode == 0
+    assert any(e["op"] == "COLLECT_GARBAGE" for e in audit_for(recnix_service, live, "refused"))
+
+
+def test_added_text_becomes_valid_and_visible(
+    live: LiveBuild, nix_host_recnix: NixHost, recnix_service: RecnixService
+) -> None:
+    content = f"added through the session {fresh()}\n".encode()
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        added = client.call(
+            Op.ADD_TO_STORE,
+            {"name": "probe-added.txt", "ca_method": "text:sha256", "references": []},
+            data=[content[:10], content[10:]],
+        ).value
+        assert isinstance(added, ValidPathInfo)
+        path = added.path
+        assert path.endswith("-probe-added.txt")
+        assert added.info.ca.startswith("text:sha256:")
+        assert client.call(Op.IS_VALID_PATH, {"path": path}).value is True
+        assert client.call(Op.NAR_FROM_PATH, {"path": path}).nar == host_dump(
+            nix_host_recnix, path
+        )
+        text_path = client.call(
+            Op.ADD_TEXT_TO_STORE,
+            {"name": "probe-text.txt", "text": content, "references": [path]},
+        ).value
+        assert path in client.call(Op.QUERY_REFERENCES, {"path": text_path}).value
+        assert {path, text_path} <= set(client.call(Op.QUERY_ALL_VALID_PATHS, {}).value)
+    with open(path, "rb") as f:
+        assert f.read() == content
+    with open(live.sandbox_path(path), "rb") as f:
+        assert f.read() == content, "the added path is not visible inside the sandbox"
+    assert os.path.lexists(live.sandbox_path(text_path))
+    added_events = {e.get("path") for e in audit_for(recnix_service, live, "added")}
+    assert {path, text_path} <= added_events
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _closed_after(sock: socket.socket, payload: bytes, shut: bool = False) -> bytes:
+    """Send ``payload`` (then half-close if ``shut``); return what arrives before close."""
+    sock.sendall(payload)
+    if shut:
+        sock.shutdown(socket.SHUT_WR)
+    return recv_until_closed(sock, timeout=15)
+
+
+def test_malformed_input_closes_only_that_connection(
+    live: LiveBuild,
+    recnix_service: RecnixService,
+    recnix_runner: ScenarioRunner,
+    busybox: str,
+) -> None:
+    outcome: list[BuildOutcome] = []
+    good = threading.Thread(
+        target=lambda: outcome.append(recnix_runner.build("inner", "recnix", tag=fresh()))
+    )
+    good.start()
+    log_before = len(recnix_service.log_text())
+    handshake = u64(0x6E697863) + u64((1 << 8) | 35) + u64(0) + u64(0)
+    try:
+        # 1. garbage instead of the magic
+        with sandbox_socket(live) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            recv_until_closed(sock, timeout=15)
+
+        # 2. a valid handshake, then an unknown op: an error naming it, then close
+        with sandbox_socket(live) as sock:
+            client = client_for(sock)
+            rest = _closed_after(sock, u64(999))
+            messages = decode_stderr_messages(rest, client.minor)
+            assert len(messages) == 1 and isinstance(messages[0], Error), messages
+            assert "invalid operation 999" in messages[0].message
+
+        # 3. AddToStore whose framed stream is cut mid-chunk, then a disconnect
+        with sandbox_socket(live) as sock:
+            client = client_for(sock)
+            client.conn.send_request(
+                Op.ADD_TO_STORE,
+                {"name": "truncated.txt", "ca_method": "text:sha256", "references": []},
+            )
+            request = client.conn.data_to_send()
+            _closed_after(sock, request + u64(1000) + b"only ten b", shut=True)
+
+        # 4. a string length of 2**40: refused at once, not awaited
+        with sandbox_socket(live) as sock:
+            client = client_for(sock)
+            started = time.monotonic()
+            rest = _closed_after(sock, u64(Op.IS_VALID_PATH) + u64(1 << 40))
+            assert time.monotonic() - started < 10
+            messages = decode_stderr_messages(rest, client.minor)
+            assert len(messages) == 1 and isinstance(messages[0], Error), messages
+            assert "protocol error" in messages[0].message
+
+        # 5. a disconnect in the middle of a request (inside a string)
+        with sandbox_socket(live) as sock:
+            client = client_for(sock)
+            _closed_after(sock, u64(Op.IS_VALID_PATH) + u64(44) + b"/nix/st", shut=True)
+
+        # 6. the magic cut in half, then EOF
+        with sandbox_socket(live) as sock:
+            _closed_after(sock, handshake[:5], shut=True)
+
+        # the session still serves a well-behaved client
+        with sandbox_socket(live) as sock:
+            client = client_for(sock)
+            assert client.call(Op.IS_VALID_PATH, {"path": busybox}).value is True
+    finally:
+        good.join(timeout=300)
+    assert outcome and outcome[0].ok, outcome[0].describe() if outcome else "build thread hung"
+
+    log = recnix_service.log_text()[log_before:]
+    reasons = [line for line in log.splitlines() if "protocol error" in line]
+    expected = [
+        "bad client magic",
+        "invalid operation 999",
+        "unexpected end of stream",
+        "string",
+    ]
+    for fragment in expected:
+        assert any(fragment in line for line in reasons), (
+            f"no protocol-error log line mentions {fragment!r}:\n" + "\n".join(reasons)
+        )
+    assert len(reasons) >= 5, "\n".join(reasons)
+    print("\nREASONS", *reasons, sep="\n")
+    audit = audit_for(recnix_service, live, "protocol-error")
+    assert len(audit) >= 5, audit
+    assert not list(Path("/nix/store").glob("*-truncated.txt"))
+    sessions = service_sessions(recnix_service.control_socket)
+    assert any(s["drv"] == live.drv_path and s["state"] == "open" for s in sessions), sessions
