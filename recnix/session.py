@@ -11,6 +11,7 @@ inside the sandbox before the reply goes out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -333,10 +334,8 @@ class ConnectionHandler:
     async def close(self) -> None:
         if self.upstream is not None:
             await self.upstream.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.flush()
-        except (ConnectionError, OSError):
-            pass
         self.writer.close()
 
     # -- main loop

@@ -78,7 +78,8 @@ def test_nix_conf_text_equals_render_nix_conf() -> None:
 
 def test_uses_extra_system_features_never_system_features() -> None:
     settings = nix_eval("nixSettings")
-    assert settings["extra-system-features"].split() == ["recnix", "recnix-readonly", "recursive-nix"]
+    features = settings["extra-system-features"].split()
+    assert features == ["recnix", "recnix-readonly", "recursive-nix"]
     assert "system-features" not in settings
 
 
