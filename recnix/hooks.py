@@ -64,11 +64,11 @@ def _run_chained(hooks: list[str], args: list[str], env: dict[str, str] | None =
         proc = subprocess.run([hook, *args], stdout=subprocess.PIPE, env=env, check=False)
         if proc.returncode != 0:
             raise HookError(f"chained hook {hook} exited with status {proc.returncode}")
-        text = proc.stdout.decode(errors="surrogateescape")
-        if text:
-            if not text.endswith("\n"):
-                text += "\n"
-            out.append(text + "\n")
+        text = proc.stdout.decode(errors="surrogateescape").strip("\n")
+        if text.strip():
+            # Nix's parser rejects an empty line outside a block: exactly one
+            # empty line ends each block.
+            out.append(text + "\n\n")
     return "".join(out)
 
 
@@ -146,8 +146,13 @@ def pre_build_main(argv: list[str] | None = None) -> int:
     try:
         sys.stdout.write(pre_build(args[0], args[1] if len(args) > 1 else None))
     except Exception as e:  # any failure must name the build, and fail only this build
-        print(f"recnix pre-build hook: {e}", file=sys.stderr)
-        return 1
+        message = " ".join(f"recnix: {e}".split())
+        print(message, file=sys.stderr)
+        # Nix shows a failing hook's stderr only in the daemon's log, but it
+        # quotes an unknown hook command in the error the client sees: this
+        # line fails the build with our message.
+        sys.stdout.write(message + "\n")
+        return 0
     return 0
 
 

@@ -74,6 +74,12 @@ def fixed_output_drvs(roots: list[str], is_valid_output: callable) -> list[str]:
     return found
 
 
+def requested_features(drv_path: str) -> set[str]:
+    """requiredSystemFeatures of a derivation in the store (empty if unreadable)."""
+    drv = _read(drv_path)
+    return set(drv.required_system_features) if drv is not None else set()
+
+
 def _read(drv_path: str) -> Derivation | None:
     try:
         return read_derivation(Path(drv_path))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from recnix.derivation import Derivation
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
 from recnix.nar import dump_path
-from recnix.policy import Denied, Limits, checked_path, fixed_output_drvs
+from recnix.policy import Denied, Limits, checked_path, fixed_output_drvs, requested_features
 from recnix.protocol import (
     NEED_DATA,
     NOT_TRUSTED,
@@ -715,6 +715,7 @@ class ConnectionHandler:
                     f"cannot build '{path}' from inside its own build (it would wait forever "
                     "on its own output locks)"
                 )
+        self._check_nesting([t.path for t in targets])
         if s.limits.max_builds and s.builds + 1 > s.limits.max_builds:
             raise Denied(
                 f"this build already made {s.builds} nested build requests "
@@ -732,6 +733,22 @@ class ConnectionHandler:
                     "with policy.allow-fixed-output = true"
                 )
         s.builds += 1
+
+    def _check_nesting(self, drv_paths: list[str]) -> None:
+        """Refuse to start a nested recnix build deeper than policy.max-depth."""
+        s = self.session
+        if not s.limits.max_depth or s.depth < s.limits.max_depth:
+            return
+        for drv_path in drv_paths:
+            if not drv_path.endswith(".drv"):
+                continue
+            features = requested_features(drv_path)
+            if features & {"recnix", "recnix-readonly"}:
+                raise Denied(
+                    f"cannot build '{drv_path}': it requires recnix and would be recursive "
+                    f"build level {s.depth + 1}, above policy.max-depth = {s.limits.max_depth}; "
+                    "raise it in the recnix configuration"
+                )
 
     async def _outputs_of(self, targets: list[DerivedPath]) -> set[str]:
         up = await self.up()

@@ -343,24 +343,35 @@ class RecnixService:
         return sorted(self.root.glob("s-*"))
 
 
-def recnix_config_text(root: Path, host: NixHost, extra: str = "") -> str:
-    """The service's config for the host tier (sections of recnix/defaults.toml)."""
-    return (
-        "[daemon]\n"
-        f'control-socket = "{root / "control.sock"}"\n'
-        f'state-dir = "{root}"\n'
-        f'upstream = "unix://{host.socket}"\n'
-        f'audit-log = "{root / "audit.jsonl"}"\n'
-        "max-sessions = 3\n"
-        'log-level = "debug"\n' + extra
-    )
+def recnix_config_text(
+    root: Path, host: NixHost, extra: str = "", daemon: Mapping[str, object] | None = None
+) -> str:
+    """The service's config for the host tier (sections of recnix/defaults.toml).
+
+    ``daemon`` overrides keys of the ``[daemon]`` table; ``extra`` appends other tables.
+    """
+    settings: dict[str, object] = {
+        "control-socket": str(root / "control.sock"),
+        "state-dir": str(root),
+        "upstream": f"unix://{host.socket}",
+        "audit-log": str(root / "audit.jsonl"),
+        "max-sessions": 3,
+        "log-level": "debug",
+        **(daemon or {}),
+    }
+    lines = ["[daemon]"]
+    for key, value in settings.items():
+        lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
+    return "\n".join(lines) + "\n" + extra
 
 
-def start_recnix_service(host: NixHost, extra_config: str = "") -> RecnixService:
+def start_recnix_service(
+    host: NixHost, extra_config: str = "", daemon: Mapping[str, object] | None = None
+) -> RecnixService:
     """Write ``host.recnix_config`` and start ``recnix daemon`` on it."""
     root = host.root / "recnix"
     root.mkdir(mode=0o700, exist_ok=True)
-    host.recnix_config.write_text(recnix_config_text(root, host, extra_config))
+    host.recnix_config.write_text(recnix_config_text(root, host, extra_config, daemon))
     env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config)}
     env.pop("TMPDIR", None)
     log = open(root / "service.log", "ab")  # noqa: SIM115 - handed to the service

@@ -29,6 +29,8 @@ from recnix.protocol import (
     Op,
     PathInfo,
     ValidPathInfo,
+    encode_multiple_entry,
+    encode_multiple_header,
 )
 from recnix.protocol.wire import u64
 from tests.host.conftest import NixHost, RecnixService
@@ -152,7 +154,10 @@ def test_outsider_is_refused_but_sandbox_process_accepted(
 
 
 def test_nar_from_path_only_of_allowed_paths(
-    live: LiveBuild, nix_host_recnix: NixHost, recnix_service: RecnixService, busybox: str,
+    live: LiveBuild,
+    nix_host_recnix: NixHost,
+    recnix_service: RecnixService,
+    busybox: str,
     secret: str,
 ) -> None:
     with sandbox_socket(live) as sock:
@@ -176,9 +181,10 @@ def test_queries_hide_what_is_not_allowed(live: LiveBuild, busybox: str, secret:
         valid = client.call(Op.QUERY_VALID_PATHS, {"paths": [secret, busybox]}).value
         assert valid == [busybox]
         hash_part = os.path.basename(secret)[:32]
-        assert "not allowed" in client.call(
-            Op.QUERY_PATH_FROM_HASH_PART, {"hash_part": hash_part}
-        ).error_message
+        assert (
+            "not allowed"
+            in client.call(Op.QUERY_PATH_FROM_HASH_PART, {"hash_part": hash_part}).error_message
+        )
         # controls: an input is valid, and its info is censored
         assert client.call(Op.IS_VALID_PATH, {"path": busybox}).value is True
         info = client.call(Op.QUERY_PATH_INFO, {"path": busybox}).value
@@ -229,7 +235,51 @@ def test_denied_ops_answer_errors_and_keep_the_connection(
     refused_ops = {e["op"] for e in audit_for(recnix_service, live, "refused")}
     assert {"ENSURE_PATH", "ADD_SIGNATURES", "BUILD_DERIVATION", "BUILD_PATHS"} <= refused_ops
     assert not os.path.lexists("/nix/store/" + "0" * 32 + "-probe-out")
-    import json; print("\nAUDIT", *[json.dumps(e) for e in recnix_service.audit_events() if live.session["session"] in str(e)], sep="\n")
+    import json
+
+    print(
+        "\nAUDIT",
+        *[
+            json.dumps(e)
+            for e in recnix_service.audit_events()
+            if live.session["session"] in str(e)
+        ],
+        sep="\n",
+    )
+
+
+def test_malformed_store_paths_are_refused_in_sync(live: LiveBuild, busybox: str) -> None:
+    valid_hash = os.path.basename(busybox)[:32]
+    bad_paths = [
+        "/etc/passwd",
+        f"/nix/store/{valid_hash}-x/../../../etc/shadow",
+        f"/nix/store/{valid_hash}",
+        busybox + "/bin/sh",
+        "",
+    ]
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        for bad in bad_paths:
+            for op in (Op.IS_VALID_PATH, Op.NAR_FROM_PATH, Op.QUERY_PATH_INFO):
+                result = client.call(op, {"path": bad})
+                assert result.error is not None, f"{op.name} {bad!r} answered {result.reply}"
+                assert result.nar == b""
+        assert client.call(Op.IS_VALID_PATH, {"path": busybox}).value is True
+
+
+def test_old_client_add_is_refused_and_its_nar_drained(
+    live: LiveBuild, nix_host_recnix: NixHost, busybox: str, secret: str
+) -> None:
+    nar = host_dump(nix_host_recnix, secret)
+    with sandbox_socket(live) as sock:
+        client = ProbeClient(sock, client_minor=24)
+        assert client.do_handshake().minor == 24
+        args = {"name": "old.txt", "fixed": True, "recursive": 1, "hash_algo": "sha256"}
+        result = client.call(Op.ADD_TO_STORE, args, data=[nar[:100], nar[100:]])
+        assert "1.25" in result.error_message
+        # the plain NAR was read to its end: the next request is understood
+        assert client.call(Op.IS_VALID_PATH, {"path": busybox}).value is True
+        assert client.call(Op.IS_VALID_PATH, {"path": secret}).value is False
 
 
 def test_add_to_store_nar_repair_is_forced_off(
@@ -329,9 +379,7 @@ def test_added_text_becomes_valid_and_visible(
         assert path.endswith("-probe-added.txt")
         assert added.info.ca.startswith("text:sha256:")
         assert client.call(Op.IS_VALID_PATH, {"path": path}).value is True
-        assert client.call(Op.NAR_FROM_PATH, {"path": path}).nar == host_dump(
-            nix_host_recnix, path
-        )
+        assert client.call(Op.NAR_FROM_PATH, {"path": path}).nar == host_dump(nix_host_recnix, path)
         text_path = client.call(
             Op.ADD_TEXT_TO_STORE,
             {"name": "probe-text.txt", "text": content, "references": [path]},
@@ -345,6 +393,65 @@ def test_added_text_becomes_valid_and_visible(
     assert os.path.lexists(live.sandbox_path(text_path))
     added_events = {e.get("path") for e in audit_for(recnix_service, live, "added")}
     assert {path, text_path} <= added_events
+
+
+def test_add_multiple_with_an_already_valid_entry(
+    live: LiveBuild, nix_host_recnix: NixHost, tmp_path: Path
+) -> None:
+    # One path that is valid on the host and one that was valid and is gone: the
+    # batch is forwarded per path (Nix 2.8 desynchronises on valid entries, §3.5 item 6).
+    kept = host_add(nix_host_recnix, tmp_path, "multi-kept.txt", f"kept {fresh()}\n")
+    gone = host_add(nix_host_recnix, tmp_path, "multi-gone.txt", f"gone {fresh()}\n")
+    entries = []
+    for path in (kept, gone):
+        info = path_info(nix_host_recnix, path)
+        pinfo = PathInfo(
+            deriver=None,
+            nar_hash=info["narHash"],
+            references=[],
+            registration_time=0,
+            nar_size=info["narSize"],
+            ultimate=False,
+            sigs=[],
+            ca=info["ca"],
+        )
+        entries.append((ValidPathInfo(path, pinfo), host_dump(nix_host_recnix, path)))
+    nix_host_recnix.run(["nix-store", "--delete", gone])
+    assert not os.path.lexists(gone)
+    stream = encode_multiple_header(len(entries)) + b"".join(
+        encode_multiple_entry(vpi) + nar for vpi, nar in entries
+    )
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        args = {"repair": True, "dont_check_sigs": True}
+        result = client.call(Op.ADD_MULTIPLE_TO_STORE, args, data=[stream[:77], stream[77:]])
+        assert result.error is None, result.error_message
+        valid = client.call(Op.QUERY_VALID_PATHS, {"paths": [kept, gone]}).value
+        assert sorted(valid) == sorted([kept, gone])
+    for vpi, nar in entries:
+        assert host_dump(nix_host_recnix, vpi.path) == nar
+        assert os.path.lexists(live.sandbox_path(vpi.path)), f"{vpi.path} not in the sandbox"
+
+
+def test_own_derivation_cannot_be_built_even_when_added(
+    live: LiveBuild, recnix_service: RecnixService, busybox: str
+) -> None:
+    # A build can add its own .drv (same text, same references => same path) and so
+    # make it allowed; building it would wait forever on its own output lock.
+    drv_text = Path(live.drv_path).read_bytes()
+    name = os.path.basename(live.drv_path)[33:]
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        added = client.call(
+            Op.ADD_TEXT_TO_STORE, {"name": name, "text": drv_text, "references": [busybox]}
+        ).value
+        assert added == live.drv_path
+        assert client.call(Op.IS_VALID_PATH, {"path": live.drv_path}).value is True
+        for op in (Op.BUILD_PATHS, Op.BUILD_PATHS_WITH_RESULTS):
+            result = client.call(op, {"paths": [DerivedPath(live.drv_path, ["out"])]})
+            assert "from inside its own build" in result.error_message
+            assert live.drv_path in result.error_message
+    assert not os.path.exists(live.out_path), "the outer output appeared before release"
 
 
 # --------------------------------------------------------------------------- bad input

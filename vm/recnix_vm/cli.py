@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``recnix-vm``."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # tear the guest down on SIGTERM too
     if args.cache:
         os.environ["RECNIX_VM_CACHE"] = str(args.cache)
     try:
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.command)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _machine(args: argparse.Namespace, prefix: str, global_timeout: float | None) -> Machine:

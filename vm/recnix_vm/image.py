@@ -389,6 +389,7 @@ def build_image(cache_path: str | os.PathLike[str] | None = None) -> Image:
         final = cache / "images" / key
         if (final / "image.json").exists():
             log(f"disk image: reusing {final}")
+            os.utime(final)  # mark as recently used for prune_images
             return Image.load(final, ssh_key)
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=final.parent))
@@ -406,7 +407,11 @@ def build_image(cache_path: str | os.PathLike[str] | None = None) -> Image:
 
 
 def prune_images(images_dir: Path, keep: Path, count: int = KEEP_IMAGES) -> None:
-    """Delete all but the ``count`` newest disk images (never ``keep``), and stale partials."""
+    """Delete all but the ``count`` newest disk images and stale partial builds.
+
+    Only images unused for an hour go (a running guest or a kept overlay may
+    still need its backing file); ``keep`` never does.
+    """
     now = time.time()
     built = []
     for entry in images_dir.iterdir():

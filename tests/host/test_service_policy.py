@@ -1,0 +1,206 @@
+"""recnix policy knobs, hook chaining, slot limits and a stopped service (issue 3).
+
+Each test gets its own private nix-daemon and recnix service with the
+configuration under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.host.conftest import (
+    RECNIX_BIN,
+    NixHost,
+    RecnixService,
+    scenario_runner,
+    start_nix_host,
+    start_recnix_service,
+    stop_recnix_service,
+)
+from tests.scenarios.checks import RECNIX, fresh_tag
+from tests.scenarios.runner import ScenarioRunner
+
+pytestmark = pytest.mark.host
+
+LIB = Path(__file__).resolve().parents[1] / "scenarios" / "inner" / "lib.nix"
+
+
+@contextlib.contextmanager
+def host_with_service(
+    busybox: str, nix_bundle: str, config: str | None, daemon: dict | None = None
+) -> Iterator[tuple[NixHost, RecnixService | None, ScenarioRunner]]:
+    """A daemon with recnix hooks; a service with ``config`` (none if ``config`` is None)."""
+    host = start_nix_host(hooks=True)
+    service = None
+    try:
+        if config is not None:
+            service = start_recnix_service(host, config, daemon)
+        else:
+            host.recnix_config.write_text(
+                f'[daemon]\ncontrol-socket = "{host.root / "no-service.sock"}"\n'
+            )
+        yield host, service, scenario_runner(host, busybox, nix_bundle)
+    finally:
+        if service is not None:
+            stop_recnix_service(service)
+        host.stop()
+
+
+def write_expr(host: NixHost, name: str, text: str) -> str:
+    path = host.root / name
+    path.write_text(text)
+    return str(path)
+
+
+def plain_build_expr(busybox: str, features: list[str], script: str, tag: str) -> str:
+    feats = " ".join(f'"{f}"' for f in features)
+    return f"""
+let lib = import {LIB} {{ busybox = "{busybox}"; }};
+in lib.mkBuild {{
+  name = "policy-probe";
+  features = [ {feats} ];
+  env.tag = "{tag}";
+  script = ''{script}'';
+}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("config", "scenario", "extra", "expected"),
+    [
+        ("[policy]\nmax-depth = 1\n", "deep", {}, "policy.max-depth"),
+        ("[policy]\nmax-builds-per-session = 2\n", "many", {"n": 3}, "max-builds-per-session"),
+        ("[policy]\nmax-added-bytes = 64\n", "add", {}, "policy.max-added-bytes"),
+    ],
+    ids=["max-depth", "max-builds", "max-added-bytes"],
+)
+def test_limits_fail_with_a_clear_error(busybox, nix_bundle, config, scenario, extra, expected):
+    with host_with_service(busybox, nix_bundle, config) as (_, service, runner):
+        tag = fresh_tag()
+        outcome = runner.build(scenario, RECNIX, tag, {"innerTag": tag, **extra})
+        assert outcome.rc != 0, outcome.describe()
+        assert expected in outcome.stderr, outcome.describe()
+        # the service survives the refusal and still answers
+        assert service is not None and service.process.poll() is None
+        status = subprocess.run(
+            [str(RECNIX_BIN), "--config", str(service.config_path), "status"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert status.returncode == 0, status.stderr
+
+
+def test_readonly_only_policy(busybox, nix_bundle):
+    with host_with_service(busybox, nix_bundle, "[policy]\nreadonly-only = true\n") as (
+        _,
+        _service,
+        runner,
+    ):
+        outcome = runner.build("inner", RECNIX, fresh_tag())
+        assert outcome.rc != 0 and "recnix-readonly" in outcome.stderr, outcome.describe()
+
+
+def test_service_down_fails_only_opted_in_builds(busybox, nix_bundle):
+    with host_with_service(busybox, nix_bundle, None) as (host, _, runner):
+        tag = fresh_tag()
+        plain = write_expr(
+            host, "plain.nix", plain_build_expr(busybox, [], 'echo "$tag" > "$out"', tag)
+        )
+        done = host.run(["nix-build", "--no-out-link", plain])
+        assert runner.read(done.stdout.strip()) == f"{tag}\n"
+        outcome = runner.build("inner", RECNIX, tag)
+        assert outcome.rc != 0
+        assert "recnix service is not running" in outcome.stderr, outcome.describe()
+
+
+def test_hooks_are_chained(busybox, nix_bundle):
+    with host_with_service(busybox, nix_bundle, "") as (host, _, runner):
+        shared = host.root / "chained.txt"
+        shared.write_text("mounted by a chained hook\n")
+        marker = host.root / "post-hook-ran"
+        pre = host.root / "pre-hook.sh"
+        pre.write_text(f"#!/bin/sh\necho extra-sandbox-paths\necho /chained.txt={shared}\necho\n")
+        post = host.root / "post-hook.sh"
+        post.write_text(f'#!/bin/sh\necho "$DRV_PATH" >> {marker}\n')
+        for hook in (pre, post):
+            hook.chmod(0o755)
+        config = host.recnix_config.read_text()
+        config += f'[hooks]\npre-build = ["{pre}"]\npost-build = ["{post}"]\n'
+        host.recnix_config.write_text(config)
+        tag = fresh_tag()
+        # a plain build sees the chained hook's mount; a recnix build gets both
+        plain = write_expr(
+            host, "plain.nix", plain_build_expr(busybox, [], 'cat /chained.txt > "$out"', tag)
+        )
+        out = host.run(["nix-build", "--no-out-link", plain]).stdout.strip()
+        assert runner.read(out) == "mounted by a chained hook\n"
+        script = (
+            'cat /chained.txt > "$out"; test -S /nix/var/nix/daemon-socket/socket '
+            '&& echo socket >> "$out"'
+        )
+        both = write_expr(host, "both.nix", plain_build_expr(busybox, [RECNIX], script, tag))
+        out = host.run(["nix-build", "--no-out-link", both]).stdout.strip()
+        assert runner.read(out) == "mounted by a chained hook\nsocket\n"
+        drvs = marker.read_text().split()
+        assert len(drvs) == 2 and all(d.endswith("-policy-probe.drv") for d in drvs), drvs
+
+
+def test_sessions_beyond_the_limit_wait(busybox, nix_bundle):
+    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}) as (
+        host,
+        service,
+        runner,
+    ):
+        assert service is not None
+        script = (
+            "touch started; i=0; while [ $i -lt 120 ] && [ ! -e release ]; "
+            'do sleep 0.2; i=$((i+1)); done; echo "$tag" > "$out"'
+        )
+        procs = []
+        for n in range(2):
+            expr = write_expr(
+                host,
+                f"wait{n}.nix",
+                plain_build_expr(busybox, [RECNIX], script, f"{fresh_tag()}-{n}"),
+            )
+            procs.append(
+                subprocess.Popen(
+                    ["nix-build", "--no-out-link", expr],
+                    env=host.env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while "waits for a free recnix session slot" not in service.log_text():
+                assert time.monotonic() < deadline, service.log_text()
+                time.sleep(0.2)
+            started = glob.glob(f"{host.build_dir}/nix-build-policy-probe.drv-*/started")
+            assert len(started) == 1, f"both builds run despite max-sessions = 1: {started}"
+            # release builds as they start: the waiting one starts after the first ends
+            released: set[str] = set()
+            while any(p.poll() is None for p in procs):
+                assert time.monotonic() < deadline + 60, "builds did not finish"
+                for s in glob.glob(f"{host.build_dir}/nix-build-policy-probe.drv-*/started"):
+                    if s not in released:
+                        open(os.path.join(os.path.dirname(s), "release"), "w").close()
+                        released.add(s)
+                time.sleep(0.2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        results = [p.communicate() for p in procs]
+        assert all(p.returncode == 0 for p in procs), results
+        assert len(released) == 2
