@@ -24,6 +24,7 @@ import os
 import secrets
 import socket
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -119,11 +120,11 @@ class Row:
 
 def _exchange(sock: socket.socket, conn: ClientConnection) -> object:
     """Send what ``conn`` queued, then read until it has an event."""
-    data = conn.data_to_send()
-    if data:
-        sock.sendall(data)
     while True:
         ev = conn.next_event()
+        data = conn.data_to_send()  # requests, and handshake steps queued while decoding
+        if data:
+            sock.sendall(data)
         if ev is not NEED_DATA:
             return ev
         chunk = sock.recv(65536)
@@ -165,6 +166,7 @@ def qpi_from_sandbox(chroot: str, socket_dir: str, socket_name: str, path: str, 
             os.chroot(chroot)
             os.fchdir(dirfd)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(60)
                 sock.connect(socket_name)
                 seconds = qpi_loop(sock, path, n)
             os.write(write_end, struct.pack("d", seconds))
@@ -333,6 +335,8 @@ def main() -> int:
     opts = parser.parse_args()
     only = set(opts.only or ["qpi", "many", "trivial"])
 
+    # SIGTERM (e.g. `timeout`) must still stop the daemons started below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     started = time.perf_counter()
     nix_version = subprocess.run(
         ["nix-store", "--version"], capture_output=True, text=True, check=True

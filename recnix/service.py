@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import secrets
 import signal
 import time
@@ -28,6 +29,20 @@ log = logging.getLogger("recnix.service")
 
 WATCH_INTERVAL = 1.0
 FINALISE_GRACE = 60.0  # seconds a finished build's session waits for the post-build hook
+
+
+FD_LIMIT_WANTED = 1 << 16
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft open-files limit towards the hard one (sessions hold many sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, e)
 
 
 class OpenRefused(Exception):
@@ -61,6 +76,7 @@ class Service:
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT, then close every session."""
         self._prepare_dirs()
+        raise_fd_limit()
         control_path = self.config.control_socket
         control_path.parent.mkdir(parents=True, exist_ok=True)
         if control_path.exists() or control_path.is_symlink():
@@ -298,9 +314,7 @@ class Service:
 
     async def _check_alive(self, session: Session) -> None:
         if session.chroot.is_dir():
-            pid = await asyncio.get_running_loop().run_in_executor(
-                None, session.view.sandbox_pid
-            )
+            pid = await asyncio.get_running_loop().run_in_executor(None, session.view.sandbox_pid)
             if pid is not None:
                 session.seen_process = True
             if pid is not None or not session.seen_process:

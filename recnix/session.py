@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import struct
+import tempfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,13 @@ log = logging.getLogger("recnix.session")
 
 READ_CHUNK = 1 << 16
 NAR_CHUNK = 1 << 16
+# Concurrent client connections one session serves (each may hold an upstream
+# connection and a nix-daemon worker); more are closed at once, so one build
+# cannot exhaust the service's file descriptors and starve every other build.
+MAX_CONNECTIONS_PER_SESSION = 64
+# A text or flat-file add is received whole before it is forwarded (see
+# op_add_to_store); up to this many bytes in memory, the rest in a temporary file.
+SPOOL_IN_MEMORY = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,8 @@ class Session:
         self.seen_process = False  # a process was seen in the sandbox (the build started)
         self.holds_slot = False  # counts against daemon.max-sessions
         self._allow_lock = asyncio.Lock()
+        self.connections = 0  # connections being served now
+        self.refused_connections = 0  # refused for exceeding MAX_CONNECTIONS_PER_SESSION
 
     # -- lifecycle
 
@@ -254,11 +264,32 @@ class Session:
             )
             writer.close()
             return
+        if self.connections >= MAX_CONNECTIONS_PER_SESSION:
+            self._refuse_excess(peer, writer)
+            return
+        self.connections += 1
         handler = ConnectionHandler(self, reader, writer, peer)
         try:
             await handler.run()
         finally:
+            self.connections -= 1
             await handler.close()
+
+    def _refuse_excess(self, peer: Peer, writer: asyncio.StreamWriter) -> None:
+        """Close a connection above the per-session limit (audited once per burst)."""
+        self.refused_connections += 1
+        if self.refused_connections & (self.refused_connections - 1) == 0:  # 1, 2, 4, 8...
+            reason = (
+                f"more than {MAX_CONNECTIONS_PER_SESSION} concurrent connections "
+                f"({self.refused_connections} refused so far)"
+            )
+            log.warning(
+                "session %s: refused connection from pid %d: %s", self.sid, peer.pid, reason
+            )
+            self.service.audit.write(
+                "refused", self.sid, drv=self.drv_path, op="connect", reason=reason
+            )
+        writer.close()
 
 
 class ConnectionHandler:
@@ -597,17 +628,27 @@ class ConnectionHandler:
         if self.conn.minor < 25:
             raise Denied("recnix needs a Nix client speaking protocol ≥ 1.25 to add paths")
         refs = self._check_references(args["references"])
-        up = await self.up()
-        result: ValidPathInfo = await up.call(
-            Op.ADD_TO_STORE,
-            {
-                "name": args["name"],
-                "ca_method": args["ca_method"],
-                "references": refs,
-                "repair": False,
-            },
-            data=self._metered(up),
-        )
+        request = {
+            "name": args["name"],
+            "ca_method": args["ca_method"],
+            "references": refs,
+            "repair": False,
+        }
+        if args["ca_method"].startswith("fixed:r:"):
+            # A NAR: the daemon rejects it if the stream ends early, so stream it through.
+            up = await self.up()
+            result: ValidPathInfo = await up.call(Op.ADD_TO_STORE, request, data=self._metered(up))
+        else:
+            # Text and flat files: Nix's daemon takes end-of-file for the end of the
+            # data, so a stream cut short (client gone, byte limit hit) would become a
+            # valid truncated path. Forward only what arrived complete.
+            with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+                async for chunk in self.stream():
+                    self._count_bytes(len(chunk))
+                    spool.write(chunk)
+                spool.seek(0)
+                chunks = iter(lambda: spool.read(READ_CHUNK), b"")
+                result = await (await self.up()).call(Op.ADD_TO_STORE, request, data=chunks)
         await self.session.allow([result.path], self.peer.pid, "added")
         self.conn.send_reply(Op.ADD_TO_STORE, ValidPathInfo(result.path, censor(result.info)))
 

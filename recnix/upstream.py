@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -27,6 +28,7 @@ from recnix.protocol import (
     Missing,
     Op,
     PathInfo,
+    ProtocolError,
     Reply,
     StderrMessage,
     ValidPathInfo,
@@ -45,6 +47,21 @@ class UpstreamError(Exception):
 
 class UpstreamClosed(UpstreamError):
     """The connection to the daemon is gone."""
+
+
+# The AddToStore methods Nix 2.8 parses. It parses the method after starting work but
+# before reading the framed data, so any other method leaves the frames unread: the
+# daemon then takes them for requests (and may allocate gigabytes for a "length").
+CA_METHOD = re.compile(r"(text:sha256|fixed:(r:)?(md5|sha1|sha256|sha512))")
+
+
+def check_ca_method(ca_method: str) -> None:
+    """Raise UpstreamError (sending nothing) unless the daemon can take ``ca_method``."""
+    if not CA_METHOD.fullmatch(ca_method):
+        raise UpstreamError(
+            f"content-address method '{ca_method}' is not one of 'text:sha256', "
+            "'fixed:<algo>' or 'fixed:r:<algo>' (algo: md5, sha1, sha256, sha512)"
+        )
 
 
 def daemon_socket_path() -> str:
@@ -161,6 +178,7 @@ class Upstream:
                     if result is not None:
                         await result
             elif isinstance(ev, ErrorReply):
+                self._close_if_daemon_gave_up()
                 raise UpstreamError(ev.error.message)
             elif isinstance(ev, Reply):
                 return ev.value
@@ -169,6 +187,20 @@ class Upstream:
                 raise UpstreamClosed("the nix-daemon closed the connection")
             else:
                 raise UpstreamClosed(f"unexpected event from the nix-daemon: {ev!r}")
+
+    def _close_if_daemon_gave_up(self) -> None:
+        """After an error reply, anything already received means the daemon is hanging up.
+
+        Nix's daemon answers an error raised before it started work (e.g. a bad
+        store path argument) twice and closes the connection; the second copy
+        must not be taken for the next request's answer.
+        """
+        try:
+            ev = self._conn.next_event()
+        except ProtocolError:
+            ev = None
+        if ev is not NEED_DATA:
+            self.closed = True
 
     async def _send_stream(self, data: AsyncIterable[bytes] | Iterable[bytes]) -> None:
         if isinstance(data, AsyncIterable):
@@ -198,6 +230,8 @@ class Upstream:
         """
         if self.closed:
             raise UpstreamClosed("the connection to the nix-daemon is closed")
+        if op == Op.ADD_TO_STORE and args and "ca_method" in args:
+            check_ca_method(args["ca_method"])
         async with self._lock:
             try:
                 self._conn.send_request(op, args or {})

@@ -89,6 +89,52 @@ chan.recv(1)
 """
 
 
+# Like _HELPER, but opens argv[3] connections, keeps them open and reports how
+# many connect() calls succeeded and how many were closed by the server at once.
+_FLOOD_HELPER = r"""
+import ctypes, os, resource, signal, socket, sys, time
+pid, chan_fd, count, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+chan = socket.socket(fileno=chan_fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (count + 64, count + 64))
+held, failed = [], 0
+try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
+    if libc.setns(ns, 0x20000) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
+    os.chdir("/")
+    def timed_out(signum, frame):
+        raise TimeoutError("connect")
+    signal.signal(signal.SIGALRM, timed_out)
+    for _ in range(count):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # blocking: waits for room
+        signal.setitimer(signal.ITIMER_REAL, 2)
+        try:
+            s.connect(path)
+            held.append(s)
+        except OSError:
+            failed += 1
+            s.close()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    time.sleep(2)
+    closed = 0
+    for s in held:
+        s.setblocking(False)
+        try:
+            if s.recv(1) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    chan.sendall(f"ok {len(held)} {failed} {closed}".encode())
+except BaseException as e:
+    chan.sendall(("error " + repr(e)).encode())
+chan.recv(1)
+"""
+
+
 class ProbeError(AssertionError):
     """The probe could not set up what a test needs (message says what and why)."""
 
@@ -228,6 +274,38 @@ def sandbox_socket(live: LiveBuild, path: str = SANDBOX_SOCKET) -> Iterator[sock
         ours.close()
         try:
             helper.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
+
+
+@dataclass
+class Flood:
+    """Connections a sandbox process opened and holds."""
+
+    connected: int
+    failed: int
+    closed_by_server: int
+
+
+@contextlib.contextmanager
+def sandbox_flood(live: LiveBuild, count: int, path: str = SANDBOX_SOCKET) -> Iterator[Flood]:
+    """A process in ``live``'s sandbox opens ``count`` connections and holds them open."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [sys.executable, "-c", _FLOOD_HELPER, str(live.builder_pid), str(theirs.fileno())]
+    helper = subprocess.Popen([*argv, str(count), path], pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        ours.settimeout(IO_TIMEOUT + count * 0.05)
+        msg = ours.recv(4096).decode()
+        if not msg.startswith("ok "):
+            raise ProbeError(f"in-sandbox flood helper failed: {msg}")
+        connected, failed, closed = (int(x) for x in msg.split()[1:])
+        yield Flood(connected, failed, closed)
+    finally:
+        ours.close()
+        try:
+            helper.wait(timeout=30)
         except subprocess.TimeoutExpired:
             helper.kill()
             helper.wait()
@@ -374,6 +452,7 @@ __all__ = [
     "ProbeError",
     "decode_stderr_messages",
     "recv_until_closed",
+    "sandbox_flood",
     "sandbox_socket",
     "service_sessions",
     "start_live_build",

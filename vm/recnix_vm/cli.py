@@ -213,6 +213,15 @@ def _run(args: argparse.Namespace) -> int:
         _finish(machine, args.keep)
 
 
+def json_control_socket(machine: Machine) -> str:
+    """The control socket path the guest's recnix is configured with."""
+    out = machine.succeed(
+        'python3 -c \'import sys; sys.path.insert(0, "/opt/recnix"); '
+        "from recnix.config import load_config; print(load_config().control_socket)'"
+    )
+    return out.strip()
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .guestnix import bundle_nix_in_guest, scenario_runner
 
@@ -221,6 +230,8 @@ def _demo(args: argparse.Namespace) -> int:
         machine.start()
         if args.feature.startswith("recnix"):
             machine.wait_for_unit("recnix.service", timeout=120)
+            control = json_control_socket(machine)
+            machine.wait_until_succeeds(f"test -S {control}", timeout=120)
         busybox, nix = bundle_nix_in_guest(machine)
         runner = scenario_runner(machine, busybox, nix)
         with machine.nested(f"nix-build {GUEST_SCENARIOS_DIR}/inner.nix (feature {args.feature})"):

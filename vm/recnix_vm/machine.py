@@ -71,6 +71,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _short(cmd: str, limit: int = 120) -> str:
+    """A command on one log line."""
+    one = " ".join(cmd.split())
+    return one if len(one) <= limit else one[: limit - 3] + "..."
+
+
 def retry(fn: Callable[[bool], bool], timeout: float, interval: float = 1.0) -> None:
     """Call ``fn(False)`` until it returns true, then once more as ``fn(True)`` if time ran out.
 
@@ -118,6 +124,7 @@ class Machine:
         self._console = bytearray()
         self._console_cond = threading.Condition()
         self._reader: threading.Thread | None = None
+        self._reader_stop = threading.Event()
         self._expired = False
         self._timer: threading.Timer | None = None
         if global_timeout:
@@ -180,6 +187,7 @@ class Machine:
             (self.state_dir / "qemu-cmdline").write_text(shlex.join(argv) + "\n")
             self._console_offset_at_boot = len(self._console)
             self._process = pexpect.spawn(argv[0], argv[1:], echo=False, timeout=None)
+            self._reader_stop.clear()
             self._reader = threading.Thread(target=self._read_console, daemon=True)
             self._reader.start()
             self._connect_qmp()
@@ -349,7 +357,7 @@ class Machine:
         proc = self._process
         assert proc is not None
         with self.console_log.open("ab") as out:
-            while True:
+            while not self._reader_stop.is_set():
                 try:
                     data = proc.read_nonblocking(65536, timeout=0.5)
                 except pexpect.TIMEOUT:
@@ -409,10 +417,19 @@ class Machine:
         self._process.send(text)
 
     def interact(self) -> None:
-        """Hand the serial console to the terminal (exit with Ctrl-])."""
+        """Hand the serial console to the terminal (exit with Ctrl-]); still logged."""
         if self._process is None:
             raise MachineError("QEMU is not running")
-        self._process.interact()
+        self._reader_stop.set()
+        if self._reader is not None:
+            self._reader.join()
+            self._reader = None
+        with self.console_log.open("ab") as log_file:
+            self._process.logfile_read = log_file
+            try:
+                self._process.interact()
+            finally:
+                self._process.logfile_read = None
 
     # -- commands --------------------------------------------------------------
 
@@ -439,7 +456,10 @@ class Machine:
         wrapped = f"bash -c {shlex.quote(cmd)}"
         if timeout is not None:
             wrapped = f"timeout -k 10 {max(1, math.ceil(timeout))} {wrapped}"
-        channel = self._client().get_transport().open_session()  # type: ignore[union-attr]
+        transport = self._client().get_transport()
+        if transport is None or not transport.is_active():
+            raise MachineError(f"{self.name}: SSH connection lost (console: {self.console_log})")
+        channel = transport.open_session(timeout=60)
         try:
             channel.exec_command(wrapped)
             channel.shutdown_write()
@@ -468,7 +488,7 @@ class Machine:
 
     def succeed(self, cmd: str, timeout: float | None = DEFAULT_COMMAND_TIMEOUT) -> str:
         """Run ``cmd``; return its stdout, or raise :class:`CommandFailed` if it fails."""
-        with self.nested(f"must succeed: {cmd}"):
+        with self.nested(f"must succeed: {_short(cmd)}"):
             rc, out, err = self.execute(cmd, timeout)
             if rc != 0:
                 raise CommandFailed(cmd, rc, out, err, self.console_log)
@@ -476,7 +496,7 @@ class Machine:
 
     def fail(self, cmd: str, timeout: float | None = DEFAULT_COMMAND_TIMEOUT) -> str:
         """Run ``cmd``; return its stderr if it fails, raise :class:`CommandFailed` if not."""
-        with self.nested(f"must fail: {cmd}"):
+        with self.nested(f"must fail: {_short(cmd)}"):
             rc, out, err = self.execute(cmd, timeout)
             if rc == 0:
                 raise CommandFailed(cmd, rc, out, err, self.console_log)
@@ -497,7 +517,7 @@ class Machine:
                 )
             return False
 
-        with self.nested(f"waiting for success: {cmd}"):
+        with self.nested(f"waiting for success: {_short(cmd)}"):
             try:
                 retry(attempt, timeout)
             except TimeoutError as e:
@@ -517,7 +537,7 @@ class Machine:
                 self.log(f"last attempt of {cmd!r} still succeeded; stdout:\n{out}")
             return False
 
-        with self.nested(f"waiting for failure: {cmd}"):
+        with self.nested(f"waiting for failure: {_short(cmd)}"):
             retry(attempt, timeout)
         return result[-1]
 

@@ -1,0 +1,241 @@
+"""The recursive-build scenarios inside a Debian guest (issue 4).
+
+The guest runs nix-daemon and the recnix unit under systemd, configured as the
+NixOS module configures them. One guest serves the scenario checks shared with
+the host tier (tests/scenarios/checks.py) plus a restart, a config change and a
+killed service; reboots and hard resets get guests of their own.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Iterator
+
+import pytest
+from recnix_vm.guestnix import bundle_nix_in_guest, guest_exec
+from recnix_vm.image import GUEST_SCENARIOS_DIR
+from recnix_vm.machine import Machine
+
+from tests.scenarios import checks
+from tests.scenarios.checks import RECNIX, fresh_tag
+from tests.scenarios.runner import ScenarioRunner
+
+pytestmark = pytest.mark.vm
+
+RESULT_ROOT = "/root/results"
+RECNIX_CONFIG = "/etc/recnix/config.toml"
+
+
+def daemon_exec(machine: Machine):  # noqa: ANN201 - the runner's exec callable
+    """Run argv in the guest as a nix-daemon client (root would otherwise skip the daemon)."""
+    run = guest_exec(machine)
+
+    def exec_(argv: list[str], timeout: float) -> tuple[int, str, str]:
+        return run(["env", "NIX_REMOTE=daemon", "NIX_PAGER=cat", *argv], timeout)
+
+    return exec_
+
+
+def boot(machine: Machine) -> tuple[str, str]:
+    """Wait for the guest's services; put busybox and the nix bundle in its store."""
+    machine.wait_for_unit("nix-daemon.socket")
+    machine.wait_for_unit("recnix.service")
+    return bundle_nix_in_guest(machine)
+
+
+def runner_for(machine: Machine, busybox: str, nix: str) -> ScenarioRunner:
+    return ScenarioRunner(daemon_exec(machine), GUEST_SCENARIOS_DIR, busybox, nix, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def guest(module_machine_factory) -> Iterator[tuple[Machine, ScenarioRunner]]:
+    machine = module_machine_factory("scenarios")
+    busybox, nix = boot(machine)
+    yield machine, runner_for(machine, busybox, nix)
+
+
+def keep(machine: Machine, path: str, name: str) -> None:
+    """Make ``path`` a GC root in the guest."""
+    machine.succeed(
+        f"mkdir -p {RESULT_ROOT} && NIX_REMOTE=daemon nix-store --add-root "
+        f"{RESULT_ROOT}/{name} --indirect --realise {shlex.quote(path)}"
+    )
+
+
+# -- the shared scenarios -------------------------------------------------------
+
+
+def test_inner_build_and_tree(guest) -> None:
+    machine, runner = guest
+    out = checks.check_inner(runner, RECNIX)
+    tree = machine.succeed(f"NIX_REMOTE=daemon recnix tree {out}")
+    assert "-inner.drv" in tree and "-scenario-inner.drv" in tree, tree
+
+
+def test_add(guest) -> None:
+    checks.check_add(guest[1], RECNIX)
+
+
+def test_deep(guest) -> None:
+    checks.check_deep(guest[1], RECNIX)
+
+
+def test_readonly(guest) -> None:
+    checks.check_readonly(guest[1])
+
+
+def test_denied(guest) -> None:
+    machine, runner = guest
+    secret_file = f"/root/secret-{fresh_tag()}"
+    machine.succeed(f"echo {fresh_tag()} > {secret_file}")
+    secret = machine.succeed(f"NIX_REMOTE=daemon nix-store --add {secret_file}").strip()
+    checks.check_denied(runner, RECNIX, secret)
+
+
+def test_fixed_output_refused_by_default(guest) -> None:
+    _, runner = guest
+    tag = fresh_tag()
+    outcome = runner.build("fod", RECNIX, tag, {"innerTag": tag})
+    assert outcome.rc != 0 and "allow-fixed-output" in outcome.stderr, outcome.describe()
+
+
+def test_failure(guest) -> None:
+    machine, runner = guest
+    checks.check_failure(runner, RECNIX)
+    # the watcher ends the failed build's session: no session socket remains
+    machine.wait_until_succeeds("test -z \"$(ls /run/recnix | grep '^s-')\"", timeout=30)
+
+
+@pytest.mark.parametrize("scenario", ["inner", "add", "deep"])
+def test_differential_against_builtin(guest, scenario: str) -> None:
+    checks.check_differential(guest[1], scenario)
+
+
+def test_gc_during_and_after_a_nested_build(guest) -> None:
+    machine, runner = guest
+    tag = fresh_tag()
+    argv = runner.build_argv("gc", RECNIX, tag, {"innerTag": tag, "wait": 180})
+    log = f"/root/gc-{tag}.log"
+    machine.succeed(
+        f"NIX_REMOTE=daemon nohup {shlex.join(argv)} > {log}.out 2> {log}.err & echo $! > {log}.pid"
+    )
+    started = machine.wait_until_succeeds(
+        "ls -d /tmp/nix-build-waiting-inner.drv-*/started", timeout=300
+    ).split()[0]
+    # a real GC while the nested build waits: what the outer build added survives
+    machine.succeed("NIX_REMOTE=daemon nix-collect-garbage")
+    machine.succeed(f"touch {started.rsplit('/', 1)[0]}/release")
+    machine.wait_until_fails(f"kill -0 $(cat {log}.pid)", timeout=300)
+    out = machine.succeed(f"tail -n1 {log}.out").strip()
+    assert out.startswith("/nix/store/"), machine.execute(f"cat {log}.err")
+    checks.assert_complete_reference(runner, out, "added")
+    inner = checks.assert_complete_reference(runner, out, "inner")
+    keep(machine, out, f"gc-{tag}")
+    machine.succeed("NIX_REMOTE=daemon nix-collect-garbage")
+    closure = runner.closure(out)
+    assert inner in closure
+    for path in closure:
+        assert runner.verify_path(path), f"{path} lost after GC"
+
+
+# -- the service's life ---------------------------------------------------------
+
+
+def test_restart_between_builds(guest) -> None:
+    machine, runner = guest
+    checks.check_inner(runner, RECNIX)
+    machine.succeed("systemctl restart recnix.service")
+    machine.wait_for_unit("recnix.service")
+    checks.check_inner(runner, RECNIX)
+
+
+def test_fixed_output_allowed_after_config_change(guest) -> None:
+    machine, runner = guest
+    original = machine.succeed(f"cat {RECNIX_CONFIG}")
+    try:
+        machine.succeed(
+            f"printf '\\n[policy]\\nallow-fixed-output = true\\n' >> {RECNIX_CONFIG} "
+            "&& systemctl restart recnix.service"
+        )
+        machine.wait_for_unit("recnix.service")
+        checks.check_fod(runner, RECNIX)
+    finally:
+        machine.succeed(
+            f"printf %s {shlex.quote(original)} > {RECNIX_CONFIG} && systemctl restart recnix"
+        )
+        machine.wait_for_unit("recnix.service")
+
+
+def test_killed_mid_build(guest) -> None:
+    """recnix killed while a nested build runs: the outer fails fast, the unit comes back."""
+    machine, runner = guest
+    tag = fresh_tag()
+    argv = runner.build_argv("gc", RECNIX, tag, {"innerTag": tag, "wait": 300})
+    log = f"/root/kill-{tag}.log"
+    machine.succeed(
+        f"NIX_REMOTE=daemon nohup {shlex.join(argv)} > {log}.out 2> {log}.err & echo $! > {log}.pid"
+    )
+    machine.wait_until_succeeds("ls -d /tmp/nix-build-waiting-inner.drv-*/started", timeout=300)
+    killed_at = time.monotonic()
+    machine.succeed("systemctl kill --signal=KILL recnix.service")
+    machine.wait_until_fails(f"kill -0 $(cat {log}.pid)", timeout=60)
+    assert time.monotonic() - killed_at < 60
+    rc, err, _ = machine.execute(f"cat {log}.err")
+    assert "waiting-inner" in err or "error" in err, err
+    assert machine.execute(f"tail -n1 {log}.out")[1].strip() == "", "the outer build succeeded"
+    machine.wait_for_unit("recnix.service", timeout=60)
+    checks.check_inner(runner, RECNIX)
+
+
+# -- reboots and resets (guests of their own) -------------------------------------
+
+
+def test_reboot_keeps_results(machine_factory) -> None:
+    machine = machine_factory("reboot")
+    busybox, nix = boot(machine)
+    runner = runner_for(machine, busybox, nix)
+    out = checks.check_inner(runner, RECNIX)
+    keep(machine, out, "inner")
+    inner = runner.readlink(f"{out}/inner")
+    machine.shutdown()
+    machine.start()
+    machine.wait_for_unit("recnix.service")
+    runner = runner_for(machine, busybox, nix)
+    assert runner.verify_path(out)
+    assert inner in runner.references(out)
+    machine.succeed("NIX_REMOTE=daemon nix-collect-garbage")
+    assert runner.read(inner) == "hello from the inner build\n"
+    checks.check_add(runner, RECNIX)
+
+
+# Every valid path exists, and so does everything it refers to.
+CONSISTENCY = """
+import json, os, subprocess, sys
+infos = json.loads(subprocess.run(
+    ["nix", "--extra-experimental-features", "nix-command", "path-info", "--all", "--json"],
+    check=True, capture_output=True, text=True).stdout)
+bad = [f"{i['path']} -> {r}" for i in infos for r in [i["path"], *i.get("references", [])]
+       if not os.path.exists(r)]
+print(len(infos), "valid paths checked")
+sys.exit("\\n".join(bad) or None)
+"""
+
+
+def test_hard_reset_during_a_nested_build(machine_factory) -> None:
+    machine = machine_factory("reset")
+    busybox, nix = boot(machine)
+    runner = runner_for(machine, busybox, nix)
+    tag = fresh_tag()
+    argv = runner.build_argv("gc", RECNIX, tag, {"innerTag": tag, "wait": 300})
+    machine.succeed(f"NIX_REMOTE=daemon nohup {shlex.join(argv)} > /root/reset.out 2>&1 &")
+    machine.wait_until_succeeds("ls -d /tmp/nix-build-waiting-inner.drv-*/started", timeout=300)
+    since = machine.console_offset()
+    machine.reset()
+    machine.wait_for_boot(since=since)
+    machine.wait_for_unit("recnix.service")
+    machine.succeed("nix-store --verify --check-contents 2>&1 | tee /root/verify.log")
+    assert "error" not in machine.succeed("cat /root/verify.log").lower()
+    # every valid path's references are valid and present
+    machine.succeed(f"python3 -c {shlex.quote(CONSISTENCY)}")
+    checks.check_inner(runner_for(machine, busybox, nix), RECNIX)
