@@ -22,9 +22,9 @@ import argparse
 import glob
 import os
 import secrets
-import socket
 import shutil
 import signal
+import socket
 import statistics
 import struct
 import subprocess
@@ -93,6 +93,9 @@ in builtins.genList (i: derivation {
 """
 
 
+FLOOR_HOOKS = "pre-build-hook = /bin/true\npost-build-hook = /bin/true\n"
+
+
 def fresh_tag() -> str:
     return secrets.token_hex(6)
 
@@ -103,7 +106,7 @@ class Row:
     recnix: float
     baseline: float
     unit: str
-    target: float
+    target: float | None  # None: a reference row, no target
     note: str = ""
 
     @property
@@ -112,7 +115,43 @@ class Row:
 
     @property
     def verdict(self) -> str:
+        if self.target is None:
+            return "ref"
         return "PASS" if self.ratio <= self.target else "FAIL"
+
+
+# -- measuring
+
+
+def timed(action: Callable[[], None]) -> Callable[[], float]:
+    """``action`` as a measurement: its wall time in s."""
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        action()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def interleaved(
+    reps: int, recnix_run: Callable[[], float], baseline_run: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    """Alternate two measurements, swapping which goes first each round."""
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(reps):
+        if i % 2 == 0:
+            a.append(recnix_run())
+            b.append(baseline_run())
+        else:
+            b.append(baseline_run())
+            a.append(recnix_run())
+    return a, b
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    return "/".join(f"{v:.{digits}f}" for v in values)
 
 
 # -- 1. QueryPathInfo round trips
@@ -218,57 +257,49 @@ class WaitingBuild:
 
 
 def bench_qpi(
-    hooked: NixHost, service: RecnixService, plain: NixHost, expr: Path, busybox: str, n: int
+    hooked: NixHost,
+    service: RecnixService,
+    plain: NixHost,
+    expr: Path,
+    busybox: str,
+    n: int,
+    rounds: int,
 ) -> Row:
-    build = WaitingBuild(hooked, expr, busybox, "recnix")
+    """Both waiting builds at once; ``rounds`` alternating loops of ``n``; medians."""
+    recnix_build = WaitingBuild(hooked, expr, busybox, "recnix")
+    builtin_build: WaitingBuild | None = None
     try:
+        builtin_build = WaitingBuild(plain, expr, busybox, "recursive-nix")
         status = control.request(service.control_socket, {"op": "status"})
-        sessions = [s for s in status["sessions"] if s["drv"] == build.drv]
+        sessions = [s for s in status["sessions"] if s["drv"] == recnix_build.drv]
         if len(sessions) != 1:
-            raise RuntimeError(f"no recnix session for {build.drv}: {status}")
+            raise RuntimeError(f"no recnix session for {recnix_build.drv}: {status}")
         sock_path = Path(sessions[0]["socket"])
-        recnix_s = qpi_from_sandbox(
-            sessions[0]["chroot"], str(sock_path.parent), sock_path.name, busybox, n
+        recnix_args = (sessions[0]["chroot"], str(sock_path.parent), sock_path.name)
+        # Nix 2.8's sandbox root is <drv>.chroot; its socket is <build dir>/.nix-socket.
+        builtin_args = (builtin_build.drv + ".chroot", builtin_build.build_dir, ".nix-socket")
+        a, b = interleaved(
+            rounds,
+            lambda: qpi_from_sandbox(*recnix_args, busybox, n),
+            lambda: qpi_from_sandbox(*builtin_args, busybox, n),
         )
     finally:
-        build.release()
-    build = WaitingBuild(plain, expr, busybox, "recursive-nix")
-    try:
-        builtin_s = qpi_from_sandbox(build.drv + ".chroot", build.build_dir, ".nix-socket", busybox, n)
-    finally:
-        build.release()
+        recnix_build.release()
+        if builtin_build is not None:
+            builtin_build.release()
     return Row(
         f"QueryPathInfo round trip in the sandbox (N={n})",
-        recnix_s * 1e6,
-        builtin_s * 1e6,
+        statistics.median(a) * 1e6,
+        statistics.median(b) * 1e6,
         "µs",
         1.5,
+        f"rounds recnix {spread([x * 1e6 for x in a], 0)} µs, built-in "
+        f"{spread([x * 1e6 for x in b], 0)} µs; client chrooted into the sandbox root for "
+        "both; path = busybox (an input)",
     )
 
 
 # -- 2. nested builds, 3. trivial builds
-
-
-def timed(action: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    action()
-    return time.perf_counter() - t0
-
-
-def interleaved(
-    reps: int, recnix_run: Callable[[], None], baseline_run: Callable[[], None]
-) -> tuple[list[float], list[float]]:
-    """Alternate the two (swapping who goes first each round); wall times in s."""
-    a: list[float] = []
-    b: list[float] = []
-    for i in range(reps):
-        if i % 2 == 0:
-            a.append(timed(recnix_run))
-            b.append(timed(baseline_run))
-        else:
-            b.append(timed(baseline_run))
-            a.append(timed(recnix_run))
-    return a, b
 
 
 def many_runner(host: NixHost, busybox: str, nix: str, feature: str, n: int) -> Callable[[], None]:
@@ -300,23 +331,20 @@ def trivial_runner(
     return run
 
 
-def spread(values: list[float]) -> str:
-    return "/".join(f"{v:.2f}" for v in values)
-
-
 # -- main
 
 
 def render(rows: list[Row], header: str) -> str:
     lines = [header, ""]
     lines.append(
-        f"{'scenario':<52} {'recnix':>10} {'built-in/without':>17} {'ratio':>6} "
+        f"{'scenario':<64} {'recnix':>10} {'built-in/without':>17} {'ratio':>6} "
         f"{'target':>7}  verdict"
     )
     for r in rows:
+        target = "-" if r.target is None else f"≤{r.target:.2f}"
         lines.append(
-            f"{r.scenario:<52} {r.recnix:>8.2f}{r.unit:>2} {r.baseline:>15.2f}{r.unit:>2} "
-            f"{r.ratio:>6.2f} {'≤' + format(r.target, '.2f'):>7}  {r.verdict}"
+            f"{r.scenario:<64} {r.recnix:>8.2f}{r.unit:>2} {r.baseline:>15.2f}{r.unit:>2} "
+            f"{r.ratio:>6.2f} {target:>7}  {r.verdict}"
         )
         if r.note:
             lines.append(f"    {r.note}")
@@ -326,10 +354,11 @@ def render(rows: list[Row], header: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qpi", type=int, default=2000, help="QueryPathInfo round trips")
+    parser.add_argument("--qpi-rounds", type=int, default=5)
     parser.add_argument("--nested", type=int, default=20, help="nested builds in many.nix")
     parser.add_argument("--many-reps", type=int, default=3)
     parser.add_argument("--trivial", type=int, default=50, help="trivial builds per run")
-    parser.add_argument("--trivial-reps", type=int, default=3)
+    parser.add_argument("--trivial-reps", type=int, default=5)
     parser.add_argument("--only", choices=["qpi", "many", "trivial"], action="append")
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     opts = parser.parse_args()
@@ -338,15 +367,23 @@ def main() -> int:
     # SIGTERM (e.g. `timeout`) must still stop the daemons started below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     nix_version = subprocess.run(
         ["nix-store", "--version"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    hooked = start_nix_host(hooks=True)
-    plain = start_nix_host(hooks=False)
-    service = start_recnix_service(hooked)
     scratch = Path(tempfile.mkdtemp(prefix="recnix-bench-"))
+    hosts: list[NixHost] = []
+    service: RecnixService | None = None
     rows: list[Row] = []
     try:
+        hooked = start_nix_host(hooks=True)
+        hosts.append(hooked)
+        plain = start_nix_host(hooks=False)
+        hosts.append(plain)
+        # The floor of any hook: Nix spawning a do-nothing program twice per build.
+        floor = start_nix_host(hooks=False, extra_conf=FLOOR_HOOKS)
+        hosts.append(floor)
+        service = start_recnix_service(hooked)
         busybox = busybox_store_path(plain.env)
         nix = bundle_nix(plain.env, gc_root=str(plain.root / "nix-bundle"))
         wait_nix = scratch / "wait.nix"
@@ -355,17 +392,17 @@ def main() -> int:
         trivial_nix.write_text(TRIVIAL_NIX)
 
         if "qpi" in only:
-            row = bench_qpi(hooked, service, plain, wait_nix, busybox, opts.qpi)
-            row.note = "client chrooted into the sandbox root for both; path = busybox (an input)"
-            rows.append(row)
+            rows.append(
+                bench_qpi(hooked, service, plain, wait_nix, busybox, opts.qpi, opts.qpi_rounds)
+            )
             print(render(rows[-1:], ""), flush=True)
 
         if "many" in only:
             n = opts.nested
             a, b = interleaved(
                 opts.many_reps,
-                many_runner(hooked, busybox, nix, "recnix", n),
-                many_runner(plain, busybox, nix, "recursive-nix", n),
+                timed(many_runner(hooked, busybox, nix, "recnix", n)),
+                timed(many_runner(plain, busybox, nix, "recursive-nix", n)),
             )
             rows.append(
                 Row(
@@ -383,41 +420,53 @@ def main() -> int:
         if "trivial" in only:
             n = opts.trivial
             for separate in (False, True):
+                how = f"{n} separate nix-build calls" if separate else f"one nix-build of {n}"
                 a, b = interleaved(
                     opts.trivial_reps,
-                    trivial_runner(hooked, trivial_nix, busybox, n, separate),
-                    trivial_runner(plain, trivial_nix, busybox, n, separate),
+                    timed(trivial_runner(hooked, trivial_nix, busybox, n, separate)),
+                    timed(trivial_runner(plain, trivial_nix, busybox, n, separate)),
                 )
-                how = f"{n} separate nix-build calls" if separate else f"one nix-build of {n}"
-                rows.append(
-                    Row(
-                        f"{n} trivial builds, {how} (median of {opts.trivial_reps})",
-                        statistics.median(a),
-                        statistics.median(b),
-                        "s",
-                        1.05,
-                        f"runs hooks {spread(a)} s, without {spread(b)} s; "
-                        f"per build +{(statistics.median(a) - statistics.median(b)) / n * 1e3:.1f} ms",
-                    )
-                )
+                rows.append(trivial_row(f"{n} trivial builds, {how}", a, b, n, "hooks"))
                 print(render(rows[-1:], ""), flush=True)
+            a, b = interleaved(
+                opts.trivial_reps,
+                timed(trivial_runner(floor, trivial_nix, busybox, n, False)),
+                timed(trivial_runner(plain, trivial_nix, busybox, n, False)),
+            )
+            row = trivial_row(f"reference: /bin/true as both hooks, one of {n}", a, b, n, "true")
+            row.target = None
+            rows.append(row)
+            print(render(rows[-1:], ""), flush=True)
     finally:
-        stop_recnix_service(service)
-        for host in (hooked, plain):
+        if service is not None:
+            stop_recnix_service(service)
+        for host in hosts:
             host.stop()
-        for d in (scratch, hooked.root, plain.root):
-            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(host.root, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
     header = (
         f"recnix service benchmark — {time.strftime('%Y-%m-%d %H:%M:%S')}, "
-        f"{os.cpu_count()} CPUs, {nix_version}, "
-        f"total {time.perf_counter() - started:.0f} s"
+        f"{os.cpu_count()} CPUs, load average {load_before:.1f} → {os.getloadavg()[0]:.1f}, "
+        f"{nix_version}, total {time.perf_counter() - started:.0f} s"
     )
     text = render(rows, header)
     print(text)
     if not opts.no_write:
         RESULTS.write_text(text)
-    return 0 if all(r.verdict == "PASS" for r in rows) else 1
+    return 0 if all(r.verdict != "FAIL" for r in rows) else 1
+
+
+def trivial_row(scenario: str, a: list[float], b: list[float], n: int, label: str) -> Row:
+    per_build = (statistics.median(a) - statistics.median(b)) / n * 1e3
+    return Row(
+        f"{scenario} (median of {len(a)})",
+        statistics.median(a),
+        statistics.median(b),
+        "s",
+        1.05,
+        f"runs {label} {spread(a)} s, without {spread(b)} s; per build {per_build:+.1f} ms",
+    )
 
 
 if __name__ == "__main__":

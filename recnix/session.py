@@ -138,6 +138,10 @@ class Session:
         self.seen_process = False  # a process was seen in the sandbox (the build started)
         self.holds_slot = False  # counts against daemon.max-sessions
         self._allow_lock = asyncio.Lock()
+        # Censored infos of paths met by closure(): valid, rooted paths whose infos no longer
+        # change (nested outputs are final once their post-build hook ran), so QueryPathInfo
+        # of an allowed path needs no upstream round trip.
+        self.path_infos: dict[str, PathInfo] = {}
         self.connections = 0  # connections being served now
         self.refused_connections = 0  # refused for exceeding MAX_CONNECTIONS_PER_SESSION
 
@@ -188,6 +192,7 @@ class Session:
             info = await self.keeper.query_path_info(path)
             if info is None:
                 raise UpstreamError(f"path '{path}' is not valid in the host store")
+            self.path_infos[path] = censor(info)
             stack.extend(r for r in info.references if r not in seen and r not in known)
         return seen
 
@@ -473,10 +478,15 @@ class ConnectionHandler:
                 raise Denied(f"path '{path}' is not valid")
             self.conn.send_reply(Op.QUERY_PATH_INFO, None)
             return
-        info = await (await self.up()).query_path_info(path)
-        if info is None and self.conn.minor < 17:
-            raise Denied(f"path '{path}' is not valid")
-        self.conn.send_reply(Op.QUERY_PATH_INFO, censor(info) if info else None)
+        info = self.session.path_infos.get(path)
+        if info is None:
+            upstream_info = await (await self.up()).query_path_info(path)
+            if upstream_info is None and self.conn.minor < 17:
+                raise Denied(f"path '{path}' is not valid")
+            info = censor(upstream_info) if upstream_info else None
+            if info is not None:
+                self.session.path_infos[path] = info
+        self.conn.send_reply(Op.QUERY_PATH_INFO, info)
 
     async def op_query_valid_paths(self, args: dict) -> None:
         paths = [checked_path(p) for p in args["paths"]]

@@ -10,6 +10,7 @@ finishes and its session is cleaned up.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -35,7 +36,7 @@ from recnix.protocol import (
 )
 from recnix.protocol.wire import u64
 from recnix.session import MAX_CONNECTIONS_PER_SESSION
-from tests.host.conftest import NixHost, RecnixService
+from tests.host.conftest import RECNIX_BIN, NixHost, RecnixService
 from tests.host.session_probe import (
     LiveBuild,
     ProbeClient,
@@ -52,6 +53,7 @@ pytestmark = pytest.mark.host
 
 GCROOTS_AUTO = Path("/nix/var/nix/gcroots/auto")
 SESSION_GONE_TIMEOUT = 10.0
+TRUNCATION_ATTEMPTS = 8
 
 
 def fresh() -> str:
@@ -72,9 +74,11 @@ def host_dump(host: NixHost, path: str) -> bytes:
     return result.stdout
 
 
-def path_info(host: NixHost, path: str) -> dict:
-    import json
+def valid_on_host(host: NixHost, path: str) -> bool:
+    return host.run(["nix-store", "--check-validity", path], check=False).returncode == 0
 
+
+def path_info(host: NixHost, path: str) -> dict:
     return json.loads(host.run(["nix", "path-info", "--json", path]).stdout)[0]
 
 
@@ -351,7 +355,7 @@ def test_collect_garbage_is_inert(
         assert client.call(Op.COLLECT_GARBAGE, {"action": 2}).value == GCResult()
         assert client.call(Op.FIND_ROOTS, {}).value == {}
     assert os.path.exists(dead)
-    assert nix_host_recnix.run(["nix-store", "--check-validity", dead], check=False).returncode == 0
+    assert valid_on_host(nix_host_recnix, dead)
     assert any(e["op"] == "COLLECT_GARBAGE" for e in audit_for(recnix_service, live, "refused"))
 
 
@@ -472,6 +476,12 @@ def test_malformed_input_closes_only_that_connection(
         target=lambda: outcome.append(recnix_runner.build("inner", "recnix", tag=fresh()))
     )
     good.start()
+    deadline = time.monotonic() + 60
+    while good.is_alive() and time.monotonic() < deadline:  # abuse while it has a session
+        sessions = service_sessions(recnix_service.control_socket)
+        if any("scenario-inner" in s["drv"] and s["state"] == "open" for s in sessions):
+            break
+        time.sleep(0.1)
     log_before = len(recnix_service.log_text())
     handshake = u64(0x6E697863) + u64((1 << 8) | 35) + u64(0) + u64(0)
     try:
@@ -488,24 +498,27 @@ def test_malformed_input_closes_only_that_connection(
             assert len(messages) == 1 and isinstance(messages[0], Error), messages
             assert "invalid operation 999" in messages[0].message
 
-        # 3. AddToStore whose framed stream is cut mid-chunk, then a disconnect: whatever
-        # arrived must not become a (truncated) store path, for any add method
+        # 3. AddToStore whose framed stream is cut mid-chunk, then a disconnect: what
+        # arrived must not become a (truncated) store path. Nix 2.8's daemon stores a
+        # cut text/flat stream about one time in four, hence the repetitions.
         truncated = f"truncated-{fresh()}"
-        for method, payload in (
-            ("text:sha256", b"complete frame, "),
-            ("fixed:sha256", b"complete frame, "),
-            ("fixed:r:sha256", host_dump(nix_host_recnix, busybox)[:5000]),
+        nar_prefix = host_dump(nix_host_recnix, busybox)[:5000]
+        for method, payload, attempts in (
+            ("text:sha256", b"complete frame, ", TRUNCATION_ATTEMPTS),
+            ("fixed:sha256", b"complete frame, ", TRUNCATION_ATTEMPTS),
+            ("fixed:r:sha256", nar_prefix, 2),
         ):
-            with sandbox_socket(live) as sock:
-                client = client_for(sock)
-                name = f"{truncated}-{method.replace(':', '-')}"
-                client.conn.send_request(
-                    Op.ADD_TO_STORE, {"name": name, "ca_method": method, "references": []}
-                )
-                client.conn.send_data(payload)
-                sock.sendall(client.conn.data_to_send() + u64(1000) + b"only ten b")
-                time.sleep(0.3)  # let the session pass on what it has
-                _closed_after(sock, b"", shut=True)
+            for attempt in range(attempts):
+                with sandbox_socket(live) as sock:
+                    client = client_for(sock)
+                    name = f"{truncated}-{method.replace(':', '-')}-{attempt}"
+                    client.conn.send_request(
+                        Op.ADD_TO_STORE, {"name": name, "ca_method": method, "references": []}
+                    )
+                    client.conn.send_data(payload)
+                    sock.sendall(client.conn.data_to_send() + u64(1000) + b"only ten b")
+                    time.sleep(0.1)  # let the session pass on what it has
+                    _closed_after(sock, b"", shut=True)
         # 4. a string length of 2**40: refused at once, not awaited
         with sandbox_socket(live) as sock:
             client = client_for(sock)
@@ -548,10 +561,19 @@ def test_malformed_input_closes_only_that_connection(
     assert len(reasons) >= 5, "\n".join(reasons)
     audit = audit_for(recnix_service, live, "protocol-error")
     assert len(audit) >= 5, audit
-    print("STORED", list(Path("/nix/store").glob(f"*-{truncated}-*")))
-    print("\n".join(line for line in log.splitlines() if "protocol error" in line or "upstream" in line))
-    assert not list(Path("/nix/store").glob(f"*-{truncated}-*")), "a truncated add was stored"
-    sessions = service_sessions(recnix_service.control_socket)
+    # (Nix 2.8 may leave an unregistered, half-restored directory for the cut NAR)
+    leftovers = [str(p) for p in Path("/nix/store").glob(f"*-{truncated}-*") if p.suffix != ".lock"]
+    stored = [p for p in leftovers if valid_on_host(nix_host_recnix, p)]
+    assert not stored, f"truncated adds became valid store paths: {stored}"
+    status = subprocess.run(
+        [str(RECNIX_BIN), "status", "--config", str(recnix_service.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr
+    sessions = json.loads(status.stdout)
     assert any(s["drv"] == live.drv_path and s["state"] == "open" for s in sessions), sessions
 
 

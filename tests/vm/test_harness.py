@@ -68,6 +68,7 @@ def test_nix_conf_has_recnix_settings(machine: Machine) -> None:
     assert "nix-command" in effective["experimental-features"].split()
     assert re.search(r"^sandbox = true$", conf, re.M)
     assert not re.search(r"^sandbox = false$", conf, re.M)
+    assert machine.succeed("echo $NIX_PAGER") == "cat\n"  # no pager on the console
 
 
 def test_nixbld_users_exist(machine: Machine) -> None:

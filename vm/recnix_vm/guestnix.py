@@ -56,20 +56,26 @@ def load_runner_module() -> ModuleType:
     return module
 
 
-def guest_exec(machine: Machine):  # noqa: ANN201 - returns the runner's Exec callable
-    """An ``exec(argv, timeout) -> (rc, stdout, stderr)`` running argv in the guest over SSH."""
+def guest_exec(machine: Machine, via_daemon: bool = False):  # noqa: ANN201 - the runner's Exec
+    """An ``exec(argv, timeout) -> (rc, stdout, stderr)`` running argv in the guest over SSH.
+
+    Commands run as root, so nix would use the store directly; ``via_daemon``
+    sets ``NIX_REMOTE=daemon`` so they go through the guest's nix-daemon as a
+    user's would.
+    """
+    prefix = ["env", "NIX_REMOTE=daemon"] if via_daemon else []
 
     def run(argv: list[str], timeout: float) -> tuple[int, str, str]:
-        return machine.execute(shlex.join(argv), timeout)
+        return machine.execute(shlex.join(prefix + argv), timeout)
 
     return run
 
 
 def scenario_runner(machine: Machine, busybox: str, nix: str, timeout: float = 600.0):  # noqa: ANN201
-    """A ``ScenarioRunner`` for this guest (scenario files at ``/opt/recnix-tests/scenarios``)."""
+    """A ``ScenarioRunner`` for this guest, building through its nix-daemon."""
     runner = load_runner_module()
     return runner.ScenarioRunner(
-        exec=guest_exec(machine),
+        exec=guest_exec(machine, via_daemon=True),
         scenario_dir=GUEST_SCENARIOS_DIR,
         busybox=busybox,
         nix=nix,

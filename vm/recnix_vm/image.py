@@ -22,10 +22,8 @@ import json
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -488,9 +486,3 @@ def create_overlay(image: Image, overlay: Path) -> Path:
         ]
     )
     return overlay
-
-
-def list_tar(base: Path) -> Iterable[str]:
-    """Member names of a base tarball (for diagnostics)."""
-    with tarfile.open(base) as tar:
-        yield from tar.getnames()

@@ -20,7 +20,6 @@ import os
 import re
 import select
 import shlex
-import shutil
 import socket
 import stat
 import subprocess
@@ -677,8 +676,3 @@ def resolve_accel(accel: str, image: Image) -> str:
         log(f"KVM probe: {reason} -> using {'kvm' if works else 'tcg'}")
     cache_file.write_text(json.dumps({"key": key, "works": works, "reason": reason}))
     return "kvm" if works else "tcg"
-
-
-def remove_state(state_dir: Path) -> None:
-    """Delete a machine's state directory (overlay, sockets, console log)."""
-    shutil.rmtree(state_dir, ignore_errors=True)
