@@ -12,6 +12,7 @@ import os
 import resource
 import secrets
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,20 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as e:
             log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, e)
+
+
+def notify_systemd(message: bytes) -> None:
+    """sd_notify: tell systemd (Type=notify units) about our state; no-op without it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, address)
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", address, e)
 
 
 class OpenRefused(Exception):
@@ -96,6 +111,7 @@ class Service:
             self.config["daemon"]["upstream"],
             self.max_sessions,
         )
+        notify_systemd(b"READY=1")
         watcher = asyncio.ensure_future(self._watch())
         try:
             await self._stopping.wait()

@@ -27,25 +27,16 @@ RESULT_ROOT = "/root/results"
 RECNIX_CONFIG = "/etc/recnix/config.toml"
 
 
-def daemon_exec(machine: Machine):  # noqa: ANN201 - the runner's exec callable
-    """Run argv in the guest as a nix-daemon client (root would otherwise skip the daemon)."""
-    run = guest_exec(machine)
-
-    def exec_(argv: list[str], timeout: float) -> tuple[int, str, str]:
-        return run(["env", "NIX_REMOTE=daemon", "NIX_PAGER=cat", *argv], timeout)
-
-    return exec_
-
-
 def boot(machine: Machine) -> tuple[str, str]:
     """Wait for the guest's services; put busybox and the nix bundle in its store."""
     machine.wait_for_unit("nix-daemon.socket")
     machine.wait_for_unit("recnix.service")
+    machine.wait_until_succeeds("test -S /run/recnix/control.sock", timeout=60)
     return bundle_nix_in_guest(machine)
 
 
 def runner_for(machine: Machine, busybox: str, nix: str) -> ScenarioRunner:
-    return ScenarioRunner(daemon_exec(machine), GUEST_SCENARIOS_DIR, busybox, nix, timeout=600)
+    return ScenarioRunner(guest_exec(machine, via_daemon=True), GUEST_SCENARIOS_DIR, busybox, nix, timeout=600)
 
 
 @pytest.fixture(scope="module")

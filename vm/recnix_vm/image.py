@@ -95,6 +95,7 @@ GUEST_NIX_SETTINGS = {
 GUEST_EXTRA_EXPERIMENTAL_FEATURES = ("nix-command",)
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
+UNIT_SETTINGS_FILE = Path(__file__).resolve().parents[2] / "module" / "unit.toml"
 
 
 class ImageError(Exception):
@@ -235,6 +236,7 @@ def image_key(base: Path, recnix_dir: Path, scenarios_dir: Path) -> str:
     _hash_tree(h, "recnix", recnix_dir)
     _hash_tree(h, "scenarios", scenarios_dir)
     _hash_tree(h, "templates", TEMPLATES_DIR)
+    h.update(UNIT_SETTINGS_FILE.read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -255,6 +257,31 @@ def render_nix_conf() -> str:
             recnix_lines=recnix_lines(raw, PRE_BUILD_HOOK, POST_BUILD_HOOK),
             guest_settings=GUEST_NIX_SETTINGS,
         )
+    )
+
+
+def unit_service_settings() -> list[tuple[str, str]]:
+    """The [Service] privilege and hardening settings the NixOS module uses (module/unit.toml)."""
+    import tomllib
+
+    with UNIT_SETTINGS_FILE.open("rb") as f:
+        service = tomllib.load(f)["Service"]
+    rendered = []
+    for key, value in service.items():
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        elif isinstance(value, list):
+            value = " ".join(str(v) for v in value)
+        rendered.append((key, str(value)))
+    return rendered
+
+
+def render_recnix_unit() -> str:
+    """The guest's recnix.service: the module's hardening plus how Debian starts it."""
+    return (
+        _templates()
+        .get_template("recnix.service.j2")
+        .render(exec_start="/usr/local/bin/recnix daemon", service=unit_service_settings())
     )
 
 
@@ -333,7 +360,7 @@ def customise_rootfs(root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub:
     _write(
         root,
         "/etc/systemd/system/recnix.service",
-        env.get_template("recnix.service.j2").render(exec_start="/usr/local/bin/recnix daemon"),
+        render_recnix_unit(),
     )
     _write(
         root,
