@@ -4,6 +4,7 @@
 {
   lib,
   python3Packages,
+  gnugrep,
   doCheck ? true,
 }:
 
@@ -13,6 +14,7 @@ let
     inherit root;
     fileset = lib.fileset.unions [
       ../pyproject.toml
+      ../bin
       ../recnix
       ../vm
       ../tests
@@ -50,8 +52,12 @@ python3Packages.buildPythonApplication {
 
   # The VM harness (recnix-vm) drives Debian guests from a development
   # checkout; it is not part of what a NixOS host runs.
+  # The hooks' sh fast path greps the .drv; nix-daemon's PATH has no grep.
   postInstall = ''
     rm -f $out/bin/recnix-vm
+    for hook in $out/bin/recnix-pre-build-hook $out/bin/recnix-post-build-hook; do
+      substituteInPlace $hook --replace-fail "GREP=grep" "GREP=${lib.getExe gnugrep}"
+    done
   '';
 
   pythonImportsCheck = [

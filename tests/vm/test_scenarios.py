@@ -36,7 +36,9 @@ def boot(machine: Machine) -> tuple[str, str]:
 
 
 def runner_for(machine: Machine, busybox: str, nix: str) -> ScenarioRunner:
-    return ScenarioRunner(guest_exec(machine, via_daemon=True), GUEST_SCENARIOS_DIR, busybox, nix, timeout=600)
+    return ScenarioRunner(
+        guest_exec(machine, via_daemon=True), GUEST_SCENARIOS_DIR, busybox, nix, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,10 @@ GUEST_EXTRA_EXPERIMENTAL_FEATURES = ("nix-command",)
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 UNIT_SETTINGS_FILE = Path(__file__).resolve().parents[2] / "module" / "unit.toml"
+HOOK_SCRIPTS = tuple(
+    Path(__file__).resolve().parents[2] / "bin" / name
+    for name in ("recnix-pre-build-hook", "recnix-post-build-hook")
+)
 
 
 class ImageError(Exception):
@@ -237,6 +241,8 @@ def image_key(base: Path, recnix_dir: Path, scenarios_dir: Path) -> str:
     _hash_tree(h, "scenarios", scenarios_dir)
     _hash_tree(h, "templates", TEMPLATES_DIR)
     h.update(UNIT_SETTINGS_FILE.read_bytes())
+    for hook in HOOK_SCRIPTS:
+        h.update(hook.read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -348,12 +354,9 @@ def customise_rootfs(root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub:
         )
     else:
         scen_target.mkdir(parents=True)
-    for name, line, call in (
-        ("recnix", "from recnix.cli import main", "main()"),
-        ("recnix-pre-build-hook", "from recnix.hooks import pre_build_main", "pre_build_main()"),
-        ("recnix-post-build-hook", "from recnix.hooks import post_build_main", "post_build_main()"),
-    ):
-        _write(root, f"/usr/local/bin/{name}", _wrapper(line, call), 0o755)
+    _write(root, "/usr/local/bin/recnix", _wrapper("from recnix.cli import main", "main()"), 0o755)
+    for hook in HOOK_SCRIPTS:  # the sh fast paths, exactly as pip installs them
+        _write(root, f"/usr/local/bin/{hook.name}", hook.read_text(), 0o755)
 
     _write(root, "/etc/nix/nix.conf", render_nix_conf())
     _write(root, "/etc/recnix/config.toml", render_recnix_config())
