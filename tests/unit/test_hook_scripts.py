@@ -41,7 +41,7 @@ def run_hook(hook_dir: Path, hook: str, drv: Path, config: Path) -> str | None:
 @pytest.mark.parametrize(
     ("drv_text", "config_text", "python"),
     [
-        ('Derive([("out","/nix/store/a-x","","")],[],[],"x86_64-linux","/bin/sh",[],[])', "", False),
+        ('Derive([("out","/nix/store/a-x","","")],[],[],"x86_64-linux","/bin/sh")', "", False),
         ('Derive([],[],[],"x",("requiredSystemFeatures","recnix"))', "", True),
         ("plain", "[hooks]\npre-build = []\npost-build = []\n", False),
         ("plain", '[hooks]\npre-build = ["/x"]\npost-build = ["/y"]\n', True),
