@@ -30,6 +30,7 @@ log = logging.getLogger("recnix.service")
 
 WATCH_INTERVAL = 1.0
 FINALISE_GRACE = 60.0  # seconds a finished build's session waits for the post-build hook
+CHROOT_GRACE = 3600.0  # seconds a chroot without builder may stay (output registration)
 
 
 FD_LIMIT_WANTED = 1 << 16
@@ -329,26 +330,34 @@ class Service:
                     log.exception("session %s: liveness check failed", session.sid)
 
     async def _check_alive(self, session: Session) -> None:
+        """End the session of a build that is over without a post-build hook call.
+
+        While the chroot exists the build is starting, running, or Nix is
+        registering its outputs (slow for big outputs): wait. Once Nix has
+        removed the chroot, a build whose outputs are not valid failed; one
+        whose outputs are valid gets FINALISE_GRACE seconds for its hook.
+        """
+        now = time.monotonic()
         if session.chroot.is_dir():
             pid = await asyncio.get_running_loop().run_in_executor(None, session.view.sandbox_pid)
-            if pid is not None:
-                session.seen_process = True
             if pid is not None or not session.seen_process:
-                # running, or the builder has not started yet
+                session.seen_process = session.seen_process or pid is not None
                 session.ended_since = None
                 return
-        now = time.monotonic()
-        if session.ended_since is None:
+            # the builder is gone but Nix still holds the chroot
+            if session.ended_since is None:
+                session.ended_since = now
+            if now - session.ended_since > CHROOT_GRACE:
+                await self._end(session, "aborted", "the builder is gone and Nix kept its chroot")
+            return
+        if session.ended_since is None or session.ended_since < 0:
             session.ended_since = now
         outputs = [o.path for o in session.drv.outputs.values() if o.path]
         succeeded = False
         if outputs and session.keeper is not None and not session.keeper.closed:
             valid = await session.keeper.query_valid_paths(outputs)
             succeeded = len(valid) == len(outputs)
-        if not succeeded or now - session.ended_since > FINALISE_GRACE:
-            reason = (
-                "the build ended without a post-build hook call"
-                if succeeded
-                else "the build failed or was killed"
-            )
-            await self._end(session, "aborted", reason)
+        if not succeeded:
+            await self._end(session, "aborted", "the build failed or was killed")
+        elif now - session.ended_since > FINALISE_GRACE:
+            await self._end(session, "aborted", "the build ended without a post-build hook call")

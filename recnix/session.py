@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recnix.derivation import Derivation
+from recnix.durable import fsync_paths
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
 from recnix.nar import dump_path
 from recnix.policy import Denied, Limits, checked_path, fixed_output_drvs, requested_features
@@ -232,7 +233,9 @@ class Session:
                 await self.keeper.add_temp_root(path)
             if peer_pid is not None:
                 self.view.set_builder_pid(peer_pid)
-            await asyncio.get_running_loop().run_in_executor(None, self.view.materialise_many, new)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, fsync_paths, new)  # durable before it is used
+            await loop.run_in_executor(None, self.view.materialise_many, new)
             self.allowed.update(new)
             self.added.update(new)
             for path in new:
