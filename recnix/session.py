@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from recnix.aio import READ_CHUNK, next_event
 from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("recnix.session")
 
-READ_CHUNK = 1 << 16
 NAR_CHUNK = 1 << 16
 # Concurrent client connections one session serves (each may hold an upstream
 # connection and a nix-daemon worker); more are closed at once, so one build
@@ -329,13 +329,10 @@ class ConnectionHandler:
             await self.writer.drain()
 
     async def next_event(self) -> Any:
-        while True:
-            ev = self.conn.next_event()
-            if ev is not NEED_DATA:
-                return ev
-            await self.flush()
-            data = await self.reader.read(READ_CHUNK)
-            self.conn.receive_data(data)
+        ev = await next_event(self.conn, self.reader, self.flush)
+        if ev is NEED_DATA:
+            raise ProtocolError("the client went away in the middle of a message")
+        return ev
 
     async def next_request_event(self) -> Any:
         """The next event at a message boundary; notes whether a stream follows."""

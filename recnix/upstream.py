@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
+from recnix.aio import READ_CHUNK, next_event
 from recnix.protocol import (
     NEED_DATA,
     ClientConnection,
@@ -36,7 +37,6 @@ from recnix.protocol import (
 from recnix.protocol.connection import Event
 
 DEFAULT_SOCKET = "/nix/var/nix/daemon-socket/socket"
-READ_CHUNK = 1 << 16
 
 LogCallback = Callable[[StderrMessage], Awaitable[None] | None]
 
@@ -155,19 +155,11 @@ class Upstream:
             await self._writer.drain()
 
     async def _next_event(self) -> Event:
-        while True:
-            ev = self._conn.next_event()
-            if ev is not NEED_DATA:
-                return ev
-            await self._flush()  # the handshake queues replies while decoding
-            data = await self._reader.read(READ_CHUNK)
-            self._conn.receive_data(data)
-            if not data:
-                ev = self._conn.next_event()
-                if ev is NEED_DATA or isinstance(ev, ConnectionClosed):
-                    self.closed = True
-                    raise UpstreamClosed("the nix-daemon closed the connection")
-                return ev
+        ev = await next_event(self._conn, self._reader, self._flush)
+        if ev is NEED_DATA or isinstance(ev, ConnectionClosed):
+            self.closed = True
+            raise UpstreamClosed("the nix-daemon closed the connection")
+        return ev
 
     async def _await_reply(self, on_log: LogCallback | None) -> Any:
         while True:

@@ -6,14 +6,12 @@ same scenarios with feature="recnix" and compares.
 
 from __future__ import annotations
 
-import glob
 import os
-import subprocess
 import tempfile
-import time
 
 import pytest
 
+from tests.host.gc_check import check_gc_during_nested_build
 from tests.scenarios import checks
 
 pytestmark = pytest.mark.host
@@ -59,37 +57,4 @@ def test_denied_paths_stay_hidden(nix_host, oracle_runner):
 
 def test_added_paths_survive_host_gc_during_a_nested_build(nix_host, oracle_runner):
     """While the nested build waits, the path the outer build added is alive (temp root)."""
-    tag = checks.fresh_tag()
-    with tempfile.TemporaryDirectory() as scratch:
-        kept = os.path.join(scratch, "kept.txt")
-        with open(kept, "w") as f:
-            f.write(f"kept alive during the nested build {tag}\n")
-        nar_hash = nix_host.run(["nix-hash", "--type", "sha256", "--base32", kept]).stdout
-        fixed_path = ["nix-store", "--print-fixed-path", "--recursive", "sha256"]
-        kept_path = nix_host.run([*fixed_path, nar_hash.strip(), "kept.txt"]).stdout.strip()
-    argv = oracle_runner.build_argv("gc", BUILTIN, tag, {"innerTag": tag, "wait": 120})
-    build = subprocess.Popen(
-        argv, env=nix_host.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not (started := glob.glob(f"{nix_host.build_dir}/nix-build-waiting-inner*/started")):
-            assert build.poll() is None, build.communicate()
-            assert time.monotonic() < deadline, "the nested build never started"
-            time.sleep(0.1)
-        assert os.path.exists(kept_path)
-        dead = nix_host.run(["nix-store", "--gc", "--print-dead"]).stdout.split()
-        assert kept_path not in dead
-        deleted = nix_host.run(["nix-store", "--delete", kept_path], check=False)
-        assert deleted.returncode != 0 and "still alive" in deleted.stderr, deleted.stderr
-        open(os.path.join(os.path.dirname(started[0]), "release"), "w").close()
-        stdout, stderr = build.communicate(timeout=120)
-    finally:
-        if build.poll() is None:
-            build.kill()
-            build.communicate()
-    assert build.returncode == 0, stderr
-    out = stdout.split()[-1]
-    assert checks.assert_complete_reference(oracle_runner, out, "added") == kept_path
-    inner = checks.assert_complete_reference(oracle_runner, out, "inner")
-    assert oracle_runner.read(inner).startswith("waited ")
+    check_gc_during_nested_build(nix_host, oracle_runner, BUILTIN)

@@ -1,0 +1,33 @@
+"""The asyncio side of the sans-IO codec: feed a connection from a stream reader."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from recnix.protocol import NEED_DATA
+from recnix.protocol.connection import ClientConnection, Event, ServerConnection
+
+READ_CHUNK = 1 << 16
+
+
+async def next_event(
+    conn: ClientConnection | ServerConnection,
+    reader: asyncio.StreamReader,
+    flush: Callable[[], Awaitable[None]],
+) -> Event:
+    """The connection's next event, reading more input as needed.
+
+    Queued output (e.g. handshake replies) is flushed before every read. At end
+    of input the codec's verdict is returned: ``ConnectionClosed``, a last
+    event, or ``NEED_DATA`` if the peer left in the middle of a message.
+    """
+    while True:
+        ev = conn.next_event()
+        if ev is not NEED_DATA:
+            return ev
+        await flush()
+        data = await reader.read(READ_CHUNK)
+        conn.receive_data(data)
+        if not data:
+            return conn.next_event()
