@@ -28,7 +28,11 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 stamp=.venv/.recnix-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+stale=false
+for f in pyproject.toml bin/*; do  # bin/ scripts are copied into .venv/bin
+  [ "$f" -nt "$stamp" ] && stale=true
+done
+if [ ! -f "$stamp" ] || $stale; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"

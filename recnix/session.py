@@ -64,6 +64,8 @@ NAR_CHUNK = 1 << 16
 # connection and a nix-daemon worker); more are closed at once, so one build
 # cannot exhaust the service's file descriptors and starve every other build.
 MAX_CONNECTIONS_PER_SESSION = 64
+# Upstream connections a session keeps open for its next clients.
+IDLE_UPSTREAMS = 4
 # A text or flat-file add is received whole before it is forwarded (see
 # op_add_to_store); up to this many bytes in memory, the rest in a temporary file.
 SPOOL_IN_MEMORY = 1 << 22
@@ -130,6 +132,7 @@ class Session:
         self.added_bytes = 0
         self.view = SandboxView(chroot)
         self.keeper: Upstream | None = None
+        self.idle_upstreams: list[Upstream] = []
         self.socket_dir = service.state_dir / f"s-{sid}"
         self.socket_path = self.socket_dir / "socket"
         self.server: asyncio.base_events.Server | None = None
@@ -208,6 +211,9 @@ class Session:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        for up in self.idle_upstreams:
+            await up.close()
+        self.idle_upstreams.clear()
         if self.keeper is not None:
             await self.keeper.close()
         try:
@@ -216,6 +222,28 @@ class Session:
             log.warning("session %s: sandbox cleanup: %s", self.sid, e)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
         log.info("session %s (%s) closed: %s", self.sid, self.drv_path, reason)
+
+    # -- upstream connections
+
+    async def take_upstream(self) -> Upstream:
+        """An idle upstream connection of this session, or a new one.
+
+        Reusing them saves a nix-daemon worker fork and handshake per in-sandbox
+        client (a nested `nix-build` opens several connections).
+        """
+        while self.idle_upstreams:
+            up = self.idle_upstreams.pop()
+            if up.reusable:
+                return up
+            await up.close()
+        return await self.service.connect_upstream()
+
+    async def release_upstream(self, up: Upstream) -> None:
+        """Give a connection back when its client is done (closed if out of sync)."""
+        if up.reusable and self.state == "open" and len(self.idle_upstreams) < IDLE_UPSTREAMS:
+            self.idle_upstreams.append(up)
+        else:
+            await up.close()
 
     # -- the allowed set
 
@@ -359,7 +387,7 @@ class ConnectionHandler:
 
     async def up(self) -> Upstream:
         if self.upstream is None or self.upstream.closed:
-            self.upstream = await self.session.service.connect_upstream()
+            self.upstream = await self.session.take_upstream()
         return self.upstream
 
     async def forward_log(self, msg: StderrMessage) -> None:
@@ -369,7 +397,8 @@ class ConnectionHandler:
 
     async def close(self) -> None:
         if self.upstream is not None:
-            await self.upstream.close()
+            await self.session.release_upstream(self.upstream)
+            self.upstream = None
         with contextlib.suppress(ConnectionError, OSError):
             await self.flush()
         self.writer.close()

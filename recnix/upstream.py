@@ -86,6 +86,7 @@ class Upstream:
         self._lock = asyncio.Lock()
         self.handshake: HandshakeDone | None = None
         self.closed = False
+        self._in_op = False
 
     # -- connecting
 
@@ -225,39 +226,63 @@ class Upstream:
         if op == Op.ADD_TO_STORE and args and "ca_method" in args:
             check_ca_method(args["ca_method"])
         async with self._lock:
+            self._in_op = True  # stays set if the call is cancelled: out of sync
             try:
-                self._conn.send_request(op, args or {})
-                await self._flush()
-                if data is None:
-                    return await self._await_reply(on_log)
-                # Read the daemon's messages while the stream goes out, so a
-                # daemon busy logging never blocks us (and an early error ends it).
-                reply_task = asyncio.ensure_future(self._await_reply(on_log))
-                send_task = asyncio.ensure_future(self._send_stream(data))
-                done, _ = await asyncio.wait(
-                    {reply_task, send_task}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if reply_task in done and send_task not in done:
-                    send_task.cancel()
-                    await asyncio.gather(send_task, return_exceptions=True)
-                    # the daemon gave up mid-stream: its reply decides, the
-                    # connection can no longer be trusted to be in sync
-                    self.closed = True
-                    return reply_task.result()
-                send_exc = send_task.exception()
-                if send_exc is not None:
-                    reply_task.cancel()
-                    await asyncio.gather(reply_task, return_exceptions=True)
-                    self.closed = True
-                    raise send_exc
-                return await reply_task
-            except (ConnectionError, BrokenPipeError) as e:
+                result = await self._call(op, args, data, on_log)
+            except UpstreamClosed:
+                raise
+            except UpstreamError:
+                self._in_op = False  # the daemon answered with an error: still in sync
+                raise
+            self._in_op = False
+            return result
+
+    @property
+    def reusable(self) -> bool:
+        """Open, and not left in the middle of an operation (e.g. by a cancelled call)."""
+        return not self.closed and not self._in_op
+
+    async def _call(
+        self,
+        op: Op,
+        args: dict[str, Any] | None,
+        data: AsyncIterable[bytes] | Iterable[bytes] | None,
+        on_log: LogCallback | None,
+    ) -> Any:
+        try:
+            self._conn.send_request(op, args or {})
+            await self._flush()
+            if data is None:
+                return await self._await_reply(on_log)
+            # Read the daemon's messages while the stream goes out, so a
+            # daemon busy logging never blocks us (and an early error ends it).
+            reply_task = asyncio.ensure_future(self._await_reply(on_log))
+            send_task = asyncio.ensure_future(self._send_stream(data))
+            done, _ = await asyncio.wait(
+                {reply_task, send_task}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if reply_task in done and send_task not in done:
+                send_task.cancel()
+                await asyncio.gather(send_task, return_exceptions=True)
+                # the daemon gave up mid-stream: its reply decides, the
+                # connection can no longer be trusted to be in sync
                 self.closed = True
-                raise UpstreamClosed(f"lost the connection to the nix-daemon: {e}") from e
+                return reply_task.result()
+            send_exc = send_task.exception()
+            if send_exc is not None:
+                reply_task.cancel()
+                await asyncio.gather(reply_task, return_exceptions=True)
+                self.closed = True
+                raise send_exc
+            return await reply_task
+        except (ConnectionError, BrokenPipeError) as e:
+            self.closed = True
+            raise UpstreamClosed(f"lost the connection to the nix-daemon: {e}") from e
 
     async def nar_from_path(self, path: str) -> AsyncIterator[bytes]:
         """Stream the NAR of ``path`` (op 38)."""
         async with self._lock:
+            self._in_op = True  # until the whole NAR is read
             self._conn.send_request(Op.NAR_FROM_PATH, {"path": path})
             await self._flush()
             await self._await_reply(None)
@@ -266,6 +291,7 @@ class Upstream:
                 if isinstance(ev, Data):
                     yield ev.data
                 elif isinstance(ev, EndOfData):
+                    self._in_op = False
                     return
                 else:
                     raise UpstreamClosed(f"unexpected event in a NAR stream: {ev!r}")
