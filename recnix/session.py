@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recnix.aio import READ_CHUNK, next_event
+from recnix.aio import READ_CHUNK
 from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
@@ -64,6 +65,8 @@ NAR_CHUNK = 1 << 16
 # connection and a nix-daemon worker); more are closed at once, so one build
 # cannot exhaust the service's file descriptors and starve every other build.
 MAX_CONNECTIONS_PER_SESSION = 64
+# Bytes queued to a client before the handler waits for them to drain.
+WRITE_HIGH_WATER = 1 << 18
 # Upstream connections a session keeps open for its next clients.
 IDLE_UPSTREAMS = 4
 # A text or flat-file add is received whole before it is forwarded (see
@@ -166,8 +169,8 @@ class Session:
         self.allowed = set(self.inputs)
         self.view = SandboxView(self.chroot, known_present=self.inputs)
         self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
-        self.server = await asyncio.start_unix_server(
-            self._serve, path=str(self.socket_path), limit=READ_CHUNK * 4
+        self.server = await asyncio.get_running_loop().create_unix_server(
+            lambda: ClientProtocol(self), path=str(self.socket_path)
         )
         os.chmod(self.socket_path, 0o666)
         self.state = "open"
@@ -271,19 +274,16 @@ class Session:
 
     # -- connections
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-        sock = writer.get_extra_info("socket")
+    def accept(self, transport: asyncio.Transport) -> ConnectionHandler | None:
+        """A client connected: check it is the build's, then serve it in a task."""
+        sock = transport.get_extra_info("socket")
         try:
             peer = peer_credentials(sock)
         except OSError as e:
             log.warning("session %s: no peer credentials (%s): closing", self.sid, e)
-            writer.close()
-            return
-        if not peer_in_sandbox(peer.pid, self.chroot):
+            transport.close()
+            return None
+        if self.state != "open" or not peer_in_sandbox(peer.pid, self.chroot):
             log.warning(
                 "session %s: refused connection from pid %d uid %d: not a process of %s",
                 self.sid,
@@ -298,20 +298,26 @@ class Session:
                 op="connect",
                 reason=f"pid {peer.pid} (uid {peer.uid}) is not inside the build's sandbox",
             )
-            writer.close()
-            return
+            transport.close()
+            return None
         if self.connections >= MAX_CONNECTIONS_PER_SESSION:
-            self._refuse_excess(peer, writer)
-            return
+            self._refuse_excess(peer, transport)
+            return None
+        handler = ConnectionHandler(self, transport, peer)
         self.connections += 1
-        handler = ConnectionHandler(self, reader, writer, peer)
+        task = asyncio.ensure_future(self._serve(handler))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return handler
+
+    async def _serve(self, handler: ConnectionHandler) -> None:
         try:
             await handler.run()
         finally:
             self.connections -= 1
             await handler.close()
 
-    def _refuse_excess(self, peer: Peer, writer: asyncio.StreamWriter) -> None:
+    def _refuse_excess(self, peer: Peer, transport: asyncio.Transport) -> None:
         """Close a connection above the per-session limit (audited once per burst)."""
         self.refused_connections += 1
         if self.refused_connections & (self.refused_connections - 1) == 0:  # 1, 2, 4, 8...
@@ -325,49 +331,168 @@ class Session:
             self.service.audit.write(
                 "refused", self.sid, drv=self.drv_path, op="connect", reason=reason
             )
-        writer.close()
+        transport.close()
+
+
+class ClientProtocol(asyncio.Protocol):
+    """Hands one client connection's bytes and state changes to its ConnectionHandler."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.handler: ConnectionHandler | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handler = self.session.accept(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self.handler is not None:
+            self.handler.on_data(data)
+
+    def eof_received(self) -> bool | None:
+        if self.handler is not None:
+            self.handler.on_data(b"")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handler is not None:
+            self.handler.on_lost()
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.paused = True
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.paused = False
+            self.handler.wake()
 
 
 class ConnectionHandler:
-    """Serves one in-sandbox client connection; one upstream connection behind it."""
+    """Serves one in-sandbox client connection; one upstream connection behind it.
 
-    def __init__(
-        self,
-        session: Session,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer: Peer,
-    ) -> None:
+    A task (``run``) serves requests in order. While it waits for the next
+    request, ``on_data`` answers requests that need no I/O (IsValidPath, a
+    QueryPathInfo it has cached, ...) directly from the event loop's read
+    callback, which saves a task switch per query; anything else is handed
+    to the task.
+    """
+
+    def __init__(self, session: Session, transport: asyncio.Transport, peer: Peer) -> None:
         self.session = session
-        self.reader = reader
-        self.writer = writer
+        self.transport = transport
         self.peer = peer
         version = session.keeper.nix_version if session.keeper else "2.8.0"
         self.conn = ServerConnection(nix_version=version, trust=NOT_TRUSTED)
         self.upstream: Upstream | None = None
         self.stream_open = False  # the current request's trailing stream is not consumed yet
         self.forward_logs = session.service.config.policy["forward-build-logs"]
+        self.paused = False  # the transport's write buffer is full
+        self.lost = False
+        self._idle = False  # the task waits for a request: the fast path may answer
+        self._stash: list[Any] = []  # what the fast path consumed but left to the task
+        self._wakeup: asyncio.Future[None] | None = None
 
     # -- plumbing
 
-    async def flush(self) -> None:
+    def on_data(self, data: bytes) -> None:
+        """Bytes (``b""``: end of input) from the client."""
+        self.conn.receive_data(data)
+        if self._idle:
+            self._answer_fast()
+            if self._idle:
+                return  # all answered: the task sleeps on
+        self.wake()
+
+    def on_lost(self) -> None:
+        self.lost = True
+        self.wake()
+
+    def wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _answer_fast(self) -> None:
+        """Answer complete requests that need no I/O; stash the first that does."""
+        try:
+            while True:
+                ev = self.conn.next_event()
+                if ev is NEED_DATA:
+                    return
+                if isinstance(ev, Request) and ev.op in SYNC_OPS:
+                    try:
+                        pending = self._start(ev)
+                    except Denied as e:
+                        self._deny(ev.op, e)
+                        pending = None
+                    if pending is None:
+                        self._write_out()
+                        continue
+                    self._stash.append((ev, pending))
+                else:
+                    self._stash.append(ev)
+                self._idle = False
+                return
+        except ProtocolError as e:
+            self._stash.append(e)
+            self._idle = False
+
+    async def _wait(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("the client's connection was lost")
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+    def _write_out(self) -> None:
         data = self.conn.data_to_send()
-        if data:
-            self.writer.write(data)
-            await self.writer.drain()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def flush(self) -> None:
+        self._write_out()
+        while self.paused and not self.lost:
+            await self._wait()
+
+    def _unstash(self) -> Any:
+        item = self._stash.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
 
     async def next_event(self) -> Any:
-        ev = await next_event(self.conn, self.reader, self.flush)
-        if ev is NEED_DATA:
-            raise ProtocolError("the client went away in the middle of a message")
-        return ev
+        while True:
+            if self._stash:
+                return self._unstash()
+            ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            await self.flush()
+            await self._wait()
 
     async def next_request_event(self) -> Any:
-        """The next event at a message boundary; notes whether a stream follows."""
-        ev = await self.next_event()
-        if isinstance(ev, Request):
-            self.stream_open = op_spec(ev.op).stream(self.conn.minor) is not StreamKind.NONE
-        return ev
+        """The next event at a message boundary (requests the fast path answered are done).
+
+        Returns ``(request, pending)`` when the fast path started a request's
+        handler that still has to be awaited.
+        """
+        while True:
+            if self._stash:
+                ev = self._unstash()
+            else:
+                ev = self.conn.next_event()
+                if ev is NEED_DATA:
+                    await self.flush()
+                    self._idle = True
+                    try:
+                        await self._wait()
+                    finally:
+                        self._idle = False
+                    continue
+            if isinstance(ev, Request):
+                self.stream_open = op_spec(ev.op).stream(self.conn.minor) is not StreamKind.NONE
+            return ev
 
     async def stream(self) -> AsyncIterator[bytes]:
         """The current request's trailing stream, chunk by chunk."""
@@ -400,8 +525,8 @@ class ConnectionHandler:
             await self.session.release_upstream(self.upstream)
             self.upstream = None
         with contextlib.suppress(ConnectionError, OSError):
-            await self.flush()
-        self.writer.close()
+            self._write_out()
+        self.transport.close()
 
     # -- main loop
 
@@ -417,9 +542,12 @@ class ConnectionHandler:
                 ev = await self.next_request_event()
                 if isinstance(ev, ConnectionClosed):
                     return
-                if not isinstance(ev, Request):
+                if isinstance(ev, tuple):
+                    await self.dispatch(*ev)
+                elif isinstance(ev, Request):
+                    await self.dispatch(ev)
+                else:
                     raise ProtocolError(f"unexpected {type(ev).__name__} between requests")
-                await self.dispatch(ev)
                 await self.flush()
         except ProtocolError as e:
             log.warning(
@@ -446,16 +574,28 @@ class ConnectionHandler:
             except Exception:
                 pass
 
-    async def dispatch(self, req: Request) -> None:
+    def _start(self, req: Request) -> Awaitable[None] | None:
+        """Run ``req``'s handler; return what is left to await (None: answered)."""
         handler = HANDLERS.get(req.op)
+        if handler is None:
+            raise Denied(f"operation {req.op.name} is not allowed in recursive Nix (recnix)")
+        result = handler(self, req.args)
+        return result if inspect.isawaitable(result) else None
+
+    def _deny(self, op: Op, e: Denied) -> None:
+        self._refused(op, str(e))
+        self.conn.send_error(str(e))
+
+    async def dispatch(self, req: Request, pending: Awaitable[None] | None = None) -> None:
+        """Serve one request (``pending``: its handler already started by the fast path)."""
         try:
-            if handler is None:
-                raise Denied(f"operation {req.op.name} is not allowed in recursive Nix (recnix)")
-            await handler(self, req.args)
+            if pending is None:
+                pending = self._start(req)
+            if pending is not None:
+                await pending
         except Denied as e:
             await self._finish_stream(req.op)
-            self._refused(req.op, str(e))
-            self.conn.send_error(str(e))
+            self._deny(req.op, e)
         except UpstreamClosed:
             raise
         except UpstreamError as e:
@@ -493,35 +633,40 @@ class ConnectionHandler:
 
     # -- queries
 
-    async def op_set_options(self, args: dict) -> None:
+    def op_set_options(self, args: dict) -> None:
         self.conn.send_reply(Op.SET_OPTIONS)
 
-    async def op_is_valid_path(self, args: dict) -> None:
+    def op_is_valid_path(self, args: dict) -> None:
         path = checked_path(args["path"])
         self.conn.send_reply(Op.IS_VALID_PATH, self.session.is_allowed(path))
 
-    async def op_query_path_info(self, args: dict) -> None:
+    def op_query_path_info(self, args: dict) -> Awaitable[None] | None:
         path = checked_path(args["path"])
         if not self.session.is_allowed(path):
             if self.conn.minor < 17:
                 raise Denied(f"path '{path}' is not valid")
             self.conn.send_reply(Op.QUERY_PATH_INFO, None)
-            return
+            return None
         info = self.session.path_infos.get(path)
-        if info is None:
-            upstream_info = await (await self.up()).query_path_info(path)
-            if upstream_info is None and self.conn.minor < 17:
-                raise Denied(f"path '{path}' is not valid")
-            info = censor(upstream_info) if upstream_info else None
-            if info is not None:
-                self.session.path_infos[path] = info
+        if info is not None:
+            self.conn.send_reply(Op.QUERY_PATH_INFO, info)
+            return None
+        return self._query_path_info_upstream(path)
+
+    async def _query_path_info_upstream(self, path: str) -> None:
+        upstream_info = await (await self.up()).query_path_info(path)
+        if upstream_info is None and self.conn.minor < 17:
+            raise Denied(f"path '{path}' is not valid")
+        info = censor(upstream_info) if upstream_info else None
+        if info is not None:
+            self.session.path_infos[path] = info
         self.conn.send_reply(Op.QUERY_PATH_INFO, info)
 
-    async def op_query_valid_paths(self, args: dict) -> None:
+    def op_query_valid_paths(self, args: dict) -> None:
         paths = [checked_path(p) for p in args["paths"]]
         self.conn.send_reply(Op.QUERY_VALID_PATHS, [p for p in paths if self.session.is_allowed(p)])
 
-    async def op_query_all_valid_paths(self, args: dict) -> None:
+    def op_query_all_valid_paths(self, args: dict) -> None:
         self.conn.send_reply(Op.QUERY_ALL_VALID_PATHS, sorted(self.session.allowed))
 
     async def op_query_path_hash(self, args: dict) -> None:
@@ -538,27 +683,27 @@ class ConnectionHandler:
             raise Denied(f"path '{path}' is not valid")
         self.conn.send_reply(Op.QUERY_REFERENCES, list(info.references))
 
-    async def op_query_deriver(self, args: dict) -> None:
+    def op_query_deriver(self, args: dict) -> None:
         checked_path(args["path"])
         self.conn.send_reply(Op.QUERY_DERIVER, None)
 
-    async def op_empty_paths(self, args: dict, op: Op) -> None:
+    def op_empty_paths(self, args: dict, op: Op) -> None:
         if "path" in args:
             checked_path(args["path"])
         self.conn.send_reply(op, [])
 
-    async def op_has_substitutes(self, args: dict) -> None:
+    def op_has_substitutes(self, args: dict) -> None:
         checked_path(args["path"])
         self.conn.send_reply(Op.HAS_SUBSTITUTES, False)
 
-    async def op_query_substitutable_path_info(self, args: dict) -> None:
+    def op_query_substitutable_path_info(self, args: dict) -> None:
         checked_path(args["path"])
         self.conn.send_reply(Op.QUERY_SUBSTITUTABLE_PATH_INFO, None)
 
-    async def op_query_substitutable_path_infos(self, args: dict) -> None:
+    def op_query_substitutable_path_infos(self, args: dict) -> None:
         self.conn.send_reply(Op.QUERY_SUBSTITUTABLE_PATH_INFOS, {})
 
-    async def op_query_path_from_hash_part(self, args: dict) -> None:
+    def op_query_path_from_hash_part(self, args: dict) -> None:
         raise Denied("queryPathFromHashPart is not allowed in recursive Nix")
 
     async def op_drv_query(self, args: dict, op: Op) -> None:
@@ -610,23 +755,23 @@ class ConnectionHandler:
 
     # -- inert GC and maintenance ops (as Nix's RestrictedStore)
 
-    async def op_ensure_path(self, args: dict) -> None:
+    def op_ensure_path(self, args: dict) -> None:
         self._require_allowed(args["path"], "substitute")
         self.conn.send_reply(Op.ENSURE_PATH, 1)
 
-    async def op_one(self, args: dict, op: Op) -> None:
+    def op_one(self, args: dict, op: Op) -> None:
         if "path" in args and op is not Op.ADD_INDIRECT_ROOT:
             checked_path(args["path"])
         self.conn.send_reply(op, 1)
 
-    async def op_find_roots(self, args: dict) -> None:
+    def op_find_roots(self, args: dict) -> None:
         self.conn.send_reply(Op.FIND_ROOTS, {})
 
-    async def op_collect_garbage(self, args: dict) -> None:
+    def op_collect_garbage(self, args: dict) -> None:
         self._refused(Op.COLLECT_GARBAGE, "garbage collection is inert in recursive Nix")
         self.conn.send_reply(Op.COLLECT_GARBAGE, GCResult())
 
-    async def op_verify_store(self, args: dict) -> None:
+    def op_verify_store(self, args: dict) -> None:
         if args["repair"]:
             raise Denied("repairing the store is not allowed in recursive Nix")
         self.conn.send_reply(Op.VERIFY_STORE, 0)
@@ -886,8 +1031,16 @@ class ConnectionHandler:
 
 
 def _with_op(method: Any, op: Op) -> Any:
-    async def bound(self: ConnectionHandler, args: dict) -> None:
-        await method(self, args, op)
+    """``method(self, args, op)`` as a handler ``(self, args)``, sync or async like ``method``."""
+    if inspect.iscoroutinefunction(method):
+
+        async def bound_async(self: ConnectionHandler, args: dict) -> None:
+            await method(self, args, op)
+
+        return bound_async
+
+    def bound(self: ConnectionHandler, args: dict) -> None:
+        return method(self, args, op)
 
     return bound
 
@@ -932,3 +1085,7 @@ HANDLERS: dict[Op, Any] = {
 }
 """Ops served; every other op (BuildDerivation, AddSignatures, RegisterDrvOutput,
 AddBuildLog, AddPermRoot, ExportPath, ImportPaths, ...) is refused with an error."""
+
+SYNC_OPS = frozenset(op for op, h in HANDLERS.items() if not inspect.iscoroutinefunction(h))
+"""Ops whose handler may answer at once (no I/O, no stream): the connection's fast
+path runs them straight from data_received (see ConnectionHandler.on_data)."""
