@@ -11,6 +11,7 @@ output referencing a session path fails the finalisation.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -122,23 +123,40 @@ def query_closure(paths: Iterable[str], nix_env: Mapping[str, str]) -> set[str]:
     return set(_run(["nix-store", "-qR", *paths], nix_env).split())
 
 
-def add_references(output_path: str, new_refs: Iterable[str], nix_env: Mapping[str, str]) -> None:
+def path_info(path: str, nix_env: Mapping[str, str]) -> dict:
+    """One `nix path-info --json` record: narHash, narSize, references, deriver (if known)."""
+    out = _run(["nix", *NIX_COMMAND, "path-info", "--json", path], nix_env)
+    try:
+        (info,) = json.loads(out)
+    except ValueError as e:
+        raise FinaliseError(f"cannot read the path info of {path}: {e}") from None
+    if not info.get("valid", True):
+        raise FinaliseError(f"{path} is not valid")
+    return info
+
+
+def add_references(
+    output_path: str,
+    new_refs: Iterable[str],
+    nix_env: Mapping[str, str],
+    info: dict | None = None,
+) -> None:
     """Re-register `output_path` with its references ∪ `new_refs` (deriver and hash kept).
 
-    Needs root and direct local-store access; drops `ultimate` and all signatures (re-sign).
+    ``info``: its `path_info` if already at hand. Needs root and direct local-store
+    access; drops `ultimate` and all signatures (re-sign).
     """
     env = local_store_env(nix_env)
     new = set(new_refs)
     for ref in new:
         validate_store_path(ref)
-    old = query_references(output_path, env)
-    nar_hash = _run(["nix-store", "-q", "--hash", output_path], env).strip()
-    nar_size = _run(["nix-store", "-q", "--size", output_path], env).strip()
-    deriver = _run(["nix-store", "-q", "--deriver", output_path], env).strip()
+    info = info or path_info(output_path, env)
+    old = set(info.get("references", []))
+    deriver = info.get("deriver") or ""
     if not deriver.startswith(STORE_PREFIX):
         deriver = ""  # "unknown-deriver"
     refs = sorted(old | new)
-    record = [output_path, nar_hash, nar_size, deriver, str(len(refs)), *refs]
+    record = [output_path, info["narHash"], str(info["narSize"]), deriver, str(len(refs)), *refs]
     _run(
         ["nix-store", "--register-validity", "--reregister", "--hash-given"],
         env,
@@ -254,21 +272,24 @@ def finalise_outputs(
         except (OSError, ValueError, InvalidStorePath) as e:
             raise FinaliseError(f"cannot scan output {name!r} ({output_path}): {e}") from None
         ensure_not_ca_referencing(drv, drv_path, name, found)
-        old = query_references(output_path, nix_env)
+        if not found:
+            continue
+        info = path_info(output_path, local_store_env(nix_env))
+        old = set(info.get("references", []))
         new = found - old
         if not new:
             continue
-        old_closure = query_closure([output_path], nix_env)
-        new_closure = query_closure(sorted(new), nix_env)
+        checks = drv.output_checks(name)
+        if checks.allowed_requisites is None and checks.disallowed_requisites is None:
+            closure, new_paths = old | new, new  # only reference checks apply
+        else:
+            old_closure = query_closure([output_path], nix_env)
+            new_closure = query_closure(sorted(new), nix_env)
+            closure, new_paths = old_closure | new_closure, new_closure - old_closure
         check_output_constraints(
-            drv,
-            name,
-            outputs,
-            refs=old | new,
-            closure=old_closure | new_closure,
-            new_paths=new_closure - old_closure,
+            drv, name, outputs, refs=old | new, closure=closure, new_paths=new_paths
         )
-        add_references(output_path, new, nix_env)
+        add_references(output_path, new, nix_env, info)
         report.added_refs[name] = new
     changed = [outputs[name] for name in report.added_refs]
     if changed and key_files:
@@ -285,6 +306,7 @@ __all__ = [
     "finalise_outputs",
     "local_store_env",
     "outputs_of",
+    "path_info",
     "query_closure",
     "query_references",
     "resign",
