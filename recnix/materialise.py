@@ -284,6 +284,15 @@ class SandboxView:
             raise MaterialiseError(
                 f"cannot materialise {todo[0]}: sandbox {self.chroot_root} is gone"
             )
+        if self.forced_mechanism is None:
+            # Regular files (.drv files, text adds) are hard-linked from the host,
+            # as Nix itself does for non-directory inputs: no namespace switch.
+            files = [p for p in todo if stat.S_ISREG(os.lstat(p).st_mode)]
+            for path in files:
+                self._link_path(path)
+            todo = [p for p in todo if p not in files]
+            if not todo:
+                return
         if self.forced_mechanism != MECHANISM_LINK and not self._mount_unavailable:
             pid = self.sandbox_pid()
             if pid is not None:
