@@ -283,7 +283,13 @@ class Session:
             log.warning("session %s: no peer credentials (%s): closing", self.sid, e)
             transport.close()
             return None
-        if self.state != "open" or not peer_in_sandbox(peer.pid, self.chroot):
+        if self.state != "open":
+            log.info(
+                "session %s: connection from pid %d after the session ended", self.sid, peer.pid
+            )
+            transport.close()
+            return None
+        if not peer_in_sandbox(peer.pid, self.chroot):
             log.warning(
                 "session %s: refused connection from pid %d uid %d: not a process of %s",
                 self.sid,
