@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from recnix.protocol import NEED_DATA
+from recnix.protocol import NEED_DATA, Data, EndOfData
 from recnix.protocol.connection import ClientConnection, Event, ServerConnection
 
 READ_CHUNK = 1 << 16
@@ -31,3 +31,17 @@ async def next_event(
         conn.receive_data(data)
         if not data:
             return conn.next_event()
+
+
+async def stream_data(
+    next_event: Callable[[], Awaitable[Event]], unexpected: type[Exception]
+) -> AsyncIterator[bytes]:
+    """The payload of ``Data`` events up to ``EndOfData`` (anything else raises ``unexpected``)."""
+    while True:
+        ev = await next_event()
+        if isinstance(ev, Data):
+            yield ev.data
+        elif isinstance(ev, EndOfData):
+            return
+        else:
+            raise unexpected(f"unexpected {type(ev).__name__} inside a data stream")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recnix.aio import READ_CHUNK
+from recnix.aio import READ_CHUNK, stream_data
 from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
@@ -502,15 +502,9 @@ class ConnectionHandler:
 
     async def stream(self) -> AsyncIterator[bytes]:
         """The current request's trailing stream, chunk by chunk."""
-        while True:
-            ev = await self.next_event()
-            if isinstance(ev, Data):
-                yield ev.data
-            elif isinstance(ev, EndOfData):
-                self.stream_open = False
-                return
-            else:
-                raise ProtocolError(f"unexpected {type(ev).__name__} inside a data stream")
+        async for chunk in stream_data(self.next_event, ProtocolError):
+            yield chunk
+        self.stream_open = False
 
     async def drain_stream(self) -> None:
         async for _ in self.stream():

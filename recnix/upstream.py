@@ -13,15 +13,13 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
-from recnix.aio import READ_CHUNK, next_event
+from recnix.aio import READ_CHUNK, next_event, stream_data
 from recnix.protocol import (
     NEED_DATA,
     ClientConnection,
     ClientOptions,
     ConnectionClosed,
-    Data,
     DerivedPath,
-    EndOfData,
     ErrorReply,
     HandshakeDone,
     KeyedBuildResult,
@@ -286,15 +284,9 @@ class Upstream:
             self._conn.send_request(Op.NAR_FROM_PATH, {"path": path})
             await self._flush()
             await self._await_reply(None)
-            while True:
-                ev = await self._next_event()
-                if isinstance(ev, Data):
-                    yield ev.data
-                elif isinstance(ev, EndOfData):
-                    self._in_op = False
-                    return
-                else:
-                    raise UpstreamClosed(f"unexpected event in a NAR stream: {ev!r}")
+            async for chunk in stream_data(self._next_event, UpstreamClosed):
+                yield chunk
+            self._in_op = False
 
     async def is_valid_path(self, path: str) -> bool:
         return bool(await self.call(Op.IS_VALID_PATH, {"path": path}))
