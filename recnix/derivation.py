@@ -297,6 +297,15 @@ class _Reader:
     def strings(self) -> list[str]:
         return self.list_of(self.string)
 
+    def map_of(self, item, what: str) -> dict:  # type: ignore[no-untyped-def]
+        """A list of (key, value) items as a dict; a repeated key is an error naming ``what``."""
+        result: dict = {}
+        for key, value in self.list_of(item):
+            if key in result:
+                raise self.fail(f"duplicate {what} {key!r}")
+            result[key] = value
+        return result
+
 
 def _hash_hex(raw: str, algo: str) -> str:
     """Base-16 form of a hash written in base 16, nix32 or base 64."""
@@ -408,10 +417,7 @@ def _parse_outputs_node(r: _Reader, dynamic: bool) -> OutputsNode:
             r.expect(b")")
             return name, sub
 
-        for name, sub in r.list_of(child):
-            if name in node.dynamic_outputs:
-                raise r.fail(f"duplicate dynamic output {name!r}")
-            node.dynamic_outputs[name] = sub
+        node.dynamic_outputs.update(r.map_of(child, "dynamic output"))
         r.expect(b")")
         return node
     return OutputsNode(set(r.strings()))
@@ -448,15 +454,10 @@ def parse_derivation(text: bytes | str, name: str | None = None) -> Derivation:
         r.list_of(lambda: _skip_output(r))
         drv_name = _name_from_env(_parse_rest(r, dynamic)[5])
         r.pos = outputs_start
-    outputs: dict[str, DerivationOutput] = {}
-
     def output_item() -> tuple[str, DerivationOutput]:
         return _parse_output(r, drv_name)
 
-    for out_name, output in r.list_of(output_item):
-        if out_name in outputs:
-            raise r.fail(f"duplicate output {out_name!r}")
-        outputs[out_name] = output
+    outputs: dict[str, DerivationOutput] = r.map_of(output_item, "output")
     input_drvs, input_srcs, platform, builder, args, env = _parse_rest(r, dynamic)
     r.expect(b")")
     if r.pos != len(data):
@@ -499,11 +500,7 @@ def _parse_rest(
         r.expect(b")")
         return path, node
 
-    input_drvs: dict[str, OutputsNode] = {}
-    for path, node in r.list_of(input_drv):
-        if path in input_drvs:
-            raise r.fail(f"duplicate input derivation {path!r}")
-        input_drvs[path] = node
+    input_drvs: dict[str, OutputsNode] = r.map_of(input_drv, "input derivation")
     r.expect(b",")
     input_srcs = r.list_of(lambda: r.store_path("input source"))
     r.expect(b",")
@@ -522,11 +519,7 @@ def _parse_rest(
         r.expect(b")")
         return key, value
 
-    env: dict[str, str] = {}
-    for key, value in r.list_of(env_item):
-        if key in env:
-            raise r.fail(f"duplicate environment variable {key!r}")
-        env[key] = value
+    env: dict[str, str] = r.map_of(env_item, "environment variable")
     return input_drvs, input_srcs, platform, builder, args, env
 
 
