@@ -454,6 +454,7 @@ def parse_derivation(text: bytes | str, name: str | None = None) -> Derivation:
         r.list_of(lambda: _skip_output(r))
         drv_name = _name_from_env(_parse_rest(r, dynamic)[5])
         r.pos = outputs_start
+
     def output_item() -> tuple[str, DerivationOutput]:
         return _parse_output(r, drv_name)
 

@@ -67,19 +67,26 @@ derivation {
 }
 """
 
-# Runs in a fresh (single-threaded) interpreter: join the mount namespace of
-# argv[1], connect to the sandbox's daemon socket, pass the fd over argv[2].
-_HELPER = r"""
-import ctypes, os, socket, sys
-pid, chan_fd = int(sys.argv[1]), int(sys.argv[2])
-chan = socket.socket(fileno=chan_fd)
-try:
+# Joins the mount namespace of process `pid` (indented: used inside a try block).
+_JOIN_NAMESPACE = """\
     libc = ctypes.CDLL(None, use_errno=True)
     ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
     if libc.setns(ns, 0x20000) != 0:
         raise OSError(ctypes.get_errno(), "setns")
     os.chdir("/")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+"""
+
+# Runs in a fresh (single-threaded) interpreter: join the mount namespace of
+# argv[1], connect to the sandbox's daemon socket, pass the fd over argv[2].
+_HELPER = (
+    r"""
+import ctypes, os, socket, sys
+pid, chan_fd = int(sys.argv[1]), int(sys.argv[2])
+chan = socket.socket(fileno=chan_fd)
+try:
+"""
+    + _JOIN_NAMESPACE
+    + r"""    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sys.argv[3])
     socket.send_fds(chan, [b"ok"], [s.fileno()])
     s.close()
@@ -87,23 +94,22 @@ except BaseException as e:
     chan.sendall(("error " + repr(e)).encode())
 chan.recv(1)
 """
+)
 
 
 # Like _HELPER, but opens argv[3] connections, keeps them open and reports how
 # many connect() calls succeeded and how many were closed by the server at once.
-_FLOOD_HELPER = r"""
+_FLOOD_HELPER = (
+    r"""
 import ctypes, os, resource, signal, socket, sys, time
 pid, chan_fd, count, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 chan = socket.socket(fileno=chan_fd)
 resource.setrlimit(resource.RLIMIT_NOFILE, (count + 64, count + 64))
 held, failed = [], 0
 try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
-    if libc.setns(ns, 0x20000) != 0:
-        raise OSError(ctypes.get_errno(), "setns")
-    os.chdir("/")
-    def timed_out(signum, frame):
+"""
+    + _JOIN_NAMESPACE
+    + r"""    def timed_out(signum, frame):
         raise TimeoutError("connect")
     signal.signal(signal.SIGALRM, timed_out)
     for _ in range(count):
@@ -133,6 +139,7 @@ except BaseException as e:
     chan.sendall(("error " + repr(e)).encode())
 chan.recv(1)
 """
+)
 
 
 class ProbeError(AssertionError):
