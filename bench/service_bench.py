@@ -102,16 +102,29 @@ def fresh_tag() -> str:
 
 @dataclass
 class Row:
+    """One scenario: interleaved runs of both sides (``runs_*[i]`` measured back to back)."""
+
     scenario: str
-    recnix: float
-    baseline: float
+    runs_recnix: list[float]
+    runs_baseline: list[float]
     unit: str
     target: float | None  # None: a reference row, no target
     note: str = ""
 
     @property
+    def recnix(self) -> float:
+        return statistics.median(self.runs_recnix)
+
+    @property
+    def baseline(self) -> float:
+        return statistics.median(self.runs_baseline)
+
+    @property
     def ratio(self) -> float:
-        return self.recnix / self.baseline
+        """Median of the paired ratios: each pair ran back to back, so the machine's
+        drift (other load, a slow minute) cancels within a pair."""
+        pairs = zip(self.runs_recnix, self.runs_baseline, strict=True)
+        return statistics.median(a / b for a, b in pairs)
 
     @property
     def verdict(self) -> str:
@@ -288,9 +301,9 @@ def bench_qpi(
         if builtin_build is not None:
             builtin_build.release()
     return Row(
-        f"QueryPathInfo round trip in the sandbox (N={n})",
-        statistics.median(a) * 1e6,
-        statistics.median(b) * 1e6,
+        f"QueryPathInfo round trip in the sandbox ({len(a)} rounds of {n})",
+        [x * 1e6 for x in a],
+        [x * 1e6 for x in b],
         "µs",
         1.5,
         f"rounds recnix {spread([x * 1e6 for x in a], 0)} µs, built-in "
@@ -335,7 +348,7 @@ def trivial_runner(
 
 
 def render(rows: list[Row], header: str) -> str:
-    lines = [header, ""]
+    lines = [header, "", "columns: medians of each side; ratio: median of the paired ratios", ""]
     lines.append(
         f"{'scenario':<64} {'recnix':>10} {'built-in/without':>17} {'ratio':>6} "
         f"{'target':>7}  verdict"
@@ -353,10 +366,10 @@ def render(rows: list[Row], header: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--qpi", type=int, default=2000, help="QueryPathInfo round trips")
-    parser.add_argument("--qpi-rounds", type=int, default=5)
+    parser.add_argument("--qpi", type=int, default=1000, help="QueryPathInfo round trips per round")
+    parser.add_argument("--qpi-rounds", type=int, default=11)
     parser.add_argument("--nested", type=int, default=20, help="nested builds in many.nix")
-    parser.add_argument("--many-reps", type=int, default=3)
+    parser.add_argument("--many-reps", type=int, default=5)
     parser.add_argument("--trivial", type=int, default=50, help="trivial builds per run")
     parser.add_argument("--trivial-reps", type=int, default=5)
     parser.add_argument("--only", choices=["qpi", "many", "trivial"], action="append")
@@ -406,9 +419,9 @@ def main() -> int:
             )
             rows.append(
                 Row(
-                    f"many.nix: {n} nested nix-build, wall (median of {opts.many_reps})",
-                    statistics.median(a),
-                    statistics.median(b),
+                    f"many.nix: {n} nested nix-build, wall ({opts.many_reps} pairs)",
+                    a,
+                    b,
                     "s",
                     1.2,
                     f"runs recnix {spread(a)} s, built-in {spread(b)} s "
@@ -460,9 +473,9 @@ def main() -> int:
 def trivial_row(scenario: str, a: list[float], b: list[float], n: int, label: str) -> Row:
     per_build = (statistics.median(a) - statistics.median(b)) / n * 1e3
     return Row(
-        f"{scenario} (median of {len(a)})",
-        statistics.median(a),
-        statistics.median(b),
+        f"{scenario} ({len(a)} pairs)",
+        a,
+        b,
         "s",
         1.05,
         f"runs {label} {spread(a)} s, without {spread(b)} s; per build {per_build:+.1f} ms",

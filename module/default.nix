@@ -102,6 +102,9 @@ in
             max-builds-per-session =
               setting "policy" "max-builds-per-session" lib.types.ints.unsigned
                 "Nested build requests one session may make.";
+            max-connections-per-session =
+              setting "policy" "max-connections-per-session" lib.types.ints.positive
+                "Concurrent connections to one build's socket; further ones are closed.";
             max-added-bytes =
               setting "policy" "max-added-bytes" lib.types.ints.unsigned
                 "Bytes (NAR size) one session may add to the store.";

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recnix import __version__
+
+if TYPE_CHECKING:
+    import argparse
 
 DAEMON_HELP = """\
 Run the recnix service: a root-only control socket for the hooks and one
@@ -33,6 +36,9 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
                          (they have network access)                false
   max-depth              deepest nesting level (outer build = 1)   4
   max-builds-per-session nested build requests per build           256
+  max-connections-per-session
+                         concurrent connections to one build's
+                         socket; further ones are closed            64
   max-added-bytes        NAR bytes a build may add                 4294967296
   forward-build-logs     nested build logs go into the outer
                          build's log (Nix #7276)                   true
@@ -150,6 +156,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of ``recnix``."""
+    import argparse  # not at module level: the hooks' fast path in main() skips it
+
     parser = argparse.ArgumentParser(
         prog="recnix",
         description="Recursive Nix as an add-on: Nix builds that call Nix inside their "
@@ -233,9 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recnix`` console script."""
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in and args_in[0] in ("pre-build-hook", "post-build-hook") and "-h" not in args_in:
+        # Nix runs these on the critical path of opted-in builds: skip argparse.
+        from recnix import hooks
+
+        if args_in[0] == "pre-build-hook":
+            return hooks.pre_build_main(args_in[1:])
+        return hooks.post_build_main(args_in[1:])
     from recnix.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(args_in)
     try:
         return args.func(args)
     except ConfigError as e:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +62,18 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     return None
 
 
-@dataclass(frozen=True)
 class Config:
-    """Validated settings; ``raw`` keeps the merged TOML tables."""
+    """Validated settings; ``raw`` keeps the merged TOML tables, ``source`` the file read.
 
-    raw: dict[str, Any]
-    source: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    A plain class, not a dataclass: the hooks load the config on every opted-in
+    build, and importing ``dataclasses`` costs them milliseconds.
+    """
+
+    __slots__ = ("raw", "source")
+
+    def __init__(self, raw: dict[str, Any], source: Path | None = None) -> None:
+        self.raw = raw
+        self.source = source
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.raw[section]
@@ -116,6 +120,8 @@ def _validate(raw: dict[str, Any]) -> None:
     for key in ("max-depth", "max-builds-per-session", "max-added-bytes"):
         if policy[key] < 0:
             raise ConfigError(f"'policy.{key}' must not be negative")
+    if policy["max-connections-per-session"] < 1:
+        raise ConfigError("'policy.max-connections-per-session' must be at least 1")
 
 
 def _conf_value(value: Any) -> str:

@@ -21,6 +21,10 @@ class ControlError(Exception):
     """The service could not be reached or refused the request."""
 
 
+class ServiceUnreachable(ControlError):
+    """Nothing listens on the control socket: the service is not running."""
+
+
 def request(control_socket: Path, message: dict[str, Any], timeout: float | None = 600.0) -> dict:
     """Send one request to the service and return its reply (raises ControlError)."""
     try:
@@ -37,12 +41,12 @@ def request(control_socket: Path, message: dict[str, Any], timeout: float | None
                 if len(data) > MAX_LINE:
                     raise ControlError("reply from the recnix service is too long")
     except FileNotFoundError as e:
-        raise ControlError(
+        raise ServiceUnreachable(
             f"the recnix service is not running (no control socket at {control_socket}); "
             "start it with `recnix daemon` (systemd: `systemctl start recnix`)"
         ) from e
     except ConnectionRefusedError as e:
-        raise ControlError(
+        raise ServiceUnreachable(
             f"the recnix service is not running (connection refused on {control_socket}); "
             "start it with `recnix daemon` (systemd: `systemctl start recnix`)"
         ) from e

@@ -1,29 +1,27 @@
 """Nix's ``pre-build-hook`` and ``post-build-hook`` entry points.
 
-Both run for every build on the machine, so the path for builds that did not
-opt in is short: read the ``.drv``, look for the feature name, chain any
-configured hooks, exit 0. Heavier modules are imported only for opted-in
-builds. A hook that fails makes Nix fail the build, so unrelated builds must
-never see an error from here.
+Both run for every build on the machine. The sh scripts in ``bin/`` drop
+builds whose ``.drv`` does not mention recnix before Python starts; what
+reaches this module is one short control request: the service reads the
+``.drv``, decides whether the build opted in, and does the work. Only when
+the service is down does the hook parse the ``.drv`` itself, so that a build
+that did not opt in still never fails here. Keep the imports light: this runs
+on the critical path of every opted-in build.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from recnix import control
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 SANDBOX_SOCKET = "/nix/var/nix/daemon-socket/socket"
 FEATURE = b"recnix"
-
-# Written into the sandbox so `nix` (new CLI) works there and never tries the
-# network (Nix issues #3275, #8698).
-SANDBOX_NIX_CONF = """\
-# written by recnix's pre-build hook for the Nix client inside this build
-experimental-features = nix-command
-substituters =
-"""
 
 
 class HookError(Exception):
@@ -57,8 +55,30 @@ def requested_mode(drv_path: str) -> str | None:
     return None
 
 
+def _ask_service(
+    control_socket: Path, message: dict[str, Any], failure: str
+) -> dict[str, Any] | None:
+    """Send ``message``; None when the service is down and the build did not opt in.
+
+    ``failure`` prefixes the error of an opted-in build (or of a refusal).
+    """
+    drv_path = str(message["drv"])
+    try:
+        return control.request(control_socket, message, timeout=None)
+    except control.ServiceUnreachable as e:
+        if requested_mode(drv_path) is None:
+            return None
+        raise HookError(f"{failure}: {e}") from e
+    except control.ControlError as e:
+        raise HookError(f"{failure}: {e}") from e
+
+
 def _run_chained(hooks: list[str], args: list[str], env: dict[str, str] | None = None) -> str:
     """Run further hooks in order; return their stdout, each block closed by an empty line."""
+    if not hooks:
+        return ""
+    import subprocess
+
     out = []
     for hook in hooks:
         proc = subprocess.run([hook, *args], stdout=subprocess.PIPE, env=env, check=False)
@@ -76,41 +96,17 @@ def pre_build(drv_path: str, chroot: str | None) -> str:
     """Open a session for an opted-in build; return the text Nix reads from the hook."""
     from recnix.config import load_config
 
-    mode = requested_mode(drv_path)
     config = load_config()
+    reply = _ask_service(
+        config.control_socket,
+        {"op": "open", "drv": drv_path, "chroot": chroot},
+        f"cannot open a recnix session for {drv_path}",
+    )
     block = ""
-    if mode is not None:
-        if not chroot:
-            raise HookError(
-                f"{drv_path} requires recnix but is not built in a sandbox; "
-                "set `sandbox = true` and `sandbox-fallback = false` in nix.conf"
-            )
-        from recnix import control
-
-        if config.policy["readonly-only"]:
-            mode = "readonly"
-        try:
-            reply = control.request(
-                config.control_socket,
-                {"op": "open", "drv": drv_path, "chroot": chroot, "mode": mode},
-                timeout=None,
-            )
-        except control.ControlError as e:
-            raise HookError(f"cannot open a recnix session for {drv_path}: {e}") from e
-        _write_sandbox_nix_conf(Path(chroot))
+    if reply is not None and reply.get("socket"):
         block = f"extra-sandbox-paths\n{SANDBOX_SOCKET}={reply['socket']}\n\n"
     args = [drv_path] + ([chroot] if chroot else [])
     return block + _run_chained(config["hooks"]["pre-build"], args)
-
-
-def _write_sandbox_nix_conf(chroot: Path) -> None:
-    conf_dir = chroot / "etc" / "nix"
-    conf = conf_dir / "nix.conf"
-    if conf.exists() or conf.is_symlink():
-        return
-    conf_dir.mkdir(parents=True, exist_ok=True)
-    conf.write_text(SANDBOX_NIX_CONF)
-    conf.chmod(0o444)
 
 
 def post_build(drv_path: str, out_paths: list[str]) -> list[str]:
@@ -119,18 +115,14 @@ def post_build(drv_path: str, out_paths: list[str]) -> list[str]:
 
     lines: list[str] = []
     config = load_config()
-    if drv_path and requested_mode(drv_path) is not None:
-        from recnix import control
-
-        try:
-            reply = control.request(
-                config.control_socket,
-                {"op": "finalise", "drv": drv_path, "out_paths": out_paths},
-                timeout=None,
-            )
-        except control.ControlError as e:
-            raise HookError(f"recnix could not finalise {drv_path}: {e}") from e
-        lines.extend(reply.get("messages", []))
+    if drv_path:
+        reply = _ask_service(
+            config.control_socket,
+            {"op": "finalise", "drv": drv_path, "out_paths": out_paths},
+            f"recnix could not finalise {drv_path}",
+        )
+        if reply is not None:
+            lines.extend(reply.get("messages", []))
     chained = config["hooks"]["post-build"]
     if chained:
         _run_chained(chained, [], env=dict(os.environ))

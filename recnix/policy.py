@@ -25,6 +25,7 @@ class Limits:
     max_builds: int
     max_added_bytes: int
     allow_fixed_output: bool
+    max_connections: int = 64
 
     @classmethod
     def from_policy(cls, policy: dict) -> Limits:
@@ -33,6 +34,7 @@ class Limits:
             max_builds=policy["max-builds-per-session"],
             max_added_bytes=policy["max-added-bytes"],
             allow_fixed_output=policy["allow-fixed-output"],
+            max_connections=policy["max-connections-per-session"],
         )
 
 

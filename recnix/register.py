@@ -16,6 +16,7 @@ import os
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from recnix.derivation import Derivation, DerivationError, read_derivation
 from recnix.nar import scan_for_hashes
@@ -123,6 +124,34 @@ def query_closure(paths: Iterable[str], nix_env: Mapping[str, str]) -> set[str]:
     return set(_run(["nix-store", "-qR", *paths], nix_env).split())
 
 
+class StoreQueries(Protocol):
+    """How finalisation reads path infos: the Nix CLI here, the worker protocol in the service.
+
+    Both must read the store's database afresh (no cache from before a re-registration).
+    """
+
+    def path_info(self, path: str) -> dict:
+        """``nix path-info --json``'s record of ``path``: narHash, narSize, references, deriver."""
+        ...
+
+    def references(self, path: str) -> set[str]:
+        """Registered references of ``path``."""
+        ...
+
+
+class CliQueries:
+    """StoreQueries through the Nix CLI, one process per query."""
+
+    def __init__(self, nix_env: Mapping[str, str]) -> None:
+        self.env = local_store_env(nix_env)
+
+    def path_info(self, path: str) -> dict:
+        return path_info(path, self.env)
+
+    def references(self, path: str) -> set[str]:
+        return query_references(path, self.env)
+
+
 def path_info(path: str, nix_env: Mapping[str, str]) -> dict:
     """One `nix path-info --json` record: narHash, narSize, references, deriver (if known)."""
     out = _run(["nix", *NIX_COMMAND, "path-info", "--json", path], nix_env)
@@ -140,17 +169,20 @@ def add_references(
     new_refs: Iterable[str],
     nix_env: Mapping[str, str],
     info: dict | None = None,
+    queries: StoreQueries | None = None,
 ) -> None:
     """Re-register `output_path` with its references ∪ `new_refs` (deriver and hash kept).
 
-    ``info``: its `path_info` if already at hand. Needs root and direct local-store
-    access; drops `ultimate` and all signatures (re-sign).
+    ``info``: its `path_info` if already at hand; ``queries``: how to read the store
+    (default: the Nix CLI). Needs root and direct local-store access; drops `ultimate` and
+    all signatures (re-sign).
     """
     env = local_store_env(nix_env)
+    queries = queries or CliQueries(nix_env)
     new = set(new_refs)
     for ref in new:
         validate_store_path(ref)
-    info = info or path_info(output_path, env)
+    info = info or queries.path_info(output_path)
     old = set(info.get("references", []))
     deriver = info.get("deriver") or ""
     if not deriver.startswith(STORE_PREFIX):
@@ -162,7 +194,7 @@ def add_references(
         env,
         stdin="".join(line + "\n" for line in record),
     )
-    missing = set(refs) - query_references(output_path, env)
+    missing = set(refs) - queries.references(output_path)
     if missing:
         raise FinaliseError(
             f"re-registering {output_path} did not add references {sorted(missing)}"
@@ -258,8 +290,13 @@ def finalise_outputs(
     session_paths: set[str],
     key_files: list[str],
     nix_env: dict[str, str],
+    queries: StoreQueries | None = None,
 ) -> FinaliseReport:
-    """Add the references Nix missed to every output of `drv_path` (see module docstring)."""
+    """Add the references Nix missed to every output of `drv_path` (see module docstring).
+
+    ``queries``: how to read path infos (default: the Nix CLI, see StoreQueries).
+    """
+    queries = queries or CliQueries(nix_env)
     drv = _read_drv(drv_path)
     outputs = outputs_of(drv_path, nix_env)
     candidates = set(session_paths) - set(outputs.values())
@@ -274,7 +311,7 @@ def finalise_outputs(
         ensure_not_ca_referencing(drv, drv_path, name, found)
         if not found:
             continue
-        info = path_info(output_path, local_store_env(nix_env))
+        info = queries.path_info(output_path)
         old = set(info.get("references", []))
         new = found - old
         if not new:
@@ -289,7 +326,7 @@ def finalise_outputs(
         check_output_constraints(
             drv, name, outputs, refs=old | new, closure=closure, new_paths=new_paths
         )
-        add_references(output_path, new, nix_env, info)
+        add_references(output_path, new, nix_env, info, queries)
         report.added_refs[name] = new
     changed = [outputs[name] for name in report.added_refs]
     if changed and key_files:
@@ -298,6 +335,7 @@ def finalise_outputs(
 
 
 __all__ = [
+    "CliQueries",
     "FinaliseError",
     "FinaliseReport",
     "add_references",
@@ -311,4 +349,5 @@ __all__ = [
     "query_references",
     "resign",
     "scan_references",
+    "StoreQueries",
 ]

@@ -19,10 +19,11 @@ from typing import Any
 
 from recnix import control
 from recnix.audit import AuditLog
-from recnix.config import Config
-from recnix.derivation import DerivationError, read_derivation
+from recnix.config import FEATURE, FEATURE_READONLY, Config
+from recnix.derivation import Derivation, DerivationError, read_derivation
 from recnix.policy import Limits
-from recnix.register import FinaliseError, finalise_outputs
+from recnix.protocol import PathInfo
+from recnix.register import FinaliseError, StoreQueries, finalise_outputs
 from recnix.session import Session
 from recnix.upstream import Upstream, UpstreamError
 
@@ -61,8 +62,90 @@ def notify_systemd(message: bytes) -> None:
         log.warning("cannot notify systemd at %s: %s", address, e)
 
 
+# Written into the sandbox so `nix` (new CLI) works there and never tries the
+# network (Nix issues #3275, #8698).
+SANDBOX_NIX_CONF = """\
+# written by recnix for the Nix client inside this build
+experimental-features = nix-command
+substituters =
+"""
+
+
+QUERY_TIMEOUT = 120.0  # seconds for one path-info query during finalisation
+
+
+class DaemonQueries(StoreQueries):
+    """Finalisation's store queries over the worker protocol, each on a fresh connection.
+
+    Cheaper than a `nix` process per query; a fresh connection means a fresh daemon
+    worker, whose cache cannot predate a re-registration. Called from the executor
+    thread that runs ``finalise_outputs``; the queries run on the service's loop.
+    """
+
+    def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
+        self.service = service
+        self.loop = loop
+
+    async def _query(self, path: str) -> PathInfo:
+        try:
+            upstream = await self.service.connect_upstream()
+            try:
+                info = await upstream.query_path_info(path)
+            finally:
+                await upstream.close()
+        except (UpstreamError, OSError) as e:
+            raise FinaliseError(f"cannot query the path info of {path}: {e}") from None
+        if info is None:
+            raise FinaliseError(f"{path} is not valid")
+        return info
+
+    def _info(self, path: str) -> PathInfo:
+        future = asyncio.run_coroutine_threadsafe(self._query(path), self.loop)
+        try:
+            return future.result(QUERY_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            raise FinaliseError(
+                f"the nix-daemon did not answer a path-info query for {path} "
+                f"within {QUERY_TIMEOUT:.0f} s"
+            ) from None
+
+    def path_info(self, path: str) -> dict:
+        info = self._info(path)
+        return {
+            "narHash": f"sha256:{info.nar_hash}",
+            "narSize": info.nar_size,
+            "references": list(info.references),
+            "deriver": info.deriver or "",
+        }
+
+    def references(self, path: str) -> set[str]:
+        return set(self._info(path).references)
+
+
 class OpenRefused(Exception):
     """A session cannot be opened (the message goes to the build's log)."""
+
+
+def requested_mode(drv: Derivation) -> str | None:
+    """'full', 'readonly' or None (the build did not opt in), from its system features."""
+    features = drv.required_system_features
+    if FEATURE in features:
+        return "full"
+    if FEATURE_READONLY in features:
+        return "readonly"
+    return None
+
+
+def write_sandbox_nix_conf(chroot: Path) -> None:
+    """Give the sandbox an /etc/nix/nix.conf for the Nix inside, unless Nix put one there."""
+    conf_dir = chroot / "etc" / "nix"
+    conf = conf_dir / "nix.conf"
+    if conf.exists() or conf.is_symlink():
+        return
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    conf.write_text(SANDBOX_NIX_CONF)
+    conf.chmod(0o444)
 
 
 class Service:
@@ -167,9 +250,12 @@ class Service:
     async def _dispatch(self, message: dict[str, Any]) -> dict[str, Any]:
         op = message["op"]
         if op == "open":
+            chroot = message.get("chroot")
             session = await self.open_session(
-                str(message["drv"]), Path(str(message["chroot"])), message.get("mode") == "readonly"
+                str(message["drv"]), Path(str(chroot)) if chroot else None
             )
+            if session is None:
+                return {"ok": True, "socket": None}
             return {"ok": True, "socket": str(session.socket_path), "session": session.sid}
         if op == "finalise":
             messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
@@ -199,12 +285,28 @@ class Service:
                 return s
         return None
 
-    async def open_session(self, drv_path: str, chroot: Path, readonly: bool) -> Session:
-        """Open a session for the build of ``drv_path`` (waits for a free slot if needed)."""
+    async def open_session(self, drv_path: str, chroot: Path | None) -> Session | None:
+        """Open a session for the build of ``drv_path`` (waits for a free slot if needed).
+
+        None if the derivation did not opt in (requiredSystemFeatures); OpenRefused
+        if it did but cannot have a session (no sandbox, a limit, a bad parent).
+        """
+        started = time.perf_counter()
         try:
             drv = read_derivation(drv_path)
+        except FileNotFoundError:
+            return None  # Nix issue #9272: BuildDerivation without a .drv; not ours
         except (OSError, DerivationError) as e:
             raise OpenRefused(f"cannot read {drv_path}: {e}") from e
+        mode = requested_mode(drv)
+        if mode is None:
+            return None
+        if chroot is None:
+            raise OpenRefused(
+                f"{drv_path} requires recnix but is not built in a sandbox; "
+                "set `sandbox = true` and `sandbox-fallback = false` in nix.conf"
+            )
+        readonly = mode == "readonly" or bool(self.config.policy["readonly-only"])
         parent = self._parent_of(drv_path)
         depth = 1 if parent is None else parent.depth + 1
         if self.limits.max_depth and depth > self.limits.max_depth:
@@ -243,6 +345,11 @@ class Service:
                 self._slots.release()
             await session.close("failed to start")
             raise OpenRefused(f"cannot open a recnix session for {drv_path}: {e}") from e
+        try:
+            write_sandbox_nix_conf(chroot)
+        except OSError as e:
+            await self._end(session, None, "failed to start")
+            raise OpenRefused(f"cannot write /etc/nix/nix.conf into {chroot}: {e}") from e
         self.sessions[sid] = session
         self.audit.write(
             "opened",
@@ -254,12 +361,13 @@ class Service:
             inputs=len(session.inputs),
         )
         log.info(
-            "session %s opened for %s (depth %d%s, %d input paths)",
+            "session %s opened for %s (depth %d%s, %d input paths) in %.1f ms",
             sid,
             drv_path,
             depth,
             ", read-only" if readonly else "",
             len(session.inputs),
+            1e3 * (time.perf_counter() - started),
         )
         return session
 
@@ -271,8 +379,15 @@ class Service:
 
     async def finalise(self, drv_path: str, out_paths: list[str]) -> list[str]:
         """Post-build: add the references the outputs have to session paths; end the session."""
+        started = time.perf_counter()
         session = self._session_for(drv_path)
         if session is None:
+            try:
+                opted_in = requested_mode(read_derivation(drv_path)) is not None
+            except (OSError, DerivationError):
+                opted_in = False
+            if not opted_in:
+                return []
             raise FinaliseError(
                 f"recnix has no session for {drv_path} (was the recnix service restarted "
                 "during the build?); its outputs may lack references to what it built "
@@ -280,14 +395,16 @@ class Service:
             )
         session.state = "finalising"
         nix_env = dict(os.environ)
+        loop = asyncio.get_running_loop()
         try:
-            report = await asyncio.get_running_loop().run_in_executor(
+            report = await loop.run_in_executor(
                 None,
                 finalise_outputs,
                 drv_path,
                 set(session.added),
                 list(self.config["signing"]["secret-key-files"]),
                 nix_env,
+                DaemonQueries(self, loop),
             )
         except FinaliseError as e:
             await self._end(session, "aborted", f"finalise failed: {e}")
@@ -306,6 +423,12 @@ class Service:
             added_refs={k: sorted(v) for k, v in report.added_refs.items()},
         )
         await self._end(session, None, "finalised")
+        log.info(
+            "session %s finalised in %.1f ms (%d reference(s) added)",
+            session.sid,
+            1e3 * (time.perf_counter() - started),
+            sum(len(refs) for refs in report.added_refs.values()),
+        )
         return messages
 
     async def _end(self, session: Session, audit_event: str | None, reason: str) -> None:

@@ -19,6 +19,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,6 @@ NAR_CHUNK = 1 << 16
 # Concurrent client connections one session serves (each may hold an upstream
 # connection and a nix-daemon worker); more are closed at once, so one build
 # cannot exhaust the service's file descriptors and starve every other build.
-MAX_CONNECTIONS_PER_SESSION = 64
 # Bytes queued to a client before the handler waits for them to drain.
 WRITE_HIGH_WATER = 1 << 18
 # Upstream connections a session keeps open for its next clients.
@@ -150,7 +150,7 @@ class Session:
         # of an allowed path needs no upstream round trip.
         self.path_infos: dict[str, PathInfo] = {}
         self.connections = 0  # connections being served now
-        self.refused_connections = 0  # refused for exceeding MAX_CONNECTIONS_PER_SESSION
+        self.refused_connections = 0  # refused for exceeding limits.max_connections
 
     # -- lifecycle
 
@@ -306,7 +306,7 @@ class Session:
             )
             transport.close()
             return None
-        if self.connections >= MAX_CONNECTIONS_PER_SESSION:
+        if self.connections >= self.limits.max_connections:
             self._refuse_excess(peer, transport)
             return None
         handler = ConnectionHandler(self, transport, peer)
@@ -317,19 +317,28 @@ class Session:
         return handler
 
     async def _serve(self, handler: ConnectionHandler) -> None:
+        started = time.perf_counter()
+        log.debug("session %s: connection from pid %d", self.sid, handler.peer.pid)
         try:
             await handler.run()
         finally:
             self.connections -= 1
             await handler.close()
+            log.debug(
+                "session %s: connection from pid %d closed after %.1f ms",
+                self.sid,
+                handler.peer.pid,
+                1e3 * (time.perf_counter() - started),
+            )
 
     def _refuse_excess(self, peer: Peer, transport: asyncio.Transport) -> None:
         """Close a connection above the per-session limit (audited once per burst)."""
         self.refused_connections += 1
         if self.refused_connections & (self.refused_connections - 1) == 0:  # 1, 2, 4, 8...
             reason = (
-                f"more than {MAX_CONNECTIONS_PER_SESSION} concurrent connections "
-                f"({self.refused_connections} refused so far)"
+                f"more than {self.limits.max_connections} concurrent connections "
+                f"({self.refused_connections} refused so far; "
+                "policy.max-connections-per-session)"
             )
             log.warning(
                 "session %s: refused connection from pid %d: %s", self.sid, peer.pid, reason
@@ -397,6 +406,8 @@ class ConnectionHandler:
         self._idle = False  # the task waits for a request: the fast path may answer
         self._stash: list[Any] = []  # what the fast path consumed but left to the task
         self._wakeup: asyncio.Future[None] | None = None
+        # QueryPathInfo replies as sent: path -> (the session's PathInfo, encoded bytes)
+        self._path_info_replies: dict[str, tuple[PathInfo, bytes]] = {}
 
     # -- plumbing
 
@@ -580,7 +591,7 @@ class ConnectionHandler:
         if handler is None:
             raise Denied(f"operation {req.op.name} is not allowed in recursive Nix (recnix)")
         result = handler(self, req.args)
-        return result if inspect.isawaitable(result) else None
+        return result  # handlers return None (answered) or an awaitable
 
     def _deny(self, op: Op, e: Denied) -> None:
         self._refused(op, str(e))
@@ -592,7 +603,15 @@ class ConnectionHandler:
             if pending is None:
                 pending = self._start(req)
             if pending is not None:
+                started = time.perf_counter()
                 await pending
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "session %s: %s took %.1f ms",
+                        self.session.sid,
+                        req.op.name,
+                        1e3 * (time.perf_counter() - started),
+                    )
         except Denied as e:
             await self._finish_stream(req.op)
             self._deny(req.op, e)
@@ -641,7 +660,19 @@ class ConnectionHandler:
         self.conn.send_reply(Op.IS_VALID_PATH, self.session.is_allowed(path))
 
     def op_query_path_info(self, args: dict) -> Awaitable[None] | None:
-        path = checked_path(args["path"])
+        path = args["path"]
+        if path in self.session.allowed:  # allowed paths were validated when allowed
+            info = self.session.path_infos.get(path)
+            if info is not None:
+                # the hottest op (every nix client asks it for each path): answer with
+                # the encoded reply, kept while the session keeps this PathInfo
+                cached = self._path_info_replies.get(path)
+                if cached is None or cached[0] is not info:
+                    cached = (info, self.conn.encode_reply(Op.QUERY_PATH_INFO, info))
+                    self._path_info_replies[path] = cached
+                self.conn.send_raw(cached[1])
+                return None
+        path = checked_path(path)
         if not self.session.is_allowed(path):
             if self.conn.minor < 17:
                 raise Denied(f"path '{path}' is not valid")

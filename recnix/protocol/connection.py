@@ -333,6 +333,16 @@ class ServerConnection(_Base):
         if spec.reply is not None:
             spec.reply.write(self._out, value, self.ctx)
 
+    def encode_reply(self, op: Op | int, value: Any = None) -> bytes:
+        """The bytes ``send_reply(op, value)`` would queue, for a caller that caches them
+        (then ``send_raw``); valid for this connection's negotiated version only."""
+        assert self.ctx is not None, "handshake not complete"
+        spec = op_spec(op)
+        out = bytearray(u64(Stderr.LAST))
+        if spec.reply is not None:
+            spec.reply.write(out, value, self.ctx)
+        return bytes(out)
+
     def send_error(self, message: str, status: int = 1) -> None:
         """Queue STDERR_ERROR in the layout of the client's minor."""
         if self.ctx is None:

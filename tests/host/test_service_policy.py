@@ -25,6 +25,7 @@ from tests.host.conftest import (
     start_recnix_service,
     stop_recnix_service,
 )
+from tests.host.session_probe import sandbox_flood, start_live_build
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 
@@ -109,6 +110,10 @@ def test_readonly_only_policy(busybox, nix_bundle):
         assert outcome.rc != 0 and "recnix-readonly" in outcome.stderr, outcome.describe()
 
 
+# Mentions recnix (so the sh fast path hands it to Python) without requiring it.
+LOOKALIKE_SCRIPT = 'echo "built without recnix" > "$out"; test ! -e /nix/var/nix/daemon-socket'
+
+
 def test_service_down_fails_only_opted_in_builds(busybox, nix_bundle):
     with host_with_service(busybox, nix_bundle, None) as (host, _, runner):
         tag = fresh_tag()
@@ -117,9 +122,45 @@ def test_service_down_fails_only_opted_in_builds(busybox, nix_bundle):
         )
         done = host.run(["nix-build", "--no-out-link", plain])
         assert runner.read(done.stdout.strip()) == f"{tag}\n"
+        lookalike = write_expr(
+            host, "lookalike.nix", plain_build_expr(busybox, [], LOOKALIKE_SCRIPT, tag)
+        )
+        done = host.run(["nix-build", "--no-out-link", lookalike])
+        assert runner.read(done.stdout.strip()) == "built without recnix\n"
         outcome = runner.build("inner", RECNIX, tag)
         assert outcome.rc != 0
         assert "recnix service is not running" in outcome.stderr, outcome.describe()
+
+
+def test_lookalike_gets_no_session(busybox, nix_bundle):
+    """A .drv that mentions recnix but does not require it: no socket, no session."""
+    with host_with_service(busybox, nix_bundle, "") as (host, service, runner):
+        lookalike = write_expr(
+            host, "lookalike.nix", plain_build_expr(busybox, [], LOOKALIKE_SCRIPT, fresh_tag())
+        )
+        done = host.run(["nix-build", "--no-out-link", lookalike])
+        assert runner.read(done.stdout.strip()) == "built without recnix\n"
+        assert service is not None
+        opened = [e for e in service.audit_events() if e.get("event") == "opened"]
+        assert opened == [], opened
+
+
+def test_connection_limit_is_a_setting(busybox, nix_bundle, tmp_path):
+    config = "[policy]\nmax-connections-per-session = 3\n"
+    with host_with_service(busybox, nix_bundle, config) as (host, service, _):
+        assert service is not None
+        live = start_live_build(
+            host.env, host.build_dir, service.control_socket, busybox, fresh_tag(), tmp_path
+        )
+        try:
+            with sandbox_flood(live, 10) as flood:
+                assert flood.connected - flood.closed_by_server <= 3, flood
+                assert flood.closed_by_server >= 7, flood
+        finally:
+            rc, _, stderr = live.finish()
+        assert rc == 0, stderr
+        reasons = [e.get("reason", "") for e in service.audit_events() if e["event"] == "refused"]
+        assert any("policy.max-connections-per-session" in r for r in reasons), reasons
 
 
 def test_hooks_are_chained(busybox, nix_bundle):

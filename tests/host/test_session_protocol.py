@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from recnix.config import load_defaults
 from recnix.protocol import (
     BasicDerivation,
     DerivationOutput,
@@ -35,7 +36,6 @@ from recnix.protocol import (
     encode_multiple_header,
 )
 from recnix.protocol.wire import u64
-from recnix.session import MAX_CONNECTIONS_PER_SESSION
 from tests.host.conftest import RECNIX_BIN, NixHost, RecnixService
 from tests.host.session_probe import (
     LiveBuild,
@@ -52,6 +52,7 @@ from tests.scenarios.runner import BuildOutcome, ScenarioRunner
 pytestmark = pytest.mark.host
 
 GCROOTS_AUTO = Path("/nix/var/nix/gcroots/auto")
+MAX_CONNECTIONS = load_defaults()["policy"]["max-connections-per-session"]
 SESSION_GONE_TIMEOUT = 10.0
 TRUNCATION_ATTEMPTS = 8
 
@@ -585,7 +586,8 @@ def test_connection_flood_does_not_starve_the_service(
 ) -> None:
     # A build opening (and holding) more connections than the service has file
     # descriptors must not take the service down for every other build: the
-    # session serves MAX_CONNECTIONS_PER_SESSION at once and closes the rest.
+    # session serves policy.max-connections-per-session (default) at once and
+    # closes the rest.
     service_pid = recnix_service.process.pid
     soft, hard = prlimit_nofile(service_pid)
     limit = 512
@@ -594,7 +596,7 @@ def test_connection_flood_does_not_starve_the_service(
         with sandbox_flood(live, limit + 100) as flood:
             held = flood.connected - flood.closed_by_server
             assert flood.connected >= limit, flood
-            assert held <= MAX_CONNECTIONS_PER_SESSION, flood
+            assert held <= MAX_CONNECTIONS, flood
             assert len(os.listdir(f"/proc/{service_pid}/fd")) < limit - 100
             assert service_sessions(recnix_service.control_socket)
             outcome = recnix_runner.build("inner", "recnix", tag=fresh(), timeout=120)
