@@ -6,6 +6,7 @@ path or operation and says what to do about it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +52,8 @@ def path_part(derived_path: str) -> str:
     return derived_path.split("!", 1)[0]
 
 
-def fixed_output_drvs(roots: list[str], is_valid_output: callable) -> list[str]:
-    """Fixed-output derivations in the drv closure of ``roots`` whose outputs are not valid.
-
-    ``is_valid_output(path) -> bool`` tells whether an output path already
-    exists (then nothing needs the network to build it).
-    """
-    found: list[str] = []
+def drv_closure(roots: Iterable[str]) -> Iterator[tuple[str, Derivation]]:
+    """Every readable derivation in the closure of ``roots`` under input derivations."""
     seen: set[str] = set()
     stack = list(roots)
     while stack:
@@ -68,11 +64,22 @@ def fixed_output_drvs(roots: list[str], is_valid_output: callable) -> list[str]:
         drv = _read(drv_path)
         if drv is None:
             continue
+        yield drv_path, drv
+        stack.extend(drv.input_drvs)
+
+
+def fixed_output_drvs(roots: list[str], is_valid_output: Callable[[str], bool]) -> list[str]:
+    """Fixed-output derivations in the drv closure of ``roots`` whose outputs are not valid.
+
+    ``is_valid_output(path) -> bool`` tells whether an output path already
+    exists (then nothing needs the network to build it).
+    """
+    found: list[str] = []
+    for drv_path, drv in drv_closure(roots):
         if drv.is_fixed_output:
             outs = [o.path for o in drv.outputs.values() if o.path]
             if not outs or not all(is_valid_output(p) for p in outs):
                 found.append(drv_path)
-        stack.extend(drv.input_drvs)
     return found
 
 

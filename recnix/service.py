@@ -279,11 +279,18 @@ class Service:
 
     # -- sessions
 
-    def _parent_of(self, drv_path: str) -> Session | None:
-        for s in self.sessions.values():
-            if s.state == "open" and drv_path in s.allowed and drv_path not in s.inputs:
-                return s
-        return None
+    async def _parent_of(self, drv_path: str) -> Session | None:
+        """The open session whose build request builds ``drv_path`` (the deepest if several):
+        the target itself, else a dependency of a target. A session that only added
+        the .drv is not its parent: the build may come from outside."""
+        open_sessions = [s for s in self.sessions.values() if s.state == "open"]
+        parents = [s for s in open_sessions if s.requested_directly(drv_path)]
+        if not parents:
+            loop = asyncio.get_running_loop()
+            for s in open_sessions:
+                if s.build_requests and await loop.run_in_executor(None, s.requested, drv_path):
+                    parents.append(s)
+        return max(parents, key=lambda s: s.depth, default=None)
 
     async def open_session(self, drv_path: str, chroot: Path | None) -> Session | None:
         """Open a session for the build of ``drv_path`` (waits for a free slot if needed).
@@ -307,7 +314,7 @@ class Service:
                 "set `sandbox = true` and `sandbox-fallback = false` in nix.conf"
             )
         readonly = mode == "readonly" or bool(self.config.policy["readonly-only"])
-        parent = self._parent_of(drv_path)
+        parent = await self._parent_of(drv_path)
         depth = 1 if parent is None else parent.depth + 1
         if self.limits.max_depth and depth > self.limits.max_depth:
             raise OpenRefused(

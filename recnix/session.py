@@ -30,7 +30,14 @@ from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
 from recnix.nar import dump_path
-from recnix.policy import Denied, Limits, checked_path, fixed_output_drvs, requested_features
+from recnix.policy import (
+    Denied,
+    Limits,
+    checked_path,
+    drv_closure,
+    fixed_output_drvs,
+    requested_features,
+)
 from recnix.protocol import (
     NEED_DATA,
     NOT_TRUSTED,
@@ -132,6 +139,10 @@ class Session:
         self.added: set[str] = set()
         self.realisations: set[str] = set()
         self.builds = 0
+        # .drv paths this session asked the daemon to build (a recnix build among
+        # them, or among their dependencies, is a child of this session)
+        self.build_requests: set[str] = set()
+        self._requested_closure: frozenset[str] | None = None
         self.added_bytes = 0
         self.view = SandboxView(chroot)
         self.keeper: Upstream | None = None
@@ -252,6 +263,27 @@ class Session:
 
     def is_allowed(self, path: str) -> bool:
         return path in self.allowed
+
+    def requested_directly(self, drv_path: str) -> bool:
+        """Whether this session asked to build ``drv_path`` itself."""
+        return drv_path in self.build_requests
+
+    def requested(self, drv_path: str) -> bool:
+        """Whether building what this session asked for builds ``drv_path`` (reads .drv
+        files: call it off the event loop)."""
+        if drv_path in self.build_requests:
+            return True
+        closure = self._requested_closure
+        if closure is None:
+            closure = frozenset(p for p, _ in drv_closure(self.build_requests))
+            self._requested_closure = closure
+        return drv_path in closure
+
+    def note_build_request(self, drv_paths: Iterable[str]) -> None:
+        new = {p for p in drv_paths if p.endswith(".drv")} - self.build_requests
+        if new:
+            self.build_requests |= new
+            self._requested_closure = None
 
     async def allow(self, paths: Iterable[str], peer_pid: int | None, event: str) -> None:
         """Root, materialise and allow ``paths`` (already closed under references if needed)."""
@@ -989,6 +1021,7 @@ class ConnectionHandler:
                     "with policy.allow-fixed-output = true"
                 )
         s.builds += 1
+        s.note_build_request(t.path for t in targets)
 
     def _check_nesting(self, drv_paths: list[str]) -> None:
         """Refuse to start a nested recnix build deeper than policy.max-depth."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import subprocess
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from recnix.protocol import Op
 from tests.host.conftest import (
     RECNIX_BIN,
     NixHost,
@@ -25,7 +27,7 @@ from tests.host.conftest import (
     start_recnix_service,
     stop_recnix_service,
 )
-from tests.host.session_probe import sandbox_flood, start_live_build
+from tests.host.session_probe import ProbeClient, sandbox_flood, sandbox_socket, start_live_build
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 
@@ -161,6 +163,97 @@ def test_connection_limit_is_a_setting(busybox, nix_bundle, tmp_path):
         assert rc == 0, stderr
         reasons = [e.get("reason", "") for e in service.audit_events() if e["event"] == "refused"]
         assert any("policy.max-connections-per-session" in r for r in reasons), reasons
+
+
+def test_a_drv_added_but_not_built_by_a_session_is_not_its_child(busybox, nix_bundle, tmp_path):
+    # With max-depth = 1 a child session would be refused: the build of a .drv
+    # that an open session merely added (here: built from outside) is top-level.
+    with host_with_service(busybox, nix_bundle, "[policy]\nmax-depth = 1\n") as (
+        host,
+        service,
+        _,
+    ):
+        assert service is not None
+        tag = fresh_tag()
+        expr = write_expr(
+            host, "child.nix", plain_build_expr(busybox, [RECNIX], 'echo "$tag" > "$out"', tag)
+        )
+        drv = host.run(["nix-instantiate", expr]).stdout.strip()
+        refs = host.run(["nix-store", "-q", "--references", drv]).stdout.split()
+        live = start_live_build(
+            host.env, host.build_dir, service.control_socket, busybox, fresh_tag(), tmp_path
+        )
+        try:
+            with sandbox_socket(live) as sock:
+                client = ProbeClient(sock)
+                client.do_handshake()
+                added = client.call(
+                    Op.ADD_TEXT_TO_STORE,
+                    {
+                        "name": Path(drv).name[33:],
+                        "text": Path(drv).read_bytes(),
+                        "references": refs,
+                    },
+                ).value
+                assert added == drv
+                out = host.run(["nix-store", "--realise", drv]).stdout.strip()
+        finally:
+            rc, _, stderr = live.finish()
+        assert rc == 0, stderr
+        assert Path(out).read_text() == f"{tag}\n"
+        opened = [e for e in service.audit_events() if e["event"] == "opened"]
+        child = [e for e in opened if e["drv"] == drv]
+        assert len(child) == 1 and child[0]["depth"] == 1 and child[0]["parent"] is None, opened
+
+
+# An outer fixed-output derivation whose output names the nested build's output:
+# Nix accepts the hash, recnix's post-build hook must fail it (NI §6.5).
+CA_INNER = """\
+let bb = builtins.storePath "BUSYBOX"; in
+derivation {
+  name = "ca-inner";
+  system = builtins.currentSystem;
+  builder = "${bb}/bin/sh";
+  tag = "TAG";
+  args = [ "-c" "echo inner > $out" ];
+}
+"""
+
+
+def test_content_addressed_outer_referencing_a_nested_output_fails(busybox, nix_bundle):
+    with host_with_service(busybox, nix_bundle, "") as (host, _, _runner):
+        inner_text = CA_INNER.replace("BUSYBOX", busybox).replace("TAG", fresh_tag())
+        inner_drv = host.run(["nix-instantiate", write_expr(host, "ca-inner.nix", inner_text)])
+        inner_out = host.run(["nix-store", "-q", "--outputs", inner_drv.stdout.strip()])
+        content = inner_out.stdout.strip() + "\n"
+        script = (
+            "cat > inner.nix <<'EOF'\n" + inner_text.replace("${", "''${") + "EOF\n"
+            'nix-build --no-out-link inner.nix > "$out"\n'
+        )
+        outer = f"""
+let lib = import {LIB} {{ busybox = "{busybox}"; nix = "{nix_bundle}"; }};
+in lib.mkBuild {{
+  name = "ca-outer";
+  features = [ "{RECNIX}" ];
+  env = {{
+    outputHashMode = "flat";
+    outputHashAlgo = "sha256";
+    outputHash = "{hashlib.sha256(content.encode()).hexdigest()}";
+  }};
+  script = ''{script}'';
+}}
+"""
+        proc = subprocess.run(
+            ["nix-build", "--no-out-link", write_expr(host, "ca-outer.nix", outer)],
+            env=host.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode != 0, proc.stdout
+        assert "fixed-output derivation" in proc.stderr, proc.stderr
+        assert "cannot be added after the build" in proc.stderr, proc.stderr
 
 
 def test_hooks_are_chained(busybox, nix_bundle):
