@@ -258,7 +258,8 @@ def _accepts(path: Path) -> bool:
     return True
 
 
-def _stopped(host: NixHost) -> None:
+def stop_nix_host(host: NixHost) -> None:
+    """Stop a host from ``start_nix_host``, fail on leftover processes, remove its files."""
     leftovers = host.stop()
     if leftovers:
         pytest.fail(
@@ -273,7 +274,7 @@ def nix_host() -> Iterator[NixHost]:
     """A private nix-daemon without recnix hooks (built-in recursive-nix available)."""
     host = start_nix_host(hooks=False)
     yield host
-    _stopped(host)
+    stop_nix_host(host)
 
 
 @pytest.fixture(scope="session")
@@ -281,7 +282,7 @@ def nix_host_recnix() -> Iterator[NixHost]:
     """A private nix-daemon whose pre/post-build hooks are recnix's."""
     host = start_nix_host(hooks=True)
     yield host
-    _stopped(host)
+    stop_nix_host(host)
 
 
 @pytest.fixture(scope="session")

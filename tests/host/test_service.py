@@ -20,6 +20,7 @@ from tests.host.conftest import (
     scenario_runner,
     start_nix_host,
     start_recnix_service,
+    stop_nix_host,
     stop_recnix_service,
 )
 from tests.host.gc_check import check_gc_during_nested_build
@@ -140,7 +141,7 @@ def fod_host(busybox: str, nix_bundle: str) -> Iterator[tuple[NixHost, ScenarioR
         yield host, scenario_runner(host, busybox, nix_bundle)
     finally:
         stop_recnix_service(service)
-        host.stop()
+        stop_nix_host(host)
 
 
 def test_fixed_output_allowed_when_configured(fod_host) -> None:

@@ -25,6 +25,7 @@ from tests.host.conftest import (
     scenario_runner,
     start_nix_host,
     start_recnix_service,
+    stop_nix_host,
     stop_recnix_service,
 )
 from tests.host.session_probe import ProbeClient, sandbox_flood, sandbox_socket, start_live_build
@@ -54,7 +55,7 @@ def host_with_service(
     finally:
         if service is not None:
             stop_recnix_service(service)
-        host.stop()
+        stop_nix_host(host)
 
 
 def write_expr(host: NixHost, name: str, text: str) -> str:
