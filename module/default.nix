@@ -84,7 +84,7 @@ in
                 "Root-only socket the pre-/post-build hooks talk to.";
             state-dir =
               setting "daemon" "state-dir" lib.types.str
-                "Root-only directory holding one socket per session.";
+                "Root-only directory holding each session's socket and journal; a restarted service resumes the sessions of running builds from it.";
             log-level =
               setting "daemon" "log-level" lib.types.str
                 ''Daemon log level ("debug", "info", "warning", "error").'';

@@ -21,7 +21,8 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
 
 [daemon]
   control-socket   path of the hooks' control socket (0600)       /run/recnix/control.sock
-  state-dir        root-only directory for session sockets        /run/recnix
+  state-dir        root-only directory for session sockets and
+                   journals (a restarted service resumes sessions) /run/recnix
   upstream         "daemon" (system socket), "unix:///path",
                    or "stdio" (spawn `nix-daemon --stdio`)         daemon
   max-sessions     concurrent top-level recursive builds; keep it

@@ -20,7 +20,9 @@ from recnix import control
 if TYPE_CHECKING:
     from pathlib import Path
 
-SANDBOX_SOCKET = "/nix/var/nix/daemon-socket/socket"
+# The session's socket directory is bind-mounted here, so that the sandbox sees
+# the socket of a restarted service too; clients connect to <dir>/socket.
+SANDBOX_SOCKET_DIR = "/nix/var/nix/daemon-socket"
 FEATURE = b"recnix"
 
 
@@ -103,8 +105,8 @@ def pre_build(drv_path: str, chroot: str | None) -> str:
         f"cannot open a recnix session for {drv_path}",
     )
     block = ""
-    if reply is not None and reply.get("socket"):
-        block = f"extra-sandbox-paths\n{SANDBOX_SOCKET}={reply['socket']}\n\n"
+    if reply is not None and reply.get("socket_dir"):
+        block = f"extra-sandbox-paths\n{SANDBOX_SOCKET_DIR}={reply['socket_dir']}\n\n"
     args = [drv_path] + ([chroot] if chroot else [])
     return block + _run_chained(config["hooks"]["pre-build"], args)
 

@@ -11,6 +11,7 @@ import logging
 import os
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import time
@@ -21,10 +22,11 @@ from recnix import control
 from recnix.audit import AuditLog
 from recnix.config import FEATURE, FEATURE_READONLY, Config
 from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.journal import SessionRecord, journals, replay
 from recnix.policy import Limits
 from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs
-from recnix.session import Session
+from recnix.session import ResumeError, Session
 from recnix.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("recnix.service")
@@ -176,6 +178,8 @@ class Service:
         """Serve until SIGTERM/SIGINT, then close every session."""
         self._prepare_dirs()
         raise_fd_limit()
+        await self._resume_sessions()
+        self._remove_stale_dirs()
         control_path = self.config.control_socket
         control_path.parent.mkdir(parents=True, exist_ok=True)
         if control_path.exists() or control_path.is_symlink():
@@ -202,8 +206,9 @@ class Service:
         finally:
             watcher.cancel()
             self._server.close()
+            # Running builds keep their sessions: the next run of the service resumes them.
             for session in list(self.sessions.values()):
-                await self._end(session, "aborted", "recnix service stopped")
+                await session.detach()
             if control_path.exists():
                 control_path.unlink()
             log.info("recnix service stopped")
@@ -215,11 +220,71 @@ class Service:
     def _prepare_dirs(self) -> None:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
-        # Sockets of a previous run are dead: their builds lost their sessions.
+
+    def _remove_stale_dirs(self) -> None:
+        """Socket directories of a previous run that no resumed session owns."""
+        live = {s.socket_dir for s in self.sessions.values()}
         for stale in self.state_dir.glob("s-*"):
-            for child in stale.iterdir():
-                child.unlink()
-            stale.rmdir()
+            if stale not in live:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    async def _resume_sessions(self) -> None:
+        """Take over the sessions of running builds that a previous run journaled."""
+        records: list[tuple[Path, SessionRecord]] = []
+        for path in journals(self.state_dir):
+            try:
+                records.append((path, replay(path)))
+            except (OSError, ValueError) as e:
+                log.warning("dropping unreadable session journal %s: %s", path, e)
+                path.unlink(missing_ok=True)
+        for path, record in sorted(records, key=lambda item: item[1].depth):
+            reason = await self._resume(record)
+            if reason is not None:
+                self.audit.write("aborted", record.sid, drv=record.drv_path, reason=reason)
+                log.warning("session %s (%s) not resumed: %s", record.sid, record.drv_path, reason)
+                path.unlink(missing_ok=True)
+
+    async def _resume(self, record: SessionRecord) -> str | None:
+        """Resume one journaled session; the reason it cannot be resumed, or None."""
+        chroot = Path(record.chroot)
+        if not chroot.is_dir():
+            return "the build ended while recnix was not running"
+        try:
+            drv = read_derivation(record.drv_path)
+        except (OSError, DerivationError) as e:
+            return f"cannot read {record.drv_path}: {e}"
+        parent = self.sessions.get(record.parent) if record.parent else None
+        session = Session(
+            self,
+            record.sid,
+            record.drv_path,
+            drv,
+            chroot,
+            record.readonly,
+            record.depth,
+            parent,
+            self.limits,
+        )
+        try:
+            await session.resume(record)
+        except (ResumeError, UpstreamError, OSError) as e:
+            await session.close("not resumed")
+            return str(e)
+        if session.holds_slot:
+            if self._slots.locked():  # daemon.max-sessions was lowered meanwhile
+                session.holds_slot = False
+            else:
+                await self._slots.acquire()
+        self.sessions[record.sid] = session
+        self.audit.write("resumed", record.sid, drv=record.drv_path, paths=len(session.added))
+        log.info(
+            "session %s resumed for %s (depth %d, %d path(s) added or built before)",
+            record.sid,
+            record.drv_path,
+            record.depth,
+            len(session.added),
+        )
+        return None
 
     # -- control socket
 
@@ -256,7 +321,12 @@ class Service:
             )
             if session is None:
                 return {"ok": True, "socket": None}
-            return {"ok": True, "socket": str(session.socket_path), "session": session.sid}
+            return {
+                "ok": True,
+                "socket": str(session.socket_path),
+                "socket_dir": str(session.socket_dir),
+                "session": session.sid,
+            }
         if op == "finalise":
             messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
             return {"ok": True, "messages": messages}

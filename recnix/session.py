@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from recnix.aio import READ_CHUNK, stream_data
 from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
+from recnix.journal import SessionJournal, SessionRecord
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
 from recnix.nar import dump_path
 from recnix.policy import (
@@ -110,6 +111,10 @@ def censor(info: PathInfo) -> PathInfo:
     )
 
 
+class ResumeError(Exception):
+    """A journaled session cannot be resumed (the message says why)."""
+
+
 class Session:
     """State of one opted-in build: its allowed set, its sandbox, its socket."""
 
@@ -162,6 +167,7 @@ class Session:
         self.path_infos: dict[str, PathInfo] = {}
         self.connections = 0  # connections being served now
         self.refused_connections = 0  # refused for exceeding limits.max_connections
+        self.journal: SessionJournal | None = None  # lets a restarted service resume it
 
     # -- lifecycle
 
@@ -179,12 +185,74 @@ class Session:
         self.inputs = await self._input_closure()
         self.allowed = set(self.inputs)
         self.view = SandboxView(self.chroot, known_present=self.inputs)
-        self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
+        # The sandbox gets the directory (0711: the builder may open the socket by
+        # name, not list or write), so a restarted service's new socket shows there.
+        self.socket_dir.mkdir(mode=0o711, parents=True, exist_ok=False)
+        os.chmod(self.socket_dir, 0o711)
+        await self._listen()
+        self.journal = SessionJournal.create(self.service.state_dir, self.record())
+        self.state = "open"
+
+    async def resume(self, record: SessionRecord) -> None:
+        """Take over a session a previous run of the service journaled (``record``).
+
+        Re-roots what the session added or built (ResumeError if any of it is gone),
+        and listens again on the same socket path, which the sandbox sees through its
+        bind-mounted directory.
+        """
+        self.keeper = await self.service.connect_upstream()
+        self.inputs = await self._input_closure()
+        ours = sorted(record.allowed - self.inputs)
+        valid = set(await self.keeper.query_valid_paths(ours)) if ours else set()
+        if len(valid) != len(ours):
+            missing = sorted(set(ours) - valid)
+            raise ResumeError(
+                f"{len(missing)} path(s) it added or built are no longer valid "
+                f"(e.g. {missing[0]}): garbage-collected while recnix was not running"
+            )
+        for path in ours:
+            await self.keeper.add_temp_root(path)
+        await self.closure(ours, known=self.inputs)  # their path infos, for the fast path
+        self.allowed = self.inputs | set(ours)
+        self.added = set(ours)
+        self.view = SandboxView(self.chroot, known_present=self.inputs)
+        self.view.materialised = dict(record.materialised)
+        self.build_requests = set(record.build_requests)
+        self.realisations = set(record.realisations)
+        self.builds = record.builds
+        self.added_bytes = record.added_bytes
+        self.holds_slot = record.holds_slot
+        self.seen_process = True
+        self.socket_path.unlink(missing_ok=True)  # the dead socket of the previous run
+        await self._listen()
+        self.journal = SessionJournal(self.service.state_dir / "journal" / f"{self.sid}.jsonl")
+        self.state = "open"
+
+    async def _listen(self) -> None:
         self.server = await asyncio.get_running_loop().create_unix_server(
             lambda: ClientProtocol(self), path=str(self.socket_path)
         )
         os.chmod(self.socket_path, 0o666)
-        self.state = "open"
+
+    def record(self) -> SessionRecord:
+        """This session as a journal header describes it."""
+        return SessionRecord(
+            sid=self.sid,
+            drv_path=self.drv_path,
+            chroot=str(self.chroot),
+            readonly=self.readonly,
+            depth=self.depth,
+            parent=self.parent.sid if self.parent is not None else None,
+            holds_slot=self.holds_slot,
+        )
+
+    def journal_change(self, **change: Any) -> None:
+        """Append one change to the journal (see SessionJournal.record)."""
+        if self.journal is not None:
+            try:
+                self.journal.record(**change)
+            except OSError as e:  # resuming after a restart is a bonus, never a failure
+                log.warning("session %s: cannot write its journal: %s", self.sid, e)
 
     async def _input_closure(self) -> set[str]:
         assert self.keeper is not None
@@ -235,7 +303,26 @@ class Session:
         except Exception as e:  # the sandbox may be half gone; cleanup must not raise
             log.warning("session %s: sandbox cleanup: %s", self.sid, e)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+        if self.journal is not None:
+            self.journal.remove()
         log.info("session %s (%s) closed: %s", self.sid, self.drv_path, reason)
+
+    async def detach(self) -> None:
+        """The service stops: drop connections, keep the journal, the socket directory and
+        what the sandbox sees, so the next run of the service can resume the session."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        for up in [*self.idle_upstreams, *([self.keeper] if self.keeper else [])]:
+            await up.close()
+        self.idle_upstreams.clear()
+        log.info("session %s (%s) detached: the service stops", self.sid, self.drv_path)
 
     # -- upstream connections
 
@@ -280,10 +367,13 @@ class Session:
         return drv_path in closure
 
     def note_build_request(self, drv_paths: Iterable[str]) -> None:
+        """Count one nested build request of ``drv_paths``."""
+        self.builds += 1
         new = {p for p in drv_paths if p.endswith(".drv")} - self.build_requests
         if new:
             self.build_requests |= new
             self._requested_closure = None
+        self.journal_change(builds=self.builds, build_requests=new)
 
     async def allow(self, paths: Iterable[str], peer_pid: int | None, event: str) -> None:
         """Root, materialise and allow ``paths`` (already closed under references if needed)."""
@@ -301,6 +391,11 @@ class Session:
             await loop.run_in_executor(None, self.view.materialise_many, new)
             self.allowed.update(new)
             self.added.update(new)
+            self.journal_change(
+                allowed=new,
+                materialised={p: m for p in new if (m := self.view.materialised.get(p))},
+                added_bytes=self.added_bytes,
+            )
             for path in new:
                 self.service.audit.write(event, self.sid, drv=self.drv_path, path=path)
 
@@ -1020,7 +1115,6 @@ class ConnectionHandler:
                     "fixed-output builds have network access; the operator can allow them "
                     "with policy.allow-fixed-output = true"
                 )
-        s.builds += 1
         s.note_build_request(t.path for t in targets)
 
     def _check_nesting(self, drv_paths: list[str]) -> None:
@@ -1072,6 +1166,7 @@ class ConnectionHandler:
             ok_targets = [r.path for r in value if r.result.status in (0, 1, 2, 13)]
             for r in value:
                 s.realisations.update(r.result.built_outputs)
+            s.journal_change(realisations=s.realisations)
         outputs = await self._outputs_of(ok_targets)
         closure = await s.closure(outputs, known=s.allowed)
         await s.allow(closure, self.peer.pid, "built")

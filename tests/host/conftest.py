@@ -396,7 +396,8 @@ def start_recnix_service(
 
 
 def stop_recnix_service(service: RecnixService) -> None:
-    """SIGTERM the service and wait; it must exit cleanly and leave no session sockets."""
+    """SIGTERM the service and wait; it must exit cleanly (sessions of running builds stay
+    journaled for the next run)."""
     if service.process.poll() is None:
         service.process.terminate()
         try:

@@ -81,6 +81,13 @@ def check_add(runner: ScenarioRunner, feature: str, inner_tag: str | None = None
     return out
 
 
+def check_restart_result(runner: ScenarioRunner, out: str, inner_tag: str) -> None:
+    """restart.nix's output: what it added and built before and after the restart."""
+    for name in ("added", "before", "after"):
+        assert_complete_reference(runner, out, name)
+    assert runner.read(f"{out}/added") == f"added before the restart {inner_tag}\n"
+
+
 def check_deep(runner: ScenarioRunner, feature: str, inner_tag: str | None = None) -> str:
     out = build_ok(runner, "deep", feature, inner_tag)
     middle = assert_complete_reference(runner, out, "middle")

@@ -161,6 +161,32 @@ def test_fixed_output_allowed_after_config_change(guest) -> None:
         machine.wait_for_unit("recnix.service")
 
 
+def test_restart_mid_build_resumes_the_session(guest) -> None:
+    """systemctl restart while an outer build waits between nested builds: it succeeds
+    (the session is journaled in /run/recnix, which the unit keeps across restarts)."""
+    machine, runner = guest
+    tag = fresh_tag()
+    argv = runner.build_argv("restart", RECNIX, tag, {"innerTag": tag})
+    log = f"/root/restart-{tag}"
+    machine.succeed(
+        f"NIX_REMOTE=daemon nohup {shlex.join(argv)} > {log}.out 2> {log}.err & echo $! > {log}.pid"
+    )
+    build_dir = "/tmp/nix-build-scenario-restart.drv-*"
+    machine.wait_until_succeeds(f"ls -d {build_dir}/started", timeout=300)
+    machine.succeed("systemctl restart recnix.service")
+    machine.wait_for_unit("recnix.service")
+    # (a glob whose last part does not exist yet does not expand: glob the directory)
+    rc, _, _ = machine.execute(f"for d in {build_dir}; do touch $d/release; done")
+    assert rc == 0, "the outer build ended at the restart:\n" + machine.execute(
+        f"cat {log}.err; journalctl -u recnix.service --no-pager | tail -n 30"
+    )[1]
+    machine.wait_until_fails(f"kill -0 $(cat {log}.pid)", timeout=300)
+    out = machine.execute(f"tail -n1 {log}.out")[1].strip()
+    assert out.startswith("/nix/store/"), machine.execute(f"cat {log}.err")[1]
+    checks.check_restart_result(runner, out, tag)
+    assert "resumed" in machine.succeed("journalctl -u recnix.service --no-pager")
+
+
 def test_killed_mid_build(guest) -> None:
     """recnix killed while a nested build runs: the outer fails fast, the unit comes back."""
     machine, runner = guest
