@@ -1,7 +1,9 @@
 """The recnix daemon: control socket for the hooks, one session per opted-in build.
 
 Control requests (see ``recnix.control``): ``open`` (pre-build hook), ``finalise``
-(post-build hook), ``status``. A watcher ends sessions whose build died.
+(post-build hook), ``status``. A watcher ends sessions whose build died. Sessions
+are journaled (``recnix.journal``), so a restarted service resumes those of builds
+that still run.
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ class Service:
     # -- lifecycle
 
     async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, then close every session."""
+        """Resume journaled sessions, serve until SIGTERM/SIGINT, then detach from the
+        sessions (the next run resumes those whose build still runs)."""
         self._prepare_dirs()
         raise_fd_limit()
         await self._resume_sessions()

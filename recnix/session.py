@@ -282,10 +282,11 @@ class Session:
             stack.extend(r for r in info.references if r not in seen and r not in known)
         return seen
 
-    async def close(self, reason: str) -> None:
-        """End the session: stop listening, close connections, drop roots, clean the sandbox."""
+    async def _disconnect(self) -> bool:
+        """Stop listening; close client and upstream connections (the keeper's temp roots
+        go with it). False if the session was already closed."""
         if self.state == "closed":
-            return
+            return False
         self.state = "closed"
         if self.server is not None:
             self.server.close()
@@ -293,11 +294,15 @@ class Session:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        for up in self.idle_upstreams:
+        for up in [*self.idle_upstreams, *([self.keeper] if self.keeper else [])]:
             await up.close()
         self.idle_upstreams.clear()
-        if self.keeper is not None:
-            await self.keeper.close()
+        return True
+
+    async def close(self, reason: str) -> None:
+        """End the session: stop listening, close connections, drop roots, clean the sandbox."""
+        if not await self._disconnect():
+            return
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.view.cleanup)
         except Exception as e:  # the sandbox may be half gone; cleanup must not raise
@@ -310,19 +315,8 @@ class Session:
     async def detach(self) -> None:
         """The service stops: drop connections, keep the journal, the socket directory and
         what the sandbox sees, so the next run of the service can resume the session."""
-        if self.state == "closed":
-            return
-        self.state = "closed"
-        if self.server is not None:
-            self.server.close()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-        for up in [*self.idle_upstreams, *([self.keeper] if self.keeper else [])]:
-            await up.close()
-        self.idle_upstreams.clear()
-        log.info("session %s (%s) detached: the service stops", self.sid, self.drv_path)
+        if await self._disconnect():
+            log.info("session %s (%s) detached: the service stops", self.sid, self.drv_path)
 
     # -- upstream connections
 

@@ -100,6 +100,13 @@ def test_failure(guest) -> None:
     machine.wait_until_succeeds("test -z \"$(ls /run/recnix | grep '^s-')\"", timeout=30)
 
 
+def start_in_background(machine, argv: list[str], log: str) -> None:
+    """Run ``argv`` in the guest without waiting: output in ``log``.out/.err, pid in .pid."""
+    machine.succeed(
+        f"NIX_REMOTE=daemon nohup {shlex.join(argv)} > {log}.out 2> {log}.err & echo $! > {log}.pid"
+    )
+
+
 @pytest.mark.parametrize("scenario", ["inner", "add", "deep"])
 def test_differential_against_builtin(guest, scenario: str) -> None:
     checks.check_differential(guest[1], scenario)
@@ -110,9 +117,7 @@ def test_gc_during_and_after_a_nested_build(guest) -> None:
     tag = fresh_tag()
     argv = runner.build_argv("gc", RECNIX, tag, {"innerTag": tag, "wait": 180})
     log = f"/root/gc-{tag}.log"
-    machine.succeed(
-        f"NIX_REMOTE=daemon nohup {shlex.join(argv)} > {log}.out 2> {log}.err & echo $! > {log}.pid"
-    )
+    start_in_background(machine, argv, log)
     started = machine.wait_until_succeeds(
         "ls -d /tmp/nix-build-waiting-inner.drv-*/started", timeout=300
     ).split()[0]
@@ -168,18 +173,17 @@ def test_restart_mid_build_resumes_the_session(guest) -> None:
     tag = fresh_tag()
     argv = runner.build_argv("restart", RECNIX, tag, {"innerTag": tag})
     log = f"/root/restart-{tag}"
-    machine.succeed(
-        f"NIX_REMOTE=daemon nohup {shlex.join(argv)} > {log}.out 2> {log}.err & echo $! > {log}.pid"
-    )
+    start_in_background(machine, argv, log)
     build_dir = "/tmp/nix-build-scenario-restart.drv-*"
     machine.wait_until_succeeds(f"ls -d {build_dir}/started", timeout=300)
     machine.succeed("systemctl restart recnix.service")
     machine.wait_for_unit("recnix.service")
     # (a glob whose last part does not exist yet does not expand: glob the directory)
     rc, _, _ = machine.execute(f"for d in {build_dir}; do touch $d/release; done")
-    assert rc == 0, "the outer build ended at the restart:\n" + machine.execute(
-        f"cat {log}.err; journalctl -u recnix.service --no-pager | tail -n 30"
-    )[1]
+    assert rc == 0, (
+        "the outer build ended at the restart:\n"
+        + machine.execute(f"cat {log}.err; journalctl -u recnix.service --no-pager | tail -n 30")[1]
+    )
     machine.wait_until_fails(f"kill -0 $(cat {log}.pid)", timeout=300)
     out = machine.execute(f"tail -n1 {log}.out")[1].strip()
     assert out.startswith("/nix/store/"), machine.execute(f"cat {log}.err")[1]
@@ -193,9 +197,7 @@ def test_killed_mid_build(guest) -> None:
     tag = fresh_tag()
     argv = runner.build_argv("gc", RECNIX, tag, {"innerTag": tag, "wait": 300})
     log = f"/root/kill-{tag}.log"
-    machine.succeed(
-        f"NIX_REMOTE=daemon nohup {shlex.join(argv)} > {log}.out 2> {log}.err & echo $! > {log}.pid"
-    )
+    start_in_background(machine, argv, log)
     machine.wait_until_succeeds("ls -d /tmp/nix-build-waiting-inner.drv-*/started", timeout=300)
     killed_at = time.monotonic()
     machine.succeed("systemctl kill --signal=KILL recnix.service")
