@@ -46,15 +46,10 @@ def requested_mode(drv_path: str) -> str | None:
     if data is None or FEATURE not in data:
         return None
     from recnix.derivation import parse_derivation
+    from recnix.policy import opt_in_mode
 
     name = os.path.basename(drv_path)
-    drv = parse_derivation(data, name=name[33:-4] if name.endswith(".drv") else None)
-    features = drv.required_system_features
-    if "recnix" in features:
-        return "full"
-    if "recnix-readonly" in features:
-        return "readonly"
-    return None
+    return opt_in_mode(parse_derivation(data, name=name[33:-4] if name.endswith(".drv") else None))
 
 
 def _ask_service(

@@ -44,11 +44,15 @@ class SessionJournal:
         self.path = path
 
     @classmethod
+    def of(cls, state_dir: Path, sid: str) -> SessionJournal:
+        """The journal of session ``sid`` (it may not exist yet)."""
+        return cls(state_dir / JOURNAL_DIR / f"{sid}.jsonl")
+
+    @classmethod
     def create(cls, state_dir: Path, record: SessionRecord) -> SessionJournal:
         """Start the journal of a new session with its header line."""
-        directory = state_dir / JOURNAL_DIR
-        directory.mkdir(mode=0o700, exist_ok=True)
-        journal = cls(directory / f"{record.sid}.jsonl")
+        journal = cls.of(state_dir, record.sid)
+        journal.path.parent.mkdir(mode=0o700, exist_ok=True)
         header = {
             "sid": record.sid,
             "drv": record.drv_path,

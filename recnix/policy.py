@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from recnix.config import FEATURE, FEATURE_READONLY
 from recnix.derivation import Derivation, DerivationError, read_derivation
 from recnix.storepath import InvalidStorePath, validate_store_path
 
@@ -26,7 +27,7 @@ class Limits:
     max_builds: int
     max_added_bytes: int
     allow_fixed_output: bool
-    max_connections: int = 64
+    max_connections: int
 
     @classmethod
     def from_policy(cls, policy: dict) -> Limits:
@@ -37,6 +38,16 @@ class Limits:
             allow_fixed_output=policy["allow-fixed-output"],
             max_connections=policy["max-connections-per-session"],
         )
+
+
+def opt_in_mode(drv: Derivation) -> str | None:
+    """'full', 'readonly' or None (the build did not opt in), from its system features."""
+    features = drv.required_system_features
+    if FEATURE in features:
+        return "full"
+    if FEATURE_READONLY in features:
+        return "readonly"
+    return None
 
 
 def checked_path(path: str) -> str:

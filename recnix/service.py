@@ -22,10 +22,10 @@ from typing import Any
 
 from recnix import control
 from recnix.audit import AuditLog
-from recnix.config import FEATURE, FEATURE_READONLY, Config
-from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.config import Config
+from recnix.derivation import DerivationError, read_derivation
 from recnix.journal import SessionRecord, journals, replay
-from recnix.policy import Limits
+from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs
 from recnix.session import ResumeError, Session
@@ -129,16 +129,6 @@ class DaemonQueries(StoreQueries):
 
 class OpenRefused(Exception):
     """A session cannot be opened (the message goes to the build's log)."""
-
-
-def requested_mode(drv: Derivation) -> str | None:
-    """'full', 'readonly' or None (the build did not opt in), from its system features."""
-    features = drv.required_system_features
-    if FEATURE in features:
-        return "full"
-    if FEATURE_READONLY in features:
-        return "readonly"
-    return None
 
 
 def write_sandbox_nix_conf(chroot: Path) -> None:
@@ -378,7 +368,7 @@ class Service:
             return None  # Nix issue #9272: BuildDerivation without a .drv; not ours
         except (OSError, DerivationError) as e:
             raise OpenRefused(f"cannot read {drv_path}: {e}") from e
-        mode = requested_mode(drv)
+        mode = opt_in_mode(drv)
         if mode is None:
             return None
         if chroot is None:
@@ -463,7 +453,7 @@ class Service:
         session = self._session_for(drv_path)
         if session is None:
             try:
-                opted_in = requested_mode(read_derivation(drv_path)) is not None
+                opted_in = opt_in_mode(read_derivation(drv_path)) is not None
             except (OSError, DerivationError):
                 opted_in = False
             if not opted_in:

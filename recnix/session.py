@@ -225,7 +225,7 @@ class Session:
         self.seen_process = True
         self.socket_path.unlink(missing_ok=True)  # the dead socket of the previous run
         await self._listen()
-        self.journal = SessionJournal(self.service.state_dir / "journal" / f"{self.sid}.jsonl")
+        self.journal = SessionJournal.of(self.service.state_dir, self.sid)
         self.state = "open"
 
     async def _listen(self) -> None:

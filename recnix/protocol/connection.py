@@ -327,21 +327,21 @@ class ServerConnection(_Base):
 
     def send_reply(self, op: Op | int, value: Any = None) -> None:
         """Queue STDERR_LAST and the encoded reply of ``op``."""
-        assert self.ctx is not None, "handshake not complete"
-        spec = op_spec(op)
-        self._out += u64(Stderr.LAST)
-        if spec.reply is not None:
-            spec.reply.write(self._out, value, self.ctx)
+        self._write_reply(self._out, op, value)
 
     def encode_reply(self, op: Op | int, value: Any = None) -> bytes:
         """The bytes ``send_reply(op, value)`` would queue, for a caller that caches them
         (then ``send_raw``); valid for this connection's negotiated version only."""
+        out = bytearray()
+        self._write_reply(out, op, value)
+        return bytes(out)
+
+    def _write_reply(self, out: bytearray, op: Op | int, value: Any) -> None:
         assert self.ctx is not None, "handshake not complete"
         spec = op_spec(op)
-        out = bytearray(u64(Stderr.LAST))
+        out += u64(Stderr.LAST)
         if spec.reply is not None:
             spec.reply.write(out, value, self.ctx)
-        return bytes(out)
 
     def send_error(self, message: str, status: int = 1) -> None:
         """Queue STDERR_ERROR in the layout of the client's minor."""
