@@ -111,6 +111,9 @@ in
             forward-build-logs =
               setting "policy" "forward-build-logs" lib.types.bool
                 "Forward nested build logs into the outer build's log.";
+            nested-builds-skip-hooks =
+              setting "policy" "nested-builds-skip-hooks" lib.types.bool
+                "Run nested builds that open no recnix session without nix.conf's pre- and post-build hooks (two process starts fewer per derivation). Ignored while `hooks` chains further hooks. Set to false if nix.conf's hooks are not recnix's own.";
           };
           signing.secret-key-files =
             setting "signing" "secret-key-files" (lib.types.listOf lib.types.str)

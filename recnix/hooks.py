@@ -1,25 +1,31 @@
 """Nix's ``pre-build-hook`` and ``post-build-hook`` entry points.
 
-Both run for every build on the machine. The sh scripts in ``bin/`` drop
+Both run for every build on the machine. The sh script in ``bin/`` drops
 builds whose ``.drv`` does not mention recnix before Python starts; what
 reaches this module is one short control request: the service reads the
 ``.drv``, decides whether the build opted in, and does the work. Only when
 the service is down does the hook parse the ``.drv`` itself, so that a build
-that did not opt in still never fails here. Keep the imports light: this runs
-on the critical path of every opted-in build.
+that did not opt in still never fails here. The script also passes the control
+socket it read from the config (``--control-socket``), which spares this
+module the TOML parser. Keep the imports light: this runs on the critical path
+of every opted-in build.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from recnix import control
 
+# Not typing.TYPE_CHECKING: importing typing costs every hook call ~3 ms.
+TYPE_CHECKING = False
+
 if TYPE_CHECKING:
     from pathlib import Path
+    from typing import Any
 
+SOCKET_OPTION = "--control-socket"
 # The session's socket directory is bind-mounted here, so that the sandbox sees
 # the socket of a restarted service too; clients connect to <dir>/socket.
 SANDBOX_SOCKET_DIR = "/nix/var/nix/daemon-socket"
@@ -53,7 +59,7 @@ def requested_mode(drv_path: str) -> str | None:
 
 
 def _ask_service(
-    control_socket: Path, message: dict[str, Any], failure: str
+    control_socket: str | Path, message: dict[str, Any], failure: str
 ) -> dict[str, Any] | None:
     """Send ``message``; None when the service is down and the build did not opt in.
 
@@ -89,13 +95,26 @@ def _run_chained(hooks: list[str], args: list[str], env: dict[str, str] | None =
     return "".join(out)
 
 
-def pre_build(drv_path: str, chroot: str | None) -> str:
-    """Open a session for an opted-in build; return the text Nix reads from the hook."""
+def _settings(kind: str, control_socket: str | None) -> tuple[str | Path, list[str]]:
+    """The control socket and the further hooks of ``kind`` to chain.
+
+    With ``control_socket`` given (by the hook script, from the config file),
+    the config is not read and nothing is chained: the script passes it only
+    when the config chains no hooks of this kind.
+    """
+    if control_socket:
+        return control_socket, []
     from recnix.config import load_config
 
     config = load_config()
+    return config.control_socket, config["hooks"][kind]
+
+
+def pre_build(drv_path: str, chroot: str | None, control_socket: str | None = None) -> str:
+    """Open a session for an opted-in build; return the text Nix reads from the hook."""
+    socket_path, chained = _settings("pre-build", control_socket)
     reply = _ask_service(
-        config.control_socket,
+        socket_path,
         {"op": "open", "drv": drv_path, "chroot": chroot},
         f"cannot open a recnix session for {drv_path}",
     )
@@ -103,37 +122,43 @@ def pre_build(drv_path: str, chroot: str | None) -> str:
     if reply is not None and reply.get("socket_dir"):
         block = f"extra-sandbox-paths\n{SANDBOX_SOCKET_DIR}={reply['socket_dir']}\n\n"
     args = [drv_path] + ([chroot] if chroot else [])
-    return block + _run_chained(config["hooks"]["pre-build"], args)
+    return block + _run_chained(chained, args)
 
 
-def post_build(drv_path: str, out_paths: list[str]) -> list[str]:
+def post_build(drv_path: str, out_paths: list[str], control_socket: str | None = None) -> list[str]:
     """Finalise the session of an opted-in build; return the lines to show in its log."""
-    from recnix.config import load_config
-
     lines: list[str] = []
-    config = load_config()
+    socket_path, chained = _settings("post-build", control_socket)
     if drv_path:
         reply = _ask_service(
-            config.control_socket,
+            socket_path,
             {"op": "finalise", "drv": drv_path, "out_paths": out_paths},
             f"recnix could not finalise {drv_path}",
         )
         if reply is not None:
             lines.extend(reply.get("messages", []))
-    chained = config["hooks"]["post-build"]
     if chained:
         _run_chained(chained, [], env=dict(os.environ))
     return lines
 
 
+def _split_socket_option(args: list[str]) -> tuple[str | None, list[str]]:
+    """(--control-socket's value or None, the remaining arguments)."""
+    if len(args) >= 2 and args[0] == SOCKET_OPTION:
+        return args[1], args[2:]
+    return None, args
+
+
 def pre_build_main(argv: list[str] | None = None) -> int:
-    """Console entry point for nix.conf's ``pre-build-hook``: argv = DRV [CHROOT]."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args or len(args) > 2:
-        print("usage: recnix-pre-build-hook DRV [CHROOT]", file=sys.stderr)
+    """Console entry point for nix.conf's ``pre-build-hook``:
+    argv = [--control-socket PATH] DRV [CHROOT]."""
+    control_socket, args = _split_socket_option(sys.argv[1:] if argv is None else argv)
+    if not args or len(args) > 2 or args[0].startswith("-"):
+        print(f"usage: recnix pre-build-hook [{SOCKET_OPTION} PATH] DRV [CHROOT]", file=sys.stderr)
         return 2
     try:
-        sys.stdout.write(pre_build(args[0], args[1] if len(args) > 1 else None))
+        chroot = args[1] if len(args) > 1 else None
+        sys.stdout.write(pre_build(args[0], chroot, control_socket))
     except Exception as e:  # any failure must name the build, and fail only this build
         message = " ".join(f"recnix: {e}".split())
         print(message, file=sys.stderr)
@@ -146,11 +171,16 @@ def pre_build_main(argv: list[str] | None = None) -> int:
 
 
 def post_build_main(argv: list[str] | None = None) -> int:
-    """Console entry point for nix.conf's ``post-build-hook`` (env DRV_PATH, OUT_PATHS)."""
+    """Console entry point for nix.conf's ``post-build-hook`` (env DRV_PATH, OUT_PATHS);
+    argv = [--control-socket PATH]."""
+    control_socket, args = _split_socket_option(sys.argv[1:] if argv is None else argv)
+    if args:
+        print(f"usage: recnix post-build-hook [{SOCKET_OPTION} PATH]", file=sys.stderr)
+        return 2
     drv_path = os.environ.get("DRV_PATH", "")
     out_paths = os.environ.get("OUT_PATHS", "").split()
     try:
-        for line in post_build(drv_path, out_paths):
+        for line in post_build(drv_path, out_paths, control_socket):
             print(f"recnix: {line}")
     except Exception as e:
         print(f"recnix post-build hook: {e}", file=sys.stderr)

@@ -79,19 +79,40 @@ def drv_closure(roots: Iterable[str]) -> Iterator[tuple[str, Derivation]]:
         stack.extend(drv.input_drvs)
 
 
-def fixed_output_drvs(roots: list[str], is_valid_output: Callable[[str], bool]) -> list[str]:
-    """Fixed-output derivations in the drv closure of ``roots`` whose outputs are not valid.
+def to_build(roots: Iterable[str], is_valid_output: Callable[[str], bool]) -> dict[str, Derivation]:
+    """The derivations a build of ``roots`` may have to build, by path.
 
-    ``is_valid_output(path) -> bool`` tells whether an output path already
-    exists (then nothing needs the network to build it).
+    Like :func:`drv_closure`, but a derivation whose outputs all exist
+    (``is_valid_output(path)``) is left out with everything below it: Nix
+    builds neither. Unreadable derivations are left out too.
     """
-    found: list[str] = []
-    for drv_path, drv in drv_closure(roots):
-        if drv.is_fixed_output:
-            outs = [o.path for o in drv.outputs.values() if o.path]
-            if not outs or not all(is_valid_output(p) for p in outs):
-                found.append(drv_path)
+    found: dict[str, Derivation] = {}
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        drv_path = stack.pop()
+        if drv_path in seen or not drv_path.endswith(".drv"):
+            continue
+        seen.add(drv_path)
+        drv = _read(drv_path)
+        if drv is None:
+            continue
+        outs = [o.path for o in drv.outputs.values() if o.path]
+        if outs and len(outs) == len(drv.outputs) and all(is_valid_output(p) for p in outs):
+            continue
+        found[drv_path] = drv
+        stack.extend(drv.input_drvs)
     return found
+
+
+def fixed_output_drvs(drvs: dict[str, Derivation]) -> list[str]:
+    """The fixed-output derivations among ``drvs`` (which :func:`to_build` returned)."""
+    return [drv_path for drv_path, drv in drvs.items() if drv.is_fixed_output]
+
+
+def opted_in_drvs(drvs: dict[str, Derivation]) -> list[str]:
+    """The derivations among ``drvs`` that ask for a recnix session."""
+    return [drv_path for drv_path, drv in drvs.items() if opt_in_mode(drv) is not None]
 
 
 def requested_features(drv_path: str) -> set[str]:

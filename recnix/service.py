@@ -76,6 +76,9 @@ substituters =
 
 
 QUERY_TIMEOUT = 120.0  # seconds for one path-info query during finalisation
+# Fresh daemon connections kept ready: every session's keeper and each of
+# finalisation's path-info queries needs one (see Service.fresh_upstream).
+SPARE_UPSTREAMS = 2
 
 
 class DaemonQueries(StoreQueries):
@@ -92,7 +95,7 @@ class DaemonQueries(StoreQueries):
 
     async def _query(self, path: str) -> PathInfo:
         try:
-            upstream = await self.service.connect_upstream()
+            upstream = await self.service.fresh_upstream()
             try:
                 info = await upstream.query_path_info(path)
             finally:
@@ -153,16 +156,53 @@ class Service:
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
         self.max_sessions = config["daemon"]["max-sessions"]
+        # Nested builds that open no session may skip nix.conf's hooks, unless
+        # recnix chains further hooks (which must see every build).
+        hooks = config["hooks"]
+        self.hooks_optional = bool(
+            config.policy["nested-builds-skip-hooks"]
+            and not hooks["pre-build"]
+            and not hooks["post-build"]
+        )
         self._slots = asyncio.Semaphore(self.max_sessions)
         self._waiting = 0
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
+        self._spares: list[Upstream] = []
+        self._filling: asyncio.Task | None = None
 
     # -- upstream
 
-    async def connect_upstream(self) -> Upstream:
-        """A new connection to the real nix-daemon, as configured."""
-        return await Upstream.connect(self.config["daemon"]["upstream"])
+    async def connect_upstream(self, hooks: bool = True) -> Upstream:
+        """A new connection to the real nix-daemon, as configured; ``hooks=False``:
+        builds on it skip nix.conf's pre- and post-build hooks."""
+        return await Upstream.connect(self.config["daemon"]["upstream"], hooks=hooks)
+
+    async def fresh_upstream(self) -> Upstream:
+        """A connection whose daemon worker has answered nothing yet, so it holds no
+        cached path info from before a re-registration.
+
+        Taken from the spares kept ready (saving a daemon fork and handshake on
+        the critical path of opening and finalising a session), else made now.
+        """
+        up = None
+        while self._spares and up is None:
+            spare = self._spares.pop(0)
+            if spare.reusable:
+                up = spare
+            else:
+                await spare.close()
+        if self._filling is None or self._filling.done():
+            self._filling = asyncio.ensure_future(self._fill_spares())
+        return up or await self.connect_upstream()
+
+    async def _fill_spares(self) -> None:
+        while len(self._spares) < SPARE_UPSTREAMS and not self._stopping.is_set():
+            try:
+                self._spares.append(await self.connect_upstream())
+            except (UpstreamError, OSError) as e:
+                log.debug("cannot open a spare nix-daemon connection: %s", e)
+                return
 
     # -- lifecycle
 
@@ -199,6 +239,10 @@ class Service:
         finally:
             watcher.cancel()
             self._server.close()
+            if self._filling is not None:
+                self._filling.cancel()
+            for spare in self._spares:
+                await spare.close()
             # Running builds keep their sessions: the next run of the service resumes them.
             for session in list(self.sessions.values()):
                 await session.detach()

@@ -37,7 +37,9 @@ from recnix.policy import (
     checked_path,
     drv_closure,
     fixed_output_drvs,
+    opted_in_drvs,
     requested_features,
+    to_build,
 )
 from recnix.protocol import (
     NEED_DATA,
@@ -151,7 +153,8 @@ class Session:
         self.added_bytes = 0
         self.view = SandboxView(chroot)
         self.keeper: Upstream | None = None
-        self.idle_upstreams: list[Upstream] = []
+        # idle upstream connections by whether builds on them run nix.conf's hooks
+        self.idle_upstreams: dict[bool, list[Upstream]] = {True: [], False: []}
         self.socket_dir = service.state_dir / f"s-{sid}"
         self.socket_path = self.socket_dir / "socket"
         self.server: asyncio.base_events.Server | None = None
@@ -181,7 +184,7 @@ class Session:
 
     async def start(self) -> None:
         """Connect the keeper, compute the input closure, listen on the session socket."""
-        self.keeper = await self.service.connect_upstream()
+        self.keeper = await self.service.fresh_upstream()
         self.inputs = await self._input_closure()
         self.allowed = set(self.inputs)
         self.view = SandboxView(self.chroot, known_present=self.inputs)
@@ -294,9 +297,11 @@ class Session:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        for up in [*self.idle_upstreams, *([self.keeper] if self.keeper else [])]:
+        idle = [up for pool in self.idle_upstreams.values() for up in pool]
+        for up in [*idle, *([self.keeper] if self.keeper else [])]:
             await up.close()
-        self.idle_upstreams.clear()
+        for pool in self.idle_upstreams.values():
+            pool.clear()
         return True
 
     async def close(self, reason: str) -> None:
@@ -320,23 +325,27 @@ class Session:
 
     # -- upstream connections
 
-    async def take_upstream(self) -> Upstream:
+    async def take_upstream(self, hooks: bool) -> Upstream:
         """An idle upstream connection of this session, or a new one.
 
-        Reusing them saves a nix-daemon worker fork and handshake per in-sandbox
-        client (a nested `nix-build` opens several connections).
+        ``hooks``: builds on it run nix.conf's pre- and post-build hooks (see
+        ``Service.connect_upstream``). Reusing connections saves a nix-daemon
+        worker fork and handshake per in-sandbox client (a nested `nix-build`
+        opens several connections).
         """
-        while self.idle_upstreams:
-            up = self.idle_upstreams.pop()
+        pool = self.idle_upstreams[hooks]
+        while pool:
+            up = pool.pop()
             if up.reusable:
                 return up
             await up.close()
-        return await self.service.connect_upstream()
+        return await self.service.connect_upstream(hooks=hooks)
 
     async def release_upstream(self, up: Upstream) -> None:
         """Give a connection back when its client is done (closed if out of sync)."""
-        if up.reusable and self.state == "open" and len(self.idle_upstreams) < IDLE_UPSTREAMS:
-            self.idle_upstreams.append(up)
+        pool = self.idle_upstreams[up.runs_hooks]
+        if up.reusable and self.state == "open" and len(pool) < IDLE_UPSTREAMS:
+            pool.append(up)
         else:
             await up.close()
 
@@ -504,7 +513,8 @@ class ClientProtocol(asyncio.Protocol):
 
 
 class ConnectionHandler:
-    """Serves one in-sandbox client connection; one upstream connection behind it.
+    """Serves one in-sandbox client connection; one upstream connection behind it
+    (two when a nested build needs nix.conf's hooks and the first skips them).
 
     A task (``run``) serves requests in order. While it waits for the next
     request, ``on_data`` answers requests that need no I/O (IsValidPath, a
@@ -519,7 +529,8 @@ class ConnectionHandler:
         self.peer = peer
         version = session.keeper.nix_version if session.keeper else "2.8.0"
         self.conn = ServerConnection(nix_version=version, trust=NOT_TRUSTED)
-        self.upstream: Upstream | None = None
+        # upstream connections by whether builds on them run nix.conf's hooks
+        self.upstreams: dict[bool, Upstream] = {}
         self.stream_open = False  # the current request's trailing stream is not consumed yet
         self.forward_logs = session.service.config.policy["forward-build-logs"]
         self.paused = False  # the transport's write buffer is full
@@ -642,10 +653,14 @@ class ConnectionHandler:
         async for _ in self.stream():
             pass
 
-    async def up(self) -> Upstream:
-        if self.upstream is None or self.upstream.closed:
-            self.upstream = await self.session.take_upstream()
-        return self.upstream
+    async def up(self, hooks: bool = False) -> Upstream:
+        """This connection's upstream connection; ``hooks``: builds on it must run
+        nix.conf's hooks (always so unless ``Service.hooks_optional``)."""
+        hooks = hooks or not self.session.service.hooks_optional
+        up = self.upstreams.get(hooks)
+        if up is None or up.closed:
+            up = self.upstreams[hooks] = await self.session.take_upstream(hooks)
+        return up
 
     async def forward_log(self, msg: StderrMessage) -> None:
         if self.forward_logs:
@@ -653,9 +668,9 @@ class ConnectionHandler:
             await self.flush()
 
     async def close(self) -> None:
-        if self.upstream is not None:
-            await self.session.release_upstream(self.upstream)
-            self.upstream = None
+        for up in self.upstreams.values():
+            await self.session.release_upstream(up)
+        self.upstreams.clear()
         with contextlib.suppress(ConnectionError, OSError):
             self._write_out()
         self.transport.close()
@@ -1080,7 +1095,8 @@ class ConnectionHandler:
 
     # -- builds
 
-    def _check_build(self, targets: list[DerivedPath], build_mode: int) -> None:
+    def _check_build(self, targets: list[DerivedPath], build_mode: int) -> dict[str, Derivation]:
+        """Refuse a build the policy forbids; return the derivations it may build."""
         s = self.session
         self._require_writable("building")
         if build_mode != 0:
@@ -1098,11 +1114,9 @@ class ConnectionHandler:
                 f"this build already made {s.builds} nested build requests "
                 "(policy.max-builds-per-session); raise the limit in the recnix configuration"
             )
+        drvs = to_build((t.path for t in targets), os.path.lexists)
         if not s.limits.allow_fixed_output:
-            fods = fixed_output_drvs(
-                [t.path for t in targets if t.path.endswith(".drv")],
-                lambda p: os.path.lexists(p),
-            )
+            fods = fixed_output_drvs(drvs)
             if fods:
                 raise Denied(
                     f"cannot build fixed-output derivation '{fods[0]}' in recursive Nix: "
@@ -1110,6 +1124,7 @@ class ConnectionHandler:
                     "with policy.allow-fixed-output = true"
                 )
         s.note_build_request(t.path for t in targets)
+        return drvs
 
     def _check_nesting(self, drv_paths: list[str]) -> None:
         """Refuse to start a nested recnix build deeper than policy.max-depth."""
@@ -1144,10 +1159,11 @@ class ConnectionHandler:
     async def _build(self, op: Op, args: dict) -> Any:
         s = self.session
         targets: list[DerivedPath] = args["paths"]
-        self._check_build(targets, args.get("build_mode", 0))
+        drvs = self._check_build(targets, args.get("build_mode", 0))
         names = [t.path + ("!" + ",".join(t.outputs) if t.outputs else "") for t in targets]
         s.service.audit.write("build-started", s.sid, drv=s.drv_path, targets=names)
-        up = await self.up()
+        # A recnix build among them needs the pre-build hook to get its session.
+        up = await self.up(hooks=bool(opted_in_drvs(drvs)))
         try:
             value = await up.call(op, {"paths": targets, "build_mode": 0}, on_log=self.forward_log)
         except UpstreamError as e:

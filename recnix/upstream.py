@@ -85,6 +85,7 @@ class Upstream:
         self.handshake: HandshakeDone | None = None
         self.closed = False
         self._in_op = False
+        self.runs_hooks = True  # builds on it run nix.conf's pre-/post-build hooks
 
     # -- connecting
 
@@ -93,9 +94,14 @@ class Upstream:
         cls,
         target: str = "daemon",
         client_minor: int = 35,
-        options: ClientOptions | None = None,
+        hooks: bool = True,
     ) -> Upstream:
-        """Connect to ``target`` ("daemon", "unix:///path" or "stdio"), handshake, SetOptions."""
+        """Connect to ``target`` ("daemon", "unix:///path" or "stdio"), handshake, SetOptions.
+
+        ``hooks=False`` asks the daemon to build without nix.conf's pre- and
+        post-build hooks on this connection (honoured for trusted clients, as
+        root is by default; otherwise the hooks simply still run).
+        """
         process = None
         try:
             if target == "stdio":
@@ -130,7 +136,8 @@ class Upstream:
             await self.close()
             raise UpstreamClosed(f"unexpected handshake event from the nix-daemon: {ev!r}")
         self.handshake = ev
-        await self.call(Op.SET_OPTIONS, {"options": options or default_options()})
+        await self.call(Op.SET_OPTIONS, {"options": default_options(hooks)})
+        self.runs_hooks = hooks
         return self
 
     @property
@@ -237,8 +244,9 @@ class Upstream:
 
     @property
     def reusable(self) -> bool:
-        """Open, and not left in the middle of an operation (e.g. by a cancelled call)."""
-        return not self.closed and not self._in_op
+        """Open (also as far as the daemon is concerned), and not left in the middle of
+        an operation (e.g. by a cancelled call)."""
+        return not self.closed and not self._in_op and not self._reader.at_eof()
 
     async def _call(
         self,
@@ -418,11 +426,13 @@ class _PipeWriter:
         await self._stdin.wait_closed()
 
 
-def default_options() -> ClientOptions:
-    """The SetOptions recnix sends upstream (its sandboxed clients' own are ignored)."""
+def default_options(hooks: bool = True) -> ClientOptions:
+    """The SetOptions recnix sends upstream (its sandboxed clients' own are ignored);
+    ``hooks=False`` clears nix.conf's pre- and post-build hooks for this connection."""
     return ClientOptions(
         verbosity=3,  # lvlInfo: build log lines and activities reach us
         max_build_jobs=max(1, os.cpu_count() or 1),
         verbose_build=0,  # 0 = lvlError means "verbose build" in SetOptions
         use_substitutes=1,
+        overrides={} if hooks else {"pre-build-hook": "", "post-build-hook": ""},
     )

@@ -19,6 +19,7 @@ import pytest
 
 from recnix.protocol import Op
 from tests.host.conftest import (
+    PRE_BUILD_HOOK,
     RECNIX_BIN,
     NixHost,
     RecnixService,
@@ -29,7 +30,7 @@ from tests.host.conftest import (
     stop_recnix_service,
 )
 from tests.host.session_probe import ProbeClient, sandbox_flood, sandbox_socket, start_live_build
-from tests.scenarios.checks import RECNIX, fresh_tag
+from tests.scenarios.checks import RECNIX, check_deep, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 
 pytestmark = pytest.mark.host
@@ -39,10 +40,15 @@ LIB = Path(__file__).resolve().parents[1] / "scenarios" / "inner" / "lib.nix"
 
 @contextlib.contextmanager
 def host_with_service(
-    busybox: str, nix_bundle: str, config: str | None, daemon: dict | None = None
+    busybox: str,
+    nix_bundle: str,
+    config: str | None,
+    daemon: dict | None = None,
+    nix_conf: str = "",
 ) -> Iterator[tuple[NixHost, RecnixService | None, ScenarioRunner]]:
-    """A daemon with recnix hooks; a service with ``config`` (none if ``config`` is None)."""
-    host = start_nix_host(hooks=True)
+    """A daemon with recnix hooks (and ``nix_conf`` lines after them); a service with
+    ``config`` (none if ``config`` is None)."""
+    host = start_nix_host(hooks=True, extra_conf=nix_conf)
     service = None
     try:
         if config is not None:
@@ -339,3 +345,25 @@ def test_sessions_beyond_the_limit_wait(busybox, nix_bundle):
         results = [p.communicate() for p in procs]
         assert all(p.returncode == 0 for p in procs), results
         assert len(released) == 2
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "always"])
+def test_nested_builds_skip_hooks_unless_they_need_a_session(busybox, nix_bundle, tmp_path, skip):
+    """policy.nested-builds-skip-hooks: a nested build that opens no session runs
+    without nix.conf's hooks; a nested recnix build still gets its session.
+
+    nix.conf's pre-build hook here is a wrapper that logs each build and runs
+    recnix's: the case the setting's false value is for.
+    """
+    log = tmp_path / "hook.log"
+    wrapper = tmp_path / "logging-pre-build-hook"
+    wrapper.write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec {PRE_BUILD_HOOK} "$@"\n')
+    wrapper.chmod(0o755)
+    config = "" if skip else "[policy]\nnested-builds-skip-hooks = false\n"
+    with host_with_service(
+        busybox, nix_bundle, config, nix_conf=f"pre-build-hook = {wrapper}\n"
+    ) as (_, _service, runner):
+        check_deep(runner, RECNIX, fresh_tag())
+    hooked = [line.rsplit("-", 1)[-1] for line in log.read_text().split()]
+    expected = ["deep.drv", "middle.drv"] + ([] if skip else ["inner.drv"])
+    assert hooked == expected, log.read_text()

@@ -67,3 +67,52 @@ def test_missing_config_is_the_defaults(hook_dir, tmp_path):
     drv = tmp_path / "x.drv"
     drv.write_text("plain")
     assert run_hook(hook_dir, HOOKS[0], drv, tmp_path / "absent.toml") is None
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize(
+    ("config_text", "passed"),
+    [
+        ('[daemon]\ncontrol-socket = "/run/x/control.sock" # c\n', "/run/x/control.sock"),
+        ('[daemon] # the service\n  "control-socket"="/a b/c.sock"\n', None),
+        ('[daemon]\ncontrol-socket="/a b/c.sock"\n', "/a b/c.sock"),
+        ("[daemon]\ncontrol-socket = '/run/x/control.sock'\n", None),
+        ('[daemon]\ncontrol-socket = "/run/\\u0078/control.sock"\n', None),
+        ('[policy]\ncontrol-socket = "/run/x/control.sock"\n', None),
+        ('daemon.control-socket = "/run/x/control.sock"\n', None),
+        (
+            '[daemon]\ncontrol-socket = "/s"\n[hooks]\npre-build = ["/x"]\npost-build = ["/y"]\n',
+            None,
+        ),
+        ("", None),
+    ],
+    ids=[
+        "plain",
+        "quoted-key",
+        "spaces",
+        "literal-string",
+        "escape",
+        "other-table",
+        "dotted-key",
+        "chained",
+        "absent",
+    ],
+)
+def test_control_socket_passed_on(hook_dir, tmp_path, hook, config_text, passed):
+    """The script hands Python the control socket when it can read it for sure
+    (sparing Python the TOML parser); otherwise Python reads the config."""
+    drv = tmp_path / "x.drv"
+    drv.write_text('Derive([],[],[],"x",("requiredSystemFeatures","recnix"))')
+    config = tmp_path / "config.toml"
+    config.write_text(config_text)
+    called = run_hook(hook_dir, hook, drv, config)
+    assert called is not None
+    kind = "pre-build-hook" if hook == HOOKS[0] else "post-build-hook"
+    option = [] if passed is None else ["--control-socket", passed]
+    rest = [str(drv), "/nix/store/x.drv.chroot"] if hook == HOOKS[0] else []
+    assert called == " ".join([kind, *option, *rest])
+
+
+def test_post_build_hook_is_the_same_script():
+    """One script serves both hooks; the name it is called by picks the kind."""
+    assert (BIN / HOOKS[1]).resolve() == (BIN / HOOKS[0]).resolve()
