@@ -85,6 +85,9 @@ in
             state-dir =
               setting "daemon" "state-dir" lib.types.str
                 "Root-only directory holding each session's socket and journal; a restarted service resumes the sessions of running builds from it.";
+            gc-roots-dir =
+              setting "daemon" "gc-roots-dir" lib.types.str
+                "Directory under Nix's gcroots where each session roots what its build added or built (removed when the session ends), so that a garbage collection while the service restarts cannot delete it.";
             log-level =
               setting "daemon" "log-level" lib.types.str
                 ''Daemon log level ("debug", "info", "warning", "error").'';

@@ -23,6 +23,8 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
   control-socket   path of the hooks' control socket (0600)       /run/recnix/control.sock
   state-dir        root-only directory for session sockets and
                    journals (a restarted service resumes sessions) /run/recnix
+  gc-roots-dir     per-session GC roots that outlive a restart of
+                   the service (under Nix's gcroots)   /nix/var/nix/gcroots/recnix
   upstream         "daemon" (system socket), "unix:///path",
                    or "stdio" (spawn `nix-daemon --stdio`)         daemon
   max-sessions     concurrent top-level recursive builds; keep it

@@ -112,6 +112,8 @@ def _validate(raw: dict[str, Any]) -> None:
     daemon, policy = raw["daemon"], raw["policy"]
     if daemon["max-sessions"] < 1:
         raise ConfigError("'daemon.max-sessions' must be at least 1")
+    if not daemon["gc-roots-dir"].startswith("/"):
+        raise ConfigError("'daemon.gc-roots-dir' must be an absolute path (under Nix's gcroots)")
     up = daemon["upstream"]
     if up not in ("daemon", "stdio") and not up.startswith("unix://"):
         raise ConfigError(

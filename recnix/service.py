@@ -24,6 +24,7 @@ from recnix import control
 from recnix.audit import AuditLog
 from recnix.config import Config
 from recnix.derivation import DerivationError, read_derivation
+from recnix.gcroots import sweep
 from recnix.journal import SessionRecord, journals, replay
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
@@ -151,6 +152,7 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state_dir = config.state_dir
+        self.gc_roots_dir = Path(config["daemon"]["gc-roots-dir"])
         self.sessions: dict[str, Session] = {}
         audit_path = config["daemon"]["audit-log"]
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
@@ -213,6 +215,8 @@ class Service:
         raise_fd_limit()
         await self._resume_sessions()
         self._remove_stale_dirs()
+        for sid in sweep(self.gc_roots_dir, self.sessions):
+            log.info("dropped the GC roots of session %s (not resumed)", sid)
         control_path = self.config.control_socket
         control_path.parent.mkdir(parents=True, exist_ok=True)
         if control_path.exists() or control_path.is_symlink():

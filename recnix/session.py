@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from recnix.aio import READ_CHUNK, stream_data
 from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
+from recnix.gcroots import SessionRoots
 from recnix.journal import SessionJournal, SessionRecord
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
 from recnix.nar import dump_path
@@ -171,6 +172,8 @@ class Session:
         self.connections = 0  # connections being served now
         self.refused_connections = 0  # refused for exceeding limits.max_connections
         self.journal: SessionJournal | None = None  # lets a restarted service resume it
+        # what it added or built, rooted also while the service restarts
+        self.roots = SessionRoots(service.gc_roots_dir, sid)
 
     # -- lifecycle
 
@@ -215,6 +218,7 @@ class Session:
             )
         for path in ours:
             await self.keeper.add_temp_root(path)
+        self.roots.add(ours)
         await self.closure(ours, known=self.inputs)  # their path infos, for the fast path
         self.allowed = self.inputs | set(ours)
         self.added = set(ours)
@@ -305,7 +309,8 @@ class Session:
         return True
 
     async def close(self, reason: str) -> None:
-        """End the session: stop listening, close connections, drop roots, clean the sandbox."""
+        """End the session: stop listening, close connections, drop roots (temp and
+        gcroots), clean the sandbox."""
         if not await self._disconnect():
             return
         try:
@@ -313,13 +318,14 @@ class Session:
         except Exception as e:  # the sandbox may be half gone; cleanup must not raise
             log.warning("session %s: sandbox cleanup: %s", self.sid, e)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+        self.roots.remove()
         if self.journal is not None:
             self.journal.remove()
         log.info("session %s (%s) closed: %s", self.sid, self.drv_path, reason)
 
     async def detach(self) -> None:
-        """The service stops: drop connections, keep the journal, the socket directory and
-        what the sandbox sees, so the next run of the service can resume the session."""
+        """The service stops: drop connections, keep the journal, the GC roots, the socket
+        directory and what the sandbox sees, so the next run can resume the session."""
         if await self._disconnect():
             log.info("session %s (%s) detached: the service stops", self.sid, self.drv_path)
 
@@ -387,6 +393,7 @@ class Session:
                 return
             for path in new:
                 await self.keeper.add_temp_root(path)
+            self.roots.add(new)
             if peer_pid is not None:
                 self.view.set_builder_pid(peer_pid)
             loop = asyncio.get_running_loop()

@@ -44,6 +44,7 @@ RECNIX_BIN = VENV_BIN / "recnix"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DAEMON_START_TIMEOUT = 20.0
 DAEMON_STOP_TIMEOUT = 20.0
+TEST_GC_ROOTS = Path("/nix/var/nix/gcroots/recnix-test")
 
 
 class NixCommandError(AssertionError):
@@ -122,6 +123,12 @@ class NixHost:
         """Where RECNIX_CONFIG points for a daemon with hooks (written by the service fixture)."""
         return self.root / "recnix.toml"
 
+    @property
+    def gc_roots_dir(self) -> Path:
+        """The recnix service's daemon.gc-roots-dir for this host (one per host: a
+        service removes the roots of sessions it does not know when it starts)."""
+        return TEST_GC_ROOTS / self.root.name
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -174,6 +181,7 @@ class NixHost:
         for pid, _ in leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.gc_roots_dir, ignore_errors=True)
         return [f"pid {pid}: {cmdline}" for pid, cmdline in leftovers]
 
 
@@ -354,6 +362,7 @@ def recnix_config_text(
     settings: dict[str, object] = {
         "control-socket": str(root / "control.sock"),
         "state-dir": str(root),
+        "gc-roots-dir": str(host.gc_roots_dir),
         "upstream": f"unix://{host.socket}",
         "audit-log": str(root / "audit.jsonl"),
         "max-sessions": 3,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -48,6 +49,11 @@ def journal_files(host: NixHost) -> list[Path]:
     return sorted((host.root / "recnix" / "journal").glob("*.jsonl"))
 
 
+def session_roots(host: NixHost) -> list[str]:
+    """The store paths the sessions' GC-root directories point at."""
+    return sorted(os.readlink(link) for link in host.gc_roots_dir.glob("*/*"))
+
+
 def test_a_restart_between_nested_builds_keeps_the_session(host, busybox, nix_bundle):
     service = start_recnix_service(host)
     runner = scenario_runner(host, busybox, nix_bundle)
@@ -63,6 +69,12 @@ def test_a_restart_between_nested_builds_keeps_the_session(host, busybox, nix_bu
         started = wait_for_file(f"{host.build_dir}/nix-build-scenario-restart.drv-*/started", build)
         stop_recnix_service(service)
         assert len(journal_files(host)) == 1, "the stopped service left no journal"
+        # Its temp roots went with the service; its GC roots keep what it made alive.
+        rooted = session_roots(host)
+        assert rooted, "the stopped service left no GC roots"
+        for path in rooted:
+            deleted = host.run(["nix-store", "--delete", path], check=False)
+            assert deleted.returncode != 0 and os.path.lexists(path), (path, deleted.stderr)
         service = start_recnix_service(host)
         started.with_name("release").touch()
         stdout, stderr = build.communicate(timeout=300)
@@ -77,6 +89,7 @@ def test_a_restart_between_nested_builds_keeps_the_session(host, busybox, nix_bu
     assert len(resumed) == 1 and resumed[0]["drv"].endswith("-scenario-restart.drv"), events
     assert [e for e in events if e["event"] == "finalised"], events
     assert journal_files(host) == [] and service.session_dirs() == []
+    assert session_roots(host) == []
 
 
 def test_a_build_that_ends_while_the_service_is_down_is_cleaned_up(
@@ -99,6 +112,7 @@ def test_a_build_that_ends_while_the_service_is_down_is_cleaned_up(
         ]
         assert aborted and "not running" in aborted[0]["reason"], aborted
         assert journal_files(host) == [] and service.session_dirs() == []
+        assert session_roots(host) == []
         outcome = scenario_runner(host, busybox, nix_bundle).build("inner", RECNIX, fresh_tag())
         assert outcome.ok, outcome.describe()
     finally:
