@@ -450,6 +450,18 @@ def main() -> int:
             row.target = None
             rows.append(row)
             print(render(rows[-1:], ""), flush=True)
+            # what recnix's hooks cost above that floor
+            a, b = interleaved(
+                opts.trivial_reps,
+                timed(trivial_runner(hooked, trivial_nix, busybox, n, False)),
+                timed(trivial_runner(floor, trivial_nix, busybox, n, False)),
+            )
+            row = trivial_row(
+                f"reference: recnix hooks ÷ /bin/true hooks, one of {n}", a, b, n, "hooks", "true"
+            )
+            row.target = None
+            rows.append(row)
+            print(render(rows[-1:], ""), flush=True)
     finally:
         if service is not None:
             stop_recnix_service(service)
@@ -470,7 +482,9 @@ def main() -> int:
     return 0 if all(r.verdict != "FAIL" for r in rows) else 1
 
 
-def trivial_row(scenario: str, a: list[float], b: list[float], n: int, label: str) -> Row:
+def trivial_row(
+    scenario: str, a: list[float], b: list[float], n: int, label: str, baseline: str = "without"
+) -> Row:
     per_build = (statistics.median(a) - statistics.median(b)) / n * 1e3
     return Row(
         f"{scenario} ({len(a)} pairs)",
@@ -478,7 +492,7 @@ def trivial_row(scenario: str, a: list[float], b: list[float], n: int, label: st
         b,
         "s",
         1.05,
-        f"runs {label} {spread(a)} s, without {spread(b)} s; per build {per_build:+.1f} ms",
+        f"runs {label} {spread(a)} s, {baseline} {spread(b)} s; per build {per_build:+.1f} ms",
     )
 
 

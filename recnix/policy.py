@@ -63,8 +63,11 @@ def path_part(derived_path: str) -> str:
     return derived_path.split("!", 1)[0]
 
 
-def drv_closure(roots: Iterable[str]) -> Iterator[tuple[str, Derivation]]:
-    """Every readable derivation in the closure of ``roots`` under input derivations."""
+def drv_closure(
+    roots: Iterable[str], prune: Callable[[Derivation], bool] | None = None
+) -> Iterator[tuple[str, Derivation]]:
+    """Every readable derivation in the closure of ``roots`` under input derivations;
+    one for which ``prune(drv)`` holds is left out with everything below it."""
     seen: set[str] = set()
     stack = list(roots)
     while stack:
@@ -73,36 +76,22 @@ def drv_closure(roots: Iterable[str]) -> Iterator[tuple[str, Derivation]]:
             continue
         seen.add(drv_path)
         drv = _read(drv_path)
-        if drv is None:
+        if drv is None or (prune is not None and prune(drv)):
             continue
         yield drv_path, drv
         stack.extend(drv.input_drvs)
 
 
 def to_build(roots: Iterable[str], is_valid_output: Callable[[str], bool]) -> dict[str, Derivation]:
-    """The derivations a build of ``roots`` may have to build, by path.
+    """The derivations a build of ``roots`` may have to build, by path: those of the
+    closure but a derivation whose outputs all exist (``is_valid_output(path)``), and
+    what is below it, which Nix builds neither."""
 
-    Like :func:`drv_closure`, but a derivation whose outputs all exist
-    (``is_valid_output(path)``) is left out with everything below it: Nix
-    builds neither. Unreadable derivations are left out too.
-    """
-    found: dict[str, Derivation] = {}
-    seen: set[str] = set()
-    stack = list(roots)
-    while stack:
-        drv_path = stack.pop()
-        if drv_path in seen or not drv_path.endswith(".drv"):
-            continue
-        seen.add(drv_path)
-        drv = _read(drv_path)
-        if drv is None:
-            continue
+    def built(drv: Derivation) -> bool:
         outs = [o.path for o in drv.outputs.values() if o.path]
-        if outs and len(outs) == len(drv.outputs) and all(is_valid_output(p) for p in outs):
-            continue
-        found[drv_path] = drv
-        stack.extend(drv.input_drvs)
-    return found
+        return bool(outs) and len(outs) == len(drv.outputs) and all(map(is_valid_output, outs))
+
+    return dict(drv_closure(roots, prune=built))
 
 
 def fixed_output_drvs(drvs: dict[str, Derivation]) -> list[str]:
