@@ -393,7 +393,12 @@ class Session:
                 return
             for path in new:
                 await self.keeper.add_temp_root(path)
-            self.roots.add(new)
+            try:
+                self.roots.add(new)
+            except OSError as e:
+                raise MaterialiseError(
+                    f"cannot root {new[0]} under {self.roots.path} (daemon.gc-roots-dir): {e}"
+                ) from None
             if peer_pid is not None:
                 self.view.set_builder_pid(peer_pid)
             loop = asyncio.get_running_loop()
