@@ -75,7 +75,7 @@ in
                 ''Where sessions forward allowed operations: "daemon" (the system nix-daemon socket) or "unix:///path/to/socket".'';
             max-sessions =
               setting "daemon" "max-sessions" lib.types.ints.positive
-                "Concurrent recursive sessions (builds using recnix at once). Keep it below the number of build users (nix.nrBuildUsers), or nested builds wait for a free user forever.";
+                "Concurrent recursive sessions (builds using recnix at once). It must stay below the number of build users (nix.nrBuildUsers), or nested builds wait for a free user forever: the service lowers it to nrBuildUsers - 1, with a warning.";
             audit-log =
               setting "daemon" "audit-log" lib.types.str
                 "JSON-lines audit log, one line per session event (read it with `recnix tree`). Empty: no audit log.";

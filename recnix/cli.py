@@ -27,8 +27,8 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
                    the service (under Nix's gcroots)   /nix/var/nix/gcroots/recnix
   upstream         "daemon" (system socket), "unix:///path",
                    or "stdio" (spawn `nix-daemon --stdio`)         daemon
-  max-sessions     concurrent top-level recursive builds; keep it
-                   below the number of build users (Nix #7297).
+  max-sessions     concurrent top-level recursive builds; lowered
+                   to one less than the build users (Nix #7297).
                    Further builds wait, with a log line.           4
   audit-log        JSON lines, one per session event ("" = none)   /var/log/recnix/audit.jsonl
   log-level        debug, info, warning, error                     info

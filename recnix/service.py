@@ -26,6 +26,7 @@ from recnix.config import Config
 from recnix.derivation import DerivationError, read_derivation
 from recnix.gcroots import sweep
 from recnix.journal import SessionRecord, journals, replay
+from recnix.nixsettings import build_users, nix_settings, session_bound
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs
@@ -157,7 +158,11 @@ class Service:
         audit_path = config["daemon"]["audit-log"]
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
-        self.max_sessions = config["daemon"]["max-sessions"]
+        self.max_sessions, bound_reason = session_bound(
+            config["daemon"]["max-sessions"], build_users(nix_settings())
+        )
+        if bound_reason:
+            log.warning("%s", bound_reason)
         # Nested builds that open no session may skip nix.conf's hooks, unless
         # recnix chains further hooks (which must see every build).
         hooks = config["hooks"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import grp
 import hashlib
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from recnix.nixsettings import nix_settings
 from recnix.protocol import Op
 from tests.host.conftest import (
     PRE_BUILD_HOOK,
@@ -367,3 +369,19 @@ def test_nested_builds_skip_hooks_unless_they_need_a_session(busybox, nix_bundle
     hooked = [line.rsplit("-", 1)[-1] for line in log.read_text().split()]
     expected = ["deep.drv", "middle.drv"] + ([] if skip else ["inner.drv"])
     assert hooked == expected, log.read_text()
+
+
+def test_sessions_stay_below_the_build_users(busybox, nix_bundle):
+    """daemon.max-sessions at or above the build users is lowered, with a warning (#7297)."""
+    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1000}) as (
+        host,
+        service,
+        runner,
+    ):
+        assert service is not None
+        group = nix_settings(host.env)["build-users-group"]
+        users = len(grp.getgrnam(group).gr_mem)
+        log = service.log_text()
+        assert f"{users} build user(s): allowing {users - 1} concurrent session(s)" in log, log
+        assert f"max {users - 1} concurrent sessions" in log, log
+        assert runner.build("inner", RECNIX, fresh_tag()).ok
