@@ -24,10 +24,13 @@ class SessionRoots:
 
     def __init__(self, roots_dir: Path, sid: str) -> None:
         self.path = roots_dir / sid
+        self._made = False
 
     def add(self, store_paths: Iterable[str]) -> None:
         """Root ``store_paths`` (already valid and temp-rooted); idempotent."""
-        self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if not self._made:
+            self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
+            self._made = True
         for store_path in store_paths:
             link = self.path / os.path.basename(store_path)
             try:
@@ -46,6 +49,7 @@ class SessionRoots:
     def remove(self) -> None:
         """Drop every root of the session."""
         shutil.rmtree(self.path, ignore_errors=True)
+        self._made = False
 
 
 def sweep(roots_dir: Path, keep: Iterable[str]) -> list[str]:

@@ -401,9 +401,7 @@ class Session:
                 ) from None
             if peer_pid is not None:
                 self.view.set_builder_pid(peer_pid)
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, fsync_paths, new)  # durable before it is used
-            await loop.run_in_executor(None, self.view.materialise_many, new)
+            await asyncio.get_running_loop().run_in_executor(None, self._make_visible, new)
             self.allowed.update(new)
             self.added.update(new)
             self.journal_change(
@@ -413,6 +411,11 @@ class Session:
             )
             for path in new:
                 self.service.audit.write(event, self.sid, drv=self.drv_path, path=path)
+
+    def _make_visible(self, paths: list[str]) -> None:
+        """Durable first (the build relies on them from now on), then in the sandbox."""
+        fsync_paths(paths)
+        self.view.materialise_many(paths)
 
     # -- connections
 
