@@ -29,6 +29,8 @@ from recnix.storepath import (
 )
 
 NIX_COMMAND = ["--extra-experimental-features", "nix-command"]
+REGISTER_COMMAND = ["nix-store", "--register-validity", "--reregister", "--hash-given"]
+REGISTER_TIMEOUT = 600.0  # seconds for one re-registration (it waits for the store's locks)
 CA_OUTPUT_KINDS = ("caFixed", "caFloating", "impure")
 
 
@@ -65,11 +67,59 @@ def _run(argv: list[str], env: Mapping[str, str], stdin: str | None = None) -> s
         )
     except OSError as e:
         raise FinaliseError(f"cannot run {argv[0]}: {e}") from None
-    if result.returncode != 0:
-        raise FinaliseError(
-            f"`{' '.join(argv)}` failed (exit {result.returncode}): {result.stderr.strip()}"
-        )
+    _check_exit(argv, result.returncode, result.stderr)
     return result.stdout
+
+
+def _check_exit(argv: list[str], returncode: int, stderr: str) -> None:
+    if returncode != 0:
+        raise FinaliseError(f"`{' '.join(argv)}` failed (exit {returncode}): {stderr.strip()}")
+
+
+class Registrar:
+    """A `nix-store --register-validity --reregister --hash-given` process started ahead
+    of time: it then waits for its input, and its start-up (about 30 ms of dynamic
+    linking and opening the store) is off the post-build hook's critical path.
+
+    Use once: :meth:`register` the records, or :meth:`close` it.
+    """
+
+    def __init__(self, nix_env: Mapping[str, str]) -> None:
+        try:
+            self.process = subprocess.Popen(
+                REGISTER_COMMAND,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=local_store_env(nix_env),
+            )
+        except OSError as e:
+            raise FinaliseError(f"cannot run {REGISTER_COMMAND[0]}: {e}") from None
+
+    def register(self, records: Iterable[list[str]]) -> None:
+        """Re-register paths: each record is the lines `--register-validity` reads."""
+        data = "".join(line + "\n" for record in records for line in record).encode()
+        try:
+            _, err = self.process.communicate(data, timeout=REGISTER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise FinaliseError(
+                f"`{' '.join(REGISTER_COMMAND)}` did not finish within {REGISTER_TIMEOUT:.0f} s"
+            ) from None
+        except (OSError, ValueError) as e:  # it died early, or was already used
+            self.process.kill()
+            self.process.wait()
+            raise FinaliseError(f"`{' '.join(REGISTER_COMMAND)}` failed: {e}") from None
+        _check_exit(REGISTER_COMMAND, self.process.returncode, err.decode(errors="replace"))
+
+    def close(self) -> None:
+        """Let the process go without registering anything (it reads an empty input)."""
+        try:
+            self.process.communicate(b"", timeout=60)
+        except (subprocess.TimeoutExpired, OSError, ValueError):
+            self.process.kill()
+            self.process.wait()
 
 
 def _read_drv(drv_path: str) -> Derivation:
@@ -177,24 +227,30 @@ def add_references(
     (default: the Nix CLI). Needs root and direct local-store access; drops `ultimate` and
     all signatures (re-sign).
     """
-    env = local_store_env(nix_env)
     queries = queries or CliQueries(nix_env)
+    info = info or queries.path_info(output_path)
+    record = registration_record(output_path, info, new_refs)
+    Registrar(nix_env).register([record])
+    verify_references(output_path, record, queries)
+
+
+def registration_record(output_path: str, info: dict, new_refs: Iterable[str]) -> list[str]:
+    """The `--register-validity --hash-given` lines that give ``output_path`` (whose
+    path info is ``info``) its references ∪ ``new_refs``, deriver and hash kept."""
     new = set(new_refs)
     for ref in new:
         validate_store_path(ref)
-    info = info or queries.path_info(output_path)
     old = set(info.get("references", []))
     deriver = info.get("deriver") or ""
     if not deriver.startswith(STORE_PREFIX):
         deriver = ""  # "unknown-deriver"
     refs = sorted(old | new)
-    record = [output_path, info["narHash"], str(info["narSize"]), deriver, str(len(refs)), *refs]
-    _run(
-        ["nix-store", "--register-validity", "--reregister", "--hash-given"],
-        env,
-        stdin="".join(line + "\n" for line in record),
-    )
-    missing = set(refs) - queries.references(output_path)
+    return [output_path, info["narHash"], str(info["narSize"]), deriver, str(len(refs)), *refs]
+
+
+def verify_references(output_path: str, record: list[str], queries: StoreQueries) -> None:
+    """FinaliseError unless ``output_path`` now has every reference ``record`` gave it."""
+    missing = set(record[5:]) - queries.references(output_path)
     if missing:
         raise FinaliseError(
             f"re-registering {output_path} did not add references {sorted(missing)}"
@@ -291,16 +347,44 @@ def finalise_outputs(
     key_files: list[str],
     nix_env: dict[str, str],
     queries: StoreQueries | None = None,
+    registrar: Registrar | None = None,
 ) -> FinaliseReport:
     """Add the references Nix missed to every output of `drv_path` (see module docstring).
 
-    ``queries``: how to read path infos (default: the Nix CLI, see StoreQueries).
+    ``queries``: how to read path infos (default: the Nix CLI, see StoreQueries);
+    ``registrar``: one started ahead of time, used or closed here (default: a new one
+    when there is something to register). All outputs are re-registered at once.
     """
     queries = queries or CliQueries(nix_env)
+    pending: dict[str, tuple[str, list[str], set[str]]] = {}  # name -> output, record, new
+    try:
+        report = _plan_fix_ups(drv_path, session_paths, nix_env, queries, pending)
+        if pending:
+            using, registrar = registrar or Registrar(nix_env), None
+            using.register(record for _, record, _ in pending.values())
+    finally:
+        if registrar is not None:
+            registrar.close()
+    for name, (output_path, record, new) in pending.items():
+        verify_references(output_path, record, queries)
+        report.added_refs[name] = new
+    changed = [report.outputs[name] for name in report.added_refs]
+    if changed and key_files:
+        resign(changed, key_files, nix_env)
+    return report
+
+
+def _plan_fix_ups(
+    drv_path: str,
+    session_paths: set[str],
+    nix_env: dict[str, str],
+    queries: StoreQueries,
+    pending: dict[str, tuple[str, list[str], set[str]]],
+) -> FinaliseReport:
+    """Scan and check every output; fill ``pending`` with the re-registrations needed."""
     drv = _read_drv(drv_path)
     outputs = outputs_of(drv_path, nix_env)
     candidates = set(session_paths) - set(outputs.values())
-    report = FinaliseReport(outputs=outputs)
     for name, output_path in sorted(outputs.items()):
         if not os.path.lexists(output_path):
             raise FinaliseError(f"output {name!r} of {drv_path} ({output_path}) does not exist")
@@ -326,12 +410,8 @@ def finalise_outputs(
         check_output_constraints(
             drv, name, outputs, refs=old | new, closure=closure, new_paths=new_paths
         )
-        add_references(output_path, new, nix_env, info, queries)
-        report.added_refs[name] = new
-    changed = [outputs[name] for name in report.added_refs]
-    if changed and key_files:
-        resign(changed, key_files, nix_env)
-    return report
+        pending[name] = (output_path, registration_record(output_path, info, new), new)
+    return FinaliseReport(outputs=outputs)
 
 
 __all__ = [
@@ -347,7 +427,10 @@ __all__ = [
     "path_info",
     "query_closure",
     "query_references",
+    "Registrar",
+    "registration_record",
     "resign",
     "scan_references",
     "StoreQueries",
+    "verify_references",
 ]

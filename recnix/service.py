@@ -322,6 +322,7 @@ class Service:
             else:
                 await self._slots.acquire()
         self.sessions[record.sid] = session
+        session.start_registrar()
         self.audit.write("resumed", record.sid, drv=record.drv_path, paths=len(session.added))
         log.info(
             "session %s resumed for %s (depth %d, %d path(s) added or built before)",
@@ -492,6 +493,8 @@ class Service:
             len(session.inputs),
             1e3 * (time.perf_counter() - started),
         )
+        # after the hook has its reply: the spawn costs the loop a few ms
+        asyncio.get_running_loop().call_soon(session.start_registrar)
         return session
 
     def _session_for(self, drv_path: str) -> Session | None:
@@ -528,6 +531,7 @@ class Service:
                 list(self.config["signing"]["secret-key-files"]),
                 nix_env,
                 DaemonQueries(self, loop),
+                session.take_registrar(),
             )
         except FinaliseError as e:
             await self._end(session, "aborted", f"finalise failed: {e}")

@@ -65,6 +65,7 @@ from recnix.protocol import (
     ValidPathInfo,
     op_spec,
 )
+from recnix.register import FinaliseError, Registrar
 from recnix.upstream import Upstream, UpstreamClosed, UpstreamError
 
 if TYPE_CHECKING:
@@ -174,6 +175,7 @@ class Session:
         self.journal: SessionJournal | None = None  # lets a restarted service resume it
         # what it added or built, rooted also while the service restarts
         self.roots = SessionRoots(service.gc_roots_dir, sid)
+        self.registrar: Registrar | None = None  # finalisation's nix-store, started early
 
     # -- lifecycle
 
@@ -306,7 +308,25 @@ class Session:
             await up.close()
         for pool in self.idle_upstreams.values():
             pool.clear()
+        registrar = self.take_registrar()
+        if registrar is not None:
+            await asyncio.get_running_loop().run_in_executor(None, registrar.close)
         return True
+
+    def start_registrar(self) -> None:
+        """Start the `nix-store` process that finalisation will use (register.Registrar),
+        so that its start-up is not on the post-build hook's critical path."""
+        if self.state != "open" or self.registrar is not None:
+            return
+        try:
+            self.registrar = Registrar(os.environ)
+        except FinaliseError as e:  # finalisation starts one itself, and reports the error
+            log.warning("session %s: %s", self.sid, e)
+
+    def take_registrar(self) -> Registrar | None:
+        """The registrar started for this session, now the caller's to use or close."""
+        registrar, self.registrar = self.registrar, None
+        return registrar
 
     async def close(self, reason: str) -> None:
         """End the session: stop listening, close connections, drop roots (temp and

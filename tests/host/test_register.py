@@ -11,6 +11,7 @@ import pytest
 
 from recnix.register import (
     FinaliseError,
+    Registrar,
     finalise_outputs,
     outputs_of,
     scan_references,
@@ -208,3 +209,39 @@ def test_resign_after_reregistration(nix_host, busybox, tmp_path, hidden):
     )  # fmt: skip
     assert verify.returncode == 0, verify.stderr
     assert os.path.exists(out)
+
+
+def test_a_registrar_started_early_is_used_or_closed(nix_host, busybox, tmp_path, hidden):
+    """finalise_outputs takes a nix-store started ahead of time: it registers through it
+    when there is something to add, and lets it go otherwise or on an error."""
+    drv = _outer(nix_host, tmp_path, busybox, hidden)
+    out = outputs_of(drv, nix_host.env)["out"]
+    used = Registrar(nix_host.env)
+    report = finalise_outputs(drv, {hidden}, [], nix_host.env, registrar=used)
+    assert report.added_refs == {"out": {hidden}}
+    assert used.process.returncode == 0
+    assert hidden in _nix(nix_host, "nix-store", "-q", "--references", out).split()
+
+    idle = Registrar(nix_host.env)
+    assert finalise_outputs(drv, {hidden}, [], nix_host.env, registrar=idle).added_refs == {}
+    assert idle.process.returncode == 0
+
+    strict = _outer(
+        nix_host,
+        tmp_path,
+        busybox,
+        hidden,
+        checks=f"{{ allowedReferences = [ (builtins.storePath {_q(busybox)}) ]; }}",
+    )
+    refused = Registrar(nix_host.env)
+    with pytest.raises(FinaliseError, match="allowedReferences"):
+        finalise_outputs(strict, {hidden}, [], nix_host.env, registrar=refused)
+    assert refused.process.returncode is not None
+
+
+def test_a_failed_registration_names_the_command(nix_host):
+    # a path that does not exist: nothing in the store's database is touched
+    missing = "/nix/store/" + "0" * 32 + "-recnix-not-there"
+    record = [missing, "sha256:" + "0" * 52, "1", "", "0"]
+    with pytest.raises(FinaliseError, match="nix-store --register-validity.*failed"):
+        Registrar(nix_host.env).register([record])
