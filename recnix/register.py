@@ -102,14 +102,12 @@ class Registrar:
         try:
             _, err = self.process.communicate(data, timeout=REGISTER_TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            self._kill()
             raise FinaliseError(
                 f"`{' '.join(REGISTER_COMMAND)}` did not finish within {REGISTER_TIMEOUT:.0f} s"
             ) from None
         except (OSError, ValueError) as e:  # it died early, or was already used
-            self.process.kill()
-            self.process.wait()
+            self._kill()
             raise FinaliseError(f"`{' '.join(REGISTER_COMMAND)}` failed: {e}") from None
         _check_exit(REGISTER_COMMAND, self.process.returncode, err.decode(errors="replace"))
 
@@ -118,8 +116,11 @@ class Registrar:
         try:
             self.process.communicate(b"", timeout=60)
         except (subprocess.TimeoutExpired, OSError, ValueError):
-            self.process.kill()
-            self.process.wait()
+            self._kill()
+
+    def _kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
 
 def _read_drv(drv_path: str) -> Derivation:
@@ -356,9 +357,8 @@ def finalise_outputs(
     when there is something to register). All outputs are re-registered at once.
     """
     queries = queries or CliQueries(nix_env)
-    pending: dict[str, tuple[str, list[str], set[str]]] = {}  # name -> output, record, new
     try:
-        report = _plan_fix_ups(drv_path, session_paths, nix_env, queries, pending)
+        report, pending = _plan_fix_ups(drv_path, session_paths, nix_env, queries)
         if pending:
             using, registrar = registrar or Registrar(nix_env), None
             using.register(record for _, record, _ in pending.values())
@@ -379,9 +379,10 @@ def _plan_fix_ups(
     session_paths: set[str],
     nix_env: dict[str, str],
     queries: StoreQueries,
-    pending: dict[str, tuple[str, list[str], set[str]]],
-) -> FinaliseReport:
-    """Scan and check every output; fill ``pending`` with the re-registrations needed."""
+) -> tuple[FinaliseReport, dict[str, tuple[str, list[str], set[str]]]]:
+    """Scan and check every output; the report so far and, by output name, the
+    re-registrations needed: (output path, record, new references)."""
+    pending: dict[str, tuple[str, list[str], set[str]]] = {}
     drv = _read_drv(drv_path)
     outputs = outputs_of(drv_path, nix_env)
     candidates = set(session_paths) - set(outputs.values())
@@ -411,7 +412,7 @@ def _plan_fix_ups(
             drv, name, outputs, refs=old | new, closure=closure, new_paths=new_paths
         )
         pending[name] = (output_path, registration_record(output_path, info, new), new)
-    return FinaliseReport(outputs=outputs)
+    return FinaliseReport(outputs=outputs), pending
 
 
 __all__ = [

@@ -315,8 +315,9 @@ class Session:
 
     def start_registrar(self) -> None:
         """Start the `nix-store` process that finalisation will use (register.Registrar),
-        so that its start-up is not on the post-build hook's critical path."""
-        if self.state != "open" or self.registrar is not None:
+        so that its start-up is not on the post-build hook's critical path. A read-only
+        session adds and builds nothing, so finalising it registers nothing."""
+        if self.readonly or self.state != "open" or self.registrar is not None:
             return
         try:
             self.registrar = Registrar(os.environ)
