@@ -124,6 +124,11 @@ def _validate(raw: dict[str, Any]) -> None:
             raise ConfigError(f"'policy.{key}' must not be negative")
     if policy["max-connections-per-session"] < 1:
         raise ConfigError("'policy.max-connections-per-session' must be at least 1")
+    if policy["existing-fixed-outputs"] not in ("allow", "deny"):
+        raise ConfigError(
+            f"'policy.existing-fixed-outputs' is {policy['existing-fixed-outputs']!r}: "
+            'use "allow" or "deny"'
+        )
 
 
 def _conf_value(value: Any) -> str:

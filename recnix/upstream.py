@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from recnix.aio import READ_CHUNK, next_event, stream_data
+from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.nar import dump_path
 from recnix.protocol import (
     NEED_DATA,
     ClientConnection,
@@ -313,16 +316,34 @@ class Upstream:
     async def query_missing(self, targets: list[DerivedPath]) -> Missing:
         return await self.call(Op.QUERY_MISSING, {"targets": targets})
 
+    async def query_derivation_outputs(self, drv_path: str) -> list[str]:
+        return await self.call(Op.QUERY_DERIVATION_OUTPUTS, {"path": drv_path})
+
+    async def query_derivation_output_names(self, drv_path: str) -> list[str]:
+        return await self.call(Op.QUERY_DERIVATION_OUTPUT_NAMES, {"path": drv_path})
+
+    async def query_realisation(self, rid: str) -> Any:
+        return await self.call(Op.QUERY_REALISATION, {"id": rid})
+
     async def add_temp_root(self, path: str) -> None:
         await self.call(Op.ADD_TEMP_ROOT, {"path": path})
 
     async def build_paths(
-        self, targets: list[DerivedPath], build_mode: int = 0, on_log: LogCallback | None = None
+        self,
+        targets: list[DerivedPath],
+        build_mode: int = 0,
+        on_log: LogCallback | None = None,
+        hooks: bool = True,
     ) -> None:
+        """BuildPaths (``hooks`` is informational: this connection's SetOptions decide)."""
         await self.call(Op.BUILD_PATHS, {"paths": targets, "build_mode": build_mode}, on_log=on_log)
 
     async def build_paths_with_results(
-        self, targets: list[DerivedPath], build_mode: int = 0, on_log: LogCallback | None = None
+        self,
+        targets: list[DerivedPath],
+        build_mode: int = 0,
+        on_log: LogCallback | None = None,
+        hooks: bool = True,
     ) -> list[KeyedBuildResult]:
         return await self.call(
             Op.BUILD_PATHS_WITH_RESULTS,
@@ -376,6 +397,21 @@ class Upstream:
             },
             data=data,
         )
+
+    # -- the local store's files (the daemon serves the store this machine mounts)
+
+    def read_derivation(self, drv_path: str) -> Derivation | None:
+        """The parsed derivation at ``drv_path`` (None: absent or not a derivation)."""
+        try:
+            return read_derivation(Path(drv_path))
+        except (OSError, DerivationError):
+            return None
+
+    def path_exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def dump(self, path: str) -> Iterator[bytes]:
+        return dump_path(path)
 
     async def close(self) -> None:
         """Close the connection (the daemon then drops this connection's temp roots)."""
