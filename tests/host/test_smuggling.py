@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.host.conftest import NixHost
+from tests.host.conftest import (
+    NixHost,
+    RecnixService,
+    scenario_runner,
+    start_nix_host,
+    start_recnix_service,
+    stop_nix_host,
+    stop_recnix_service,
+)
 from tests.scenarios.checks import BUILTIN, RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 
@@ -116,3 +124,56 @@ def test_routes_leak_under_the_builtin(
     results = run_routes(oracle_runner, BUILTIN, leak)
     leaked = {route for route, (rc, out, _) in results.items() if rc == 0 and leak.content in out}
     assert leaked == set(ROUTES), {r: v for r, v in results.items() if r not in leaked}
+
+
+# -- route 3: fixed-output derivations whose outputs already exist
+
+
+def prebuild_fod(host: NixHost, runner: ScenarioRunner, tag: str) -> str:
+    """Build inner/fod.nix with ``tag`` on the host (outside any build): its output is valid."""
+    return host.run(
+        ["nix-build", "--no-out-link", f"{runner.scenario_dir}/inner/fod.nix"]
+        + ["--argstr", "busybox", runner.busybox, "--argstr", "tag", tag]
+    ).stdout.strip()
+
+
+def fod_events(service: RecnixService) -> list[dict]:
+    return [e for e in service.audit_events() if e["event"] == "existing-fixed-output"]
+
+
+@pytest.mark.parametrize("scenario", ["fod", "fod-dep"])
+def test_existing_fixed_output_handed_out_and_audited(
+    nix_host_recnix: NixHost,
+    recnix_runner: ScenarioRunner,
+    recnix_service: RecnixService,
+    scenario: str,
+) -> None:
+    """Default policy (allow-fixed-output = false, existing-fixed-outputs = "allow"): a
+    nested build whose closure holds a fixed-output derivation with a valid output works
+    (nothing fixed-output runs), and the hand-out is audited."""
+    tag = fresh_tag()
+    fod_out = prebuild_fod(nix_host_recnix, recnix_runner, tag)
+    outcome = recnix_runner.build(scenario, RECNIX, tag, {"innerTag": tag})
+    assert outcome.ok, outcome.describe()
+    assert recnix_runner.read(fod_out) == f"recnix fixed output {tag}\n"
+    events = [e for e in fod_events(recnix_service) if fod_out in e["outputs"]]
+    assert len(events) == 1, fod_events(recnix_service)
+    assert events[0]["derivation"].endswith("-recnix-fixed-output.drv")
+
+
+def test_existing_fixed_output_refused_with_deny(busybox: str, nix_bundle: str) -> None:
+    host = start_nix_host(hooks=True)
+    service = None
+    try:
+        service = start_recnix_service(host, '[policy]\nexisting-fixed-outputs = "deny"\n')
+        runner = scenario_runner(host, busybox, nix_bundle)
+        tag = fresh_tag()
+        fod_out = prebuild_fod(host, runner, tag)
+        outcome = runner.build("fod-dep", RECNIX, tag, {"innerTag": tag})
+        assert not outcome.ok
+        assert fod_out in outcome.stderr and "existing-fixed-outputs" in outcome.stderr
+        assert not fod_events(service)
+    finally:
+        if service is not None:
+            stop_recnix_service(service)
+        stop_nix_host(host)
