@@ -27,6 +27,7 @@ What each op does (nix-internals §6.4, and Nix's own RestrictedStore):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import tempfile
@@ -63,6 +64,7 @@ from recnix.protocol import (
     ValidPathInfo,
 )
 from recnix.store import Store
+from recnix.storepath import nix32_to_base16
 from recnix.upstream import UpstreamError
 
 log = logging.getLogger("recnix.restricted")
@@ -392,7 +394,11 @@ class RestrictedStore:
         await s.allow(paths, self.client.pid, "added")
 
     async def _guarded(
-        self, chunks: AsyncIterator[bytes], aborted: _Aborted, pending: list[int] | None
+        self,
+        chunks: AsyncIterator[bytes],
+        aborted: _Aborted,
+        pending: list[int] | None,
+        hasher: Any = None,
     ) -> AsyncIterator[bytes]:
         """``chunks`` for an upstream NAR stream: if the client's stream fails or the byte
         limit is hit, end the stream early so that the daemon rejects the truncated NAR
@@ -401,6 +407,8 @@ class RestrictedStore:
             async for chunk in chunks:
                 if pending is not None:
                     self._count_bytes(len(chunk), pending)
+                if hasher is not None:
+                    hasher.update(chunk)
                 yield chunk
         except (ConnectionError, ProtocolError, Denied, asyncio.IncompleteReadError) as e:
             aborted.error = e
@@ -415,6 +423,24 @@ class RestrictedStore:
         if aborted.error is not None:
             raise aborted.error
         return result
+
+    async def _existing(self, path: str) -> PathInfo | None:
+        """The host's info of ``path`` if it is valid there but not allowed here.
+
+        Nix's daemon accepts a NAR for an already-valid path without reading it: a
+        client could claim any host path by name. Such an add is allowed only if the
+        NAR it sent is the path's (its hash matches): the client had the content.
+        """
+        if path in self.session.allowed:
+            return None
+        return await self.store.query_path_info(path)
+
+    def _check_claim(self, path: str, existing: PathInfo | None, hasher: Any) -> None:
+        if existing is not None and hasher.hexdigest() != _base16(existing.nar_hash):
+            raise Denied(
+                f"cannot add '{path}': it already exists in the host store and the NAR sent "
+                "is not its content; a build may not claim host paths it does not have"
+            )
 
     async def add_to_store(self, args: dict) -> ValidPathInfo:
         self._require_writable(f"adding '{args['name']}' to the store")
@@ -471,8 +497,11 @@ class RestrictedStore:
         )
         pending = [0]
         aborted = _Aborted()
-        data = self._guarded(self.client.stream(), aborted, pending)
+        existing = await self._existing(path)
+        hasher = hashlib.sha256()
+        data = self._guarded(self.client.stream(), aborted, pending, hasher)
         await self._forward_nar(self.store.add_to_store_nar(_upstream_info(info), data), aborted)
+        self._check_claim(path, existing, hasher)
         await self._allow_added([path], pending[0])
 
     async def add_multiple_to_store(self, args: dict) -> None:
@@ -502,12 +531,15 @@ class RestrictedStore:
             # Nix 2.8's daemon desynchronises on already-valid paths inside
             # AddMultipleToStore (§3.5 item 6): send each path on its own.
             aborted = _Aborted()
+            existing = None if path in added else await self._existing(path)
+            hasher = hashlib.sha256()
             await self._forward_nar(
                 self.store.add_to_store_nar(
-                    _upstream_info(ev.info), self._guarded(nar(), aborted, None)
+                    _upstream_info(ev.info), self._guarded(nar(), aborted, None, hasher)
                 ),
                 aborted,
             )
+            self._check_claim(path, existing, hasher)
             self._check_added([path], extra=added)
             added.append(path)
         await self._allow_added(added, n_bytes[0])
@@ -639,6 +671,16 @@ class _Union:
 
     def __len__(self) -> int:
         return len(self.a | self.b)
+
+
+def _base16(nar_hash: str) -> str:
+    """A PathInfo's narHash as base 16 ("sha256:<nix32>" or bare base 16 as Nix 2.8 sends)."""
+    algo, _, digest = nar_hash.rpartition(":")
+    if algo not in ("", "sha256"):
+        return nar_hash
+    if len(digest) == 52:
+        return nix32_to_base16(digest)
+    return digest.lower()
 
 
 def _upstream_info(info: ValidPathInfo) -> ValidPathInfo:
