@@ -357,7 +357,6 @@ async def fuzz(cases: int, seed: int, timeout: float, check_every: int, quiet: b
         try:
             result = await serve_case(session, data, r, timeout)
         except Crash as e:
-            stats["crash"] += 1
             print(f"CRASH in case {i} (seed {seed}): input {data.hex()}\n{e}", file=sys.stderr)
             result = "crash"
         if result == "hang":

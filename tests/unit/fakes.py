@@ -25,7 +25,7 @@ from recnix.protocol import (
     StderrMessage,
     ValidPathInfo,
 )
-from recnix.storepath import NIX32_ALPHABET
+from recnix.storepath import NIX32_ALPHABET, InvalidStorePath, validate_store_path
 from recnix.upstream import UpstreamError
 
 STORE = "/nix/store/"
@@ -33,8 +33,17 @@ STORE = "/nix/store/"
 
 def store_path(name: str, seed: str = "") -> str:
     """A well-formed store path for ``name`` (deterministic in ``seed``)."""
-    digest = hashlib.sha256((seed + "\0" + name).encode()).digest()
+    digest = hashlib.sha256((seed + "\0" + name).encode("utf-8", "surrogateescape")).digest()
     return STORE + "".join(NIX32_ALPHABET[b % 32] for b in digest[:32]) + "-" + name
+
+
+def new_path(name: str, seed: str) -> str:
+    """store_path, refusing a name Nix refuses (as the daemon: an error reply)."""
+    path = store_path(name, seed)
+    try:
+        return validate_store_path(path)
+    except InvalidStorePath as e:
+        raise UpstreamError(f"invalid name '{name}': {e}") from None
 
 
 def _tok(b: bytes) -> bytes:
@@ -140,7 +149,7 @@ class FakeStore:
         content = await _collect(data)
         if ca_method.startswith("fixed:r:"):
             content = nar_contents(content)
-        path = store_path(name, content.decode(errors="replace") + ca_method)
+        path = new_path(name, content.decode(errors="replace") + ca_method)
         self.put(path, content, references)
         return ValidPathInfo(path, self.infos[path])
 
