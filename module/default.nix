@@ -99,6 +99,9 @@ in
             allow-fixed-output =
               setting "policy" "allow-fixed-output" lib.types.bool
                 "Allow nested fixed-output derivations (they have network access).";
+            existing-fixed-outputs =
+              setting "policy" "existing-fixed-outputs" (lib.types.enum [ "allow" "deny" ])
+                ''A nested fixed-output derivation whose outputs already exist runs nothing: "allow" hands its outputs out (audited as `existing-fixed-output`; building nixpkgs packages inside needs it), "deny" refuses the build. It lets a build learn whether content of a hash it knows exists on the host.'';
             max-depth =
               setting "policy" "max-depth" lib.types.ints.unsigned
                 "Maximum nesting depth (the outer build is depth 1).";

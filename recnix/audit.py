@@ -2,7 +2,9 @@
 
 Events: ``opened``, ``refused`` (an op denied, with the reason), ``added`` (a
 path became allowed through an add), ``build-started``, ``build-finished``,
-``finalised``, ``aborted``. ``recnix tree`` reads the log back.
+``existing-fixed-output`` (a nested build was handed the existing outputs of a
+fixed-output derivation: ``derivation``, ``outputs``), ``finalised``,
+``aborted``. ``recnix tree`` reads the log back.
 """
 
 from __future__ import annotations

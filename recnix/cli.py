@@ -37,6 +37,9 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
                          view (queries over its inputs only)       false
   allow-fixed-output     allow nested fixed-output derivations
                          (they have network access)                false
+  existing-fixed-outputs "allow": hand out the existing outputs of
+                         nested fixed-output derivations (audited);
+                         "deny": refuse such builds                "allow"
   max-depth              deepest nesting level (outer build = 1)   4
   max-builds-per-session nested build requests per build           256
   max-connections-per-session

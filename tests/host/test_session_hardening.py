@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.protocol import Op
+from recnix.protocol import ClientOptions, DerivedPath, Op
 from tests.host import test_session_protocol as sp
 from tests.host.conftest import NixHost, RecnixService
 from tests.host.session_probe import LiveBuild, ProbeClient, recv_until_closed, sandbox_socket
@@ -105,3 +105,57 @@ def test_host_path_cannot_be_claimed_by_name(
         direct.connect(str(nix_host_recnix.socket))
         client = client_for(direct)
         assert client.call(Op.ADD_TO_STORE_NAR, args, data=[fake]).error is None
+
+
+SANDBOX_PROBE = """{ busybox, secret, tag }:
+derivation {
+  name = "sandbox-probe";
+  system = builtins.currentSystem;
+  builder = "${builtins.storePath busybox}/bin/sh";
+  args = [ "-c" "if test -e $secret; then echo LEAK > $out; else echo sealed > $out; fi" ];
+  inherit secret tag;
+}
+"""
+
+
+def test_set_options_overrides_are_ignored(
+    live: LiveBuild, nix_host_recnix: NixHost, busybox: str, secret: str, tmp_path: Path
+) -> None:
+    """A sandboxed client asking for sandbox = false (and its own hooks and substituters)
+    gets a nested build in the sandbox all the same."""
+    expr = tmp_path / "probe.nix"
+    expr.write_text(SANDBOX_PROBE)
+    args = ["--argstr", "busybox", busybox, "--argstr", "secret", secret]
+    drv = nix_host_recnix.run(["nix-instantiate", str(expr), *args, "--argstr", "tag", fresh()])
+    drv_path = drv.stdout.strip()
+    text = Path(drv_path).read_bytes()
+    overrides = {
+        "sandbox": "false",
+        "build-hook": "/bin/false",
+        "pre-build-hook": "",
+        "substituters": "http://127.0.0.1:1",
+    }
+    with sandbox_socket(live) as sock:
+        client = client_for(sock)
+        assert (
+            client.call(Op.SET_OPTIONS, {"options": ClientOptions(overrides=overrides)}).error
+            is None
+        )
+        added = client.call(
+            Op.ADD_TEXT_TO_STORE,
+            {"name": Path(drv_path).name[33:], "text": text, "references": [busybox]},
+        )
+        assert added.value == drv_path, added.error_message
+        built = client.call(
+            Op.BUILD_PATHS, {"paths": [DerivedPath(drv_path, ["out"])], "build_mode": 0}
+        )
+        assert built.error is None, built.error_message
+    output = nix_host_recnix.run(["nix-store", "-q", "--outputs", drv_path]).stdout.strip()
+    assert Path(output).read_text() == "sealed\n"
+    # control: the daemon itself honours the override for its trusted root client
+    nix_host_recnix.run(["nix-store", "--delete", output], check=False)
+    drv2 = nix_host_recnix.run(["nix-instantiate", str(expr), *args, "--argstr", "tag", fresh()])
+    leaked = nix_host_recnix.run(
+        ["nix-store", "-r", drv2.stdout.strip(), "--option", "sandbox", "false"]
+    ).stdout.strip()
+    assert Path(leaked).read_text() == "LEAK\n"
