@@ -49,9 +49,9 @@ def _open_socket_dir(chroot: Path, create: bool) -> int:
             os.close(fd)
             fd = next_fd
         st = os.fstat(fd)
-        if st.st_uid != 0 or st.st_mode & 0o022:
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
             raise PlacementError(
-                f"{chroot}{SANDBOX_SOCKET_DIR} is not root's or is writable by others "
+                f"{chroot}{SANDBOX_SOCKET_DIR} is not ours or is writable by others "
                 f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
             )
         return fd
