@@ -31,6 +31,30 @@ let
   nrmEnabled = config.programs.nix-required-mounts.enable or false;
   nrmHook = lib.getExe config.programs.nix-required-mounts.package;
 
+  # Lix (2.93+) has no built-in recursive-nix: it warns about the unknown
+  # experimental feature on every command, and a build asking for the system
+  # feature would start without any socket. Left out of nix.settings on Lix.
+  featureSettings = [
+    "experimental-features"
+    "extra-experimental-features"
+    "extra-system-features"
+  ];
+  withoutBuiltin =
+    settings:
+    let
+      stripped = builtins.mapAttrs (
+        key: value:
+        if builtins.elem key featureSettings && builtins.isList value then
+          builtins.filter (f: f != "recursive-nix") value
+        else
+          value
+      ) settings;
+    in
+    builtins.removeAttrs stripped (
+      builtins.filter (key: stripped.${key} == [ ]) (builtins.attrNames stripped)
+    );
+  nixSettings = if cfg.lix then withoutBuiltin defaults.nix else defaults.nix;
+
   setting =
     section: key: type: description:
     lib.mkOption {
@@ -47,6 +71,13 @@ in
       default = pkgs.recnix or (pkgs.callPackage ./package.nix { });
       defaultText = lib.literalExpression "pkgs.callPackage ./module/package.nix { }";
       description = "The recnix package (daemon and the pre-/post-build hooks).";
+    };
+
+    lix = lib.mkOption {
+      type = lib.types.bool;
+      default = lib.getName config.nix.package == "lix";
+      defaultText = lib.literalExpression ''lib.getName config.nix.package == "lix"'';
+      description = "Whether the system's Nix is Lix, which has no built-in recursive-nix: `experimental-features = recursive-nix` and the `recursive-nix` system feature are then left out of nix.settings. recnix itself works the same on Lix (it does not need the pre-build hook's output, which Lix 2.93-2.95 drops).";
     };
 
     preBuildHooks = lib.mkOption {
@@ -149,9 +180,10 @@ in
     environment.etc."recnix/config.toml".source = configFile;
 
     # Everything in defaults.toml's [nix] table (extra-system-features,
-    # experimental-features, sandbox, sandbox-fallback), plus the hooks.
+    # experimental-features, sandbox, sandbox-fallback; without Nix's built-in
+    # recursive-nix on Lix), plus the hooks.
     nix.settings = lib.mkMerge [
-      defaults.nix
+      nixSettings
       {
         # mkForce only over nix-required-mounts' own definition, which recnix
         # chains (see the assertion); any other module setting the hook still

@@ -16,6 +16,10 @@ input-addressed, so a second run gives the same paths:
   ``exec <files>/lib/ld-linux-x86-64.so.2 --argv0 <name> --library-path <files>/lib
   <files>/libexec/nix "$@"`` under ``#!<busybox>/bin/sh``.
 
+The Nix bundled is the ``nix`` found on ``PATH`` or the one given (``recnix
+bundle-nix --nix PATH``), Nix or Lix: symlinks are followed to the multi-call
+binary, and its version is parsed as each prints it (``recnix.nixversion``).
+
 Run once per machine (``recnix bundle-nix``), not per build.
 """
 
@@ -28,8 +32,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from recnix.nixversion import NixVersionError, nix_version
+
 BUSYBOX_BINARY = "/bin/busybox"
-NIX_BINARY = "/usr/bin/nix"
+NIX_BINARY = "/usr/bin/nix"  # Debian's, when no nix is on PATH
 BUSYBOX_NAME = "busybox-static"
 NIX_FILES_NAME = "nix-files"
 BUNDLE_NAME_FORMAT = "nix-{version}-bundle"
@@ -168,20 +174,41 @@ def nix_files_store_path(
         return _store_add(top, nix_env)
 
 
-def bundle_nix(nix_env: dict[str, str] | None = None, gc_root: str | None = None) -> str:
-    """Make Debian's nix runnable inside builds; return the bundle's store path.
+def find_nix_binary(nix: str | None = None, path: str | None = None) -> str:
+    """The multi-call binary of ``nix`` (a path or a command name), default the ``nix``
+    on ``path`` (this process's PATH), else Debian's /usr/bin/nix; symlinks followed."""
+    given = nix or shutil.which("nix", path=path) or NIX_BINARY
+    found = given if "/" in given else shutil.which(given, path=path)
+    if found is None or not os.path.isfile(found):
+        raise BundleError(f"no nix binary at {given!r}; give its path with --nix PATH")
+    real = os.path.realpath(found)
+    if not os.access(real, os.X_OK):
+        raise BundleError(f"{real} (from {given!r}) is not executable")
+    return real
 
+
+def bundle_nix(
+    nix_env: dict[str, str] | None = None,
+    gc_root: str | None = None,
+    nix_binary: str | None = None,
+) -> str:
+    """Make a Nix (or Lix) runnable inside builds; return the bundle's store path.
+
+    ``nix_binary`` is the ``nix`` to bundle (default: see ``find_nix_binary``).
     ``nix_env`` is the environment for the nix CLI (e.g. ``NIX_REMOTE``,
     ``NIX_CONF_DIR``); ``None`` means this process's environment. The bundle
     has ``bin/<command>`` for every name in ``NIX_COMMANDS``; its closure
     holds the busybox and nix-files paths. ``gc_root``, if given, becomes an
     indirect GC root (``nix-build --out-link``) for the bundle.
     """
+    binary = find_nix_binary(nix_binary)
+    try:
+        found = nix_version(binary)
+    except (NixVersionError, OSError) as e:
+        raise BundleError(f"cannot tell the version of {binary}: {e}") from None
+    version = found.version if not found.is_lix else f"lix-{found.version}"
     busybox = busybox_store_path(nix_env)
-    files = nix_files_store_path(nix_env)
-    version = _run([NIX_BINARY, "--version"], None).split()[-1]
-    if not re.fullmatch(r"[0-9A-Za-z.+_-]+", version):
-        raise BundleError(f"{NIX_BINARY} --version gave an odd version {version!r}")
+    files = nix_files_store_path(nix_env, binary)
     link_args = ["--out-link", gc_root] if gc_root else ["--no-out-link"]
     argv = [
         "nix-build",

@@ -136,9 +136,13 @@ def _cmd_tree(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle_nix(args: argparse.Namespace) -> int:
-    from recnix.bundle import bundle_nix
+    from recnix.bundle import BundleError, bundle_nix
 
-    print(bundle_nix(gc_root=args.add_root))
+    try:
+        print(bundle_nix(gc_root=args.add_root, nix_binary=args.nix))
+    except BundleError as e:
+        print(f"recnix bundle-nix: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -159,8 +163,31 @@ def _cmd_nix_conf(args: argparse.Namespace) -> int:
     post = (
         args.post_build_hook or shutil.which("recnix-post-build-hook") or "recnix-post-build-hook"
     )
-    sys.stdout.write(render_nix_conf(config.raw, pre, post))
+    lix = args.lix
+    if lix is None:
+        lix = _host_is_lix(args.nix)
+    sys.stdout.write(render_nix_conf(config.raw, pre, post, lix=lix))
     return 0
+
+
+def _host_is_lix(nix: str | None) -> bool:
+    """Whether ``nix`` (default: the ``nix`` on PATH) is Lix, from its ``--version``."""
+    import shutil
+
+    from recnix.nixversion import NixVersionError, nix_version
+
+    binary = nix or shutil.which("nix")
+    if binary is None:
+        print(
+            "recnix nix-conf: no nix on PATH; assuming Nix, not Lix (use --lix or --nix PATH)",
+            file=sys.stderr,
+        )
+        return False
+    try:
+        return nix_version(binary).is_lix
+    except (NixVersionError, OSError) as e:
+        print(f"recnix nix-conf: {e}; assuming Nix, not Lix (use --lix)", file=sys.stderr)
+        return False
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -238,11 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bundle-nix",
         help="put a Nix usable inside builds into the store (non-NixOS hosts); print its path",
-        description="Copies this host's nix binary, the libraries it needs and wrapper "
+        description="Copies a nix binary (Nix or Lix), the libraries it needs and wrapper "
         "scripts (nix, nix-build, nix-store, ...) into the store, so a derivation "
         "can use ${bundle}/bin/nix-build in its builder.",
     )
     p.add_argument("--add-root", metavar="LINK", help="also make LINK a GC root of the bundle")
+    p.add_argument(
+        "--nix",
+        metavar="PATH",
+        help="the nix binary to bundle (default: nix on PATH, else /usr/bin/nix)",
+    )
     p.set_defaults(func=_cmd_bundle_nix)
 
     p = sub.add_parser(
@@ -257,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pre-build-hook", help="hook path (default: recnix-pre-build-hook on PATH)")
     p.add_argument("--post-build-hook", help="hook path (default: recnix-post-build-hook on PATH)")
+    p.add_argument(
+        "--lix",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the host runs Lix: leave out Nix's built-in recursive-nix (experimental "
+        "feature and system feature); default: detected from `nix --version`",
+    )
+    p.add_argument(
+        "--nix", metavar="PATH", help="the nix whose --version tells Lix (default: nix on PATH)"
+    )
     p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_nix_conf)
 

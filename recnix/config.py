@@ -139,17 +139,44 @@ def _conf_value(value: Any) -> str:
     return str(value)
 
 
+# Nix's built-in recursive Nix: its experimental feature and system feature. Lix
+# (2.93+) removed it: it warns about the unknown experimental feature on every
+# command, and a build asking for the system feature would start without any socket.
+BUILTIN_RECURSIVE_NIX = "recursive-nix"
+
+
+def _without_builtin(key: str, value: Any) -> Any:
+    """``value`` of [nix] ``key`` with Nix's built-in recursive-nix left out (for Lix)."""
+    if key in ("experimental-features", "extra-experimental-features", "extra-system-features"):
+        if isinstance(value, list):
+            return [v for v in value if v != BUILTIN_RECURSIVE_NIX]
+        if isinstance(value, str):
+            return " ".join(v for v in value.split() if v != BUILTIN_RECURSIVE_NIX)
+    return value
+
+
 def nix_conf_settings(
-    raw: dict[str, Any], pre_build_hook: str, post_build_hook: str
+    raw: dict[str, Any], pre_build_hook: str, post_build_hook: str, lix: bool = False
 ) -> dict[str, str]:
-    """The nix.conf settings a host needs for recnix, as name -> value strings."""
-    settings = {key: _conf_value(value) for key, value in raw["nix"].items()}
+    """The nix.conf settings a host needs for recnix, as name -> value strings.
+
+    ``lix``: the host runs Lix, which has no built-in recursive-nix: its
+    experimental feature and system feature are left out (a setting left empty
+    is left out).
+    """
+    nix = raw["nix"]
+    if lix:
+        nix = {key: _without_builtin(key, value) for key, value in nix.items()}
+        nix = {key: value for key, value in nix.items() if value not in ([], "")}
+    settings = {key: _conf_value(value) for key, value in nix.items()}
     settings["pre-build-hook"] = pre_build_hook
     settings["post-build-hook"] = post_build_hook
     return dict(sorted(settings.items()))
 
 
-def render_nix_conf(raw: dict[str, Any], pre_build_hook: str, post_build_hook: str) -> str:
+def render_nix_conf(
+    raw: dict[str, Any], pre_build_hook: str, post_build_hook: str, lix: bool = False
+) -> str:
     """Render :func:`nix_conf_settings` as nix.conf lines (sorted, one per line)."""
-    settings = nix_conf_settings(raw, pre_build_hook, post_build_hook)
+    settings = nix_conf_settings(raw, pre_build_hook, post_build_hook, lix)
     return "".join(f"{key} = {value}\n" for key, value in settings.items())

@@ -47,9 +47,14 @@ class FinaliseReport:
 
 
 def local_store_env(nix_env: Mapping[str, str]) -> dict[str, str]:
-    """`nix_env` with direct local-store access (NIX_REMOTE removed), as re-registering needs."""
+    """`nix_env` with direct local-store access, as re-registering needs.
+
+    ``NIX_REMOTE=local``, not merely unset: since Lix 2.94 the default store
+    (``auto``) is the daemon whenever its socket exists, even for root, and the
+    daemon refuses `--register-validity` ("you don't have sufficient rights").
+    """
     env = dict(nix_env)
-    env.pop("NIX_REMOTE", None)
+    env["NIX_REMOTE"] = "local"
     env.setdefault("NIX_PAGER", "cat")
     return env
 

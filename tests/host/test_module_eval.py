@@ -83,6 +83,31 @@ def test_uses_extra_system_features_never_system_features() -> None:
     assert "system-features" not in settings
 
 
+LIX_PACKAGE = """{
+  nix.package = {
+    type = "derivation"; name = "lix-2.94.2"; pname = "lix"; version = "2.94.2";
+    outPath = "/nix/store/22222222222222222222222222222222-lix-2.94.2";
+    meta.mainProgram = "nix";
+  };
+}"""
+
+
+@pytest.mark.parametrize(
+    "module", [LIX_PACKAGE, "{ services.recnix.lix = true; }"], ids=["nix.package", "option"]
+)
+def test_lix_leaves_out_the_builtin_recursive_nix(module: str) -> None:
+    package = nix_eval("package")
+    settings = nix_eval("nixSettings", [module])
+    assert settings == nix_conf_settings(load_defaults(), *hooks(package), lix=True)
+    assert "experimental-features" not in settings
+    assert settings["extra-system-features"].split() == ["recnix", "recnix-readonly"]
+
+
+def test_lix_option_overrides_the_detection() -> None:
+    settings = nix_eval("nixSettings", [LIX_PACKAGE, "{ services.recnix.lix = false; }"])
+    assert settings["experimental-features"] == "recursive-nix"
+
+
 def test_disabled_module_sets_nothing() -> None:
     assert nix_eval("nixSettings", enable=False) == {}
 

@@ -28,8 +28,8 @@ START_TIMEOUT = 120.0
 
 
 @pytest.fixture
-def host() -> Iterator[NixHost]:
-    host = start_nix_host(hooks=True)
+def host(hook_output: str) -> Iterator[NixHost]:
+    host = start_nix_host(hooks=True, hook_output=hook_output)
     yield host
     stop_nix_host(host)
 

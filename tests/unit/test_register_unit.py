@@ -109,7 +109,9 @@ def test_scan_references_maps_hash_parts_back_to_paths(tmp_path):
     assert scan_references(str(tmp_path), set()) == set()
 
 
-def test_local_store_env_drops_nix_remote():
-    env = local_store_env({"NIX_REMOTE": "daemon", "NIX_CONF_DIR": "/c"})
-    assert "NIX_REMOTE" not in env
-    assert env["NIX_CONF_DIR"] == "/c"
+def test_local_store_env_forces_the_local_store():
+    # Lix >= 2.94: `auto` is the daemon whenever its socket exists, even for root
+    for given in ({"NIX_REMOTE": "daemon"}, {}, {"NIX_REMOTE": "auto"}):
+        env = local_store_env({**given, "NIX_CONF_DIR": "/c"})
+        assert env["NIX_REMOTE"] == "local"
+        assert env["NIX_CONF_DIR"] == "/c"

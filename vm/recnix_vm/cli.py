@@ -41,6 +41,7 @@ examples:
   recnix-vm run --console --keep   serial console instead; keep the overlay
   recnix-vm demo                   a recursive build through recnix in a fresh guest
   recnix-vm demo --feature recursive-nix   the same with Nix's built-in feature
+  recnix-vm demo --discard-hook-output     the same with the hook's output dropped (as Lix)
   recnix-vm probe-kvm              re-run the KVM probe boot and show the verdict
 """
 
@@ -122,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="recnix",
         help="requiredSystemFeatures of the outer build: recnix (default), "
         "recnix-readonly or recursive-nix (Nix's built-in, the oracle)",
+    )
+    demo.add_argument(
+        "--discard-hook-output",
+        action="store_true",
+        help="run the guest's pre-build hook through a wrapper that drops its output, "
+        "as Lix 2.93-2.95 does",
     )
 
     sub.add_parser(
@@ -223,7 +230,7 @@ def json_control_socket(machine: Machine) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .guestnix import bundle_nix_in_guest, scenario_runner
+    from .guestnix import bundle_nix_in_guest, discard_hook_output, scenario_runner
 
     machine = _machine(args, "demo", 1800)
     try:
@@ -232,6 +239,8 @@ def _demo(args: argparse.Namespace) -> int:
             machine.wait_for_unit("recnix.service", timeout=120)
             control = json_control_socket(machine)
             machine.wait_until_succeeds(f"test -S {control}", timeout=120)
+        if args.discard_hook_output:
+            discard_hook_output(machine)
         busybox, nix = bundle_nix_in_guest(machine)
         runner = scenario_runner(machine, busybox, nix)
         with machine.nested(f"nix-build {GUEST_SCENARIOS_DIR}/inner.nix (feature {args.feature})"):
