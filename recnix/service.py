@@ -155,6 +155,7 @@ class Service:
         self.state_dir = config.state_dir
         self.gc_roots_dir = Path(config["daemon"]["gc-roots-dir"])
         self.sessions: dict[str, Session] = {}
+        self.opened_at: dict[str, float] = {}  # sid -> when this service opened/resumed it
         audit_path = config["daemon"]["audit-log"]
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
@@ -322,6 +323,7 @@ class Service:
             else:
                 await self._slots.acquire()
         self.sessions[record.sid] = session
+        self.opened_at[record.sid] = time.time()
         session.start_registrar()
         self.audit.write("resumed", record.sid, drv=record.drv_path, paths=len(session.added))
         log.info(
@@ -392,6 +394,9 @@ class Service:
             "state": s.state,
             "added": len(s.added),
             "builds": s.builds,
+            "added_bytes": s.added_bytes,
+            "connections": s.connections,
+            "opened": self.opened_at.get(s.sid),
         }
 
     # -- sessions
@@ -475,6 +480,7 @@ class Service:
             await self._end(session, None, "failed to start")
             raise OpenRefused(f"cannot write /etc/nix/nix.conf into {chroot}: {e}") from e
         self.sessions[sid] = session
+        self.opened_at[sid] = time.time()
         self.audit.write(
             "opened",
             sid,
@@ -562,6 +568,7 @@ class Service:
         if audit_event:
             self.audit.write(audit_event, session.sid, drv=session.drv_path, reason=reason)
         self.sessions.pop(session.sid, None)
+        self.opened_at.pop(session.sid, None)
         await session.close(reason)
         if getattr(session, "holds_slot", False):
             session.holds_slot = False
