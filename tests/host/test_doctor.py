@@ -240,3 +240,23 @@ def test_gc_roots_dir_outside_gcroots(setup: RecnixService, tmp_path: Path) -> N
     rc, checks = doctor_json(setup.host, config)
     assert rc == 1 and failing(checks) == ["gc-roots-dir"], checks
     assert "not under /nix/var/nix/gcroots" in checks["gc-roots-dir"]["summary"]
+
+
+def test_the_vm_example_builds(setup: RecnixService, tmp_path: Path) -> None:
+    """`recnix-vm run`'s /root/example.nix, here with this host's bundle and busybox."""
+    from recnix_vm.guestprep import example_text
+
+    from recnix.bundle import bundle_nix, busybox_store_path
+
+    host = setup.host
+    example = tmp_path / "example.nix"
+    example.write_text(example_text(bundle_nix(host.env), busybox_store_path(host.env)))
+    out = host.run(["nix-build", "--no-out-link", str(example)]).stdout.strip()
+    closure = host.run(["nix-store", "-qR", out]).stdout.split()
+    inner = Path(out, "inner").resolve()
+    note = Path(out, "note").resolve()
+    assert str(inner) in closure and inner.name.endswith("-example-inner"), closure
+    assert (
+        str(note) in closure and note.read_text() == "a file the outer build added to the store\n"
+    )
+    assert inner.read_text() == "built inside the outer build\n"
