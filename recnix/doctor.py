@@ -471,7 +471,7 @@ def upstream_target(upstream: str, env: Mapping[str, str]) -> str:
     return env.get("NIX_DAEMON_SOCKET_PATH") or DEFAULT_SOCKET
 
 
-def probe_daemon(upstream: str, env: Mapping[str, str]) -> Probe:
+def probe_daemon(upstream: str, env: Mapping[str, str], config_file: str) -> Probe:
     """Handshake with the daemon ``daemon.upstream`` names, as a session would."""
     from recnix.upstream import Upstream, UpstreamError
 
@@ -498,7 +498,7 @@ def probe_daemon(upstream: str, env: Mapping[str, str]) -> Probe:
         else:
             fix = (
                 f"start the nix-daemon (`systemctl start nix-daemon`) so that {where} "
-                'exists, or set daemon.upstream = "stdio" in the recnix config'
+                f'exists, or set daemon.upstream = "stdio" in {config_file}'
             )
         reason = e.__cause__.strerror if isinstance(e.__cause__, OSError) else None
         if isinstance(e, TimeoutError):
@@ -601,7 +601,11 @@ def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
         nix_cli_version=_nix_cli_version(env),
         settings=settings,
         users=build_users(settings),
-        daemon=probe_daemon(str(config["daemon"]["upstream"]), env),
+        daemon=probe_daemon(
+            str(config["daemon"]["upstream"]),
+            env,
+            str(config.source or "/etc/recnix/config.toml"),
+        ),
         service=probe_service(config),
         userns=probe_user_namespaces(),
         open_tree=probe_open_tree(),
@@ -675,7 +679,9 @@ def build_check(
             )
         except OSError as e:
             return Result("build", FAIL, f"cannot run nix-build: {e}", "install Nix")
-    log_tail = " | ".join(proc.stderr.strip().splitlines()[-4:])
+    lines = proc.stderr.strip().splitlines()
+    errors = [line.strip() for line in lines if line.lstrip().startswith("error:")]
+    log_tail = " | ".join(errors or lines[-4:])
     out = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if proc.returncode != 0 or not out.startswith("/nix/store/"):
         return Result(
