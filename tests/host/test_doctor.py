@@ -232,7 +232,35 @@ def test_build_check_fails_while_the_service_is_down(setup: RecnixService, tmp_p
     assert lines["service"].startswith("FAIL"), proc.stdout
     assert lines["build"].startswith("FAIL"), proc.stdout
     assert "test build failed" in lines["build"]
+    # What the user's opted-in build says: the socket and how to start the service.
+    assert f"no control socket at {setup.control_socket}" in lines["build"]
+    assert "systemctl start recnix" in lines["build"]
     assert "service, build" in proc.stdout.splitlines()[-1]
+
+
+def test_sessions_name_a_missing_upstream_socket_and_the_fixes(
+    setup: RecnixService, tmp_path: Path
+) -> None:
+    """A service whose upstream socket does not exist: the opted-in build fails with
+    the socket's path and both fixes (start nix-daemon, or upstream = "stdio")."""
+    host = setup.host
+    missing = tmp_path / "no-daemon.sock"
+    stop_recnix_service(setup)
+    try:
+        broken = start_recnix_service(host, daemon={"upstream": f"unix://{missing}"})
+        try:
+            proc = doctor(host, broken.config_path)
+        finally:
+            stop_recnix_service(broken)
+    finally:
+        restarted = start_recnix_service(host)
+        setup.process = restarted.process
+    lines = {line.split()[1]: line for line in proc.stdout.splitlines()[:-1]}
+    assert proc.returncode == 1, proc.stdout
+    assert lines["nix-daemon"].startswith("FAIL") and str(missing) in lines["nix-daemon"]
+    build = lines["build"]
+    assert build.startswith("FAIL") and f"cannot connect to the nix-daemon at {missing}" in build
+    assert "systemctl start nix-daemon" in build and 'daemon.upstream = "stdio"' in build
 
 
 def test_gc_roots_dir_outside_gcroots(setup: RecnixService, tmp_path: Path) -> None:
