@@ -288,3 +288,12 @@ def test_the_vm_example_builds(setup: RecnixService, tmp_path: Path) -> None:
         str(note) in closure and note.read_text() == "a file the outer build added to the store\n"
     )
     assert inner.read_text() == "built inside the outer build\n"
+
+
+def test_stdio_upstream_is_checked_by_starting_nix_daemon(
+    setup: RecnixService, tmp_path: Path
+) -> None:
+    config = config_with(setup, tmp_path, upstream="stdio")
+    rc, checks = doctor_json(setup.host, config)
+    assert rc == 0 and failing(checks) == [], checks
+    assert "nix-daemon --stdio answers, protocol 1." in checks["nix-daemon"]["summary"]
