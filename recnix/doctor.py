@@ -579,7 +579,7 @@ def probe_move_mount() -> Probe:
     return Probe(True)
 
 
-def _lstat(path: str) -> os.stat_result | None:
+def _stat(path: str) -> os.stat_result | None:
     try:
         return os.stat(path)
     except OSError:
@@ -611,7 +611,7 @@ def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
         open_tree=probe_open_tree(),
         move_mount=probe_move_mount(),
         which=which,
-        paths={p: _lstat(p) for p in paths if p},
+        paths={p: _stat(p) for p in paths if p},
     )
 
 
