@@ -192,9 +192,11 @@ def _host_is_lix(nix: str | None) -> bool:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
+    import time
 
     from recnix import control
     from recnix.config import load_config
+    from recnix.status import render_status
 
     config = load_config(args.config)
     try:
@@ -202,8 +204,57 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except control.ControlError as e:
         print(f"recnix status: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(reply["sessions"], indent=2))
+    if args.json:
+        print(json.dumps(reply["sessions"], indent=2))
+    else:
+        sys.stdout.write(render_status(reply["sessions"], time.time()))
     return 0
+
+
+DOCTOR_HELP = """\
+Check this machine's setup for recursive builds, one line per check, with what
+to do when one fails: the Nix version and protocol, nix.conf as the daemon
+reads it ($NIX_CONF_DIR/nix.conf, else /etc/nix/nix.conf: sandbox,
+sandbox-fallback, both hooks, system features, build users), the nix-daemon
+that daemon.upstream names, the recnix service on its control socket, user
+namespaces and open_tree/move_mount (else recnix falls back to hard links),
+the state and gc-roots directories; then a real check, a small opted-in build
+that runs `nix-store --add` in its sandbox.
+
+Exit status 0 when nothing FAILed (warnings pass), 1 otherwise. It changes
+nothing, except that the build check adds to the Nix store what it needs
+(busybox and the Nix bundle, as `recnix busybox` / `recnix bundle-nix` do,
+unless --busybox/--nix or $RECNIX_BUSYBOX/$RECNIX_NIX give them) and its own
+small unrooted output. Run it as root (the control socket is root-only).
+"""
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from recnix import doctor
+    from recnix.config import load_config
+
+    config = load_config(args.config)
+    results = doctor.run_checks(doctor.gather(config))
+    if not args.json:
+        sys.stdout.writelines(doctor.render_line(r) for r in results)
+        sys.stdout.flush()  # the build check takes a while
+    if args.no_build:
+        build = doctor.Result("build", doctor.SKIP, "test build skipped (--no-build)")
+    else:
+        build = doctor.build_check(
+            nix=args.nix or os.environ.get("RECNIX_NIX") or None,
+            busybox=args.busybox or os.environ.get("RECNIX_BUSYBOX") or None,
+            timeout=args.timeout,
+        )
+    results.append(build)
+    if args.json:
+        print(json.dumps(doctor.to_json(results), indent=2))
+    else:
+        sys.stdout.write(doctor.render_line(build) + doctor.verdict(results))
+    return 0 if doctor.passed(results) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,9 +353,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_nix_conf)
 
-    p = sub.add_parser("status", help="list the open sessions of the running service")
+    p = sub.add_parser(
+        "status",
+        help="list the open sessions of the running service",
+        description="A table of the service's open sessions: the build, its nesting depth, "
+        "age, nested build requests, paths (and bytes) added or built, connections now.",
+    )
+    p.add_argument("--json", action="store_true", help="the sessions as JSON (for scripts)")
     p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine's setup for recursive builds (changes nothing)",
+        description=DOCTOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="the results as JSON (for scripts)")
+    p.add_argument("--no-build", action="store_true", help="skip the test build")
+    p.add_argument("--nix", metavar="STORE-PATH", help="Nix for the test build (bin/nix-store)")
+    p.add_argument("--busybox", metavar="STORE-PATH", help="busybox for the test build (bin/sh)")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, metavar="SECONDS", help="test build limit"
+    )
+    p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_doctor)
     return parser
 
 

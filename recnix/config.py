@@ -29,22 +29,40 @@ def load_defaults() -> dict[str, Any]:
         return tomllib.load(f)
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", str: "a string", list: "a list"}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value + '"'
+    return repr(value)
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
         if key not in base:
-            raise ConfigError(f"unknown setting '{where}{key}' (known: {', '.join(sorted(base))})")
+            import difflib
+
+            close = difflib.get_close_matches(key, list(base), n=1)
+            hint = f"did you mean '{where}{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"unknown setting '{where}{key}': {hint}known "
+                f"{'in [' + where.rstrip('.') + ']' if where else 'tables'}: "
+                f"{', '.join(sorted(base))} (`recnix daemon --help` describes them)"
+            )
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"'{where}{key}' must be a table")
+                raise ConfigError(f"'{where}{key}' must be a table ([{where}{key}])")
             merged[key] = _merge(base[key], value, f"{where}{key}.")
         else:
             expected = type(base[key])
-            if expected is int and isinstance(value, bool):
-                raise ConfigError(f"'{where}{key}' must be an integer, not a boolean")
-            if not isinstance(value, expected):
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ConfigError(
-                    f"'{where}{key}' must be {expected.__name__}, got {type(value).__name__}"
+                    f"'{where}{key}' must be {_TYPE_WORDS.get(expected, expected.__name__)}, "
+                    f"not {_toml_value(value)} (e.g. {key} = {_toml_value(base[key])})"
                 )
             merged[key] = value
     return merged
@@ -103,8 +121,13 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
             raise ConfigError(f"config file {path} does not exist") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from e
-        raw = _merge(raw, site, "")
-    _validate(raw)
+        try:
+            raw = _merge(raw, site, "")
+            _validate(raw)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    else:
+        _validate(raw)
     return Config(raw=raw, source=path)
 
 

@@ -156,6 +156,7 @@ class Service:
         self.state_dir = config.state_dir
         self.gc_roots_dir = Path(config["daemon"]["gc-roots-dir"])
         self.sessions: dict[str, Session] = {}
+        self.opened_at: dict[str, float] = {}  # sid -> when this service opened/resumed it
         audit_path = config["daemon"]["audit-log"]
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
@@ -328,6 +329,7 @@ class Service:
             else:
                 await self._slots.acquire()
         self.sessions[record.sid] = session
+        self.opened_at[record.sid] = time.time()
         session.start_registrar()
         self.audit.write("resumed", record.sid, drv=record.drv_path, paths=len(session.added))
         log.info(
@@ -399,6 +401,9 @@ class Service:
             "state": s.state,
             "added": len(s.added),
             "builds": s.builds,
+            "added_bytes": s.added_bytes,
+            "connections": s.connections,
+            "opened": self.opened_at.get(s.sid),
         }
 
     # -- sessions
@@ -487,6 +492,7 @@ class Service:
             await self._end(session, None, "failed to start")
             raise OpenRefused(f"cannot give {drv_path} its recnix socket: {e}") from e
         self.sessions[sid] = session
+        self.opened_at[sid] = time.time()
         self.audit.write(
             "opened",
             sid,
@@ -575,6 +581,7 @@ class Service:
             self.audit.write(audit_event, session.sid, drv=session.drv_path, reason=reason)
         self.sessions.pop(session.sid, None)
         self._drop_sandbox_socket(session)
+        self.opened_at.pop(session.sid, None)
         await session.close(reason)
         if getattr(session, "holds_slot", False):
             session.holds_slot = False

@@ -70,6 +70,25 @@ def daemon_socket_path() -> str:
     return os.environ.get("NIX_DAEMON_SOCKET_PATH") or DEFAULT_SOCKET
 
 
+def connect_error_message(target: str, error: OSError) -> str:
+    """Why connecting to ``target`` failed, naming the socket (or command) and the fixes."""
+    if target == "stdio":
+        return (
+            f'cannot start `nix-daemon --stdio` (daemon.upstream = "stdio"): '
+            f"{error.strerror or error}; install Nix or put nix-daemon on the service's PATH"
+        )
+    path = target[len("unix://") :] if target.startswith("unix://") else daemon_socket_path()
+    reason = error.strerror or str(error)
+    if isinstance(error, (FileNotFoundError, ConnectionRefusedError)):
+        return (
+            f"cannot connect to the nix-daemon at {path} (daemon.upstream = {target!r}): "
+            f"{reason}; start the nix-daemon (`systemctl start nix-daemon`, or run "
+            f'`nix-daemon`), or set daemon.upstream = "stdio" in the recnix config so '
+            "that each session starts `nix-daemon --stdio` itself"
+        )
+    return f"cannot connect to the nix-daemon at {path} (daemon.upstream = {target!r}): {reason}"
+
+
 class Upstream:
     """One worker-protocol connection to a nix-daemon."""
 
@@ -126,7 +145,7 @@ class Upstream:
                 )
                 reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK * 4)
         except OSError as e:
-            raise UpstreamClosed(f"cannot connect to the nix-daemon ({target}): {e}") from e
+            raise UpstreamClosed(connect_error_message(target, e)) from e
         conn = ClientConnection(client_minor=client_minor)
         self = cls(reader, writer, conn, process)  # type: ignore[arg-type]
         conn.initiate()

@@ -37,7 +37,8 @@ overlays and never modify the cached image.
 EPILOG = """\
 examples:
   recnix-vm build-image            build or reuse the image, print its directory
-  recnix-vm run                    root shell (SSH) in a fresh guest; discarded on exit
+  recnix-vm run                    root shell (SSH) in a fresh, prepared guest; prints
+                                   commands to try; discarded on exit
   recnix-vm run --console --keep   serial console instead; keep the overlay
   recnix-vm demo                   a recursive build through recnix in a fresh guest
   recnix-vm demo --feature recursive-nix   the same with Nix's built-in feature
@@ -104,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("build-image", help="build or reuse the cached guest image; print its path")
 
-    run = sub.add_parser("run", help="interactive root shell in a fresh guest")
+    run = sub.add_parser(
+        "run",
+        help="interactive root shell in a fresh guest, prepared like the demo's "
+        "(Nix bundle and busybox in the store, /root/example.nix); prints what to try",
+    )
     _add_machine_options(run)
     run.add_argument(
         "--console",
@@ -201,9 +206,14 @@ def _finish(machine: Machine, keep: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .guestprep import banner, prepare_guest
+
     machine = _machine(args, "run", None)
     try:
         machine.start()
+        prepared = prepare_guest(machine)
+        sys.stdout.write("\n" + banner(prepared) + "\n")
+        sys.stdout.flush()
         if args.console or shutil.which("ssh") is None:
             print("serial console: press Enter for a prompt, Ctrl-] to leave", file=sys.stderr)
             machine.interact()
@@ -220,25 +230,15 @@ def _run(args: argparse.Namespace) -> int:
         _finish(machine, args.keep)
 
 
-def json_control_socket(machine: Machine) -> str:
-    """The control socket path the guest's recnix is configured with."""
-    out = machine.succeed(
-        'python3 -c \'import sys; sys.path.insert(0, "/opt/recnix"); '
-        "from recnix.config import load_config; print(load_config().control_socket)'"
-    )
-    return out.strip()
-
-
 def _demo(args: argparse.Namespace) -> int:
     from .guestnix import bundle_nix_in_guest, discard_hook_output, scenario_runner
+    from .guestprep import wait_for_recnix
 
     machine = _machine(args, "demo", 1800)
     try:
         machine.start()
         if args.feature.startswith("recnix"):
-            machine.wait_for_unit("recnix.service", timeout=120)
-            control = json_control_socket(machine)
-            machine.wait_until_succeeds(f"test -S {control}", timeout=120)
+            wait_for_recnix(machine)
         if args.discard_hook_output:
             discard_hook_output(machine)
         busybox, nix = bundle_nix_in_guest(machine)
