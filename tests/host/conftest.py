@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from recnix.bundle import bundle_nix, busybox_store_path
+from tests.nixversion import build_dir_conf
 from tests.scenarios.runner import ScenarioRunner
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
@@ -111,7 +112,8 @@ class NixHost:
 
     @property
     def build_dir(self) -> Path:
-        """The daemon's TMPDIR: builds run in ``nix-build-<name>.drv-<n>`` below it."""
+        """The daemon's TMPDIR and build-dir: builds run below it (where:
+        ``tests.nixversion.build_top_glob``)."""
         return self.root / "builds"
 
     @property
@@ -216,6 +218,8 @@ def start_nix_host(
     root = Path(tempfile.mkdtemp(prefix="recnix-host-"))
     (root / "conf").mkdir()
     (root / "builds").mkdir()
+    # Nix 2.26 on: build-dir (2.30 on ignore TMPDIR)
+    extra_conf = build_dir_conf(root / "builds") + extra_conf
     (root / "conf" / "nix.conf").write_text(nix_conf_text(hooks, extra_conf))
     common = {
         "PATH": SYSTEM_PATH,

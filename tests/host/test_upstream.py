@@ -35,7 +35,9 @@ from recnix.protocol import (
 )
 from recnix.storepath import make_fixed_output_path, nix32_decode, nix32_encode
 from recnix.upstream import Upstream, UpstreamClosed, UpstreamError, default_options
+from tests import nixversion
 from tests.host.conftest import NixHost
+from tests.nixversion import path_info_args, path_info_record
 
 pytestmark = pytest.mark.host
 
@@ -83,8 +85,8 @@ def cli(host: NixHost, *args: str) -> str:
 
 
 def cli_path_info(host: NixHost, path: str) -> dict[str, Any]:
-    (info,) = json.loads(cli(host, "nix", "path-info", "--json", path))
-    return info
+    record = path_info_record(cli(host, "nix", "path-info", *path_info_args(), path), path)
+    return {"path": path, **record}  # 2.19 on: keyed by path, no "path" field
 
 
 def nix32_hash(info: PathInfo) -> str:
@@ -168,7 +170,8 @@ def delete_path(host: NixHost, path: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_handshake_and_set_options(nix_host: NixHost, busybox: str) -> None:
-    """connect() negotiates 1.34 with Nix 2.8.0; an explicit SetOptions reaches the builder."""
+    """connect() negotiates min(35, the daemon's minor) and reads the daemon's version; an
+    explicit SetOptions reaches the builder."""
     drv = instantiate(
         nix_host,
         busybox,
@@ -177,9 +180,9 @@ def test_handshake_and_set_options(nix_host: NixHost, busybox: str) -> None:
     )
 
     async def body(up: Upstream) -> tuple[Any, str]:
-        assert up.minor == 34
-        assert up.handshake is not None and up.handshake.server_minor == 34
-        assert up.nix_version == "2.8.0"
+        assert up.minor == nixversion.negotiated_minor(35)
+        assert up.handshake is not None and up.handshake.server_minor == nixversion.daemon_minor()
+        assert up.nix_version == nixversion.version_string()
         opts = default_options()
         opts.build_cores = 3
         reply = await up.call(Op.SET_OPTIONS, {"options": opts})
@@ -579,6 +582,7 @@ def test_stdio_mode(nix_host: NixHost, busybox: str, monkeypatch: pytest.MonkeyP
             await up.close()
 
     minor, version, valid, invalid, info = asyncio.run(main())
-    assert (minor, version, valid, invalid) == (34, "2.8.0", True, False)
+    expected = (nixversion.negotiated_minor(35), nixversion.version_string(), True, False)
+    assert (minor, version, valid, invalid) == expected
     assert info is not None
     assert_info_matches_cli(nix_host, busybox, info)
