@@ -26,18 +26,25 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DAEMON_MINOR = {(2, 8): 34, (2, 26): 38, (2, 34): 38}
 
 
+Version = tuple[int, int, int]
+
+
+def parse(text: str) -> Version:
+    """The version in ``nix --version`` output (``"nix (Nix) 2.34.8"`` -> ``(2, 34, 8)``)."""
+    found = re.search(r"(\d+)\.(\d+)\.(\d+)", text)
+    if found is None:
+        raise AssertionError(f"`nix --version` printed {text!r}: no version number")
+    major, minor, patch = (int(g) for g in found.groups())
+    return major, minor, patch
+
+
 @functools.cache
-def version() -> tuple[int, int, int]:
+def version() -> Version:
     """The version of the ``nix`` on PATH (or the system PATH), e.g. ``(2, 8, 0)``."""
     nix = shutil.which("nix") or shutil.which("nix", path=SYSTEM_PATH)
     if nix is None:
         raise AssertionError("no nix on PATH: install Debian's nix-bin (./setup.sh)")
-    out = subprocess.run([nix, "--version"], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
-    if found is None:
-        raise AssertionError(f"{nix} --version printed {out!r}: no version number")
-    major, minor, patch = (int(g) for g in found.groups())
-    return major, minor, patch
+    return parse(subprocess.run([nix, "--version"], capture_output=True, text=True).stdout)
 
 
 def version_string() -> str:
@@ -45,9 +52,9 @@ def version_string() -> str:
     return ".".join(map(str, version()))
 
 
-def at_least(major: int, minor: int) -> bool:
-    """Whether the Nix under test is ``major.minor`` or newer."""
-    return version()[:2] >= (major, minor)
+def at_least(major: int, minor: int, v: Version | None = None) -> bool:
+    """Whether the Nix under test (or ``v``, e.g. a guest's) is ``major.minor`` or newer."""
+    return (v or version())[:2] >= (major, minor)
 
 
 def label() -> str:
@@ -82,18 +89,34 @@ def build_dir_conf(build_root: Path) -> str:
     return f"build-dir = {build_root}\n" if at_least(2, 26) else ""
 
 
-def build_top_glob(build_root: Path | str, drv_name: str) -> str:
+def daemon_build_root(test_root: Path) -> Path:
+    """Where a test daemon whose private directory is ``test_root`` builds.
+
+    ``test_root/builds``; but 2.30 on refuse a build-dir below a world-writable
+    directory such as /tmp: there ``/nix/var/nix/builds/<test_root's name>``.
+    """
+    if at_least(2, 30):
+        return Path("/nix/var/nix/builds") / test_root.name
+    return test_root / "builds"
+
+
+def build_top_glob(build_root: Path | str, drv_name: str, v: Version | None = None) -> str:
     """Glob of the builder's working directory (``$NIX_BUILD_TOP``) of a build of the
     derivation named ``drv_name`` below ``build_root``.
 
     2.8: ``<root>/nix-build-<name>.drv-<n>``; 2.26: ``…/build`` below that; 2.30 on:
     ``<root>/nix-<pid>-<n>/build`` (the name is not in it: any build matches).
     """
-    if at_least(2, 30):
+    if at_least(2, 30, v):
         return f"{build_root}/nix-*/build"
-    if at_least(2, 26):
+    if at_least(2, 26, v):
         return f"{build_root}/nix-build-{drv_name}.drv-*/build"
     return f"{build_root}/nix-build-{drv_name}.drv-*"
+
+
+def default_build_root(v: Version | None = None) -> str:
+    """Where a nix-daemon without ``build-dir`` and ``TMPDIR`` (a guest's) builds."""
+    return "/nix/var/nix/builds" if at_least(2, 30, v) else "/tmp"
 
 
 def sandbox_root(drv_path: str) -> Path:
@@ -146,6 +169,50 @@ def show_derivation_record(text: str, drv_path: str) -> dict:
     return data[os.path.basename(drv_path)]
 
 
+def _full(path: str) -> str:
+    return path if path.startswith("/") else f"/nix/store/{path}"
+
+
+def derivation_projection(record: dict) -> dict:
+    """The version-independent content of a ``show-derivation`` record: what 2.8's,
+    2.26's and 2.34's layouts all say, in one shape.
+
+    2.8: ``inputDrvs`` maps to output lists, fixed outputs have ``hashAlgo``
+    (``r:`` for recursive) and a path; 2.26 adds ``name``, ``method`` and
+    ``dynamicOutputs``; 2.34 (format version 4) has base names, ``inputs.drvs`` /
+    ``inputs.srcs``, SRI hashes, no path for fixed outputs and ``structuredAttrs``
+    instead of ``env.__json``.
+    """
+    inputs = record.get("inputs") or {}
+    drvs = record.get("inputDrvs", inputs.get("drvs", {}))
+    srcs = record.get("inputSrcs", inputs.get("srcs", []))
+    outputs = {}
+    for name, out in record["outputs"].items():
+        algo = out.get("hashAlgo", "")
+        method = out.get("method") or ("nar" if algo.startswith("r:") else "flat")
+        if "hash" in out and not algo:
+            algo = out["hash"].split("-", 1)[0]  # SRI (2.34)
+        fixed = "hash" in out
+        path = None if fixed else (_full(out["path"]) if "path" in out else None)
+        outputs[name] = (path, method if fixed else None, algo.removeprefix("r:") or None)
+    env = dict(record["env"])
+    structured = record.get("structuredAttrs")
+    if "__json" in env:
+        structured = json.loads(env.pop("__json"))
+    return {
+        "outputs": outputs,
+        "inputDrvs": {
+            _full(p): sorted(v["outputs"] if isinstance(v, dict) else v) for p, v in drvs.items()
+        },
+        "inputSrcs": sorted(_full(p) for p in srcs),
+        "system": record["system"],
+        "builder": record["builder"],
+        "args": record["args"],
+        "env": env,
+        "structuredAttrs": structured,
+    }
+
+
 # -- the nix binary and the daemon's replies -----------------------------------------
 
 
@@ -159,3 +226,27 @@ def daemon_reports_times_built() -> bool:
     """Whether the daemon fills ``timesBuilt``, ``startTime`` and ``stopTime`` of a
     fresh build's result (2.34 reports 0 for all three)."""
     return not at_least(2, 34)
+
+
+# -- the daemon's error wording ------------------------------------------------------
+
+
+def builder_failed_message(drv_path: str, status: int) -> str:
+    """What the daemon says when ``drv_path``'s builder exits with ``status``."""
+    if at_least(2, 34):
+        return f"Cannot build '{drv_path}'.\nReason: builder failed with exit code {status}"
+    return f"builder for '{drv_path}' failed with exit code {status}"
+
+
+def unsigned_add_message(path: str) -> str:
+    """What the daemon says when an untrusted client adds an unsigned ``path``."""
+    if at_least(2, 26):
+        return f"cannot add path '{path}' because it lacks a signature by a trusted key"
+    return f"cannot add path '{path}' because it lacks a valid signature"
+
+
+def not_in_store_message(path: str) -> str:
+    """What the daemon says about an argument ``path`` outside the store."""
+    if at_least(2, 34):
+        return f'path "{path}" is not in the Nix store'
+    return f"path '{path}' is not in the Nix store"

@@ -70,7 +70,12 @@ derivation {
 """
 
 # Joins the mount namespace of process `pid` (indented: used inside a try block).
+# The sandbox has no Python library: whatever socket.send_fds imports lazily
+# (Python 3.14: array, collections, ...) is imported before, by one call.
 _JOIN_NAMESPACE = """\
+    _a, _b = socket.socketpair()
+    socket.send_fds(_a, [b"w"], [_a.fileno()])
+    _a.close(), _b.close()
     libc = ctypes.CDLL(None, use_errno=True)
     ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
     if libc.setns(ns, 0x20000) != 0:

@@ -387,8 +387,11 @@ def test_build_ops(nix_host: NixHost, busybox: str) -> None:
     (first,) = got["first"]
     assert first.path == target
     assert first.result.status == BUILD_STATUS["Built"], first.result.error_msg
-    assert first.result.times_built == 1
-    assert first.result.start_time <= first.result.stop_time
+    if nixversion.daemon_reports_times_built():
+        assert first.result.times_built == 1
+        assert 0 < first.result.start_time <= first.result.stop_time
+    else:  # 2.34 reports zeros for a fresh build
+        assert (first.result.times_built, first.result.start_time) == (0, 0)
     ((key, realisation),) = first.result.built_outputs.items()
     assert key.endswith("!out")
     assert isinstance(realisation, Realisation) and realisation.out_path == expected_out
@@ -420,7 +423,7 @@ def test_failing_build_raises_with_daemon_message(nix_host: NixHost, busybox: st
 
     message, results = with_upstream(nix_host, body)
     message = plain(message)
-    assert f"builder for '{drv}' failed with exit code 3" in message
+    assert nixversion.builder_failed_message(drv, 3) in message
     (result,) = results
     assert result.result.status == BUILD_STATUS["PermanentFailure"]
     assert "failed with exit code 3" in result.result.error_msg
@@ -536,7 +539,7 @@ def test_refused_ops_raise_and_connection_stays_usable(
     assert sha1_text[1] and not_nar[1] and no_sig[1] and absent[1]
     assert "content-address method 'text:sha1' is not one of" in sha1_text[0]
     assert "doesn't look like a Nix archive" in not_nar[0]
-    assert f"cannot add path '{unsigned.path}' because it lacks a valid signature" in no_sig[0]
+    assert nixversion.unsigned_add_message(unsigned.path) in no_sig[0]
     assert absent[0] == f"build of '{fake_store_path('unbuildable')}' failed"
     assert not os.path.exists(unsigned.path)
 
@@ -556,7 +559,7 @@ def test_refusal_before_work_closes_the_connection(nix_host: NixHost, busybox: s
         return plain(str(refused.value)), up.closed, str(closed.value)
 
     refused, closed, closed_msg = with_upstream(nix_host, body)
-    assert refused == "path '/tmp/not-in-the-store' is not in the Nix store"
+    assert refused == nixversion.not_in_store_message("/tmp/not-in-the-store")
     assert closed and "closed" in closed_msg
     assert with_upstream(nix_host, lambda up: up.is_valid_path(busybox))
 
