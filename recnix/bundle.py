@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from recnix.nixversion import NixVersionError, nix_version
+from recnix.nixversion import NixVersionError, parse_nix_version
 
 BUSYBOX_BINARY = "/bin/busybox"
 NIX_BINARY = "/usr/bin/nix"  # Debian's, when no nix is on PATH
@@ -43,6 +43,8 @@ LOADER_NAME = "ld-linux-x86-64.so.2"
 # Libraries Nix loads with dlopen (not listed by ldd); copied when present.
 DLOPENED_LIBRARIES = ("libnss_dns.so.2", "libnss_files.so.2")
 SYSTEM_LIBRARY_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu")
+# Where Debian's nix-bin keeps Nix's own libraries (its RUNPATH), for a sysroot's nix.
+NIX_LIBRARY_DIRS = ("/usr/lib/nix", "/usr/lib/x86_64-linux-gnu/nix")
 # The names Debian's nix-bin links to the multi-call binary.
 NIX_COMMANDS = (
     "nix",
@@ -112,17 +114,30 @@ def _store_add(directory: Path, nix_env: dict[str, str] | None) -> str:
     return out
 
 
-def shared_libraries(binary: str) -> dict[str, str]:
+def _sysroot_loader(sysroot: str) -> list[str]:
+    """The dynamic loader of another root filesystem, told to find libraries only there."""
+    dirs = [os.path.join(sysroot, d.lstrip("/")) for d in (*SYSTEM_LIBRARY_DIRS, *NIX_LIBRARY_DIRS)]
+    loader = os.path.join(sysroot, "lib64", LOADER_NAME)
+    return [loader, "--library-path", ":".join(dirs)]
+
+
+def shared_libraries(binary: str, sysroot: str = "/") -> dict[str, str]:
     """Map each library name ``ldd`` lists for ``binary`` to its file on this host.
 
-    The dynamic loader is included under ``LOADER_NAME``.
+    The dynamic loader is included under ``LOADER_NAME``. With ``sysroot`` (another
+    Debian's root filesystem, e.g. to bundle a different Nix version), ``binary`` is a
+    path inside it and the libraries are resolved there, by its own loader.
     """
-    listing = _run(["ldd", binary], None)
+    if sysroot == "/":
+        listing = _run(["ldd", binary], None)
+    else:
+        target = os.path.join(sysroot, binary.lstrip("/"))
+        listing = _run([*_sysroot_loader(sysroot), "--list", target], None)
     libraries: dict[str, str] = {}
     for line in listing.splitlines():
         resolved = re.match(r"\s*(\S+) => (/\S+) \(0x[0-9a-f]+\)", line)
         if resolved:
-            libraries[resolved.group(1)] = resolved.group(2)
+            libraries[os.path.basename(resolved.group(1))] = resolved.group(2)
             continue
         loader = re.match(r"\s*(/\S+) \(0x[0-9a-f]+\)", line)
         if loader:
@@ -132,6 +147,12 @@ def shared_libraries(binary: str) -> dict[str, str]:
             raise BundleError(f"ldd {binary}: a library is missing: {line.strip()}")
     if LOADER_NAME not in libraries:
         raise BundleError(f"ldd {binary} names no {LOADER_NAME}:\n{listing}")
+    if sysroot != "/":
+        libraries[LOADER_NAME] = os.path.join(sysroot, "lib64", LOADER_NAME)
+        inside = sysroot.rstrip("/") + "/"
+        outside = {n: p for n, p in libraries.items() if not p.startswith(inside)}
+        if outside:
+            raise BundleError(f"{binary} in {sysroot}: libraries found outside it: {outside}")
     return libraries
 
 
@@ -152,13 +173,14 @@ def busybox_store_path(
 
 
 def nix_files_store_path(
-    nix_env: dict[str, str] | None = None, nix_binary: str = NIX_BINARY
+    nix_env: dict[str, str] | None = None, nix_binary: str = NIX_BINARY, sysroot: str = "/"
 ) -> str:
-    """Add the nix binary (``libexec/nix``) and its libraries (``lib/``) to the store."""
-    libraries = shared_libraries(nix_binary)
+    """Add the nix binary (``libexec/nix``) and its libraries (``lib/``) to the store
+    (``nix_binary`` and its libraries from ``sysroot``: see :func:`shared_libraries`)."""
+    libraries = shared_libraries(nix_binary, sysroot)
     for name in DLOPENED_LIBRARIES:
         for directory in SYSTEM_LIBRARY_DIRS:
-            candidate = os.path.join(directory, name)
+            candidate = os.path.join(sysroot, directory.lstrip("/"), name)
             if os.path.exists(candidate):
                 libraries.setdefault(name, candidate)
                 break
@@ -166,7 +188,7 @@ def nix_files_store_path(
         top = Path(scratch, NIX_FILES_NAME)
         (top / "lib").mkdir(parents=True)
         (top / "libexec").mkdir()
-        shutil.copyfile(nix_binary, top / "libexec" / "nix")
+        shutil.copyfile(os.path.join(sysroot, nix_binary.lstrip("/")), top / "libexec" / "nix")
         (top / "libexec" / "nix").chmod(0o555)
         for name, source in sorted(libraries.items()):
             shutil.copyfile(source, top / "lib" / name)  # follows symlinks
@@ -191,6 +213,7 @@ def bundle_nix(
     nix_env: dict[str, str] | None = None,
     gc_root: str | None = None,
     nix_binary: str | None = None,
+    sysroot: str = "/",
 ) -> str:
     """Make a Nix (or Lix) runnable inside builds; return the bundle's store path.
 
@@ -199,16 +222,24 @@ def bundle_nix(
     ``NIX_CONF_DIR``); ``None`` means this process's environment. The bundle
     has ``bin/<command>`` for every name in ``NIX_COMMANDS``; its closure
     holds the busybox and nix-files paths. ``gc_root``, if given, becomes an
-    indirect GC root (``nix-build --out-link``) for the bundle.
+    indirect GC root (``nix-build --out-link``) for the bundle. ``sysroot``:
+    bundle the nix of another Debian root filesystem instead (another version;
+    ``nix_binary`` is then a path inside it, default Debian's /usr/bin/nix).
     """
-    binary = find_nix_binary(nix_binary)
+    if sysroot == "/":
+        binary = find_nix_binary(nix_binary)
+        version_argv = [binary]
+    else:
+        binary = nix_binary or NIX_BINARY
+        target = os.path.join(sysroot, binary.lstrip("/"))
+        version_argv = [*_sysroot_loader(sysroot), target]
     try:
-        found = nix_version(binary)
-    except (NixVersionError, OSError) as e:
+        found = parse_nix_version(_run([*version_argv, "--version"], None))
+    except NixVersionError as e:
         raise BundleError(f"cannot tell the version of {binary}: {e}") from None
     version = found.version if not found.is_lix else f"lix-{found.version}"
     busybox = busybox_store_path(nix_env)
-    files = nix_files_store_path(nix_env, binary)
+    files = nix_files_store_path(nix_env, binary, sysroot=sysroot)
     link_args = ["--out-link", gc_root] if gc_root else ["--no-out-link"]
     argv = [
         "nix-build",

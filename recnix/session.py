@@ -782,6 +782,14 @@ class ConnectionHandler:
             if isinstance(ev, ConnectionClosed):
                 return
             assert isinstance(ev, HandshakeDone)
+            log.debug(
+                "session %s: pid %d speaks protocol 1.%d (it offered 1.%d, recnix 1.%d)",
+                s.sid,
+                self.peer.pid,
+                ev.minor,
+                ev.client_minor,
+                ev.server_minor,
+            )
             await self.flush()
             while True:
                 ev = await self.next_request_event()

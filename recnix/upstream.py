@@ -8,6 +8,7 @@ works are handed to an optional callback.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -38,6 +39,7 @@ from recnix.protocol import (
 from recnix.protocol.connection import Event
 
 DEFAULT_SOCKET = "/nix/var/nix/daemon-socket/socket"
+log = logging.getLogger("recnix.upstream")
 
 LogCallback = Callable[[StderrMessage], Awaitable[None] | None]
 
@@ -158,6 +160,14 @@ class Upstream:
             await self.close()
             raise UpstreamClosed(f"unexpected handshake event from the nix-daemon: {ev!r}")
         self.handshake = ev
+        log.debug(
+            "nix-daemon %s (%s): protocol 1.%d (it offered 1.%d, recnix asked 1.%d)",
+            ev.nix_version or "(version not sent)",
+            target,
+            ev.minor,
+            ev.server_minor,
+            ev.client_minor,
+        )
         await self.call(Op.SET_OPTIONS, {"options": default_options(hooks)})
         self.runs_hooks = hooks
         return self

@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from recnix.bundle import bundle_nix, busybox_store_path
+from tests.nixversion import build_dir_conf, daemon_build_root
 from tests.scenarios.runner import ScenarioRunner
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
@@ -143,8 +144,9 @@ class NixHost:
 
     @property
     def build_dir(self) -> Path:
-        """The daemon's TMPDIR: builds run in ``nix-build-<name>.drv-<n>`` below it."""
-        return self.root / "builds"
+        """The daemon's TMPDIR and build-dir: builds run below it (where:
+        ``tests.nixversion.build_top_glob``)."""
+        return daemon_build_root(self.root)
 
     @property
     def log_path(self) -> Path:
@@ -214,6 +216,8 @@ class NixHost:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.gc_roots_dir, ignore_errors=True)
+        if self.root not in self.build_dir.parents:
+            shutil.rmtree(self.build_dir, ignore_errors=True)
         return [f"pid {pid}: {cmdline}" for pid, cmdline in leftovers]
 
 
@@ -258,7 +262,10 @@ def start_nix_host(
                 pytest.fail(f"{hook} missing — run ./setup.sh as root", pytrace=False)
     root = Path(tempfile.mkdtemp(prefix="recnix-host-"))
     (root / "conf").mkdir()
-    (root / "builds").mkdir()
+    builds = daemon_build_root(root)
+    builds.mkdir(mode=0o700, parents=True)
+    # Nix 2.26 on: build-dir (2.30 on ignore TMPDIR)
+    extra_conf = build_dir_conf(builds) + extra_conf
     pre_build_hook = PRE_BUILD_HOOK
     if hook_output == "discarded":
         pre_build_hook = root / "discarding-pre-build-hook"
@@ -271,7 +278,7 @@ def start_nix_host(
         "NIX_CONF_DIR": str(root / "conf"),
         "NIX_DAEMON_SOCKET_PATH": str(root / "daemon.sock"),
     }
-    env_for_daemon = {**common, "TMPDIR": str(root / "builds"), **(daemon_env or {})}
+    env_for_daemon = {**common, "TMPDIR": str(builds), **(daemon_env or {})}
     if hooks:
         env_for_daemon.setdefault("RECNIX_CONFIG", str(root / "recnix.toml"))
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - handed to the daemon

@@ -47,6 +47,7 @@ from tests.host.session_probe import (
     service_sessions,
     start_live_build,
 )
+from tests.nixversion import path_info_args, path_info_record
 from tests.scenarios.runner import BuildOutcome, ScenarioRunner
 
 pytestmark = pytest.mark.host
@@ -80,7 +81,7 @@ def valid_on_host(host: NixHost, path: str) -> bool:
 
 
 def path_info(host: NixHost, path: str) -> dict:
-    return json.loads(host.run(["nix", "path-info", "--json", path]).stdout)[0]
+    return path_info_record(host.run(["nix", "path-info", *path_info_args(), path]).stdout, path)
 
 
 @pytest.fixture
