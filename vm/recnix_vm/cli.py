@@ -41,6 +41,7 @@ examples:
   recnix-vm run --console --keep   serial console instead; keep the overlay
   recnix-vm demo                   a recursive build through recnix in a fresh guest
   recnix-vm demo --feature recursive-nix   the same with Nix's built-in feature
+  recnix-vm demo --remote-builder  the outer build dispatched to a second guest
   recnix-vm probe-kvm              re-run the KVM probe boot and show the verdict
 """
 
@@ -122,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="recnix",
         help="requiredSystemFeatures of the outer build: recnix (default), "
         "recnix-readonly or recursive-nix (Nix's built-in, the oracle)",
+    )
+    demo.add_argument(
+        "--remote-builder",
+        action="store_true",
+        help="two guests on a private network: the client dispatches the outer "
+        "build to the builder (Nix's distributed builds), then shows the closure "
+        "on the client (see README, 'Distributed builds')",
     )
 
     sub.add_parser(
@@ -225,6 +233,17 @@ def json_control_socket(machine: Machine) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from .guestnix import bundle_nix_in_guest, scenario_runner
 
+    if args.remote_builder:
+        from .remote_demo import demo_remote
+
+        return demo_remote(
+            memory_mb=args.memory,
+            smp=args.smp,
+            accel=args.accel,
+            global_timeout=args.global_timeout or 2400,
+            keep=args.keep,
+            state_dir=args.state_dir,
+        )
     machine = _machine(args, "demo", 1800)
     try:
         machine.start()
