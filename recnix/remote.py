@@ -47,7 +47,7 @@ def absent_drv_message(drv_path: str, host: str | None = None) -> str:
         "requires the system feature recnix and has no session for it. Fixes: with a client "
         "on Nix >= 2.16, reach this builder over ssh-ng:// as a user that is not in its "
         "nix.conf `trusted-users` (the client then copies the .drv and builds it with "
-        "BuildPaths); or copy the .drv here before building (`nix copy --to "
+        "BuildPaths); or copy the .drv here before building (`nix copy --derivation --to "
         "ssh-ng://<builder> <drv>`); or build it where recnix runs locally (drop recnix "
         "from this machine's features in the client's nix.conf `builders`, "
         "nix.buildMachines.*.supportedFeatures on NixOS). See recnix's README, "

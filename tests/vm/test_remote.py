@@ -69,7 +69,7 @@ class Pair:
                 inst = shlex.join(["nix-instantiate", *argv[1:]]).replace(" --no-out-link", "")
                 cmd = (
                     f"export NIX_REMOTE=daemon; drv=$({inst}) && "
-                    f'nix copy --to {shlex.quote(copy_drv)} "$drv" && {build}'
+                    f'nix copy --derivation --to {shlex.quote(copy_drv)} "$drv" && {build}'
                 )
             return self.client.execute(cmd, timeout)
 
@@ -123,7 +123,7 @@ def test_outer_dispatched_without_drv_is_refused(pair: Pair, scheme: str) -> Non
     since = pair.builder.succeed("wc -l < /var/log/recnix/audit.jsonl || echo 0").strip()
     err = _failed_build(pair.runner(dispatch="remote"))
     assert GUARD_TEXT in err, err
-    assert "nix copy --to ssh-ng://" in err and "supportedFeatures" in err, err
+    assert "nix copy --derivation --to ssh-ng://" in err and "supportedFeatures" in err, err
     audit = pair.builder.succeed(f"tail -n +{int(since) + 1} /var/log/recnix/audit.jsonl")
     assert '"event": "guarded"' in audit and '"event": "opened"' not in audit, audit
 
@@ -172,7 +172,7 @@ def test_nested_builds_dispatched(pair: Pair) -> None:
     assert pair.on_builder().is_valid(inner), f"{inner} was not built on the builder"
     assert not pair.on_builder().is_valid(out), f"{out} was built on the builder"
     tree = pair.client.succeed(f"NIX_REMOTE=daemon recnix tree {out}")
-    assert "-inner.drv" in tree, tree
+    assert "-inner.drv" in tree and f"(ran on ssh-ng://root@{pair.link.host})" in tree, tree
 
 
 def test_nested_remote_failure(pair: Pair) -> None:
@@ -219,7 +219,7 @@ def test_builder_killed_mid_build(pair: Pair) -> None:
         f"/root/slow.nix --argstr busybox {pair.busybox} --argstr nix {pair.nix} --argstr tag {tag}"
     )
     drv = c.succeed(f"NIX_REMOTE=daemon nix-instantiate {args}").strip()
-    c.succeed(f"NIX_REMOTE=daemon nix copy --to ssh-ng://root@{pair.link.host} {drv}")
+    c.succeed(f"NIX_REMOTE=daemon nix copy --derivation --to ssh-ng://root@{pair.link.host} {drv}")
     result: dict[str, tuple[int, str, str]] = {}
 
     def build() -> None:

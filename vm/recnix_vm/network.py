@@ -143,6 +143,7 @@ class Network:
                 f"dev=$(ip -o link | awk -F': ' '/{node.mac}/ {{print $2}}') && "
                 f'test -n "$dev" && ip link set dev "$dev" up && '
                 f'ip addr replace {node.address}/24 dev "$dev" && '
+                f"hostname {node.name} && echo {node.name} > /etc/hostname && "
                 f"sed -i '/ {SUBNET.replace('.', '[.]')}[.]/d; /^{SUBNET}[.]/d' /etc/hosts && "
                 f"printf %s {shlex.quote(hosts)} >> /etc/hosts"
             )
@@ -223,6 +224,8 @@ def link_builder(client: Node, builder: Node, untrusted_user: bool = True) -> Bu
             home = f"/home/{UNTRUSTED_USER}"
             b.succeed(
                 f"id {UNTRUSTED_USER} >/dev/null 2>&1 || useradd -m -s /bin/sh {UNTRUSTED_USER}; "
+                # Debian lets only the daemon socket directory's group (nix-users) in.
+                f"usermod -aG $(stat -c %G /nix/var/nix/daemon-socket) {UNTRUSTED_USER} && "
                 f"install -d -m 700 -o {UNTRUSTED_USER} {home}/.ssh && "
                 f"echo {shlex.quote(pub)} > {home}/.ssh/authorized_keys && "
                 f"chown {UNTRUSTED_USER} {home}/.ssh/authorized_keys"

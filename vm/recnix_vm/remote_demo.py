@@ -5,7 +5,7 @@ Two guests on a private network (:mod:`recnix_vm.network`): ``client`` lists
 the ``inner`` scenario with ``--max-jobs 0``, so the outer build runs on
 ``builder`` in a recnix session there. Nix 2.8 (the guests' Nix) sends the
 build with ``BuildDerivation`` and no ``.drv``; the demo first copies the
-``.drv`` to the builder (``nix copy --to ssh-ng://…``), the fix recnix's
+``.drv`` to the builder (``nix copy --derivation --to ssh-ng://…``), the fix recnix's
 guard names. It then prints where the output was built, the closure on the
 client and ``recnix tree`` on the builder.
 """
@@ -78,7 +78,7 @@ def demo_remote(
         drv = client.succeed(f"{env} nix-instantiate {args}").strip()
         print(f"outer .drv: {drv}")
         with client.nested("copying the .drv to the builder (Nix 2.8 sends none)"):
-            client.succeed(f"{env} nix copy --to ssh-ng://root@{link.host} {drv}")
+            client.succeed(f"{env} nix copy --derivation --to ssh-ng://root@{link.host} {drv}")
         start = time.monotonic()
         rc, out, err = client.execute(f"{env} nix-build --no-out-link --max-jobs 0 {args}")
         elapsed = time.monotonic() - start
