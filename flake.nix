@@ -39,6 +39,13 @@
           inherit pkgs;
           recnixModule = self.nixosModules.recnix;
         }
+        // {
+          # Nix's distributed builds: a client dispatching to a recnix builder.
+          remote-builder = import ./nixos-tests/remote-builder.nix {
+            inherit pkgs;
+            recnixModule = self.nixosModules.recnix;
+          };
+        }
       );
 
       devShells = eachSystem (pkgs: {

@@ -4,16 +4,19 @@ Events: ``opened``, ``refused`` (an op denied, with the reason), ``added`` (a
 path became allowed through an add), ``build-started``, ``build-finished``,
 ``existing-fixed-output`` (a nested build was handed the existing outputs of a
 fixed-output derivation: ``derivation``, ``outputs``), ``finalised``,
-``aborted``. ``recnix tree`` reads the log back.
+``aborted``; ``guarded`` (recnix.remote: a build without its ``.drv`` got a
+guard socket). ``recnix tree`` reads the log back, and the build logs for
+where each nested build ran (:func:`annotate_where`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,7 @@ class BuildNode:
     added: list[str] = field(default_factory=list)
     children: list[BuildNode] = field(default_factory=list)
     status: str = "unknown"
+    ran_on: str | None = None  # where Nix said it built this (see annotate_where)
 
 
 def build_tree(events: list[dict[str, Any]], drv: str) -> BuildNode:
@@ -118,7 +122,8 @@ def render_tree(root: BuildNode) -> str:
     def walk(n: BuildNode, prefix: str, last: bool, top: bool) -> None:
         branch = "" if top else ("└── " if last else "├── ")
         outs = ", ".join(n.outputs) if n.outputs else "(no outputs recorded)"
-        lines.append(f"{prefix}{branch}{n.drv} [{n.status}] -> {outs}")
+        where = f" (ran on {n.ran_on})" if n.ran_on and not top else ""
+        lines.append(f"{prefix}{branch}{n.drv} [{n.status}]{where} -> {outs}")
         child_prefix = prefix if top else prefix + ("    " if last else "│   ")
         items = [("add", p) for p in n.added] + [("drv", c) for c in n.children]
         for i, (kind, item) in enumerate(items):
@@ -130,3 +135,33 @@ def render_tree(root: BuildNode) -> str:
 
     walk(root, "", True, True)
     return "\n".join(lines) + "\n"
+
+
+# Nix's activity text for a build: "building '<drv>'", plus " on '<machine>'"
+# when its build hook sent it to a remote builder (DerivationGoal::started).
+_BUILDING = re.compile(r"building '(/nix/store/[^']+\.drv)'(?: on '([^']+)')?")
+LOCAL = "this machine"
+UNKNOWN = "unknown: not in the build log"
+
+
+def where_built(log_text: str) -> dict[str, str]:
+    """Where a build log says each derivation was built: drv -> machine URI or LOCAL."""
+    where: dict[str, str] = {}
+    for m in _BUILDING.finditer(log_text):
+        where[m.group(1)] = m.group(2) or LOCAL
+    return where
+
+
+def annotate_where(root: BuildNode, read_log: Callable[[str], str | None]) -> None:
+    """Set ``ran_on`` of every nested build from its parent's log (``read_log(drv)``:
+    the build log of ``drv``, None if there is none); UNKNOWN where the log does not tell."""
+
+    def walk(n: BuildNode) -> None:
+        if not n.children:
+            return
+        where = where_built(read_log(n.drv) or "")
+        for child in n.children:
+            child.ran_on = where.get(child.drv, UNKNOWN)
+            walk(child)
+
+    walk(root)

@@ -106,7 +106,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
     import subprocess
     from pathlib import Path
 
-    from recnix.audit import build_tree, read_events, render_tree
+    from recnix.audit import annotate_where, build_tree, read_events, render_tree
     from recnix.config import load_config
 
     config = load_config(args.config)
@@ -131,8 +131,20 @@ def _cmd_tree(args: argparse.Namespace) -> int:
             )
             return 1
         target = deriver
-    sys.stdout.write(render_tree(build_tree(list(read_events(Path(audit))), target)))
+    tree = build_tree(list(read_events(Path(audit))), target)
+    annotate_where(tree, _read_build_log)
+    sys.stdout.write(render_tree(tree))
     return 0
+
+
+def _read_build_log(drv: str) -> str | None:
+    """``nix-store --read-log``: the stored build log of ``drv``, None if there is none."""
+    import subprocess
+
+    proc = subprocess.run(
+        ["nix-store", "--read-log", drv], capture_output=True, text=True, check=False
+    )
+    return proc.stdout if proc.returncode == 0 else None
 
 
 def _cmd_bundle_nix(args: argparse.Namespace) -> int:
@@ -306,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         "tree",
         help="print the tree of nested builds behind an output or a .drv",
         description="Reads the audit log and prints what a recursive build built and "
-        "added inside its sandbox, level by level.",
+        "added inside its sandbox, level by level, and where each nested build ran "
+        "as Nix's build log of its parent says ('building ... on <machine>'; "
+        "'unknown' when the log does not tell).",
     )
     p.add_argument("path", metavar="PATH-or-DRV")
     p.add_argument("--audit-log", help="audit log to read (default: daemon.audit-log)")

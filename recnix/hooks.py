@@ -113,9 +113,26 @@ def _settings(kind: str, control_socket: str | None) -> tuple[str | Path, list[s
     return config.control_socket, config["hooks"][kind]
 
 
+def _guard_block(control_socket: str | Path, drv_path: str, chroot: str) -> str:
+    """For a build whose .drv is not in this store (a remote BuildDerivation, see
+    ``recnix.remote``): mount a guard socket that fails any Nix call inside with
+    the cause and the fix. Nothing when the service is down."""
+    try:
+        reply = control.request(
+            control_socket, {"op": "guard", "drv": drv_path, "chroot": chroot}, timeout=None
+        )
+    except control.ControlError as e:
+        print(f"recnix: no guard for {drv_path} (no .drv here): {e}", file=sys.stderr)
+        return ""
+    return f"extra-sandbox-paths\n{SANDBOX_SOCKET_DIR}={reply['socket_dir']}\n\n"
+
+
 def pre_build(drv_path: str, chroot: str | None, control_socket: str | None = None) -> str:
     """Open a session for an opted-in build; return the text Nix reads from the hook."""
     socket_path, chained = _settings("pre-build", control_socket)
+    if chroot and not os.path.exists(drv_path):
+        args = [drv_path, chroot]
+        return _guard_block(socket_path, drv_path, chroot) + _run_chained(chained, args)
     reply = _ask_service(
         socket_path,
         {"op": "open", "drv": drv_path, "chroot": chroot},

@@ -31,6 +31,7 @@ from recnix.nixsettings import build_users, nix_settings, session_bound
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs
+from recnix.remote import Guards
 from recnix.session import ClientProtocol, ResumeError, Session
 from recnix.upstream import Upstream, UpstreamError
 
@@ -181,6 +182,7 @@ class Service:
         self._filling: asyncio.Task | None = None
         # sid -> (server, inode) of each session's socket inside its chroot
         self._sandbox_sockets: dict[str, tuple[asyncio.base_events.Server, int]] = {}
+        self.guards = Guards(self.state_dir, self.audit)  # builds without a .drv here
 
     # -- upstream
 
@@ -224,6 +226,7 @@ class Service:
         raise_fd_limit()
         await self._resume_sessions()
         self._remove_stale_dirs()
+        self.guards.remove_stale()
         for sid in sweep(self.gc_roots_dir, self.sessions):
             log.info("dropped the GC roots of session %s (not resumed)", sid)
         control_path = self.config.control_socket
@@ -256,6 +259,7 @@ class Service:
                 self._filling.cancel()
             for spare in self._spares:
                 await spare.close()
+            await self.guards.close()
             # Running builds keep their sessions: the next run of the service resumes them.
             for session in list(self.sessions.values()):
                 await session.detach()
@@ -386,6 +390,9 @@ class Service:
         if op == "finalise":
             messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
             return {"ok": True, "messages": messages}
+        if op == "guard":  # recnix.remote: a build whose .drv is not in this store
+            guard = await self.guards.open(str(message["drv"]), Path(str(message["chroot"])))
+            return {"ok": True, "socket_dir": str(guard.directory)}
         if op == "status":
             return {"ok": True, "sessions": [self._describe(s) for s in self.sessions.values()]}
         raise ValueError(f"unknown control op {op!r}")

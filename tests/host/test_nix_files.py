@@ -39,8 +39,15 @@ def test_the_nixos_files_are_among_them() -> None:
         "module/default.nix",
         "module/package.nix",
         "nixos-tests/default.nix",
+        "nixos-tests/remote-builder.nix",
     ):
         assert expected in files
+
+
+def test_flake_checks_include_remote_builder() -> None:
+    """flake.nix's checks run nixos-tests/remote-builder.nix (issue 12)."""
+    flake = (REPO / "flake.nix").read_text()
+    assert "remote-builder = import ./nixos-tests/remote-builder.nix" in flake
 
 
 @pytest.mark.parametrize("path", nix_files())

@@ -116,3 +116,17 @@ def test_control_socket_passed_on(hook_dir, tmp_path, hook, config_text, passed)
 def test_post_build_hook_is_the_same_script():
     """One script serves both hooks; the name it is called by picks the kind."""
     assert (BIN / HOOKS[1]).resolve() == (BIN / HOOKS[0]).resolve()
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_absent_drv_reaches_python_for_a_guard(hook_dir, tmp_path, hook):
+    """A .drv that is not in the store (a remote BuildDerivation, issue 12): the
+    pre-build hook goes on to Python (recnix.remote's guard); the post-build hook
+    has nothing to finalise."""
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    called = run_hook(hook_dir, hook, tmp_path / "absent.drv", config)
+    if hook == HOOKS[0]:
+        assert called is not None and called.startswith("pre-build-hook"), called
+    else:
+        assert called is None

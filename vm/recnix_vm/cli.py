@@ -48,6 +48,7 @@ examples:
   recnix-vm demo --feature recursive-nix   the same with Nix's built-in feature
   recnix-vm demo --discard-hook-output     the same with the hook's output dropped (as Lix)
   recnix-vm demo --suite trixie    the demo on Debian 13's Nix 2.26
+  recnix-vm demo --remote-builder  the outer build dispatched to a second guest
   recnix-vm probe-kvm              re-run the KVM probe boot and show the verdict
 """
 
@@ -180,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the guest's pre-build hook through a wrapper that drops its output, "
         "as Lix 2.93-2.95 does",
     )
+    demo.add_argument(
+        "--remote-builder",
+        action="store_true",
+        help="two guests on a private network: the client dispatches the outer "
+        "build to the builder (Nix's distributed builds), then shows the closure "
+        "on the client (see README, 'Distributed builds')",
+    )
 
     sub.add_parser(
         "probe-kvm",
@@ -296,6 +304,17 @@ def _demo(args: argparse.Namespace) -> int:
     from .guestnix import bundle_nix_in_guest, discard_hook_output, scenario_runner
     from .guestprep import wait_for_recnix
 
+    if args.remote_builder:
+        from .remote_demo import demo_remote
+
+        return demo_remote(
+            memory_mb=args.memory,
+            smp=args.smp,
+            accel=args.accel,
+            global_timeout=args.global_timeout or 2400,
+            keep=args.keep,
+            state_dir=args.state_dir,
+        )
     machine = _machine(args, "demo", 1800)
     try:
         machine.start()

@@ -42,6 +42,8 @@ DEFAULT_SMP = 2
 DEFAULT_BOOT_TIMEOUT = 240.0
 DEFAULT_COMMAND_TIMEOUT = 900.0
 KVM_PROBE_TIMEOUT = 20.0
+# The user-mode NIC (SSH from the host); the guest's networkd matches it by this.
+USER_NET_MAC = "52:54:00:12:34:56"
 
 
 class MachineError(Exception):
@@ -116,6 +118,8 @@ class Machine:
         self.memory_mb, self.smp, self.boot_timeout = memory_mb, smp, boot_timeout
         self.accel = accel or os.environ.get(ACCEL_ENV) or "auto"
         self.ssh_port: int | None = None
+        # Appended to the QEMU command line (e.g. a NIC on a network.Network).
+        self.extra_qemu_args: list[str] = []
         self.accel_used: str | None = None
         self._process: pexpect.spawn | None = None
         self._qmp: QEMUMonitorProtocol | None = None
@@ -168,8 +172,9 @@ class Machine:
             "-append", self.image.cmdline,
             "-drive", f"file={self.overlay},if=virtio,format=qcow2",
             "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-            "-device", "virtio-net-pci,netdev=n0",
+            "-device", f"virtio-net-pci,netdev=n0,mac={USER_NET_MAC}",
             "-device", "virtio-rng-pci",
+            *self.extra_qemu_args,
         ]  # fmt: skip
 
     def start(self, wait: bool = True) -> None:

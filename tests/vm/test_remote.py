@@ -1,0 +1,242 @@
+"""recnix with Nix's distributed builds: two guests on a private network (issue 12).
+
+``client`` and ``builder`` (both the Debian 12 image: Nix 2.8, nix-daemon,
+recnix) share one boot for the whole module. The client's ``/etc/nix/machines``
+(Nix's default ``builders = @/etc/nix/machines``) is rewritten per test; the
+client's root reaches the builder as root (trusted by the builder's Nix) or as
+``nixremote`` (not trusted).
+
+What Nix 2.8 does (build-remote.cc, daemon.cc, nix-store.cc at 2.8.0): the
+client copies the input closure, then always sends the outer build with
+``BuildDerivation`` (ssh-ng: worker op; ssh: ``nix-store --serve``'s
+cmdBuildDerivation): the ``.drv`` is not copied. The builder's pre-build hook
+gets the path of a ``.drv`` it does not have; recnix mounts a guard socket
+there (recnix.remote), so an opted-in build fails at its first Nix call with
+the cause and the fix. With the ``.drv`` copied first, the hook reads it and
+the build gets its session. An untrusted client cannot build at all (Nix's own
+refusal of unsigned paths / input-addressed BuildDerivation).
+
+The guest that is killed mid-build is the last test's: keep it last.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from recnix_vm.guestnix import bundle_nix_in_guest, guest_exec
+from recnix_vm.image import GUEST_SCENARIOS_DIR
+from recnix_vm.machine import Machine
+from recnix_vm.network import UNTRUSTED_USER, BuilderLink, Network, link_builder
+
+from tests.scenarios import checks
+from tests.scenarios.checks import RECNIX, fresh_tag
+from tests.scenarios.runner import ScenarioRunner
+
+pytestmark = pytest.mark.vm
+
+MACHINES = "/etc/nix/machines"
+GUARD_TEXT = "was sent to this machine without its .drv"
+
+
+@dataclass
+class Pair:
+    client: Machine
+    builder: Machine
+    link: BuilderLink
+    busybox: str
+    nix: str
+
+    def machines(self, line: str) -> None:
+        """Make ``line`` the client's only remote builder."""
+        self.client.succeed(f"echo {shlex.quote(line)} > {MACHINES}")
+
+    def runner(self, dispatch: str | None = None, copy_drv: str | None = None) -> ScenarioRunner:
+        """A runner on the client; ``dispatch``: force nix-build onto the builder
+        (``--max-jobs 0``); ``copy_drv``: first copy the .drv's closure to the
+        builder with this store URI."""
+        plain = guest_exec(self.client, via_daemon=True)
+
+        def run(argv: list[str], timeout: float) -> tuple[int, str, str]:
+            if not argv or not argv[0].endswith("nix-build"):
+                return plain(argv, timeout)
+            build = shlex.join([*argv, *(["--max-jobs", "0"] if dispatch else [])])
+            cmd = f"export NIX_REMOTE=daemon; {build}"
+            if copy_drv:
+                inst = shlex.join(["nix-instantiate", *argv[1:]]).replace(" --no-out-link", "")
+                cmd = (
+                    f"export NIX_REMOTE=daemon; drv=$({inst}) && "
+                    f'nix copy --derivation --to {shlex.quote(copy_drv)} "$drv" && {build}'
+                )
+            return self.client.execute(cmd, timeout)
+
+        return ScenarioRunner(run, GUEST_SCENARIOS_DIR, self.busybox, self.nix, timeout=900)
+
+    def on_builder(self) -> ScenarioRunner:
+        return ScenarioRunner(
+            guest_exec(self.builder, via_daemon=True), GUEST_SCENARIOS_DIR, "", "", timeout=300
+        )
+
+
+def _ready(machine: Machine) -> None:
+    machine.wait_for_unit("nix-daemon.socket")
+    machine.wait_for_unit("recnix.service")
+    machine.wait_until_succeeds("test -S /run/recnix/control.sock", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pair(module_machine_factory, tmp_path_factory) -> Iterator[Pair]:
+    with Network(tmp_path_factory.mktemp("net")) as net:
+        client = module_machine_factory("client", start=False)
+        builder = module_machine_factory("builder", start=False)
+        c, b = net.attach(client), net.attach(builder)
+        for m in (client, builder):  # boot both at once
+            m.start(wait=False)
+        for m in (client, builder):
+            m.wait_for_boot()
+        net.configure()
+        _ready(client)
+        _ready(builder)
+        link = link_builder(c, b)
+        busybox, nix = bundle_nix_in_guest(client)
+        yield Pair(client, builder, link, busybox, nix)
+
+
+def _failed_build(runner: ScenarioRunner, scenario: str = "inner") -> str:
+    tag = fresh_tag()
+    outcome = runner.build(scenario, RECNIX, tag, {"innerTag": tag})
+    assert outcome.rc != 0 and outcome.out_path is None, outcome.describe()
+    return outcome.stderr
+
+
+# -- outer build dispatched to the builder --------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["ssh-ng", "ssh"])
+def test_outer_dispatched_without_drv_is_refused(pair: Pair, scheme: str) -> None:
+    """Nix 2.8 sends BuildDerivation: the builder has no .drv; the build fails at
+    its first nested call with the guard's message, never without a session."""
+    pair.machines(pair.link.machine_line(scheme))
+    since = pair.builder.succeed("wc -l < /var/log/recnix/audit.jsonl || echo 0").strip()
+    err = _failed_build(pair.runner(dispatch="remote"))
+    assert GUARD_TEXT in err, err
+    assert "nix copy --derivation --to ssh-ng://" in err and "supportedFeatures" in err, err
+    audit = pair.builder.succeed(f"tail -n +{int(since) + 1} /var/log/recnix/audit.jsonl")
+    assert '"event": "guarded"' in audit and '"event": "opened"' not in audit, audit
+
+
+@pytest.mark.parametrize(
+    ("scheme", "scenario"),
+    [("ssh-ng", "inner"), ("ssh-ng", "add"), ("ssh-ng", "deep"), ("ssh", "inner")],
+)
+def test_outer_dispatched_with_drv(pair: Pair, scheme: str, scenario: str) -> None:
+    """With the .drv copied first, the outer build runs on the builder in a session
+    and comes back to the client with its inner outputs in its closure."""
+    pair.machines(pair.link.machine_line(scheme))
+    runner = pair.runner(dispatch="remote", copy_drv=f"{scheme}://root@{pair.link.host}")
+    out = {"inner": checks.check_inner, "add": checks.check_add, "deep": checks.check_deep}[
+        scenario
+    ](runner, RECNIX)
+    # It ran on the builder, in a session there.
+    assert pair.on_builder().is_valid(out), f"{out} was not built on the builder"
+    tree = pair.builder.succeed(f"recnix tree {out}")
+    assert "-scenario-" in tree, tree
+
+
+@pytest.mark.parametrize("scheme", ["ssh-ng", "ssh"])
+def test_outer_dispatched_untrusted_fails(pair: Pair, scheme: str) -> None:
+    """A client the builder does not trust cannot hand it unsigned inputs or an
+    input-addressed BuildDerivation (Nix's own refusal, recnix or not)."""
+    pair.machines(pair.link.machine_line(scheme, user=UNTRUSTED_USER))
+    err = _failed_build(pair.runner(dispatch="remote"))
+    assert (
+        "lacks a valid signature" in err
+        or "not privileged to build input-addressed derivations" in err
+        or "not a trusted user" in err
+    ), err
+
+
+# -- nested builds dispatched from a local outer build -------------------------
+
+
+def test_nested_builds_dispatched(pair: Pair) -> None:
+    """The outer build runs on the client (the builder lacks `recnix`); its nested
+    build goes out through the client's nix-daemon and comes back into the sandbox."""
+    pair.machines(pair.link.machine_line("ssh-ng", features=()))
+    runner = pair.runner()
+    out = checks.check_inner(runner, RECNIX)
+    inner = runner.readlink(f"{out}/inner")
+    assert pair.on_builder().is_valid(inner), f"{inner} was not built on the builder"
+    assert not pair.on_builder().is_valid(out), f"{out} was built on the builder"
+    tree = pair.client.succeed(f"NIX_REMOTE=daemon recnix tree {out}")
+    assert "-inner.drv" in tree and f"(ran on ssh-ng://root@{pair.link.host})" in tree, tree
+
+
+def test_nested_remote_failure(pair: Pair) -> None:
+    """A nested build failing on the builder fails the outer, with its log lines."""
+    pair.machines(pair.link.machine_line("ssh-ng", features=()))
+    checks.check_failure(pair.runner(), RECNIX)
+
+
+def test_verify_both(pair: Pair) -> None:
+    """Both stores are consistent after the dispatched builds."""
+    for m in (pair.client, pair.builder):
+        m.succeed(
+            "nix-store --verify --check-contents 2>&1 | tee /dev/stderr | "
+            "(! grep -Ei 'error|warning|invalid|modified')"
+        )
+
+
+# -- the builder goes away mid-build (keep last: it kills the builder) ----------
+
+SLOW = f"""
+{{ busybox, nix, tag }}:
+let lib = import {GUEST_SCENARIOS_DIR}/inner/lib.nix {{ inherit busybox nix; }};
+in lib.mkBuild {{
+  name = "remote-slow";
+  features = [ "recnix" ];
+  env = {{ inherit tag; }};
+  script = ''
+    nix-store -q --references ${{lib.bb}} >/dev/null
+    sleep 3600
+    mkdir $out
+  '';
+}}
+"""
+
+
+def test_builder_killed_mid_build(pair: Pair) -> None:
+    """Killing the builder fails the outer build on the client (SSH keep-alives), and
+    nothing of it stays rooted there."""
+    pair.machines(pair.link.machine_line("ssh-ng"))
+    c = pair.client
+    c.succeed(f"cat > /root/slow.nix <<'EOF'\n{SLOW}\nEOF")
+    tag = fresh_tag()
+    args = (
+        f"/root/slow.nix --argstr busybox {pair.busybox} --argstr nix {pair.nix} --argstr tag {tag}"
+    )
+    drv = c.succeed(f"NIX_REMOTE=daemon nix-instantiate {args}").strip()
+    c.succeed(f"NIX_REMOTE=daemon nix copy --derivation --to ssh-ng://root@{pair.link.host} {drv}")
+    result: dict[str, tuple[int, str, str]] = {}
+
+    def build() -> None:
+        result["build"] = c.execute(
+            f"NIX_REMOTE=daemon nix-build --no-out-link --max-jobs 0 {args}", timeout=600
+        )
+
+    t = threading.Thread(target=build)
+    t.start()
+    pair.builder.wait_until_succeeds("pgrep -f 'sleep 3600'", timeout=600)
+    pair.builder.crash()
+    t.join(timeout=700)
+    assert not t.is_alive(), "nix-build on the client still runs after the builder died"
+    rc, out, err = result["build"]
+    assert rc not in (0, 124), f"exit status {rc}\n{out}\n{err}"
+    # nothing rooted on the client: no recnix roots, no root naming the outer build
+    c.succeed('test -z "$(ls -A /nix/var/nix/gcroots/recnix 2>/dev/null)"')
+    roots = c.succeed("NIX_REMOTE=daemon nix-store --gc --print-roots")
+    assert "remote-slow" not in roots, roots
+    c.succeed("nix-store --verify --check-contents")
