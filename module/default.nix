@@ -167,6 +167,7 @@ in
     # with no chained hooks, builds that do not opt in never read the config.
     // lib.optionalAttrs (cfg.preBuildHooks == [ ] && cfg.postBuildHooks == [ ]) {
       RECNIX_HOOK_SOCKET = cfg.settings.daemon.control-socket;
+      RECNIX_HOOK_MARKS = "${cfg.settings.daemon.state-dir}/hook-marks";
     };
 
     systemd.services.recnix = {

@@ -153,6 +153,7 @@ def render_nix_conf(raw: dict[str, Any], pre_build_hook: str, post_build_hook: s
 HOOK_SOCKET_ENV = "RECNIX_HOOK_SOCKET"
 HOOK_PYTHON_ENV = "RECNIX_HOOK_PYTHON"
 HOOK_ENTRY_ENV = "RECNIX_HOOK_ENTRY"
+HOOK_MARKS_ENV = "RECNIX_HOOK_MARKS"
 
 
 def hook_environment(
@@ -161,7 +162,9 @@ def hook_environment(
     """nix-daemon's environment for the hook script, decided once from the config.
 
     ``RECNIX_HOOK_SOCKET`` (only when ``[hooks]`` chains nothing) spares every
-    build the script's config scan; ``RECNIX_HOOK_PYTHON`` and
+    build the script's config scan, and ``RECNIX_HOOK_MARKS``
+    (``<state-dir>/hook-marks``) the post-build hook's read of the ``.drv``: the
+    pre-build hook marks there the builds that mention recnix. ``RECNIX_HOOK_PYTHON`` and
     ``RECNIX_HOOK_ENTRY`` (``recnix/hookentry.py``) let opted-in builds start
     Python with ``-I -S``. Rendered by ``recnix nix-conf --daemon-env`` and the
     NixOS module; a config change needs them rendered again.
@@ -170,6 +173,7 @@ def hook_environment(
     hooks = raw["hooks"]
     if not hooks["pre-build"] and not hooks["post-build"]:
         env[HOOK_SOCKET_ENV] = str(raw["daemon"]["control-socket"])
+        env[HOOK_MARKS_ENV] = f"{raw['daemon']['state-dir']}/hook-marks"
     if python and entry:
         env[HOOK_PYTHON_ENV] = python
         env[HOOK_ENTRY_ENV] = entry

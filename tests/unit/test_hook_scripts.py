@@ -262,3 +262,45 @@ def test_entry_imports_no_site(tmp_path):
     assert done.returncode == 2, done.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
     assert "site" not in imported
+
+
+def test_marks_spare_the_post_build_hook_the_drv(hook_dir, tmp_path):
+    """With RECNIX_HOOK_MARKS the pre-build hook marks a .drv that mentions recnix
+    (making the directory root-only when missing), and the post-build hook starts
+    Python only for a marked .drv, removing the mark; it never reads the .drv."""
+    marks = tmp_path / "state" / "hook-marks"
+    env = {"RECNIX_HOOK_SOCKET": "/s", "RECNIX_HOOK_MARKS": str(marks)}
+    absent = tmp_path / "absent.toml"
+    drv = tmp_path / "x.drv"
+    drv.write_text(OPTED_IN)
+    assert run_hook(hook_dir, HOOKS[0], drv, absent, env) is not None
+    assert (marks / "x.drv").exists() and marks.stat().st_mode & 0o777 == 0o700
+    assert run_hook(hook_dir, HOOKS[1], drv, absent, env) is not None
+    assert not (marks / "x.drv").exists()
+    # Unmarked: the post-build hook leaves at once, even for a .drv naming recnix.
+    assert run_hook(hook_dir, HOOKS[1], drv, absent, env) is None
+    plain = tmp_path / "plain.drv"
+    plain.write_text("plain")
+    assert run_hook(hook_dir, HOOKS[0], plain, absent, env) is None
+    assert not (marks / "plain.drv").exists()
+
+
+def test_unwritable_mark_fails_the_build(hook_dir, tmp_path):
+    """A mark that cannot be written would let the post-build hook skip the build's
+    finalisation: the pre-build hook prints a line Nix fails the build with instead."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {"RECNIX_HOOK_SOCKET": "/s", "RECNIX_HOOK_MARKS": str(blocker / "marks")}
+    drv = tmp_path / "x.drv"
+    drv.write_text(OPTED_IN)
+    base = {"PATH": os.environ["PATH"], "RECNIX_CONFIG": str(tmp_path / "absent.toml")}
+    proc = subprocess.run(
+        [str(hook_dir / HOOKS[0]), str(drv), "/c"],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("recnix: cannot write ") and "RECNIX_HOOK_MARKS" in proc.stdout
+    assert not (hook_dir / "called").exists()
