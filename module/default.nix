@@ -195,7 +195,15 @@ in
 
     # The hooks run inside nix-daemon; /etc/recnix/config.toml is their default
     # too, set explicitly so that `systemctl show nix-daemon` tells.
-    systemd.services.nix-daemon.environment.RECNIX_CONFIG = configPath;
+    systemd.services.nix-daemon.environment = {
+      RECNIX_CONFIG = configPath;
+    }
+    # The config's decision for the hook script (recnix.config.hook_environment):
+    # with no chained hooks, builds that do not opt in never read the config.
+    // lib.optionalAttrs (cfg.preBuildHooks == [ ] && cfg.postBuildHooks == [ ]) {
+      RECNIX_HOOK_SOCKET = cfg.settings.daemon.control-socket;
+      RECNIX_HOOK_MARKS = "${cfg.settings.daemon.state-dir}/hook-marks";
+    };
 
     systemd.services.recnix = {
       description = "recnix: restricted Nix daemon sockets for recursive builds";

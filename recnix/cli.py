@@ -166,6 +166,7 @@ def _cmd_busybox(args: argparse.Namespace) -> int:
 
 
 def _cmd_nix_conf(args: argparse.Namespace) -> int:
+    import os
     import shutil
 
     from recnix.config import load_config, render_nix_conf
@@ -175,6 +176,13 @@ def _cmd_nix_conf(args: argparse.Namespace) -> int:
     post = (
         args.post_build_hook or shutil.which("recnix-post-build-hook") or "recnix-post-build-hook"
     )
+    if args.daemon_env:
+        from recnix.config import hook_environment
+
+        entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hookentry.py")
+        env = hook_environment(config.raw, sys.executable, entry)
+        sys.stdout.write("".join(f"{key}={value}\n" for key, value in env.items()))
+        return 0
     lix = args.lix
     if lix is None:
         lix = _host_is_lix(args.nix)
@@ -363,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nix", metavar="PATH", help="the nix whose --version tells Lix (default: nix on PATH)"
+    )
+    p.add_argument(
+        "--daemon-env",
+        action="store_true",
+        help="print instead nix-daemon's environment for the hooks (KEY=VALUE lines, e.g. "
+        "for a systemd EnvironmentFile): the config's decisions, so that no build reads it",
     )
     p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_nix_conf)

@@ -203,3 +203,33 @@ def render_nix_conf(
     """Render :func:`nix_conf_settings` as nix.conf lines (sorted, one per line)."""
     settings = nix_conf_settings(raw, pre_build_hook, post_build_hook, lix)
     return "".join(f"{key} = {value}\n" for key, value in settings.items())
+
+
+HOOK_SOCKET_ENV = "RECNIX_HOOK_SOCKET"
+HOOK_PYTHON_ENV = "RECNIX_HOOK_PYTHON"
+HOOK_ENTRY_ENV = "RECNIX_HOOK_ENTRY"
+HOOK_MARKS_ENV = "RECNIX_HOOK_MARKS"
+
+
+def hook_environment(
+    raw: dict[str, Any], python: str | None = None, entry: str | None = None
+) -> dict[str, str]:
+    """nix-daemon's environment for the hook script, decided once from the config.
+
+    ``RECNIX_HOOK_SOCKET`` (only when ``[hooks]`` chains nothing) spares every
+    build the script's config scan, and ``RECNIX_HOOK_MARKS``
+    (``<state-dir>/hook-marks``) the post-build hook's read of the ``.drv``: the
+    pre-build hook marks there the builds that mention recnix. ``RECNIX_HOOK_PYTHON`` and
+    ``RECNIX_HOOK_ENTRY`` (``recnix/hookentry.py``) let opted-in builds start
+    Python with ``-I -S``. Rendered by ``recnix nix-conf --daemon-env`` and the
+    NixOS module; a config change needs them rendered again.
+    """
+    env: dict[str, str] = {}
+    hooks = raw["hooks"]
+    if not hooks["pre-build"] and not hooks["post-build"]:
+        env[HOOK_SOCKET_ENV] = str(raw["daemon"]["control-socket"])
+        env[HOOK_MARKS_ENV] = f"{raw['daemon']['state-dir']}/hook-marks"
+    if python and entry:
+        env[HOOK_PYTHON_ENV] = python
+        env[HOOK_ENTRY_ENV] = entry
+    return env

@@ -19,7 +19,13 @@ from typing import Any
 
 import pytest
 
-from recnix.config import load_config, load_defaults, nix_conf_settings, render_nix_conf
+from recnix.config import (
+    hook_environment,
+    load_config,
+    load_defaults,
+    nix_conf_settings,
+    render_nix_conf,
+)
 
 pytestmark = pytest.mark.host
 
@@ -192,6 +198,18 @@ def test_service_unit() -> None:
     assert "nix-daemon.socket" in unit["wants"]
     assert unit["environment"]["RECNIX_CONFIG"] == "/etc/recnix/config.toml"
     assert nix_eval("nixDaemonEnvironment")["RECNIX_CONFIG"] == "/etc/recnix/config.toml"
+
+
+def test_hook_decision_in_the_daemon_environment() -> None:
+    """The module renders the hook script's decision as recnix.config.hook_environment
+    does; with chained hooks it leaves it out (the script reads the config then)."""
+    expected = hook_environment(load_defaults())
+    assert expected["RECNIX_HOOK_SOCKET"] == "/run/recnix/control.sock"
+    env = nix_eval("nixDaemonEnvironment")
+    assert {k: v for k, v in env.items() if k.startswith("RECNIX_HOOK_")} == expected
+    chained = nix_eval("nixDaemonEnvironment", ['{ services.recnix.postBuildHooks = [ "/x" ]; }'])
+    assert "RECNIX_HOOK_SOCKET" not in chained
+    assert "RECNIX_HOOK_SOCKET" not in nix_eval("nixDaemonEnvironment", [NRM_MODULE])
 
 
 def load_gen_script():
