@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recnix.aio import stream_data
-from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
 from recnix.gcroots import SessionRoots
 from recnix.journal import SessionJournal, SessionRecord
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
-from recnix.nar import dump_path
 from recnix.policy import Denied, Limits, drv_closure
 from recnix.protocol import (
     NEED_DATA,
@@ -54,7 +53,7 @@ from recnix.register import FinaliseError, Registrar
 from recnix.restricted import SYNC_OPS, NarReply, RestrictedStore, censor
 from recnix.store import Data as StoreData
 from recnix.store import LogCallback
-from recnix.upstream import Upstream, UpstreamClosed, UpstreamError
+from recnix.upstream import LocalStoreFiles, Upstream, UpstreamClosed, UpstreamError
 
 if TYPE_CHECKING:
     from recnix.service import Service
@@ -528,7 +527,7 @@ class ClientProtocol(asyncio.Protocol):
             self.handler.wake()
 
 
-class ConnectionUpstreams:
+class ConnectionUpstreams(LocalStoreFiles):
     """The :class:`~recnix.store.Store` one client connection forwards to: its session's
     upstream connections, taken when first needed, one that runs nix.conf's build hooks
     and (when ``Service.hooks_optional``) one that does not."""
@@ -598,18 +597,6 @@ class ConnectionUpstreams:
     ) -> list[KeyedBuildResult]:
         return await (await self.up(hooks)).build_paths_with_results(targets, build_mode, on_log)
 
-    def read_derivation(self, drv_path: str) -> Derivation | None:
-        try:
-            return read_derivation(Path(drv_path))
-        except (OSError, DerivationError):
-            return None
-
-    def path_exists(self, path: str) -> bool:
-        return os.path.lexists(path)
-
-    def dump(self, path: str) -> Iterator[bytes]:
-        return dump_path(path)
-
 
 class ConnectionHandler:
     """Serves one in-sandbox client connection: decodes requests, has its
@@ -633,7 +620,6 @@ class ConnectionHandler:
         self.upstreams = ConnectionUpstreams(session)
         self.store = RestrictedStore(self.upstreams, session, self)
         self.stream_open = False  # the current request's trailing stream is not consumed yet
-        self.forward_logs = session.service.config.policy["forward-build-logs"]
         self.paused = False  # the transport's write buffer is full
         self.lost = False
         self.eof = False  # the client half-closed: answer what it sent, then close
@@ -762,10 +748,9 @@ class ConnectionHandler:
             pass
 
     async def log(self, msg: StderrMessage) -> None:
-        """Forward a nested build's log message (policy.forward-build-logs)."""
-        if self.forward_logs:
-            self.conn.send_log(msg)
-            await self.flush()
+        """Pass a nested build's log message on to the client."""
+        self.conn.send_log(msg)
+        await self.flush()
 
     async def close(self) -> None:
         await self.upstreams.release()
