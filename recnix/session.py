@@ -1,11 +1,15 @@
-"""One opted-in build's restricted view of the store, and the proxy serving it.
+"""One opted-in build's session, and the proxy serving its socket.
 
-The view follows nix-internals §6.4: allowed = closure of the build's inputs ∪
-what this session added or built; everything else looks invalid; path infos
-are censored; no repair, no signature tricks, no GC, no arbitrary
-substitution; NarFromPath only of allowed paths (§3.5). Every path that
-becomes allowed is rooted on the session's keeper connection and made visible
-inside the sandbox before the reply goes out.
+A :class:`Session` holds the build's state: its allowed set (closure of its
+inputs ∪ what it added or built), its sandbox, its socket, its upstream
+connections. Every path that becomes allowed is rooted on the session's keeper
+connection and made visible inside the sandbox before the reply goes out.
+
+A :class:`ConnectionHandler` serves one client connection: it decodes a
+request, has its :class:`~recnix.restricted.RestrictedStore` (which holds what
+every op may do, and the rule of :mod:`recnix.policy`) answer it over the
+session's upstream connections (:class:`ConnectionUpstreams`), and encodes
+the reply. It holds no policy.
 """
 
 from __future__ import annotations
