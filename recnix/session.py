@@ -626,7 +626,7 @@ class ConnectionHandler:
         self.stream_open = False  # the current request's trailing stream is not consumed yet
         self.paused = False  # the transport's write buffer is full
         self.lost = False
-        self.eof = False  # the client half-closed: answer what it sent, then close
+        self.eof_owed = False  # the client half-closed with replies owed: answer, then close
         self._idle = False  # the task waits for a request: the fast path may answer
         self._stash: list[Any] = []  # what the fast path consumed but left to the task
         self._wakeup: asyncio.Future[None] | None = None
@@ -642,7 +642,8 @@ class ConnectionHandler:
     def on_data(self, data: bytes) -> None:
         """Bytes (``b""``: end of input) from the client."""
         if not data:
-            self.eof = True
+            # replies still owed: a client that half-closed after its requests
+            self.eof_owed = not self._idle or bool(self._stash)
         self.conn.receive_data(data)
         if self._idle:
             self._answer_fast()
@@ -775,10 +776,10 @@ class ConnectionHandler:
             while True:
                 ev = await self.next_request_event()
                 if isinstance(ev, ConnectionClosed):
-                    if self.eof and not self.lost:
+                    if self.eof_owed and not self.lost:
                         log.info(
-                            "session %s: client pid %d half-closed its connection; "
-                            "answered, closing",
+                            "session %s: client pid %d half-closed its connection with "
+                            "requests pending; answered them, closing",
                             s.sid,
                             self.peer.pid,
                         )
