@@ -51,6 +51,7 @@ class Limits:
     allow_fixed_output: bool
     max_connections: int
     existing_fixed_outputs: str = "allow"
+    forward_build_logs: bool = True
 
     @classmethod
     def from_policy(cls, policy: dict) -> Limits:
@@ -61,6 +62,7 @@ class Limits:
             allow_fixed_output=policy["allow-fixed-output"],
             max_connections=policy["max-connections-per-session"],
             existing_fixed_outputs=policy.get("existing-fixed-outputs", "allow"),
+            forward_build_logs=policy.get("forward-build-logs", True),
         )
 
 

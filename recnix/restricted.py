@@ -159,10 +159,10 @@ class RestrictedStore:
 
     def serve(self, op: Op, args: dict) -> Any:
         """The reply value of ``op`` (or an awaitable of it); raises Denied."""
-        method = getattr(self, op.name.lower(), None) if op in SERVED_OPS else None
-        if method is None:
+        name = METHODS.get(op)
+        if name is None:
             raise Denied(f"operation {op.name} is not allowed in recursive Nix (recnix)")
-        return method(args)
+        return getattr(self, name)(args)
 
     def refused(self, op: Op | str, reason: str) -> None:
         """Audit and log a refusal."""
@@ -619,15 +619,14 @@ class RestrictedStore:
         s.audit("build-started", targets=names)
         # A recnix build among them needs the pre-build hook to get its session.
         hooks = bool(opted_in_drvs(plan.runs))
+        on_log = self.client.log if s.limits.forward_build_logs else None
         try:
             if op is Op.BUILD_PATHS_WITH_RESULTS:
                 value = await self.store.build_paths_with_results(
-                    targets, 0, on_log=self.client.log, hooks=hooks
+                    targets, 0, on_log=on_log, hooks=hooks
                 )
             else:
-                value = await self.store.build_paths(
-                    targets, 0, on_log=self.client.log, hooks=hooks
-                )
+                value = await self.store.build_paths(targets, 0, on_log=on_log, hooks=hooks)
         except UpstreamError as e:
             s.audit("build-finished", targets=names, ok=False, error=str(e))
             raise
@@ -718,9 +717,12 @@ async def _multiple_events(stream: AsyncIterator[bytes]) -> AsyncIterator[Any]:
         yield ev
 
 
-SERVED_OPS: frozenset[Op] = frozenset(
-    op for op in Op if callable(getattr(RestrictedStore, op.name.lower(), None))
-)
+METHODS: dict[Op, str] = {
+    op: op.name.lower() for op in Op if callable(getattr(RestrictedStore, op.name.lower(), None))
+}
+"""The method serving each op (named after it)."""
+
+SERVED_OPS: frozenset[Op] = frozenset(METHODS)
 """Ops the restricted store serves; every other op (BuildDerivation, AddSignatures,
 RegisterDrvOutput, AddBuildLog, AddPermRoot, ExportPath, ImportPaths, ...) is refused."""
 

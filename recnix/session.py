@@ -1,11 +1,15 @@
-"""One opted-in build's restricted view of the store, and the proxy serving it.
+"""One opted-in build's session, and the proxy serving its socket.
 
-The view follows nix-internals §6.4: allowed = closure of the build's inputs ∪
-what this session added or built; everything else looks invalid; path infos
-are censored; no repair, no signature tricks, no GC, no arbitrary
-substitution; NarFromPath only of allowed paths (§3.5). Every path that
-becomes allowed is rooted on the session's keeper connection and made visible
-inside the sandbox before the reply goes out.
+A :class:`Session` holds the build's state: its allowed set (closure of its
+inputs ∪ what it added or built), its sandbox, its socket, its upstream
+connections. Every path that becomes allowed is rooted on the session's keeper
+connection and made visible inside the sandbox before the reply goes out.
+
+A :class:`ConnectionHandler` serves one client connection: it decodes a
+request, has its :class:`~recnix.restricted.RestrictedStore` (which holds what
+every op may do, and the rule of :mod:`recnix.policy`) answer it over the
+session's upstream connections (:class:`ConnectionUpstreams`), and encodes
+the reply. It holds no policy.
 """
 
 from __future__ import annotations
@@ -25,12 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recnix.aio import stream_data
-from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
 from recnix.gcroots import SessionRoots
 from recnix.journal import SessionJournal, SessionRecord
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
-from recnix.nar import dump_path
 from recnix.policy import Denied, Limits, drv_closure
 from recnix.protocol import (
     NEED_DATA,
@@ -54,7 +57,7 @@ from recnix.register import FinaliseError, Registrar
 from recnix.restricted import SYNC_OPS, NarReply, RestrictedStore, censor
 from recnix.store import Data as StoreData
 from recnix.store import LogCallback
-from recnix.upstream import Upstream, UpstreamClosed, UpstreamError
+from recnix.upstream import LocalStoreFiles, Upstream, UpstreamClosed, UpstreamError
 
 if TYPE_CHECKING:
     from recnix.service import Service
@@ -528,7 +531,7 @@ class ClientProtocol(asyncio.Protocol):
             self.handler.wake()
 
 
-class ConnectionUpstreams:
+class ConnectionUpstreams(LocalStoreFiles):
     """The :class:`~recnix.store.Store` one client connection forwards to: its session's
     upstream connections, taken when first needed, one that runs nix.conf's build hooks
     and (when ``Service.hooks_optional``) one that does not."""
@@ -598,18 +601,6 @@ class ConnectionUpstreams:
     ) -> list[KeyedBuildResult]:
         return await (await self.up(hooks)).build_paths_with_results(targets, build_mode, on_log)
 
-    def read_derivation(self, drv_path: str) -> Derivation | None:
-        try:
-            return read_derivation(Path(drv_path))
-        except (OSError, DerivationError):
-            return None
-
-    def path_exists(self, path: str) -> bool:
-        return os.path.lexists(path)
-
-    def dump(self, path: str) -> Iterator[bytes]:
-        return dump_path(path)
-
 
 class ConnectionHandler:
     """Serves one in-sandbox client connection: decodes requests, has its
@@ -633,10 +624,9 @@ class ConnectionHandler:
         self.upstreams = ConnectionUpstreams(session)
         self.store = RestrictedStore(self.upstreams, session, self)
         self.stream_open = False  # the current request's trailing stream is not consumed yet
-        self.forward_logs = session.service.config.policy["forward-build-logs"]
         self.paused = False  # the transport's write buffer is full
         self.lost = False
-        self.eof = False  # the client half-closed: answer what it sent, then close
+        self.eof_owed = False  # the client half-closed with replies owed: answer, then close
         self._idle = False  # the task waits for a request: the fast path may answer
         self._stash: list[Any] = []  # what the fast path consumed but left to the task
         self._wakeup: asyncio.Future[None] | None = None
@@ -652,7 +642,8 @@ class ConnectionHandler:
     def on_data(self, data: bytes) -> None:
         """Bytes (``b""``: end of input) from the client."""
         if not data:
-            self.eof = True
+            # replies still owed: a client that half-closed after its requests
+            self.eof_owed = not self._idle or bool(self._stash)
         self.conn.receive_data(data)
         if self._idle:
             self._answer_fast()
@@ -762,10 +753,9 @@ class ConnectionHandler:
             pass
 
     async def log(self, msg: StderrMessage) -> None:
-        """Forward a nested build's log message (policy.forward-build-logs)."""
-        if self.forward_logs:
-            self.conn.send_log(msg)
-            await self.flush()
+        """Pass a nested build's log message on to the client."""
+        self.conn.send_log(msg)
+        await self.flush()
 
     async def close(self) -> None:
         await self.upstreams.release()
@@ -794,10 +784,10 @@ class ConnectionHandler:
             while True:
                 ev = await self.next_request_event()
                 if isinstance(ev, ConnectionClosed):
-                    if self.eof and not self.lost:
+                    if self.eof_owed and not self.lost:
                         log.info(
-                            "session %s: client pid %d half-closed its connection; "
-                            "answered, closing",
+                            "session %s: client pid %d half-closed its connection with "
+                            "requests pending; answered them, closing",
                             s.sid,
                             self.peer.pid,
                         )

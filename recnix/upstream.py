@@ -91,8 +91,26 @@ def connect_error_message(target: str, error: OSError) -> str:
     return f"cannot connect to the nix-daemon at {path} (daemon.upstream = {target!r}): {reason}"
 
 
-class Upstream:
-    """One worker-protocol connection to a nix-daemon."""
+class LocalStoreFiles:
+    """The Store methods that read the store's files: the daemon serves the store this
+    machine mounts, so they are read here rather than over the protocol."""
+
+    def read_derivation(self, drv_path: str) -> Derivation | None:
+        """The parsed derivation at ``drv_path`` (None: absent or not a derivation)."""
+        try:
+            return read_derivation(Path(drv_path))
+        except (OSError, DerivationError):
+            return None
+
+    def path_exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def dump(self, path: str) -> Iterator[bytes]:
+        return dump_path(path)
+
+
+class Upstream(LocalStoreFiles):
+    """One worker-protocol connection to a nix-daemon (a :class:`recnix.store.Store`)."""
 
     def __init__(
         self,
@@ -426,21 +444,6 @@ class Upstream:
             },
             data=data,
         )
-
-    # -- the local store's files (the daemon serves the store this machine mounts)
-
-    def read_derivation(self, drv_path: str) -> Derivation | None:
-        """The parsed derivation at ``drv_path`` (None: absent or not a derivation)."""
-        try:
-            return read_derivation(Path(drv_path))
-        except (OSError, DerivationError):
-            return None
-
-    def path_exists(self, path: str) -> bool:
-        return os.path.lexists(path)
-
-    def dump(self, path: str) -> Iterator[bytes]:
-        return dump_path(path)
 
     async def close(self) -> None:
         """Close the connection (the daemon then drops this connection's temp roots)."""

@@ -20,6 +20,7 @@ from recnix.protocol import (
     DerivedPath,
     KeyedBuildResult,
     Missing,
+    Next,
     PathInfo,
     ProtocolError,
     StderrMessage,
@@ -192,6 +193,7 @@ class FakeStore:
         on_log: Any = None,
         hooks: bool = True,
     ) -> None:
+        await self._log(on_log, targets)
         self._build(targets)
 
     async def build_paths_with_results(
@@ -201,7 +203,12 @@ class FakeStore:
         on_log: Any = None,
         hooks: bool = True,
     ) -> list[KeyedBuildResult]:
+        await self._log(on_log, targets)
         return self._build(targets)
+
+    async def _log(self, on_log: Any, targets: list[DerivedPath]) -> None:
+        if on_log is not None:
+            await on_log(Next(f"building {' '.join(t.path for t in targets)}"))
 
     def read_derivation(self, drv_path: str) -> Derivation | None:
         text = self.contents.get(drv_path)

@@ -419,6 +419,15 @@ def test_fixed_output_that_would_run_needs_allow_fixed_output() -> None:
 # -- limits and aborts
 
 
+@pytest.mark.parametrize("forward", [True, False])
+def test_nested_build_logs_follow_forward_build_logs(forward: bool) -> None:
+    w = World(forward_build_logs=forward)
+    w.client.logs.clear()
+    top = add(w, "logged.drv", to_aterm_bytes(drv("logged", [w.src])), "text")
+    w.build(top)
+    assert bool(w.client.logs) is forward
+
+
 def test_refused_add_is_not_charged() -> None:
     w = World(max_added_bytes=100)
     with pytest.raises(Denied, match="max-added-bytes"):
