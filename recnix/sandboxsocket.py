@@ -37,17 +37,23 @@ class PlacementError(Exception):
 
 
 def _open_socket_dir(chroot: Path, create: bool) -> int:
-    """A descriptor of ``<chroot>/nix/var/nix/daemon-socket`` (made 0755 if missing and
-    ``create``), opened component by component without following symlinks."""
+    """A descriptor of ``<chroot>/nix/var/nix/daemon-socket`` (directories made 0755 if
+    missing and ``create``: the builder must traverse them, and Nix's client stats
+    ``/nix/var/nix/profiles/…`` at start-up), opened component by component without
+    following symlinks."""
     fd = os.open(chroot, _OPEN_DIR)
     try:
         for part in _DIR_PARTS:
+            made = False
             if create:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=fd)
+                    made = True
             next_fd = os.open(part, _OPEN_DIR, dir_fd=fd)
             os.close(fd)
             fd = next_fd
+            if made:  # whatever the umask (the systemd unit has 0077): the builder traverses
+                os.fchmod(fd, 0o755)
         st = os.fstat(fd)
         if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
             raise PlacementError(

@@ -151,6 +151,19 @@ def test_sandbox_socket_is_placed_and_replaced_atomically(tmp_path):
         second.close()
 
 
+def test_sandbox_socket_directories_are_traversable_whatever_the_umask(tmp_path):
+    chroot = tmp_path / "root"
+    chroot.mkdir()
+    old = os.umask(0o077)  # recnix.service's unit (module/unit.toml)
+    try:
+        sock, _ = sandboxsocket.place(chroot)
+        sock.close()
+    finally:
+        os.umask(old)
+    for sub in ("nix", "nix/var", "nix/var/nix", "nix/var/nix/daemon-socket"):
+        assert stat.S_IMODE(os.stat(chroot / sub).st_mode) == 0o755, sub
+
+
 def test_sandbox_socket_refuses_a_directory_others_can_write(tmp_path):
     chroot = tmp_path / "root"
     (chroot / "nix/var/nix/daemon-socket").mkdir(parents=True)
