@@ -42,12 +42,18 @@ def _open_socket_dir(chroot: Path, create: bool) -> int:
     fd = os.open(chroot, _OPEN_DIR)
     try:
         for part in _DIR_PARTS:
+            made = False
             if create:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=fd)
+                    made = True
             next_fd = os.open(part, _OPEN_DIR, dir_fd=fd)
             os.close(fd)
             fd = next_fd
+            if made:
+                # 0755 whatever the service's umask (the unit's is 0077): the builder
+                # must traverse these, and Nix's client stats /nix/var/nix/profiles/...
+                os.fchmod(fd, 0o755)
         st = os.fstat(fd)
         if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
             raise PlacementError(

@@ -194,3 +194,22 @@ def test_hook_run_by_hand_says_what_it_is(hook: str) -> None:
     )
     assert proc.returncode == 2
     assert "Nix runs it for every build" in proc.stderr and "recnix doctor" in proc.stderr
+
+
+def test_sandbox_socket_dirs_are_traversable_under_the_units_umask(tmp_path: Path) -> None:
+    """recnix.service runs with UMask=0077; the builder (a build user) must still reach
+    /nix/var/nix in its chroot, or Nix's client fails stat()ing its CA-bundle path."""
+    import stat
+
+    from recnix import sandboxsocket
+
+    chroot = tmp_path / "chroot"
+    chroot.mkdir()
+    old = os.umask(0o077)
+    try:
+        sock, _ = sandboxsocket.place(chroot)
+        sock.close()
+    finally:
+        os.umask(old)
+    for sub in ("nix", "nix/var", "nix/var/nix", "nix/var/nix/daemon-socket"):
+        assert stat.S_IMODE((chroot / sub).stat().st_mode) == 0o755, sub
