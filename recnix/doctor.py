@@ -22,7 +22,6 @@ import asyncio
 import ctypes
 import errno
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -36,6 +35,7 @@ from typing import Any
 from recnix import control
 from recnix.config import FEATURE, FEATURE_READONLY, Config
 from recnix.nixsettings import build_users, nix_settings, session_bound
+from recnix.nixversion import NixVersion, NixVersionError, parse_nix_version
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 # Nix releases recnix's tests run against (major.minor); others may work.
@@ -77,7 +77,7 @@ class Facts:
 
     config: Config
     nix_conf_file: str
-    nix_cli_version: str | None
+    nix_cli_version: str | None  # what `nix --version` printed
     settings: dict[str, Any]
     users: tuple[str, int] | None
     daemon: Probe
@@ -92,20 +92,16 @@ class Facts:
 # -- the checks (pure)
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
-    if match is None:
-        return ()
-    return tuple(int(g) for g in match.groups() if g is not None)
-
-
 def check_nix_version(f: Facts) -> Result:
     """Nix >= 2.8 and whether recnix is tested against it (Lix: known, untested)."""
     daemon_version = f.daemon.values.get("nix_version") if f.daemon.ok else None
     if daemon_version == "unknown":
         daemon_version = None
-    cli = f.nix_cli_version.split()[-1] if f.nix_cli_version else None
-    version = daemon_version or cli
+    try:
+        cli = parse_nix_version(f.nix_cli_version) if f.nix_cli_version else None
+    except NixVersionError:
+        cli = None
+    version = daemon_version or (cli.version if cli else None)
     if not version:
         return Result(
             "nix-version",
@@ -114,8 +110,8 @@ def check_nix_version(f: Facts) -> Result:
             "install Nix (Debian: apt install nix-bin nix-setup-systemd)",
         )
     where = "the nix-daemon" if daemon_version else "`nix --version`"
-    numbers = _version_tuple(version)
-    if "lix" in version.lower() or "lix" in (f.nix_cli_version or "").lower():
+    numbers = NixVersion("nix", version).release
+    if (cli is not None and cli.is_lix) or "lix" in version.lower():
         return Result(
             "nix-version",
             WARN,

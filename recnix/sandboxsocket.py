@@ -52,7 +52,9 @@ def _open_socket_dir(chroot: Path, create: bool) -> int:
             next_fd = os.open(part, _OPEN_DIR, dir_fd=fd)
             os.close(fd)
             fd = next_fd
-            if made:  # whatever the umask (the systemd unit has 0077): the builder traverses
+            if made:
+                # 0755 whatever the service's umask (the unit's is 0077): the builder
+                # must traverse these, and Nix's client stats /nix/var/nix/profiles/...
                 os.fchmod(fd, 0o755)
         st = os.fstat(fd)
         if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:

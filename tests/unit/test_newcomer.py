@@ -88,9 +88,16 @@ def test_versions() -> None:
 
     assert version_check("nix (Nix) 2.26.1", "2.26.1").status == doctor.OK
     assert version_check("nix (Nix) 2.20.0", None).status == doctor.WARN
-    lix = version_check("nix (Lix, like Nix) 2.93.0", "2.93.0")
+    lix_text = (
+        "nix (Lix, like Nix) 2.93.0\nSystem type: x86_64-linux\nStore directory: /nix/store\n"
+    )
+    lix = version_check(lix_text, "2.93.0")
     assert lix.status == doctor.WARN and "Lix" in lix.summary and "untested" in lix.summary
     assert version_check("nix (Nix) 2.3.16", None).status == doctor.FAIL
+    assert (
+        "Lix 2.94.2 (`nix --version`)"
+        in version_check(lix_text.replace("2.93.0", "2.94.2"), None).summary
+    )
 
 
 def test_build_users() -> None:
@@ -194,3 +201,4 @@ def test_hook_run_by_hand_says_what_it_is(hook: str) -> None:
     )
     assert proc.returncode == 2
     assert "Nix runs it for every build" in proc.stderr and "recnix doctor" in proc.stderr
+

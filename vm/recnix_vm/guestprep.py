@@ -85,6 +85,7 @@ class PreparedGuest:
 
     nix: str
     busybox: str
+    guest: str = "Debian"  # e.g. "Debian bookworm, nix (Nix) 2.8.0"
     example: str = EXAMPLE_PATH
     profile: str = PROFILE_SCRIPT
 
@@ -121,15 +122,17 @@ def prepare_guest(machine: Machine) -> PreparedGuest:
         busybox, nix = bundle_nix_in_guest(machine)
         _write(machine, PROFILE_SCRIPT, PROFILE_TEMPLATE.format(nix=nix, busybox=busybox))
         _write(machine, EXAMPLE_PATH, example_text(nix, busybox))
-    return PreparedGuest(nix=nix, busybox=busybox)
+        version = machine.succeed("nix --version").strip()
+    guest = f"Debian {machine.image.suite}, {version}"
+    return PreparedGuest(nix=nix, busybox=busybox, guest=guest)
 
 
 def banner(prepared: PreparedGuest) -> str:
     """What ``recnix-vm run`` prints before the shell: the commands to try."""
     width = max(len(cmd) for cmd, _ in TRY_COMMANDS)
     lines = [
-        "recnix runs in this guest (Debian 12, Nix 2.8, recnix.service). In the root",
-        "shell below, in /root, try:",
+        f"recnix runs in this guest ({prepared.guest}, recnix.service).",
+        "In the root shell below, in /root, try:",
         "",
         *(f"  {cmd:<{width}}  # {what}" for cmd, what in TRY_COMMANDS),
         "",
