@@ -56,6 +56,7 @@ from tests.host.conftest import (  # noqa: E402
     start_recnix_service,
     stop_recnix_service,
 )
+from tests.nixversion import build_top_glob, sandbox_root  # noqa: E402
 
 RESULTS = REPO / "bench" / "results-service.txt"
 START_TIMEOUT = 120.0
@@ -253,7 +254,7 @@ class WaitingBuild:
             text=True,
         )
         deadline = time.monotonic() + START_TIMEOUT
-        pattern = f"{host.build_dir}/nix-build-bench-wait.drv-*/started"
+        pattern = build_top_glob(host.build_dir, "bench-wait") + "/started"
         while not (started := glob.glob(pattern)):
             if self.process.poll() is not None:
                 raise RuntimeError(f"waiting build ended early: {self.process.communicate()}")
@@ -289,8 +290,9 @@ def bench_qpi(
             raise RuntimeError(f"no recnix session for {recnix_build.drv}: {status}")
         sock_path = Path(sessions[0]["socket"])
         recnix_args = (sessions[0]["chroot"], str(sock_path.parent), sock_path.name)
-        # Nix 2.8's sandbox root is <drv>.chroot; its socket is <build dir>/.nix-socket.
-        builtin_args = (builtin_build.drv + ".chroot", builtin_build.build_dir, ".nix-socket")
+        # the sandbox root (tests/nixversion.py); the socket is <build dir>/.nix-socket.
+        chroot = str(sandbox_root(builtin_build.drv))
+        builtin_args = (chroot, builtin_build.build_dir, ".nix-socket")
         a, b = interleaved(
             rounds,
             lambda: qpi_from_sandbox(*recnix_args, busybox, n),
@@ -374,7 +376,20 @@ def main() -> int:
     parser.add_argument("--trivial-reps", type=int, default=5)
     parser.add_argument("--only", choices=["qpi", "many", "trivial"], action="append")
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+    parser.add_argument(
+        "--suite",
+        choices=("trixie", "sid"),
+        help="measure that Debian suite's Nix (2.26, 2.34): run inside its root filesystem "
+        "(recnix_vm.rootfs; results in bench/results-service-SUITE.txt)",
+    )
     opts = parser.parse_args()
+    if opts.suite and os.environ.get("RECNIX_SUITE") != opts.suite:
+        from recnix_vm import rootfs
+
+        script = os.path.abspath(sys.argv[0])
+        inner = rootfs.command(rootfs.prepare(opts.suite), ["python3", script, *sys.argv[1:]])
+        return subprocess.call(inner)
+    results = RESULTS.with_name(f"results-service-{opts.suite}.txt") if opts.suite else RESULTS
     only = set(opts.only or ["qpi", "many", "trivial"])
 
     # SIGTERM (e.g. `timeout`) must still stop the daemons started below.
@@ -478,7 +493,7 @@ def main() -> int:
     text = render(rows, header)
     print(text)
     if not opts.no_write:
-        RESULTS.write_text(text)
+        results.write_text(text)
     return 0 if all(r.verdict != "FAIL" for r in rows) else 1
 
 

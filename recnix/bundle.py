@@ -117,8 +117,29 @@ def _store_add(directory: Path, nix_env: dict[str, str] | None) -> str:
 def _sysroot_loader(sysroot: str) -> list[str]:
     """The dynamic loader of another root filesystem, told to find libraries only there."""
     dirs = [os.path.join(sysroot, d.lstrip("/")) for d in (*SYSTEM_LIBRARY_DIRS, *NIX_LIBRARY_DIRS)]
-    loader = os.path.join(sysroot, "lib64", LOADER_NAME)
+    loader = resolve_in(sysroot, os.path.join(sysroot, "lib64", LOADER_NAME))
     return [loader, "--library-path", ":".join(dirs)]
+
+
+def resolve_in(sysroot: str, path: str, limit: int = 40) -> str:
+    """``path`` (a host path below ``sysroot``) with its symlinks followed as they would
+    be inside ``sysroot``: absolute targets are below ``sysroot`` too."""
+    root = os.path.realpath(sysroot)
+    inner = "/" + os.path.relpath(path, sysroot).lstrip("/")
+    for _ in range(limit):
+        parts = [p for p in inner.split("/") if p]
+        for i in range(len(parts)):
+            host = os.path.join(root, *parts[: i + 1])
+            if os.path.islink(host):
+                target = os.readlink(host)
+                base = "/" + "/".join(parts[:i])
+                rest = parts[i + 1 :]
+                joined = target if target.startswith("/") else os.path.join(base, target)
+                inner = os.path.normpath(os.path.join(joined, *rest))
+                break
+        else:
+            return os.path.join(root, *parts)
+    raise BundleError(f"{path}: too many levels of symbolic links inside {sysroot}")
 
 
 def shared_libraries(binary: str, sysroot: str = "/") -> dict[str, str]:
@@ -149,6 +170,7 @@ def shared_libraries(binary: str, sysroot: str = "/") -> dict[str, str]:
         raise BundleError(f"ldd {binary} names no {LOADER_NAME}:\n{listing}")
     if sysroot != "/":
         libraries[LOADER_NAME] = os.path.join(sysroot, "lib64", LOADER_NAME)
+        libraries = {n: resolve_in(sysroot, p) for n, p in libraries.items()}
         inside = sysroot.rstrip("/") + "/"
         outside = {n: p for n, p in libraries.items() if not p.startswith(inside)}
         if outside:
@@ -226,20 +248,23 @@ def bundle_nix(
     bundle the nix of another Debian root filesystem instead (another version;
     ``nix_binary`` is then a path inside it, default Debian's /usr/bin/nix).
     """
+    busybox = busybox_store_path(nix_env)
+    binary = find_nix_binary(nix_binary) if sysroot == "/" else (nix_binary or NIX_BINARY)
+    files = nix_files_store_path(nix_env, binary, sysroot=sysroot)
     if sysroot == "/":
-        binary = find_nix_binary(nix_binary)
-        version_argv = [binary]
-    else:
-        binary = nix_binary or NIX_BINARY
-        target = os.path.join(sysroot, binary.lstrip("/"))
-        version_argv = [*_sysroot_loader(sysroot), target]
+        version_argv = [binary, "--version"]
+    else:  # run as the wrappers will: only the bundled libraries (NSS modules too)
+        lib = os.path.join(files, "lib")
+        loader = os.path.join(lib, LOADER_NAME)
+        version_argv = [loader, "--library-path", lib, os.path.join(files, "libexec/nix")]
+        version_argv.append("--version")
+    # no locale: another release's glibc may not read this system's locale files
+    text = _run(version_argv, None if sysroot == "/" else {"LC_ALL": "C"})
     try:
-        found = parse_nix_version(_run([*version_argv, "--version"], None))
+        found = parse_nix_version(text)
     except NixVersionError as e:
         raise BundleError(f"cannot tell the version of {binary}: {e}") from None
     version = found.version if not found.is_lix else f"lix-{found.version}"
-    busybox = busybox_store_path(nix_env)
-    files = nix_files_store_path(nix_env, binary, sysroot=sysroot)
     link_args = ["--out-link", gc_root] if gc_root else ["--no-out-link"]
     argv = [
         "nix-build",

@@ -250,3 +250,10 @@ def not_in_store_message(path: str) -> str:
     if at_least(2, 34):
         return f'path "{path}" is not in the Nix store'
     return f"path '{path}' is not in the Nix store"
+
+
+def unbuildable_message(path: str) -> str:
+    """What the daemon says when asked to build a missing ``path`` nothing can make."""
+    if at_least(2, 34):
+        return f"path '{path}' is required, but there is no substituter that can build it"
+    return f"build of '{path}' failed"

@@ -201,4 +201,3 @@ def test_hook_run_by_hand_says_what_it_is(hook: str) -> None:
     )
     assert proc.returncode == 2
     assert "Nix runs it for every build" in proc.stderr and "recnix doctor" in proc.stderr
-

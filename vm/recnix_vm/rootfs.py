@@ -192,12 +192,14 @@ def command(
 ) -> list[str]:
     """The argv that runs ``argv`` as root inside ``root`` (own mount namespace, pivot_root).
 
-    The source tree is bound at its own path (read-write), the host's root
-    filesystem read-only at ``/.host``. ``env`` is the whole environment inside,
+    The source tree is bound at its own path (read-write), its git directory
+    and Nix's test fixtures (:func:`fixtures_dir`) read-only at theirs, the
+    host's root filesystem read-only at ``/.host``. ``env`` is the whole environment inside,
     added to a minimal one (PATH with the venv first, HOME, the suite's name).
     """
     suite = root.name.split("-")[0]
     src = str(source_tree())
+    fixtures = fixtures_dir()
     inner_env = {
         "PATH": f"{VENV}/bin:{SYSTEM_PATH}",
         "HOME": "/root",
@@ -205,6 +207,7 @@ def command(
         "TERM": os.environ.get("TERM", "dumb"),
         SUITE_ENV: suite,
         ROOTS_ENV: ",".join(f"{k}={v}" for k, v in version_roots(suite).items()),
+        **({"RECNIX_FIXTURES": str(fixtures)} if fixtures else {}),
         **(env or {}),
     }
     r = shlex.quote(str(root))
@@ -218,6 +221,7 @@ def command(
             f"mkdir -p {r}{shlex.quote(src)}",
             f"mount --bind {shlex.quote(src)} {r}{shlex.quote(src)}",
             *_git_binds(r, src),
+            *(_ro_bind(r, fixtures) if fixtures else []),
             f"mount --bind / {r}{HOST_ROOT}",
             f"mount -o remount,bind,ro {r}{HOST_ROOT}",
             f"cd {r}",
@@ -246,17 +250,25 @@ def command(
     ]
 
 
+def fixtures_dir() -> Path | None:
+    """Nix's upstream test fixtures the unit tier reads (``$RECNIX_FIXTURES``, else
+    ``../shared/fixtures/nix-upstream`` next to the tree), resolved; None if absent."""
+    default = source_tree().parent / "shared/fixtures/nix-upstream"
+    path = Path(os.environ.get("RECNIX_FIXTURES") or default).resolve()
+    return path if path.is_dir() else None
+
+
+def _ro_bind(r: str, path: Path) -> list[str]:
+    p = shlex.quote(str(path))
+    return [f"mkdir -p {r}{p}", f"mount --bind {p} {r}{p}", f"mount -o remount,bind,ro {r}{p}"]
+
+
 def _git_binds(r: str, src: str) -> list[str]:
     """Shell lines binding a worktree's git directory (read-only), so git works inside."""
     git = git_common_dir(Path(src))
     if git is None or Path(src) in git.parents:
         return []
-    g = shlex.quote(str(git))
-    return [
-        f"mkdir -p {r}{g}",
-        f"mount --bind {g} {r}{g}",
-        f"mount -o remount,bind,ro {r}{g}",
-    ]
+    return _ro_bind(r, git)
 
 
 def main(argv: list[str] | None = None) -> int:
