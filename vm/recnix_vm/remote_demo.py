@@ -26,7 +26,6 @@ from .machine import Machine
 from .network import Network, link_builder
 
 
-
 def _ready(machine: Machine) -> None:
     machine.wait_for_unit("nix-daemon.socket")
     machine.wait_for_unit("recnix.service", timeout=120)
