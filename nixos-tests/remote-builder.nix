@@ -1,16 +1,17 @@
-# recnix behind Nix's distributed builds (`nix flake check`, check
+# recnix and Nix's distributed builds (`nix flake check`, check
 # `remote-builder`): `client` has no recnix and lists `builder` in
-# nix.buildMachines with the `recnix` feature; `builder` runs
-# services.recnix. The same scenario files as every other tier.
+# nix.buildMachines with the `recnix` feature (ssh-ng, `nixremote`, a user the
+# builder's Nix does not trust); `builder` runs services.recnix. The same
+# scenario files as every other tier. See README, 'Distributed builds'.
 #
-# - ssh-ng:// as `nixremote`, a user the builder's Nix does not trust: Nix
-#   (>= 2.16) copies the outer .drv and builds it with BuildPaths, so the
-#   builder's pre-build hook reads it and opens a session; the result comes
-#   back with its inner outputs in its closure.
-# - ssh-ng:// as root (trusted): Nix sends only a BasicDerivation
-#   (BuildDerivation) and no .drv; recnix cannot tell the build opted in, so
-#   the build fails at its first Nix call with recnix's explanation.
-# - the builder dies mid-build: the client fails (SSH keep-alives), no hang.
+# - Built on the builder's store (`nix build --store ssh-ng://…`, the .drv
+#   goes along) and copied back (`nix copy --from`): a session on the
+#   builder, the inner outputs in the closure on the client.
+# - Through `builders`, untrusted: Nix (>= 2.16) copies the .drv, the build
+#   gets its session, but Nix copies back only the outputs: `is not valid`.
+# - Through `builders`, trusted (root): Nix sends a BasicDerivation and no
+#   .drv; recnix's guard fails the build at its first Nix call, with the cause.
+# - The builder dies mid-build: the client fails (SSH keep-alives), no hang.
 {
   pkgs,
   recnixModule,
@@ -86,6 +87,7 @@ pkgs.testers.runNixOSTest {
       # A builder that goes away must fail the build, not hang it.
       programs.ssh.extraConfig = ''
         Host builder
+          IdentityFile /root/.ssh/id_builder
           StrictHostKeyChecking accept-new
           ServerAliveInterval 5
           ServerAliveCountMax 3
@@ -120,6 +122,25 @@ pkgs.testers.runNixOSTest {
         )
 
 
+    def remote_store_exec(uri):
+        """nix-build -> nix build on the builder's store, then nix copy --from."""
+
+        def run(argv, timeout):
+            if not (argv and argv[0].endswith("nix-build")):
+                return make_exec(client)(argv, timeout)
+            rest = [a for a in argv[2:] if a != "--no-out-link"]
+            build = shlex.join(
+                ["nix", "build", "--store", uri, "--eval-store", "auto", "--no-link"]
+                + ["--print-out-paths", "-f", argv[1], *rest]
+            )
+            cmd = f"out=$({build}) && nix copy --no-check-sigs --from {uri} $out && echo $out"
+            rc, out = client.execute(cmd + " 2>/tmp/recnix-test-stderr", timeout=int(timeout))
+            _, err = client.execute("cat /tmp/recnix-test-stderr")
+            return rc, out, err
+
+        return run
+
+
     start_all()
     builder.wait_for_unit("recnix.service")
     builder.wait_for_unit("sshd.service")
@@ -127,23 +148,32 @@ pkgs.testers.runNixOSTest {
     client.succeed(
         "install -d -m 700 /root/.ssh && "
         "install -m 600 ${keys.snakeOilPrivateKey} /root/.ssh/id_builder && "
-        "ssh -i /root/.ssh/id_builder nixremote@builder true"
+        "ssh nixremote@builder true"
     )
+    uri = "ssh-ng://nixremote@builder"
 
-    with subtest("untrusted ssh-ng: the outer build runs on the builder in a session"):
-        r = runner()
+    with subtest("on the builder's store: a session there, the closure back on the client"):
+        r = ScenarioRunner(
+            remote_store_exec(uri), "${scenarios}", "${pkgs.busybox}", "${pkgs.nix}"
+        )
         for scenario, linked in (("inner", "inner"), ("add", "added"), ("deep", "middle")):
-            outcome = r.build(scenario, "recnix", "remote")
+            outcome = r.build(scenario, "recnix", "remote-store")
             assert outcome.ok, f"{scenario}: {outcome.describe()}"
             out = outcome.out_path
             target = r.readlink(f"{out}/{linked}")
             assert target in r.closure(out), f"{target} not in the closure of {out}"
             assert target in r.references(out), f"{out} lost its reference to {target}"
+            assert r.verify_path(target)
             builder.succeed(f"nix-store --check-validity {out}")
         tree = builder.succeed(f"recnix tree {out}")
-        assert "-scenario-deep" in tree, tree
+        assert "-scenario-deep.drv [finalised]" in tree, tree
 
-    with subtest("trusted ssh-ng: no .drv on the builder, the build fails with the cause"):
+    with subtest("builders, untrusted: built in a session, but Nix copies back only the outputs"):
+        outcome = runner().build("inner", "recnix", "remote-builders")
+        assert not outcome.ok, outcome.describe()
+        assert "-inner' is not valid" in outcome.stderr, outcome.describe()
+
+    with subtest("builders, trusted: no .drv on the builder, the build fails with the cause"):
         trusted = "ssh-ng://root@builder x86_64-linux /root/.ssh/id_builder 2 1 recnix"
         outcome = runner(["--builders", trusted]).build("inner", "recnix", "remote-trusted")
         assert not outcome.ok, outcome.describe()

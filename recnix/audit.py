@@ -148,7 +148,12 @@ def where_built(log_text: str) -> dict[str, str]:
     """Where a build log says each derivation was built: drv -> machine URI or LOCAL."""
     where: dict[str, str] = {}
     for m in _BUILDING.finditer(log_text):
-        where[m.group(1)] = m.group(2) or LOCAL
+        # A remote build's own log follows Nix's "... on '<machine>'" line and
+        # repeats "building '<drv>'" without a machine: the machine wins.
+        if m.group(2):
+            where[m.group(1)] = m.group(2)
+        else:
+            where.setdefault(m.group(1), LOCAL)
     return where
 
 

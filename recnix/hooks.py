@@ -145,6 +145,21 @@ def pre_build(drv_path: str, chroot: str | None, control_socket: str | None = No
     return block + _run_chained(chained, args)
 
 
+def _copy_back_note(lines: list[str]) -> list[str]:
+    """A build run for a client over SSH (Nix's distributed builds) whose output
+    gained references: say that Nix will not copy those paths back (issue 12)."""
+    if "SSH_CONNECTION" not in os.environ or not any(x.startswith("added ") for x in lines):
+        return []
+    return [
+        "note: this build runs for a remote client (SSH). Nix copies back only its "
+        "outputs, not the paths recnix added references to, so the client's import "
+        "fails with \"path '...' is not valid\". Build on this machine's store instead "
+        "(nix build --store ssh-ng://<this machine> --eval-store auto ..., then nix copy "
+        "--from ssh-ng://<this machine> <output>), or keep recnix out of this machine's "
+        "features in the client's `builders` (recnix README, 'Distributed builds')."
+    ]
+
+
 def post_build(drv_path: str, out_paths: list[str], control_socket: str | None = None) -> list[str]:
     """Finalise the session of an opted-in build; return the lines to show in its log."""
     lines: list[str] = []
@@ -157,6 +172,7 @@ def post_build(drv_path: str, out_paths: list[str], control_socket: str | None =
         )
         if reply is not None:
             lines.extend(reply.get("messages", []))
+            lines.extend(_copy_back_note(lines))
     if chained:
         _run_chained(chained, [], env=dict(os.environ))
     return lines

@@ -15,6 +15,8 @@ def test_where_built_reads_nix_activity_lines() -> None:
         "these 2 derivations will be built:\n"
         f"  {A}\n"
         f"building '{A}' on 'ssh-ng://root@builder'...\n"
+        "copying 0 paths...\n"
+        f"building '{A}'...\n"
         f"building '{B}'...\n"
     )
     assert where_built(log) == {A: "ssh-ng://root@builder", B: LOCAL}

@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--remote-builder",
         action="store_true",
-        help="two guests on a private network: the client dispatches the outer "
-        "build to the builder (Nix's distributed builds), then shows the closure "
-        "on the client (see README, 'Distributed builds')",
+        help="two guests on a private network: the client builds the outer build "
+        "on the builder's store (nix build --store ssh-ng://builder), copies the "
+        "closure back and shows it (see README, 'Distributed builds')",
     )
 
     sub.add_parser(

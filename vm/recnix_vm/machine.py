@@ -207,8 +207,16 @@ class Machine:
             if time.monotonic() > deadline:
                 raise MachineError("QEMU did not create its QMP socket within 30 s")
             time.sleep(0.05)
-        self._qmp = QEMUMonitorProtocol(str(self.qmp_path))
-        self._qmp.connect(negotiate=True)
+        while True:  # the socket file exists a moment before QEMU listens on it
+            self._qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            try:
+                self._qmp.connect(negotiate=True)
+                return
+            except Exception as e:  # qemu.qmp wraps ECONNREFUSED in ConnectError
+                self._qmp = None
+                if not self.is_running or time.monotonic() > deadline:
+                    raise MachineError(f"cannot connect to QEMU's QMP socket: {e!r}") from e
+                time.sleep(0.2)
 
     def wait_for_boot(self, since: int | None = None, timeout: float | None = None) -> float:
         """Wait for the guest's ready marker on the console, then for SSH; return seconds."""

@@ -127,7 +127,8 @@ class Network:
                 except OSError:
                     continue
                 sender = by_fd[s.fileno()]
-                for name, out in socks.items():
+                # all guests attached by now, not only those of this select()
+                for name, out in list(self._hub_socks.items()):
                     if name == sender:
                         continue
                     with contextlib.suppress(OSError):  # that guest is down: drop
