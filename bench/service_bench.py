@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -339,6 +340,42 @@ class WaitingBuild:
             raise RuntimeError(f"waiting build failed: {stderr}")
 
 
+def tree_cpu(root: int, comms: tuple[str, ...]) -> float:
+    """CPU seconds (user + system, threads included) of ``root`` and its descendants
+    whose command name is in ``comms`` (``()``: all)."""
+    procs: dict[int, tuple[int, str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        procs[int(entry)] = (int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and (not comms or procs[pid][1] in comms or pid == root):
+            total += procs[pid][2]
+        todo.extend(child for child, (ppid, _, _) in procs.items() if ppid == pid)
+    return total
+
+
+def with_cpu(measure: Callable[[], float], root: int, comms: tuple[str, ...], cpu: list[float]):
+    """``measure`` that also appends the CPU seconds ``tree_cpu`` saw meanwhile to ``cpu``."""
+
+    def run() -> float:
+        c0 = tree_cpu(root, comms)
+        result = measure()
+        cpu.append(tree_cpu(root, comms) - c0)
+        return result
+
+    return run
+
+
 def bench_qpi(
     hooked: NixHost,
     service: RecnixService,
@@ -361,10 +398,23 @@ def bench_qpi(
         recnix_args = (sessions[0]["chroot"], str(sock_path.parent), sock_path.name)
         # Nix 2.8's sandbox root is <drv>.chroot; its socket is <build dir>/.nix-socket.
         builtin_args = (builtin_build.drv + ".chroot", builtin_build.build_dir, ".nix-socket")
+        # CPU of the side that answers: the service; the built-in's daemon workers.
+        cpu_r: list[float] = []
+        cpu_b: list[float] = []
         a, b = interleaved(
             rounds,
-            lambda: qpi_from_sandbox(*recnix_args, busybox, n),
-            lambda: qpi_from_sandbox(*builtin_args, busybox, n),
+            with_cpu(
+                lambda: qpi_from_sandbox(*recnix_args, busybox, n),
+                service.process.pid,
+                (),
+                cpu_r,
+            ),
+            with_cpu(
+                lambda: qpi_from_sandbox(*builtin_args, busybox, n),
+                plain.process.pid,
+                ("nix-daemon",),
+                cpu_b,
+            ),
         )
     finally:
         recnix_build.release()
@@ -378,7 +428,9 @@ def bench_qpi(
         1.0,
         f"rounds recnix {spread([x * 1e6 for x in a], 0)} µs, built-in "
         f"{spread([x * 1e6 for x in b], 0)} µs; client chrooted into the sandbox root for "
-        "both; path = busybox (an input)",
+        "both; path = busybox (an input); server CPU per round trip (all rounds): recnix "
+        f"service {sum(cpu_r) / (n * rounds) * 1e6:.1f} µs, built-in daemon "
+        f"{sum(cpu_b) / (n * rounds) * 1e6:.1f} µs",
     )
 
 
@@ -404,7 +456,11 @@ def trivial_runner(
         args = ["--argstr", "busybox", busybox, "--argstr", "prefix", fresh_tag()]
         args += ["--arg", "n", str(n)]
         if opt_in:
-            args += ["--arg", "features", '[ "recnix" ]']
+            # One build at a time: Nix 2.8's worker runs a pre-build hook synchronously,
+            # so a hook waiting for a session slot (more opted-in builds in flight in one
+            # worker than daemon.max-sessions) would stall the post-build hooks that
+            # free the slots.
+            args += ["--arg", "features", '[ "recnix" ]', "--max-jobs", "1"]
         if separate:
             for i in range(n):
                 host.run(["nix-build", "--no-out-link", str(expr), *args, "-A", str(i)])
@@ -927,6 +983,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--load-reps", type=int, default=2)
     parser.add_argument("--load-timeout", type=float, default=900.0, help="s before a hang")
     parser.add_argument("--start-reps", type=int, default=5)
+    parser.add_argument(
+        "--event-loop",
+        choices=["asyncio", "uvloop"],
+        help="the service's event loop (default: uvloop when installed)",
+    )
     parser.add_argument("--only", choices=list(SCENARIOS), action="append")
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     opts = parser.parse_args()
@@ -961,6 +1022,8 @@ def main() -> int:
         raw["daemon"]["state-dir"] = str(scratch)
         entry = str(REPO / "recnix" / "hookentry.py")
         hook_env = hook_environment(raw, sys.executable, entry)
+        if opts.event_loop:  # the service starts with the daemon's environment
+            hook_env["RECNIX_EVENT_LOOP"] = opts.event_loop
         hooked = start_nix_host(hooks=True, daemon_env=hook_env)
         hosts.append(hooked)
         plain = start_nix_host(hooks=False)
@@ -983,6 +1046,8 @@ def main() -> int:
         for name in only:
             rows.extend(new := SCENARIOS[name](bench))
             print(render(new, ""), flush=True)
+        loops = re.findall(r"event loop: (\w+)", bench.service.log_text())
+        event_loop = loops[-1] if loops else "?"
     finally:
         if bench is not None:
             stop_recnix_service(bench.service)
@@ -994,7 +1059,7 @@ def main() -> int:
     header = (
         f"recnix service benchmark — {time.strftime('%Y-%m-%d %H:%M:%S')}, "
         f"{os.cpu_count()} CPUs, load average {load_before:.1f} → {os.getloadavg()[0]:.1f}, "
-        f"{nix_version}, total {time.perf_counter() - started:.0f} s"
+        f"{nix_version}, service on {event_loop}, total {time.perf_counter() - started:.0f} s"
         + (" (--quick: smaller sizes than the targets name)" if opts.quick else "")
     )
     text = render(rows, header)
