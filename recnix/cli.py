@@ -81,7 +81,14 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         level=getattr(logging, str(config["daemon"]["log-level"]).upper(), logging.INFO),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    asyncio.run(Service(config).run())
+    from recnix.aio import loop_factory
+
+    factory = loop_factory()
+    logging.getLogger("recnix.service").info(
+        "event loop: %s", "uvloop" if factory is not None else "asyncio"
+    )
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(Service(config).run())
     return 0
 
 

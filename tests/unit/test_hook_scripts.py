@@ -319,3 +319,21 @@ def test_unwritable_mark_fails_the_build(hook_dir, tmp_path):
     assert proc.returncode == 0
     assert proc.stdout.startswith("recnix: cannot write ") and "RECNIX_HOOK_MARKS" in proc.stdout
     assert not (hook_dir / "called").exists()
+
+
+def test_nix_conf_daemon_env(tmp_path, capsys):
+    """`recnix nix-conf --daemon-env` renders the config's decisions for the hook script."""
+    from recnix.cli import main
+
+    config = tmp_path / "config.toml"
+    config.write_text('[daemon]\ncontrol-socket = "/run/x/c.sock"\nstate-dir = "/run/x"\n')
+    assert main(["nix-conf", "--daemon-env", "--config", str(config)]) == 0
+    env = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert env["RECNIX_HOOK_SOCKET"] == "/run/x/c.sock"
+    assert env["RECNIX_HOOK_MARKS"] == "/run/x/hook-marks"
+    assert env["RECNIX_HOOK_PYTHON"] == sys.executable
+    assert Path(env["RECNIX_HOOK_ENTRY"]) == ENTRY
+    config.write_text('[hooks]\npost-build = ["/upload"]\n')
+    assert main(["nix-conf", "--daemon-env", "--config", str(config)]) == 0
+    env = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert set(env) == {"RECNIX_HOOK_PYTHON", "RECNIX_HOOK_ENTRY"}  # the script reads the config
