@@ -1,0 +1,72 @@
+"""Opted-in builds through the hook script with the environment `recnix nix-conf
+--daemon-env` renders (the NixOS module sets the same on nix-daemon): the control
+socket and the marks come from the environment, Python starts as hookentry.py -I -S."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recnix.config import hook_environment, load_defaults
+from tests.host.conftest import (
+    scenario_runner,
+    start_nix_host,
+    start_recnix_service,
+    stop_nix_host,
+    stop_recnix_service,
+)
+from tests.scenarios import checks
+from tests.scenarios.checks import RECNIX
+from tests.scenarios.runner import ScenarioRunner
+
+pytestmark = pytest.mark.host
+
+ENTRY = Path(__file__).resolve().parents[2] / "recnix" / "hookentry.py"
+
+
+@pytest.fixture(scope="module")
+def rendered(busybox: str, nix_bundle: str) -> Iterator[tuple[ScenarioRunner, Path]]:
+    """A daemon whose hooks run with the rendered environment, and its service."""
+    scratch = Path(tempfile.mkdtemp(prefix="recnix-hookenv-"))
+    raw = load_defaults()
+    raw["daemon"]["control-socket"] = str(scratch / "control.sock")
+    raw["daemon"]["state-dir"] = str(scratch)
+    env = hook_environment(raw, sys.executable, str(ENTRY))
+    assert set(env) == {
+        "RECNIX_HOOK_SOCKET",
+        "RECNIX_HOOK_MARKS",
+        "RECNIX_HOOK_PYTHON",
+        "RECNIX_HOOK_ENTRY",
+    }
+    host = start_nix_host(hooks=True, daemon_env=env)
+    service = None
+    try:
+        # The hooks never read the config: RECNIX_CONFIG points nowhere for them.
+        service = start_recnix_service(host)
+        (scratch / "control.sock").symlink_to(service.control_socket)
+        host.recnix_config.rename(scratch / "recnix.toml")  # the service has read it
+        yield scenario_runner(host, busybox, nix_bundle), Path(env["RECNIX_HOOK_MARKS"])
+    finally:
+        if service is not None:
+            stop_recnix_service(service)
+        stop_nix_host(host)
+
+
+def test_opted_in_builds_with_the_rendered_environment(rendered):
+    """Sessions open and finalise (references registered) with no config file to read;
+    the post-build hook found the pre-build hook's marks and removed them."""
+    runner, marks = rendered
+    checks.check_add(runner, RECNIX)
+    checks.check_deep(runner, RECNIX)
+    assert marks.is_dir() and marks.stat().st_mode & 0o777 == 0o700
+    assert list(marks.iterdir()) == []
+
+
+def test_plain_builds_leave_no_marks(rendered):
+    runner, marks = rendered
+    checks.check_many(runner, RECNIX, n=2)  # nested builds that do not opt in
+    assert list(marks.iterdir()) == []
