@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything recnix needs on a Debian 12 machine (run as root):
 # Debian packages (Nix 2.8, QEMU, mmdebstrap, busybox-static), and a Python
-# virtualenv in .venv with recnix and its test tools installed from this tree.
+# virtualenv in .venv with recnix, its test tools and uvloop (the daemon's
+# optional fast event loop) installed from this tree.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,12 +30,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.recnix-installed
 stale=false
-for f in pyproject.toml bin/*; do  # bin/ scripts are copied into .venv/bin
+for f in setup.sh pyproject.toml bin/*; do  # bin/ scripts are copied into .venv/bin
   [ "$f" -nt "$stamp" ] && stale=true
 done
 if [ ! -f "$stamp" ] || $stale; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q -e '.[test,fast]'
   touch "$stamp"
 fi
 echo "setup.sh: ready (.venv/bin/recnix, .venv/bin/recnix-vm, .venv/bin/pytest)"
