@@ -375,8 +375,11 @@ class Service:
         op = message["op"]
         if op == "open":
             chroot = message.get("chroot")
+            worker = message.get("worker")
             session = await self.open_session(
-                str(message["drv"]), Path(str(chroot)) if chroot else None
+                str(message["drv"]),
+                Path(str(chroot)) if chroot else None,
+                worker if isinstance(worker, int) else None,
             )
             if session is None:
                 return {"ok": True, "socket": None}
@@ -396,6 +399,23 @@ class Service:
         if op == "status":
             return {"ok": True, "sessions": [self._describe(s) for s in self.sessions.values()]}
         raise ValueError(f"unknown control op {op!r}")
+
+    def _refuse_self_blocking_wait(self, drv_path: str, worker: int | None) -> None:
+        """OpenRefused when every session slot is held by builds of ``worker``: Nix runs
+        pre-build hooks synchronously, so that process could never run the post-build
+        hooks that free a slot, and waiting would hang it for good."""
+        holders = [s for s in self.sessions.values() if s.holds_slot]
+        if worker is None or not holders:
+            return
+        if all(s.worker == worker for s in holders):
+            raise OpenRefused(
+                f"{drv_path} needs a recnix session, but all daemon.max-sessions = "
+                f"{self.max_sessions} slots are held by other builds of the same Nix process "
+                f"(pid {worker}), which runs one pre-build hook at a time and could never "
+                "free a slot while this one waits; build fewer opted-in derivations at once "
+                "(--max-jobs / max-jobs in nix.conf at most daemon.max-sessions) or raise "
+                "daemon.max-sessions (it needs more build users)"
+            )
 
     def _describe(self, s: Session) -> dict[str, Any]:
         return {
@@ -428,8 +448,13 @@ class Service:
                     parents.append(s)
         return max(parents, key=lambda s: s.depth, default=None)
 
-    async def open_session(self, drv_path: str, chroot: Path | None) -> Session | None:
+    async def open_session(
+        self, drv_path: str, chroot: Path | None, worker: int | None = None
+    ) -> Session | None:
         """Open a session for the build of ``drv_path`` (waits for a free slot if needed).
+
+        ``worker`` is the pid of the Nix process whose pre-build hook asks: it is
+        refused rather than made to wait when only its own builds hold the slots.
 
         None if the derivation did not opt in (requiredSystemFeatures); OpenRefused
         if it did but cannot have a session (no sandbox, a limit, a bad parent).
@@ -463,6 +488,7 @@ class Service:
         # holds one and waits for it, so making it wait too would deadlock.
         if parent is None:
             if self._slots.locked():
+                self._refuse_self_blocking_wait(drv_path, worker)
                 self._waiting += 1
                 log.info(
                     "%s waits for a free recnix session slot (%d in use, %d waiting; "
@@ -481,6 +507,7 @@ class Service:
         sid = secrets.token_hex(8)
         session = Session(self, sid, drv_path, drv, chroot, readonly, depth, parent, self.limits)
         session.holds_slot = parent is None
+        session.worker = worker
         try:
             await session.start()
         except Exception as e:

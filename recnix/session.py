@@ -139,6 +139,7 @@ class Session:
         self.ended_since: float | None = None
         self.seen_process = False  # a process was seen in the sandbox (the build started)
         self.holds_slot = False  # counts against daemon.max-sessions
+        self.worker: int | None = None  # pid of the Nix process whose pre-build hook opened it
         self._allow_lock = asyncio.Lock()
         # Censored infos of paths met by closure(): valid, rooted paths whose infos no longer
         # change (nested outputs are final once their post-build hook ran), so QueryPathInfo

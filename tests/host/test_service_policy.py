@@ -353,6 +353,41 @@ def test_sessions_beyond_the_limit_wait(busybox, nix_bundle):
         assert len(released) == 2
 
 
+def test_one_nix_process_is_never_made_to_wait_for_its_own_slots(busybox, nix_bundle):
+    """Nix runs pre-build hooks synchronously: two opted-in builds of one nix-build
+    with max-sessions = 1 would hang that process for good (the first build's
+    post-build hook, which frees the slot, can never run while the second build's
+    hook waits). The second is refused with a message that says why; nothing hangs
+    and no session stays open."""
+    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}) as (
+        host,
+        service,
+        runner,
+    ):
+        assert service is not None
+        tag = fresh_tag()
+        builds = [
+            plain_build_expr(busybox, [RECNIX], 'echo "$tag" > "$out"', f"{tag}-{n}")
+            for n in range(2)
+        ]
+        expr = write_expr(host, "two.nix", "[\n" + "\n".join(f"({b})" for b in builds) + "\n]")
+        proc = subprocess.run(
+            ["nix-build", "--no-out-link", "--keep-going", "--max-jobs", "2", expr],
+            env=host.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode != 0, "both builds ran with max-sessions = 1"
+        assert "held by other builds of the same Nix process" in proc.stderr, proc.stderr
+        assert "daemon.max-sessions" in proc.stderr, proc.stderr
+        # Nix 2.8 then stops the whole nix-build; the first build's session is ended too.
+        deadline = time.monotonic() + 60
+        while service.session_dirs():
+            assert time.monotonic() < deadline, service.log_text()
+            time.sleep(0.2)
+
+
 @pytest.mark.parametrize("skip", [True, False], ids=["skip", "always"])
 def test_nested_builds_skip_hooks_unless_they_need_a_session(busybox, nix_bundle, tmp_path, skip):
     """policy.nested-builds-skip-hooks: a nested build that opens no session runs
