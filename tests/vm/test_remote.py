@@ -165,16 +165,16 @@ def test_outer_dispatched_with_drv_is_built_but_not_copied_back(pair: Pair) -> N
     assert not pair.runner().is_valid(out)
 
 
-@pytest.mark.parametrize(
-    ("scheme", "scenario"),
-    [("ssh-ng", "inner"), ("ssh-ng", "add"), ("ssh-ng", "deep"), ("ssh", "inner")],
-)
-def test_outer_built_on_builder_store(pair: Pair, scheme: str, scenario: str) -> None:
+@pytest.mark.parametrize("scenario", ["inner", "add", "deep"])
+def test_outer_built_on_builder_store(pair: Pair, scenario: str) -> None:
     """What works for an outer build on another machine: build it on the builder's
-    store (``nix build --store <uri> --eval-store auto``: the .drv goes along, the
-    build gets its session there) and copy the closure back (``nix copy --from``):
-    the inner outputs and the references arrive on the client."""
-    uri = f"{scheme}://root@{pair.link.host}"
+    store (``nix build --store ssh-ng://… --eval-store auto``: the .drv goes along,
+    the build gets its session there) and copy the closure back (``nix copy
+    --from``): the inner outputs and the references arrive on the client. (Nix
+    2.8's ``--store ssh://…`` cannot build: "operation 'getFSAccessor' is not
+    supported".)"""
+    pair.machines("")  # no builders: nothing is dispatched behind our back
+    uri = f"ssh-ng://root@{pair.link.host}"
     runner = pair.runner(remote_store=uri)
     out = {"inner": checks.check_inner, "add": checks.check_add, "deep": checks.check_deep}[
         scenario
