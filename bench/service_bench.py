@@ -1,19 +1,31 @@
 #!/usr/bin/env python3
 """recnix service overhead against Nix's built-in recursive-nix, measured side by side.
 
-Three scenarios, each run on private nix-daemons started here (tests/host/conftest.py):
+Scenarios, each run on private nix-daemons started here (tests/host/conftest.py);
+every ratio is the median of paired ratios (the two sides of a pair run back to
+back, alternating which goes first), so the machine's drift cancels:
 
-1. QueryPathInfo round trip from inside a waiting sandboxed build: recnix's
-   session socket ÷ the built-in's ``<build dir>/.nix-socket``. The client is a
-   forked child that chroots into the build's sandbox root first (as a sandboxed
-   process would be; recnix refuses any other peer; done for both for fairness).
-2. Wall time of ``tests/scenarios/many.nix`` (n nested ``nix-build`` calls, fresh
-   tags): recnix (daemon with hooks + service) ÷ built-in (daemon without hooks).
-3. Trivial non-recursive builds with the recnix hooks installed ÷ without: all in
-   one ``nix-build`` call, and one ``nix-build`` call each.
+qpi      QueryPathInfo round trip from inside a waiting sandboxed build: recnix's
+         session socket ÷ the built-in's ``<build dir>/.nix-socket``. The client is
+         a forked child that chroots into the build's sandbox root first.
+many     Wall time of ``tests/scenarios/many.nix`` (n nested ``nix-build`` calls).
+trivial  Trivial non-recursive builds in one ``nix-build``: recnix's hooks ÷
+         ``/bin/true`` as both hooks (recnix's own share), and reference rows
+         against no hooks (the floor of Nix running any hook) and for the hook
+         script's fallback (no rendered environment: it scans the config).
+add      ``nix-store --add`` of a large file inside a build (timed inside the
+         build), and the service's peak RSS during it.
+load     Many concurrent outer builds with nested builds each (more than the
+         build users: recnix's sessions queue): failures, hangs, wall time, the
+         service's peak RSS.
+start    The service's start to ready (control socket accepting).
+hook     Opted-in trivial builds (the hooks' Python, session open and finalise
+         per build), and the hook's Python start: hookentry.py -I -S ÷ console script.
 
-Prints a table and writes it to bench/results-service.txt.
-Run as root: .venv/bin/python bench/service_bench.py [--quick]
+The daemon with recnix's hooks runs with the environment ``recnix nix-conf
+--daemon-env`` renders (RECNIX_HOOK_SOCKET, _MARKS, _PYTHON, _ENTRY), as the
+NixOS module sets it. Prints a table and writes it to bench/results-service.txt.
+Run as root: .venv/bin/python bench/service_bench.py [--quick] [--only SCENARIO]
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -40,6 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from recnix import control  # noqa: E402
 from recnix.bundle import bundle_nix, busybox_store_path  # noqa: E402
+from recnix.config import hook_environment, load_defaults  # noqa: E402
 from recnix.protocol import (  # noqa: E402
     NEED_DATA,
     ClientConnection,
@@ -49,6 +63,7 @@ from recnix.protocol import (  # noqa: E402
     Reply,
 )
 from tests.host.conftest import (  # noqa: E402
+    RECNIX_BIN,
     NixHost,
     RecnixService,
     scenario_runner,
@@ -56,6 +71,7 @@ from tests.host.conftest import (  # noqa: E402
     start_recnix_service,
     stop_recnix_service,
 )
+from tests.nixversion import build_top_glob, sandbox_root  # noqa: E402
 
 RESULTS = REPO / "bench" / "results-service.txt"
 START_TIMEOUT = 120.0
@@ -81,7 +97,7 @@ in derivation {
 
 # n plain builds, element i writes "<prefix>-<i>" to $out.
 TRIVIAL_NIX = """\
-{ busybox, prefix, n }:
+{ busybox, prefix, n, features ? [ ] }:
 let bb = builtins.storePath busybox;
 in builtins.genList (i: derivation {
   name = "bench-trivial-${toString i}";
@@ -89,7 +105,32 @@ in builtins.genList (i: derivation {
   builder = "${bb}/bin/sh";
   args = [ "-c" "echo $tag > $out" ];
   tag = "${prefix}-${toString i}";
+  requiredSystemFeatures = features;
 }) n
+"""
+
+# One `nix-store --add` of a <mib> MiB file, timed inside the build (/proc/uptime,
+# 10 ms steps); the added path is named bench-add-<tag> (deleted afterwards).
+ADD_NIX = """\
+{ busybox, nix, feature, tag, mib }:
+let bb = builtins.storePath busybox; nx = builtins.storePath nix;
+in derivation {
+  name = "bench-add";
+  system = builtins.currentSystem;
+  builder = "${bb}/bin/sh";
+  args = [ "-e" "-c" ''
+    export HOME="$TMPDIR"
+    f="$TMPDIR/bench-add-$tag"
+    { echo "$tag"; head -c $((mib * 1048576)) /dev/zero; } > "$f"
+    read t0 _ < /proc/uptime
+    nix-store --add "$f" > /dev/null
+    read t1 _ < /proc/uptime
+    echo "$t0 $t1" > "$out"
+  '' ];
+  PATH = "${bb}/bin:${nx}/bin";
+  inherit tag mib;
+  requiredSystemFeatures = [ feature ];
+}
 """
 
 
@@ -102,7 +143,11 @@ def fresh_tag() -> str:
 
 @dataclass
 class Row:
-    """One scenario: interleaved runs of both sides (``runs_*[i]`` measured back to back)."""
+    """One scenario: interleaved runs of both sides (``runs_*[i]`` measured back to back).
+
+    An absolute row (``absolute`` = "max" or "median") has no baseline: its value
+    is that statistic of ``runs_recnix``, compared with ``target`` as it is.
+    """
 
     scenario: str
     runs_recnix: list[float]
@@ -110,19 +155,24 @@ class Row:
     unit: str
     target: float | None  # None: a reference row, no target
     note: str = ""
+    absolute: str = ""
 
     @property
     def recnix(self) -> float:
+        if self.absolute == "max":
+            return max(self.runs_recnix)
         return statistics.median(self.runs_recnix)
 
     @property
-    def baseline(self) -> float:
-        return statistics.median(self.runs_baseline)
+    def baseline(self) -> float | None:
+        return statistics.median(self.runs_baseline) if self.runs_baseline else None
 
     @property
     def ratio(self) -> float:
         """Median of the paired ratios: each pair ran back to back, so the machine's
         drift (other load, a slow minute) cancels within a pair."""
+        if self.absolute:
+            return self.recnix
         pairs = zip(self.runs_recnix, self.runs_baseline, strict=True)
         return statistics.median(a / b for a, b in pairs)
 
@@ -143,6 +193,28 @@ def timed(action: Callable[[], None]) -> Callable[[], float]:
         t0 = time.perf_counter()
         action()
         return time.perf_counter() - t0
+
+    return run
+
+
+def daemon_cpu(host: NixHost) -> float:
+    """CPU seconds of ``host``'s nix-daemon and its reaped descendants (workers, hooks,
+    builders): less sensitive to other load on the machine than wall time."""
+    fields = Path(f"/proc/{host.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_cpu(host: NixHost, action: Callable[[], None], cpu: list[float]) -> Callable[[], float]:
+    """``action`` as a wall-time measurement that also appends its daemon CPU to ``cpu``."""
+
+    def run() -> float:
+        c0 = daemon_cpu(host)
+        t0 = time.perf_counter()
+        action()
+        seconds = time.perf_counter() - t0
+        time.sleep(0.05)  # let the daemon reap the last worker
+        cpu.append(daemon_cpu(host) - c0)
+        return seconds
 
     return run
 
@@ -253,7 +325,7 @@ class WaitingBuild:
             text=True,
         )
         deadline = time.monotonic() + START_TIMEOUT
-        pattern = f"{host.build_dir}/nix-build-bench-wait.drv-*/started"
+        pattern = build_top_glob(host.build_dir, "bench-wait") + "/started"
         while not (started := glob.glob(pattern)):
             if self.process.poll() is not None:
                 raise RuntimeError(f"waiting build ended early: {self.process.communicate()}")
@@ -267,6 +339,42 @@ class WaitingBuild:
         _, stderr = self.process.communicate(timeout=60)
         if self.process.returncode != 0:
             raise RuntimeError(f"waiting build failed: {stderr}")
+
+
+def tree_cpu(root: int, comms: tuple[str, ...]) -> float:
+    """CPU seconds (user + system, threads included) of ``root`` and its descendants
+    whose command name is in ``comms`` (``()``: all)."""
+    procs: dict[int, tuple[int, str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        procs[int(entry)] = (int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs and (not comms or procs[pid][1] in comms or pid == root):
+            total += procs[pid][2]
+        todo.extend(child for child, (ppid, _, _) in procs.items() if ppid == pid)
+    return total
+
+
+def with_cpu(measure: Callable[[], float], root: int, comms: tuple[str, ...], cpu: list[float]):
+    """``measure`` that also appends the CPU seconds ``tree_cpu`` saw meanwhile to ``cpu``."""
+
+    def run() -> float:
+        c0 = tree_cpu(root, comms)
+        result = measure()
+        cpu.append(tree_cpu(root, comms) - c0)
+        return result
+
+    return run
 
 
 def bench_qpi(
@@ -289,12 +397,26 @@ def bench_qpi(
             raise RuntimeError(f"no recnix session for {recnix_build.drv}: {status}")
         sock_path = Path(sessions[0]["socket"])
         recnix_args = (sessions[0]["chroot"], str(sock_path.parent), sock_path.name)
-        # Nix 2.8's sandbox root is <drv>.chroot; its socket is <build dir>/.nix-socket.
-        builtin_args = (builtin_build.drv + ".chroot", builtin_build.build_dir, ".nix-socket")
+        # the sandbox root (tests/nixversion.py); the socket is <build dir>/.nix-socket.
+        chroot = str(sandbox_root(builtin_build.drv))
+        builtin_args = (chroot, builtin_build.build_dir, ".nix-socket")
+        # CPU of the side that answers: the service; the built-in's daemon workers.
+        cpu_r: list[float] = []
+        cpu_b: list[float] = []
         a, b = interleaved(
             rounds,
-            lambda: qpi_from_sandbox(*recnix_args, busybox, n),
-            lambda: qpi_from_sandbox(*builtin_args, busybox, n),
+            with_cpu(
+                lambda: qpi_from_sandbox(*recnix_args, busybox, n),
+                service.process.pid,
+                (),
+                cpu_r,
+            ),
+            with_cpu(
+                lambda: qpi_from_sandbox(*builtin_args, busybox, n),
+                plain.process.pid,
+                ("nix-daemon",),
+                cpu_b,
+            ),
         )
     finally:
         recnix_build.release()
@@ -305,14 +427,16 @@ def bench_qpi(
         [x * 1e6 for x in a],
         [x * 1e6 for x in b],
         "µs",
-        1.5,
+        1.0,
         f"rounds recnix {spread([x * 1e6 for x in a], 0)} µs, built-in "
         f"{spread([x * 1e6 for x in b], 0)} µs; client chrooted into the sandbox root for "
-        "both; path = busybox (an input)",
+        "both; path = busybox (an input); server CPU per round trip (all rounds): recnix "
+        f"service {sum(cpu_r) / (n * rounds) * 1e6:.1f} µs, built-in daemon "
+        f"{sum(cpu_b) / (n * rounds) * 1e6:.1f} µs",
     )
 
 
-# -- 2. nested builds, 3. trivial builds
+# -- many: nested builds; trivial and hook: plain and opted-in trivial builds
 
 
 def many_runner(host: NixHost, busybox: str, nix: str, feature: str, n: int) -> Callable[[], None]:
@@ -328,11 +452,17 @@ def many_runner(host: NixHost, busybox: str, nix: str, feature: str, n: int) -> 
 
 
 def trivial_runner(
-    host: NixHost, expr: Path, busybox: str, n: int, separate: bool
+    host: NixHost, expr: Path, busybox: str, n: int, separate: bool = False, opt_in: bool = False
 ) -> Callable[[], None]:
     def run() -> None:
         args = ["--argstr", "busybox", busybox, "--argstr", "prefix", fresh_tag()]
         args += ["--arg", "n", str(n)]
+        if opt_in:
+            # One build at a time: Nix 2.8's worker runs a pre-build hook synchronously,
+            # so a hook waiting for a session slot (more opted-in builds in flight in one
+            # worker than daemon.max-sessions) would stall the post-build hooks that
+            # free the slots.
+            args += ["--arg", "features", '[ "recnix" ]', "--max-jobs", "1"]
         if separate:
             for i in range(n):
                 host.run(["nix-build", "--no-out-link", str(expr), *args, "-A", str(i)])
@@ -344,38 +474,548 @@ def trivial_runner(
     return run
 
 
+def trivial_row(
+    scenario: str,
+    a: list[float],
+    b: list[float],
+    n: int,
+    label: str,
+    baseline: str = "without",
+    target: float | None = None,
+    cpu: tuple[list[float], list[float]] | None = None,
+) -> Row:
+    paired = statistics.median(x - y for x, y in zip(a, b, strict=True)) / n * 1e3
+    note = f"runs {label} {spread(a)} s, {baseline} {spread(b)} s; per build {paired:+.2f} ms"
+    if cpu is not None:
+        ca, cb = cpu
+        cpu_ratio = statistics.median(x / y for x, y in zip(ca, cb, strict=True))
+        cpu_paired = statistics.median(x - y for x, y in zip(ca, cb, strict=True)) / n * 1e3
+        note += (
+            f"; daemon-tree CPU {spread(ca)} s vs {spread(cb)} s: ratio {cpu_ratio:.3f}, "
+            f"per build {cpu_paired:+.2f} ms"
+        )
+    return Row(f"{scenario} ({len(a)} pairs)", a, b, "s", target, note + " (medians of pairs)")
+
+
+# -- add: a large nix-store --add inside a build
+
+
+def rss_reset(pid: int) -> None:
+    """Reset the peak RSS (VmHWM) of ``pid`` (Linux clear_refs 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def rss_peak_mib(pid: int) -> float:
+    """VmHWM of ``pid`` in MiB: its peak RSS since the last ``rss_reset``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def add_runner(
+    host: NixHost, expr: Path, busybox: str, nix: str, feature: str, mib: int
+) -> Callable[[], float]:
+    """One build that adds a ``mib`` MiB file; the add's seconds, timed in the build.
+    The output and the added path are deleted afterwards (they are garbage)."""
+
+    def run() -> float:
+        tag = fresh_tag()
+        args = ["--argstr", "busybox", busybox, "--argstr", "nix", nix]
+        args += ["--argstr", "feature", feature, "--argstr", "tag", tag, "--arg", "mib", str(mib)]
+        out = host.run(["nix-build", "--no-out-link", str(expr), *args], timeout=900).stdout
+        out_path = out.split()[-1]
+        t0, t1 = (float(x) for x in Path(out_path).read_text().split())
+        added = glob.glob(f"/nix/store/*-bench-add-{tag}")
+        # Best effort: a path still rooted (e.g. by a session ending late) stays.
+        host.run(["nix-store", "--delete", out_path, *added], check=False)
+        return t1 - t0
+
+    return run
+
+
+# -- load: concurrent outer builds with nested builds
+
+
+def load_run(
+    host: NixHost, busybox: str, nix: str, feature: str, outer: int, nested: int, timeout: float
+) -> tuple[float, int, int]:
+    """``outer`` concurrent many.nix builds of ``nested`` each: (wall s, failures, hangs)."""
+    runner = scenario_runner(host, busybox, nix)
+    procs = []
+    t0 = time.perf_counter()
+    for _ in range(outer):
+        tag = fresh_tag()
+        argv = runner.build_argv("many", feature, tag, {"innerTag": tag, "n": nested})
+        procs.append(
+            subprocess.Popen(
+                argv, env=host.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+        )
+    failures = hangs = 0
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if proc.returncode != 0:
+                failures += 1
+                print(f"load ({feature}): a build failed: {stderr[-2000:]}", file=sys.stderr)
+        except subprocess.TimeoutExpired:
+            hangs += 1
+            proc.kill()
+            proc.communicate()
+    return time.perf_counter() - t0, failures, hangs
+
+
+# -- start: service start to ready
+
+
+def start_service_timed(host: NixHost, control_socket: Path) -> tuple[RecnixService, float]:
+    """Start ``recnix daemon`` on ``host.recnix_config`` (already written); return it and
+    the seconds until its control socket accepts a connection (polled every ms)."""
+    root = host.root / "recnix"
+    env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config)}
+    env.pop("TMPDIR", None)
+    log = open(root / "service.log", "ab")  # noqa: SIM115 - handed to the service
+    t0 = time.perf_counter()
+    process = subprocess.Popen(
+        [str(RECNIX_BIN), "daemon", "--config", str(host.recnix_config)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    service = RecnixService(host, root, host.recnix_config, process)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(control_socket))
+                break
+            except OSError:
+                pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"recnix daemon did not start:\n{service.log_text()}")
+        time.sleep(0.001)
+    return service, time.perf_counter() - t0
+
+
+# -- hook: the hook's Python start
+
+
+def spawn_cpu(argv: list[str], env: dict[str, str], n: int) -> float:
+    """Mean CPU seconds (user + system) of ``n`` runs of ``argv``, from wait4's rusage."""
+    cpu = 0.0
+    for _ in range(n):
+        pid = os.posix_spawn(argv[0], argv, env)
+        _, status, usage = os.wait4(pid, 0)
+        if status != 0:
+            raise RuntimeError(f"{argv} exited with {status}")
+        cpu += usage.ru_utime + usage.ru_stime
+    return cpu / n
+
+
+def spawn_loop(argv: list[str], env: dict[str, str], n: int) -> float:
+    """Mean wall seconds of ``n`` runs of ``argv`` (posix_spawn, no shell)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pid = os.posix_spawn(argv[0], argv, env)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise RuntimeError(f"{argv} exited with {status}")
+    return (time.perf_counter() - t0) / n
+
+
+# -- the benchmark context and its scenarios
+
+
+@dataclass
+class Bench:
+    """Everything the scenarios share: the daemons, the service, store paths, files."""
+
+    opts: argparse.Namespace
+    scratch: Path
+    hooked: NixHost  # recnix's hooks with the rendered environment; the service's host
+    plain: NixHost  # no hooks: Nix's built-in recursive-nix
+    floor: NixHost  # /bin/true as both hooks
+    fallback: NixHost  # recnix's hooks without the rendered environment
+    service: RecnixService
+    control_socket: Path
+    busybox: str
+    nix: str
+
+    def expr(self, name: str, text: str) -> Path:
+        path = self.scratch / name
+        if not path.exists():
+            path.write_text(text)
+        return path
+
+
+def scenario_qpi(b: Bench) -> list[Row]:
+    o = b.opts
+    row = bench_qpi(
+        b.hooked, b.service, b.plain, b.expr("wait.nix", WAIT_NIX), b.busybox, o.qpi, o.qpi_rounds
+    )
+    return [row]
+
+
+def scenario_many(b: Bench) -> list[Row]:
+    n, reps = b.opts.nested, b.opts.many_reps
+    a, c = interleaved(
+        reps,
+        timed(many_runner(b.hooked, b.busybox, b.nix, "recnix", n)),
+        timed(many_runner(b.plain, b.busybox, b.nix, "recursive-nix", n)),
+    )
+    note = (
+        f"runs recnix {spread(a)} s, built-in {spread(c)} s (built-in on the daemon without hooks)"
+    )
+    return [Row(f"many.nix: {n} nested nix-build, wall ({reps} pairs)", a, c, "s", 1.05, note)]
+
+
+def scenario_trivial(b: Bench) -> list[Row]:
+    n, reps = b.opts.trivial, b.opts.trivial_reps
+    expr = b.expr("trivial.nix", TRIVIAL_NIX)
+    rows = []
+
+    def compare(
+        first: NixHost, second: NixHost, title: str, labels: tuple[str, str], target=None
+    ) -> None:
+        cpu: tuple[list[float], list[float]] = ([], [])
+        a, c = interleaved(
+            reps,
+            timed_cpu(first, trivial_runner(first, expr, b.busybox, n), cpu[0]),
+            timed_cpu(second, trivial_runner(second, expr, b.busybox, n), cpu[1]),
+        )
+        rows.append(trivial_row(title, a, c, n, *labels, target=target, cpu=cpu))
+
+    compare(
+        b.hooked,
+        b.floor,
+        f"{n} trivial builds, recnix hooks ÷ /bin/true hooks",
+        ("hooks", "true"),
+        1.02,
+    )
+    compare(b.floor, b.plain, f"reference: {n} trivial, /bin/true hooks ÷ none", ("true", "none"))
+    compare(b.hooked, b.plain, f"reference: {n} trivial, recnix hooks ÷ none", ("hooks", "none"))
+    compare(
+        b.fallback,
+        b.floor,
+        f"reference: {n} trivial, hooks without rendered env ÷ /bin/true",
+        ("fallback", "true"),
+    )
+    if b.opts.separate:
+        a, c = interleaved(
+            reps,
+            timed(trivial_runner(b.hooked, expr, b.busybox, n, separate=True)),
+            timed(trivial_runner(b.plain, expr, b.busybox, n, separate=True)),
+        )
+        rows.append(
+            trivial_row(
+                f"reference: {n} separate nix-build calls, recnix hooks ÷ none",
+                a,
+                c,
+                n,
+                "hooks",
+            )
+        )
+    return rows
+
+
+def scenario_add(b: Bench) -> list[Row]:
+    mib, reps = b.opts.add_mib, b.opts.add_reps
+    expr = b.expr("add.nix", ADD_NIX)
+    pid = b.service.process.pid
+    peaks: list[float] = []
+    recnix_add = add_runner(b.hooked, expr, b.busybox, b.nix, "recnix", mib)
+
+    def recnix_run() -> float:
+        rss_reset(pid)
+        seconds = recnix_add()
+        peaks.append(rss_peak_mib(pid))
+        return seconds
+
+    a, c = interleaved(
+        reps, recnix_run, add_runner(b.plain, expr, b.busybox, b.nix, "recursive-nix", mib)
+    )
+    return [
+        Row(
+            f"nix-store --add of {mib} MiB inside a build ({reps} pairs)",
+            a,
+            c,
+            "s",
+            1.2,
+            f"runs recnix {spread(a)} s, built-in {spread(c)} s (timed in the build, 10 ms steps)",
+        ),
+        Row(
+            f"service peak RSS during the {mib} MiB add (max of {reps})",
+            peaks,
+            [],
+            "Mi",
+            64.0,
+            f"VmHWM of the service process per add: {spread(peaks, 1)} MiB",
+            absolute="max",
+        ),
+    ]
+
+
+def scenario_load(b: Bench) -> list[Row]:
+    outer, nested, reps = b.opts.load_outer, b.opts.load_nested, b.opts.load_reps
+    pid = b.service.process.pid
+    peaks: list[float] = []
+    bad: list[float] = []
+    bad_builtin: list[str] = []
+
+    def recnix_run() -> float:
+        rss_reset(pid)
+        wall, failures, hangs = load_run(
+            b.hooked, b.busybox, b.nix, "recnix", outer, nested, b.opts.load_timeout
+        )
+        peaks.append(rss_peak_mib(pid))
+        bad.append(failures + hangs)
+        return wall
+
+    def builtin_run() -> float:
+        wall, failures, hangs = load_run(
+            b.plain, b.busybox, b.nix, "recursive-nix", outer, nested, b.opts.load_timeout
+        )
+        bad_builtin.append(f"{failures}/{hangs}")
+        return wall
+
+    a, c = interleaved(reps, recnix_run, builtin_run)
+    what = f"{outer} concurrent outer builds × {nested} nested"
+    return [
+        Row(
+            f"load: {what}, wall ({reps} pairs)",
+            a,
+            c,
+            "s",
+            None,
+            f"runs recnix {spread(a)} s, built-in {spread(c)} s; built-in failures/hangs "
+            f"{', '.join(bad_builtin)} (timeout {b.opts.load_timeout:.0f} s)",
+        ),
+        Row(f"load: {what}, recnix failures + hangs", bad, [], "  ", 0.0, "", absolute="max"),
+        Row(
+            f"load: {what}, service peak RSS",
+            peaks,
+            [],
+            "Mi",
+            100.0,
+            f"VmHWM per run: {spread(peaks, 1)} MiB",
+            absolute="max",
+        ),
+    ]
+
+
+def scenario_start(b: Bench) -> list[Row]:
+    times = []
+    for _ in range(b.opts.start_reps):
+        stop_recnix_service(b.service)
+        b.service, seconds = start_service_timed(b.hooked, b.service.control_socket)
+        times.append(seconds * 1e3)
+    return [
+        Row(
+            f"service start to ready ({len(times)} starts)",
+            times,
+            [],
+            "ms",
+            None,
+            f"each: {spread(times, 0)} ms (control socket accepting)",
+            absolute="median",
+        )
+    ]
+
+
+def scenario_hook(b: Bench) -> list[Row]:
+    n, reps = b.opts.hook_builds, b.opts.trivial_reps
+    expr = b.expr("trivial.nix", TRIVIAL_NIX)
+    a, c = interleaved(
+        reps,
+        timed(trivial_runner(b.hooked, expr, b.busybox, n, opt_in=True)),
+        timed(trivial_runner(b.plain, expr, b.busybox, n, opt_in=True)),
+    )
+    rows = [
+        trivial_row(f"reference: {n} opted-in trivial builds, recnix ÷ no hooks", a, c, n, "recnix")
+    ]
+    rows[-1].note += " (both hooks' Python, session open, finalise)"
+    # The opted-in hook's Python start: a .drv that mentions recnix but does not opt
+    # in, and a control socket nobody listens on, so that only Python runs.
+    drv = b.scratch / "mentions.drv"
+    drv.write_text('Derive([],[],[],"x86_64-linux","/bin/sh",[],[("note","recnix")])')
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    tail = ["--control-socket", str(b.scratch / "nobody.sock"), str(drv), "/c"]
+    entry = [sys.executable, "-I", "-S", str(REPO / "recnix" / "hookentry.py")]
+    loops = 20
+    a, c = interleaved(
+        reps,
+        lambda: spawn_loop([*entry, "pre-build-hook", *tail], env, loops) * 1e3,
+        lambda: spawn_loop([str(RECNIX_BIN), "pre-build-hook", *tail], env, loops) * 1e3,
+    )
+    rows.append(
+        Row(
+            "reference: the hook's Python, hookentry.py -I -S ÷ recnix console script",
+            a,
+            c,
+            "ms",
+            None,
+            f"mean of {loops} starts per round: entry {spread(a, 1)} ms, "
+            f"console script {spread(c, 1)} ms",
+        )
+    )
+    return rows
+
+
+def scenario_hookcpu(b: Bench) -> list[Row]:
+    """recnix's share of a build that does not opt in, in CPU time (robust to other load):
+    both hook scripts as nix-daemon runs them (rendered environment, a trivial .drv),
+    less /bin/true twice."""
+    drv = b.scratch / "plain.drv"
+    store = "/nix/store/" + "a" * 32
+    drv.write_text(
+        f'Derive([("out","{store}-bench-trivial-0","","")],[],["{b.busybox}"],"x86_64-linux",'
+        f'"{b.busybox}/bin/sh",["-c","echo $tag > $out"],[("builder","{b.busybox}/bin/sh"),'
+        f'("name","bench-trivial-0"),("out","{store}-bench-trivial-0"),'
+        f'("system","x86_64-linux"),("tag","0123456789ab-0")])'
+    )
+    env = {**b.hooked.daemon_env, "DRV_PATH": str(drv), "OUT_PATHS": f"{store}-x"}
+    hook_bin = Path(sys.executable).parent
+    pre = [str(hook_bin / "recnix-pre-build-hook"), str(drv), f"{drv}.chroot"]
+    post = [str(hook_bin / "recnix-post-build-hook")]
+    loops, rounds = b.opts.hookcpu_loops, b.opts.hookcpu_rounds
+    hooks: list[float] = []
+    floor: list[float] = []
+    for i in range(rounds):
+        pair = [
+            lambda: spawn_cpu(pre, env, loops) + spawn_cpu(post, env, loops),
+            lambda: 2 * spawn_cpu(["/bin/true"], env, loops),
+        ]
+        if i % 2:
+            pair.reverse()
+        x, y = (f() for f in pair)
+        hooks.append((x if i % 2 == 0 else y) * 1e3)
+        floor.append((y if i % 2 == 0 else x) * 1e3)
+    share = [h - f for h, f in zip(hooks, floor, strict=True)]
+    return [
+        Row(
+            "recnix's CPU share of a build that does not opt in (both hooks − 2 × /bin/true)",
+            share,
+            [],
+            "ms",
+            0.5,
+            f"{rounds} rounds of {loops}: hooks {spread(hooks, 3)} ms, /bin/true ×2 "
+            f"{spread(floor, 3)} ms per build; .drv {drv.stat().st_size} bytes",
+            absolute="median",
+        )
+    ]
+
+
+SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
+    "hookcpu": scenario_hookcpu,
+    "qpi": scenario_qpi,
+    "many": scenario_many,
+    "trivial": scenario_trivial,
+    "hook": scenario_hook,
+    "add": scenario_add,
+    "load": scenario_load,
+    "start": scenario_start,
+}
+
+
 # -- main
 
 
 def render(rows: list[Row], header: str) -> str:
     lines = [header, "", "columns: medians of each side; ratio: median of the paired ratios", ""]
     lines.append(
-        f"{'scenario':<64} {'recnix':>10} {'built-in/without':>17} {'ratio':>6} "
+        f"{'scenario':<72} {'recnix':>10} {'built-in/without':>17} {'ratio':>6} "
         f"{'target':>7}  verdict"
     )
     for r in rows:
         target = "-" if r.target is None else f"≤{r.target:.2f}"
+        if r.absolute:
+            base, ratio = f"{'-':>17}", f"{'-':>6}"
+        else:
+            base, ratio = f"{r.baseline:>15.2f}{r.unit:>2}", f"{r.ratio:>6.2f}"
         lines.append(
-            f"{r.scenario:<64} {r.recnix:>8.2f}{r.unit:>2} {r.baseline:>15.2f}{r.unit:>2} "
-            f"{r.ratio:>6.2f} {target:>7}  {r.verdict}"
+            f"{r.scenario:<72} {r.recnix:>8.2f}{r.unit:>2} {base} {ratio} {target:>7}  {r.verdict}"
         )
         if r.note:
             lines.append(f"    {r.note}")
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+QUICK = {  # about 60 s on a quiet 2-core machine
+    "hookcpu_loops": 100,
+    "hookcpu_rounds": 7,
+    "qpi": 300,
+    "qpi_rounds": 7,
+    "nested": 8,
+    "many_reps": 3,
+    "trivial": 20,
+    "trivial_reps": 5,
+    "hook_builds": 5,
+    "add_mib": 32,
+    "add_reps": 3,
+    "load_outer": 6,
+    "load_nested": 3,
+    "load_reps": 1,
+    "start_reps": 3,
+}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~60 s subset (smaller sizes)")
     parser.add_argument("--qpi", type=int, default=1000, help="QueryPathInfo round trips per round")
     parser.add_argument("--qpi-rounds", type=int, default=11)
     parser.add_argument("--nested", type=int, default=20, help="nested builds in many.nix")
-    parser.add_argument("--many-reps", type=int, default=5)
+    parser.add_argument("--many-reps", type=int, default=7)
     parser.add_argument("--trivial", type=int, default=50, help="trivial builds per run")
-    parser.add_argument("--trivial-reps", type=int, default=5)
-    parser.add_argument("--only", choices=["qpi", "many", "trivial"], action="append")
+    parser.add_argument("--trivial-reps", type=int, default=7)
+    parser.add_argument("--separate", action="store_true", help="also one nix-build per build")
+    parser.add_argument("--hook-builds", type=int, default=10, help="opted-in trivial builds")
+    parser.add_argument("--hookcpu-loops", type=int, default=200, help="hook runs per round")
+    parser.add_argument("--hookcpu-rounds", type=int, default=9)
+    parser.add_argument("--add-mib", type=int, default=256, help="size of the added file")
+    parser.add_argument("--add-reps", type=int, default=3)
+    parser.add_argument("--load-outer", type=int, default=16, help="concurrent outer builds")
+    parser.add_argument("--load-nested", type=int, default=8, help="nested builds in each")
+    parser.add_argument("--load-reps", type=int, default=2)
+    parser.add_argument("--load-timeout", type=float, default=900.0, help="s before a hang")
+    parser.add_argument("--start-reps", type=int, default=5)
+    parser.add_argument(
+        "--event-loop",
+        choices=["asyncio", "uvloop"],
+        help="the service's event loop (default: uvloop when installed)",
+    )
+    parser.add_argument("--only", choices=list(SCENARIOS), action="append")
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
+    parser.add_argument(
+        "--suite",
+        choices=("trixie", "sid"),
+        help="measure that Debian suite's Nix (2.26, 2.34): run inside its root filesystem "
+        "(recnix_vm.rootfs; results in bench/results-service-SUITE.txt)",
+    )
     opts = parser.parse_args()
-    only = set(opts.only or ["qpi", "many", "trivial"])
+    if opts.quick:
+        for key, value in QUICK.items():
+            if getattr(opts, key) == parser.get_default(key):  # not given on the command line
+                setattr(opts, key, value)
+    return opts
+
+
+def main() -> int:
+    opts = parse_args()
+    if opts.suite and os.environ.get("RECNIX_SUITE") != opts.suite:
+        from recnix_vm import rootfs
+
+        script = os.path.abspath(sys.argv[0])
+        inner = rootfs.command(rootfs.prepare(opts.suite), ["python3", script, *sys.argv[1:]])
+        return subprocess.call(inner)
+    results = RESULTS.with_name(f"results-service-{opts.suite}.txt") if opts.suite else RESULTS
+    only = opts.only or list(SCENARIOS)
 
     # SIGTERM (e.g. `timeout`) must still stop the daemons started below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
@@ -386,85 +1026,46 @@ def main() -> int:
     ).stdout.strip()
     scratch = Path(tempfile.mkdtemp(prefix="recnix-bench-"))
     hosts: list[NixHost] = []
-    service: RecnixService | None = None
+    bench: Bench | None = None
     rows: list[Row] = []
     try:
-        hooked = start_nix_host(hooks=True)
+        # The hook environment `recnix nix-conf --daemon-env` renders, for a config
+        # whose control socket is ours (the NixOS module sets the same).
+        control_socket = scratch / "control.sock"
+        raw = load_defaults()
+        raw["daemon"]["control-socket"] = str(control_socket)
+        raw["daemon"]["state-dir"] = str(scratch)
+        entry = str(REPO / "recnix" / "hookentry.py")
+        hook_env = hook_environment(raw, sys.executable, entry)
+        if opts.event_loop:  # the service starts with the daemon's environment
+            hook_env["RECNIX_EVENT_LOOP"] = opts.event_loop
+        hooked = start_nix_host(hooks=True, daemon_env=hook_env)
         hosts.append(hooked)
         plain = start_nix_host(hooks=False)
         hosts.append(plain)
         # The floor of any hook: Nix spawning a do-nothing program twice per build.
         floor = start_nix_host(hooks=False, extra_conf=FLOOR_HOOKS)
         hosts.append(floor)
+        fallback = start_nix_host(hooks=True)
+        hosts.append(fallback)
+        # The service listens where the host fixtures put it; the rendered path links there.
         service = start_recnix_service(hooked)
+        control_socket.symlink_to(service.control_socket)
+        # The fallback daemon's hooks scan the same config (they never reach a service).
+        shutil.copy(hooked.recnix_config, fallback.recnix_config)
         busybox = busybox_store_path(plain.env)
         nix = bundle_nix(plain.env, gc_root=str(plain.root / "nix-bundle"))
-        wait_nix = scratch / "wait.nix"
-        wait_nix.write_text(WAIT_NIX)
-        trivial_nix = scratch / "trivial.nix"
-        trivial_nix.write_text(TRIVIAL_NIX)
-
-        if "qpi" in only:
-            rows.append(
-                bench_qpi(hooked, service, plain, wait_nix, busybox, opts.qpi, opts.qpi_rounds)
-            )
-            print(render(rows[-1:], ""), flush=True)
-
-        if "many" in only:
-            n = opts.nested
-            a, b = interleaved(
-                opts.many_reps,
-                timed(many_runner(hooked, busybox, nix, "recnix", n)),
-                timed(many_runner(plain, busybox, nix, "recursive-nix", n)),
-            )
-            rows.append(
-                Row(
-                    f"many.nix: {n} nested nix-build, wall ({opts.many_reps} pairs)",
-                    a,
-                    b,
-                    "s",
-                    1.2,
-                    f"runs recnix {spread(a)} s, built-in {spread(b)} s "
-                    "(built-in on the daemon without hooks)",
-                )
-            )
-            print(render(rows[-1:], ""), flush=True)
-
-        if "trivial" in only:
-            n = opts.trivial
-            for separate in (False, True):
-                how = f"{n} separate nix-build calls" if separate else f"one nix-build of {n}"
-                a, b = interleaved(
-                    opts.trivial_reps,
-                    timed(trivial_runner(hooked, trivial_nix, busybox, n, separate)),
-                    timed(trivial_runner(plain, trivial_nix, busybox, n, separate)),
-                )
-                rows.append(trivial_row(f"{n} trivial builds, {how}", a, b, n, "hooks"))
-                print(render(rows[-1:], ""), flush=True)
-            a, b = interleaved(
-                opts.trivial_reps,
-                timed(trivial_runner(floor, trivial_nix, busybox, n, False)),
-                timed(trivial_runner(plain, trivial_nix, busybox, n, False)),
-            )
-            row = trivial_row(f"reference: /bin/true as both hooks, one of {n}", a, b, n, "true")
-            row.target = None
-            rows.append(row)
-            print(render(rows[-1:], ""), flush=True)
-            # what recnix's hooks cost above that floor
-            a, b = interleaved(
-                opts.trivial_reps,
-                timed(trivial_runner(hooked, trivial_nix, busybox, n, False)),
-                timed(trivial_runner(floor, trivial_nix, busybox, n, False)),
-            )
-            row = trivial_row(
-                f"reference: recnix hooks ÷ /bin/true hooks, one of {n}", a, b, n, "hooks", "true"
-            )
-            row.target = None
-            rows.append(row)
-            print(render(rows[-1:], ""), flush=True)
+        bench = Bench(
+            opts, scratch, hooked, plain, floor, fallback, service, control_socket, busybox, nix
+        )
+        for name in only:
+            rows.extend(new := SCENARIOS[name](bench))
+            print(render(new, ""), flush=True)
+        loops = re.findall(r"event loop: (\w+)", bench.service.log_text())
+        event_loop = loops[-1] if loops else "?"
     finally:
-        if service is not None:
-            stop_recnix_service(service)
+        if bench is not None:
+            stop_recnix_service(bench.service)
         for host in hosts:
             host.stop()
             shutil.rmtree(host.root, ignore_errors=True)
@@ -473,27 +1074,14 @@ def main() -> int:
     header = (
         f"recnix service benchmark — {time.strftime('%Y-%m-%d %H:%M:%S')}, "
         f"{os.cpu_count()} CPUs, load average {load_before:.1f} → {os.getloadavg()[0]:.1f}, "
-        f"{nix_version}, total {time.perf_counter() - started:.0f} s"
+        f"{nix_version}, service on {event_loop}, total {time.perf_counter() - started:.0f} s"
+        + (" (--quick: smaller sizes than the targets name)" if opts.quick else "")
     )
     text = render(rows, header)
     print(text)
     if not opts.no_write:
-        RESULTS.write_text(text)
+        results.write_text(text)
     return 0 if all(r.verdict != "FAIL" for r in rows) else 1
-
-
-def trivial_row(
-    scenario: str, a: list[float], b: list[float], n: int, label: str, baseline: str = "without"
-) -> Row:
-    per_build = (statistics.median(a) - statistics.median(b)) / n * 1e3
-    return Row(
-        f"{scenario} ({len(a)} pairs)",
-        a,
-        b,
-        "s",
-        1.05,
-        f"runs {label} {spread(a)} s, {baseline} {spread(b)} s; per build {per_build:+.1f} ms",
-    )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,30 @@ let
   nrmEnabled = config.programs.nix-required-mounts.enable or false;
   nrmHook = lib.getExe config.programs.nix-required-mounts.package;
 
+  # Lix (2.93+) has no built-in recursive-nix: it warns about the unknown
+  # experimental feature on every command, and a build asking for the system
+  # feature would start without any socket. Left out of nix.settings on Lix.
+  featureSettings = [
+    "experimental-features"
+    "extra-experimental-features"
+    "extra-system-features"
+  ];
+  withoutBuiltin =
+    settings:
+    let
+      stripped = builtins.mapAttrs (
+        key: value:
+        if builtins.elem key featureSettings && builtins.isList value then
+          builtins.filter (f: f != "recursive-nix") value
+        else
+          value
+      ) settings;
+    in
+    builtins.removeAttrs stripped (
+      builtins.filter (key: stripped.${key} == [ ]) (builtins.attrNames stripped)
+    );
+  nixSettings = if cfg.lix then withoutBuiltin defaults.nix else defaults.nix;
+
   setting =
     section: key: type: description:
     lib.mkOption {
@@ -47,6 +71,13 @@ in
       default = pkgs.recnix or (pkgs.callPackage ./package.nix { });
       defaultText = lib.literalExpression "pkgs.callPackage ./module/package.nix { }";
       description = "The recnix package (daemon and the pre-/post-build hooks).";
+    };
+
+    lix = lib.mkOption {
+      type = lib.types.bool;
+      default = lib.getName config.nix.package == "lix";
+      defaultText = lib.literalExpression ''lib.getName config.nix.package == "lix"'';
+      description = "Whether the system's Nix is Lix, which has no built-in recursive-nix: `experimental-features = recursive-nix` and the `recursive-nix` system feature are then left out of nix.settings. recnix itself works the same on Lix (it does not need the pre-build hook's output, which Lix 2.93-2.95 drops).";
     };
 
     preBuildHooks = lib.mkOption {
@@ -99,6 +130,9 @@ in
             allow-fixed-output =
               setting "policy" "allow-fixed-output" lib.types.bool
                 "Allow nested fixed-output derivations (they have network access).";
+            existing-fixed-outputs =
+              setting "policy" "existing-fixed-outputs" (lib.types.enum [ "allow" "deny" ])
+                ''A nested fixed-output derivation whose outputs already exist runs nothing: "allow" hands its outputs out (audited as `existing-fixed-output`; building nixpkgs packages inside needs it), "deny" refuses the build. It lets a build learn whether content of a hash it knows exists on the host.'';
             max-depth =
               setting "policy" "max-depth" lib.types.ints.unsigned
                 "Maximum nesting depth (the outer build is depth 1).";
@@ -146,9 +180,10 @@ in
     environment.etc."recnix/config.toml".source = configFile;
 
     # Everything in defaults.toml's [nix] table (extra-system-features,
-    # experimental-features, sandbox, sandbox-fallback), plus the hooks.
+    # experimental-features, sandbox, sandbox-fallback; without Nix's built-in
+    # recursive-nix on Lix), plus the hooks.
     nix.settings = lib.mkMerge [
-      defaults.nix
+      nixSettings
       {
         # mkForce only over nix-required-mounts' own definition, which recnix
         # chains (see the assertion); any other module setting the hook still
@@ -160,7 +195,15 @@ in
 
     # The hooks run inside nix-daemon; /etc/recnix/config.toml is their default
     # too, set explicitly so that `systemctl show nix-daemon` tells.
-    systemd.services.nix-daemon.environment.RECNIX_CONFIG = configPath;
+    systemd.services.nix-daemon.environment = {
+      RECNIX_CONFIG = configPath;
+    }
+    # The config's decision for the hook script (recnix.config.hook_environment):
+    # with no chained hooks, builds that do not opt in never read the config.
+    // lib.optionalAttrs (cfg.preBuildHooks == [ ] && cfg.postBuildHooks == [ ]) {
+      RECNIX_HOOK_SOCKET = cfg.settings.daemon.control-socket;
+      RECNIX_HOOK_MARKS = "${cfg.settings.daemon.state-dir}/hook-marks";
+    };
 
     systemd.services.recnix = {
       description = "recnix: restricted Nix daemon sockets for recursive builds";

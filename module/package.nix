@@ -4,7 +4,6 @@
 {
   lib,
   python3Packages,
-  gnugrep,
   doCheck ? true,
 }:
 
@@ -52,12 +51,9 @@ python3Packages.buildPythonApplication {
 
   # The VM harness (recnix-vm) drives Debian guests from a development
   # checkout; it is not part of what a NixOS host runs.
-  # The hooks' sh fast path greps the .drv; nix-daemon's PATH has no grep.
+  # The hooks' sh fast path uses shell builtins only (no grep on PATH needed).
   postInstall = ''
     rm -f $out/bin/recnix-vm
-    for hook in $out/bin/recnix-pre-build-hook $out/bin/recnix-post-build-hook; do
-      substituteInPlace $hook --replace-fail "GREP=grep" "GREP=${lib.getExe gnugrep}"
-    done
   '';
 
   pythonImportsCheck = [

@@ -45,3 +45,24 @@ async def stream_data(
             return
         else:
             raise unexpected(f"unexpected {type(ev).__name__} inside a data stream")
+
+
+LOOP_ENV = "RECNIX_EVENT_LOOP"
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The service's event loop: uvloop's when it is installed (the optional ``fast``
+    dependency), else asyncio's (None). ``RECNIX_EVENT_LOOP=asyncio`` forces asyncio's;
+    ``=uvloop`` requires uvloop."""
+    import os
+
+    wanted = os.environ.get(LOOP_ENV, "")
+    if wanted == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if wanted == "uvloop":
+            raise RuntimeError(f"{LOOP_ENV}=uvloop but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop

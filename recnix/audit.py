@@ -2,9 +2,11 @@
 
 Events: ``opened``, ``refused`` (an op denied, with the reason), ``added`` (a
 path became allowed through an add), ``build-started``, ``build-finished``,
-``finalised``, ``aborted``; ``guarded`` (recnix.remote: a build without its
-``.drv`` got a guard socket). ``recnix tree`` reads the log back, and the build
-logs for where each nested build ran (:func:`annotate_where`).
+``existing-fixed-output`` (a nested build was handed the existing outputs of a
+fixed-output derivation: ``derivation``, ``outputs``), ``finalised``,
+``aborted``; ``guarded`` (recnix.remote: a build without its ``.drv`` got a
+guard socket). ``recnix tree`` reads the log back, and the build logs for
+where each nested build ran (:func:`annotate_where`).
 """
 
 from __future__ import annotations

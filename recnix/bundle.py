@@ -16,6 +16,10 @@ input-addressed, so a second run gives the same paths:
   ``exec <files>/lib/ld-linux-x86-64.so.2 --argv0 <name> --library-path <files>/lib
   <files>/libexec/nix "$@"`` under ``#!<busybox>/bin/sh``.
 
+The Nix bundled is the ``nix`` found on ``PATH`` or the one given (``recnix
+bundle-nix --nix PATH``), Nix or Lix: symlinks are followed to the multi-call
+binary, and its version is parsed as each prints it (``recnix.nixversion``).
+
 Run once per machine (``recnix bundle-nix``), not per build.
 """
 
@@ -28,8 +32,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from recnix.nixversion import NixVersionError, parse_nix_version
+
 BUSYBOX_BINARY = "/bin/busybox"
-NIX_BINARY = "/usr/bin/nix"
+NIX_BINARY = "/usr/bin/nix"  # Debian's, when no nix is on PATH
 BUSYBOX_NAME = "busybox-static"
 NIX_FILES_NAME = "nix-files"
 BUNDLE_NAME_FORMAT = "nix-{version}-bundle"
@@ -37,6 +43,8 @@ LOADER_NAME = "ld-linux-x86-64.so.2"
 # Libraries Nix loads with dlopen (not listed by ldd); copied when present.
 DLOPENED_LIBRARIES = ("libnss_dns.so.2", "libnss_files.so.2")
 SYSTEM_LIBRARY_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu")
+# Where Debian's nix-bin keeps Nix's own libraries (its RUNPATH), for a sysroot's nix.
+NIX_LIBRARY_DIRS = ("/usr/lib/nix", "/usr/lib/x86_64-linux-gnu/nix")
 # The names Debian's nix-bin links to the multi-call binary.
 NIX_COMMANDS = (
     "nix",
@@ -106,17 +114,51 @@ def _store_add(directory: Path, nix_env: dict[str, str] | None) -> str:
     return out
 
 
-def shared_libraries(binary: str) -> dict[str, str]:
+def _sysroot_loader(sysroot: str) -> list[str]:
+    """The dynamic loader of another root filesystem, told to find libraries only there."""
+    dirs = [os.path.join(sysroot, d.lstrip("/")) for d in (*SYSTEM_LIBRARY_DIRS, *NIX_LIBRARY_DIRS)]
+    loader = resolve_in(sysroot, os.path.join(sysroot, "lib64", LOADER_NAME))
+    return [loader, "--library-path", ":".join(dirs)]
+
+
+def resolve_in(sysroot: str, path: str, limit: int = 40) -> str:
+    """``path`` (a host path below ``sysroot``) with its symlinks followed as they would
+    be inside ``sysroot``: absolute targets are below ``sysroot`` too."""
+    root = os.path.realpath(sysroot)
+    inner = "/" + os.path.relpath(path, sysroot).lstrip("/")
+    for _ in range(limit):
+        parts = [p for p in inner.split("/") if p]
+        for i in range(len(parts)):
+            host = os.path.join(root, *parts[: i + 1])
+            if os.path.islink(host):
+                target = os.readlink(host)
+                base = "/" + "/".join(parts[:i])
+                rest = parts[i + 1 :]
+                joined = target if target.startswith("/") else os.path.join(base, target)
+                inner = os.path.normpath(os.path.join(joined, *rest))
+                break
+        else:
+            return os.path.join(root, *parts)
+    raise BundleError(f"{path}: too many levels of symbolic links inside {sysroot}")
+
+
+def shared_libraries(binary: str, sysroot: str = "/") -> dict[str, str]:
     """Map each library name ``ldd`` lists for ``binary`` to its file on this host.
 
-    The dynamic loader is included under ``LOADER_NAME``.
+    The dynamic loader is included under ``LOADER_NAME``. With ``sysroot`` (another
+    Debian's root filesystem, e.g. to bundle a different Nix version), ``binary`` is a
+    path inside it and the libraries are resolved there, by its own loader.
     """
-    listing = _run(["ldd", binary], None)
+    if sysroot == "/":
+        listing = _run(["ldd", binary], None)
+    else:
+        target = os.path.join(sysroot, binary.lstrip("/"))
+        listing = _run([*_sysroot_loader(sysroot), "--list", target], None)
     libraries: dict[str, str] = {}
     for line in listing.splitlines():
         resolved = re.match(r"\s*(\S+) => (/\S+) \(0x[0-9a-f]+\)", line)
         if resolved:
-            libraries[resolved.group(1)] = resolved.group(2)
+            libraries[os.path.basename(resolved.group(1))] = resolved.group(2)
             continue
         loader = re.match(r"\s*(/\S+) \(0x[0-9a-f]+\)", line)
         if loader:
@@ -126,6 +168,13 @@ def shared_libraries(binary: str) -> dict[str, str]:
             raise BundleError(f"ldd {binary}: a library is missing: {line.strip()}")
     if LOADER_NAME not in libraries:
         raise BundleError(f"ldd {binary} names no {LOADER_NAME}:\n{listing}")
+    if sysroot != "/":
+        libraries[LOADER_NAME] = os.path.join(sysroot, "lib64", LOADER_NAME)
+        libraries = {n: resolve_in(sysroot, p) for n, p in libraries.items()}
+        inside = sysroot.rstrip("/") + "/"
+        outside = {n: p for n, p in libraries.items() if not p.startswith(inside)}
+        if outside:
+            raise BundleError(f"{binary} in {sysroot}: libraries found outside it: {outside}")
     return libraries
 
 
@@ -146,13 +195,14 @@ def busybox_store_path(
 
 
 def nix_files_store_path(
-    nix_env: dict[str, str] | None = None, nix_binary: str = NIX_BINARY
+    nix_env: dict[str, str] | None = None, nix_binary: str = NIX_BINARY, sysroot: str = "/"
 ) -> str:
-    """Add the nix binary (``libexec/nix``) and its libraries (``lib/``) to the store."""
-    libraries = shared_libraries(nix_binary)
+    """Add the nix binary (``libexec/nix``) and its libraries (``lib/``) to the store
+    (``nix_binary`` and its libraries from ``sysroot``: see :func:`shared_libraries`)."""
+    libraries = shared_libraries(nix_binary, sysroot)
     for name in DLOPENED_LIBRARIES:
         for directory in SYSTEM_LIBRARY_DIRS:
-            candidate = os.path.join(directory, name)
+            candidate = os.path.join(sysroot, directory.lstrip("/"), name)
             if os.path.exists(candidate):
                 libraries.setdefault(name, candidate)
                 break
@@ -160,7 +210,7 @@ def nix_files_store_path(
         top = Path(scratch, NIX_FILES_NAME)
         (top / "lib").mkdir(parents=True)
         (top / "libexec").mkdir()
-        shutil.copyfile(nix_binary, top / "libexec" / "nix")
+        shutil.copyfile(os.path.join(sysroot, nix_binary.lstrip("/")), top / "libexec" / "nix")
         (top / "libexec" / "nix").chmod(0o555)
         for name, source in sorted(libraries.items()):
             shutil.copyfile(source, top / "lib" / name)  # follows symlinks
@@ -168,20 +218,53 @@ def nix_files_store_path(
         return _store_add(top, nix_env)
 
 
-def bundle_nix(nix_env: dict[str, str] | None = None, gc_root: str | None = None) -> str:
-    """Make Debian's nix runnable inside builds; return the bundle's store path.
+def find_nix_binary(nix: str | None = None, path: str | None = None) -> str:
+    """The multi-call binary of ``nix`` (a path or a command name), default the ``nix``
+    on ``path`` (this process's PATH), else Debian's /usr/bin/nix; symlinks followed."""
+    given = nix or shutil.which("nix", path=path) or NIX_BINARY
+    found = given if "/" in given else shutil.which(given, path=path)
+    if found is None or not os.path.isfile(found):
+        raise BundleError(f"no nix binary at {given!r}; give its path with --nix PATH")
+    real = os.path.realpath(found)
+    if not os.access(real, os.X_OK):
+        raise BundleError(f"{real} (from {given!r}) is not executable")
+    return real
 
+
+def bundle_nix(
+    nix_env: dict[str, str] | None = None,
+    gc_root: str | None = None,
+    nix_binary: str | None = None,
+    sysroot: str = "/",
+) -> str:
+    """Make a Nix (or Lix) runnable inside builds; return the bundle's store path.
+
+    ``nix_binary`` is the ``nix`` to bundle (default: see ``find_nix_binary``).
     ``nix_env`` is the environment for the nix CLI (e.g. ``NIX_REMOTE``,
     ``NIX_CONF_DIR``); ``None`` means this process's environment. The bundle
     has ``bin/<command>`` for every name in ``NIX_COMMANDS``; its closure
     holds the busybox and nix-files paths. ``gc_root``, if given, becomes an
-    indirect GC root (``nix-build --out-link``) for the bundle.
+    indirect GC root (``nix-build --out-link``) for the bundle. ``sysroot``:
+    bundle the nix of another Debian root filesystem instead (another version;
+    ``nix_binary`` is then a path inside it, default Debian's /usr/bin/nix).
     """
     busybox = busybox_store_path(nix_env)
-    files = nix_files_store_path(nix_env)
-    version = _run([NIX_BINARY, "--version"], None).split()[-1]
-    if not re.fullmatch(r"[0-9A-Za-z.+_-]+", version):
-        raise BundleError(f"{NIX_BINARY} --version gave an odd version {version!r}")
+    binary = find_nix_binary(nix_binary) if sysroot == "/" else (nix_binary or NIX_BINARY)
+    files = nix_files_store_path(nix_env, binary, sysroot=sysroot)
+    if sysroot == "/":
+        version_argv = [binary, "--version"]
+    else:  # run as the wrappers will: only the bundled libraries (NSS modules too)
+        lib = os.path.join(files, "lib")
+        loader = os.path.join(lib, LOADER_NAME)
+        version_argv = [loader, "--library-path", lib, os.path.join(files, "libexec/nix")]
+        version_argv.append("--version")
+    # no locale: another release's glibc may not read this system's locale files
+    text = _run(version_argv, None if sysroot == "/" else {"LC_ALL": "C"})
+    try:
+        found = parse_nix_version(text)
+    except NixVersionError as e:
+        raise BundleError(f"cannot tell the version of {binary}: {e}") from None
+    version = found.version if not found.is_lix else f"lix-{found.version}"
     link_args = ["--out-link", gc_root] if gc_root else ["--no-out-link"]
     argv = [
         "nix-build",

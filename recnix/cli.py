@@ -37,6 +37,9 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
                          view (queries over its inputs only)       false
   allow-fixed-output     allow nested fixed-output derivations
                          (they have network access)                false
+  existing-fixed-outputs "allow": hand out the existing outputs of
+                         nested fixed-output derivations (audited);
+                         "deny": refuse such builds                "allow"
   max-depth              deepest nesting level (outer build = 1)   4
   max-builds-per-session nested build requests per build           256
   max-connections-per-session
@@ -78,7 +81,14 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
         level=getattr(logging, str(config["daemon"]["log-level"]).upper(), logging.INFO),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    asyncio.run(Service(config).run())
+    from recnix.aio import loop_factory
+
+    factory = loop_factory()
+    logging.getLogger("recnix.service").info(
+        "event loop: %s", "uvloop" if factory is not None else "asyncio"
+    )
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(Service(config).run())
     return 0
 
 
@@ -145,9 +155,13 @@ def _read_build_log(drv: str) -> str | None:
 
 
 def _cmd_bundle_nix(args: argparse.Namespace) -> int:
-    from recnix.bundle import bundle_nix
+    from recnix.bundle import BundleError, bundle_nix
 
-    print(bundle_nix(gc_root=args.add_root))
+    try:
+        print(bundle_nix(gc_root=args.add_root, nix_binary=args.nix))
+    except BundleError as e:
+        print(f"recnix bundle-nix: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -159,6 +173,7 @@ def _cmd_busybox(args: argparse.Namespace) -> int:
 
 
 def _cmd_nix_conf(args: argparse.Namespace) -> int:
+    import os
     import shutil
 
     from recnix.config import load_config, render_nix_conf
@@ -168,15 +183,47 @@ def _cmd_nix_conf(args: argparse.Namespace) -> int:
     post = (
         args.post_build_hook or shutil.which("recnix-post-build-hook") or "recnix-post-build-hook"
     )
-    sys.stdout.write(render_nix_conf(config.raw, pre, post))
+    if args.daemon_env:
+        from recnix.config import hook_environment
+
+        entry = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hookentry.py")
+        env = hook_environment(config.raw, sys.executable, entry)
+        sys.stdout.write("".join(f"{key}={value}\n" for key, value in env.items()))
+        return 0
+    lix = args.lix
+    if lix is None:
+        lix = _host_is_lix(args.nix)
+    sys.stdout.write(render_nix_conf(config.raw, pre, post, lix=lix))
     return 0
+
+
+def _host_is_lix(nix: str | None) -> bool:
+    """Whether ``nix`` (default: the ``nix`` on PATH) is Lix, from its ``--version``."""
+    import shutil
+
+    from recnix.nixversion import NixVersionError, nix_version
+
+    binary = nix or shutil.which("nix")
+    if binary is None:
+        print(
+            "recnix nix-conf: no nix on PATH; assuming Nix, not Lix (use --lix or --nix PATH)",
+            file=sys.stderr,
+        )
+        return False
+    try:
+        return nix_version(binary).is_lix
+    except (NixVersionError, OSError) as e:
+        print(f"recnix nix-conf: {e}; assuming Nix, not Lix (use --lix)", file=sys.stderr)
+        return False
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
+    import time
 
     from recnix import control
     from recnix.config import load_config
+    from recnix.status import render_status
 
     config = load_config(args.config)
     try:
@@ -184,8 +231,57 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except control.ControlError as e:
         print(f"recnix status: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(reply["sessions"], indent=2))
+    if args.json:
+        print(json.dumps(reply["sessions"], indent=2))
+    else:
+        sys.stdout.write(render_status(reply["sessions"], time.time()))
     return 0
+
+
+DOCTOR_HELP = """\
+Check this machine's setup for recursive builds, one line per check, with what
+to do when one fails: the Nix version and protocol, nix.conf as the daemon
+reads it ($NIX_CONF_DIR/nix.conf, else /etc/nix/nix.conf: sandbox,
+sandbox-fallback, both hooks, system features, build users), the nix-daemon
+that daemon.upstream names, the recnix service on its control socket, user
+namespaces and open_tree/move_mount (else recnix falls back to hard links),
+the state and gc-roots directories; then a real check, a small opted-in build
+that runs `nix-store --add` in its sandbox.
+
+Exit status 0 when nothing FAILed (warnings pass), 1 otherwise. It changes
+nothing, except that the build check adds to the Nix store what it needs
+(busybox and the Nix bundle, as `recnix busybox` / `recnix bundle-nix` do,
+unless --busybox/--nix or $RECNIX_BUSYBOX/$RECNIX_NIX give them) and its own
+small unrooted output. Run it as root (the control socket is root-only).
+"""
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from recnix import doctor
+    from recnix.config import load_config
+
+    config = load_config(args.config)
+    results = doctor.run_checks(doctor.gather(config))
+    if not args.json:
+        sys.stdout.writelines(doctor.render_line(r) for r in results)
+        sys.stdout.flush()  # the build check takes a while
+    if args.no_build:
+        build = doctor.Result("build", doctor.SKIP, "test build skipped (--no-build)")
+    else:
+        build = doctor.build_check(
+            nix=args.nix or os.environ.get("RECNIX_NIX") or None,
+            busybox=args.busybox or os.environ.get("RECNIX_BUSYBOX") or None,
+            timeout=args.timeout,
+        )
+    results.append(build)
+    if args.json:
+        print(json.dumps(doctor.to_json(results), indent=2))
+    else:
+        sys.stdout.write(doctor.render_line(build) + doctor.verdict(results))
+    return 0 if doctor.passed(results) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,11 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bundle-nix",
         help="put a Nix usable inside builds into the store (non-NixOS hosts); print its path",
-        description="Copies this host's nix binary, the libraries it needs and wrapper "
+        description="Copies a nix binary (Nix or Lix), the libraries it needs and wrapper "
         "scripts (nix, nix-build, nix-store, ...) into the store, so a derivation "
         "can use ${bundle}/bin/nix-build in its builder.",
     )
     p.add_argument("--add-root", metavar="LINK", help="also make LINK a GC root of the bundle")
+    p.add_argument(
+        "--nix",
+        metavar="PATH",
+        help="the nix binary to bundle (default: nix on PATH, else /usr/bin/nix)",
+    )
     p.set_defaults(func=_cmd_bundle_nix)
 
     p = sub.add_parser(
@@ -268,12 +369,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pre-build-hook", help="hook path (default: recnix-pre-build-hook on PATH)")
     p.add_argument("--post-build-hook", help="hook path (default: recnix-post-build-hook on PATH)")
+    p.add_argument(
+        "--lix",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the host runs Lix: leave out Nix's built-in recursive-nix (experimental "
+        "feature and system feature); default: detected from `nix --version`",
+    )
+    p.add_argument(
+        "--nix", metavar="PATH", help="the nix whose --version tells Lix (default: nix on PATH)"
+    )
+    p.add_argument(
+        "--daemon-env",
+        action="store_true",
+        help="print instead nix-daemon's environment for the hooks (KEY=VALUE lines, e.g. "
+        "for a systemd EnvironmentFile): the config's decisions, so that no build reads it",
+    )
     p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_nix_conf)
 
-    p = sub.add_parser("status", help="list the open sessions of the running service")
+    p = sub.add_parser(
+        "status",
+        help="list the open sessions of the running service",
+        description="A table of the service's open sessions: the build, its nesting depth, "
+        "age, nested build requests, paths (and bytes) added or built, connections now.",
+    )
+    p.add_argument("--json", action="store_true", help="the sessions as JSON (for scripts)")
     p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine's setup for recursive builds (changes nothing)",
+        description=DOCTOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="the results as JSON (for scripts)")
+    p.add_argument("--no-build", action="store_true", help="skip the test build")
+    p.add_argument("--nix", metavar="STORE-PATH", help="Nix for the test build (bin/nix-store)")
+    p.add_argument("--busybox", metavar="STORE-PATH", help="busybox for the test build (bin/sh)")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, metavar="SECONDS", help="test build limit"
+    )
+    p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_doctor)
     return parser
 
 

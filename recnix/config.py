@@ -29,22 +29,40 @@ def load_defaults() -> dict[str, Any]:
         return tomllib.load(f)
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", str: "a string", list: "a list"}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value + '"'
+    return repr(value)
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
         if key not in base:
-            raise ConfigError(f"unknown setting '{where}{key}' (known: {', '.join(sorted(base))})")
+            import difflib
+
+            close = difflib.get_close_matches(key, list(base), n=1)
+            hint = f"did you mean '{where}{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"unknown setting '{where}{key}': {hint}known "
+                f"{'in [' + where.rstrip('.') + ']' if where else 'tables'}: "
+                f"{', '.join(sorted(base))} (`recnix daemon --help` describes them)"
+            )
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"'{where}{key}' must be a table")
+                raise ConfigError(f"'{where}{key}' must be a table ([{where}{key}])")
             merged[key] = _merge(base[key], value, f"{where}{key}.")
         else:
             expected = type(base[key])
-            if expected is int and isinstance(value, bool):
-                raise ConfigError(f"'{where}{key}' must be an integer, not a boolean")
-            if not isinstance(value, expected):
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ConfigError(
-                    f"'{where}{key}' must be {expected.__name__}, got {type(value).__name__}"
+                    f"'{where}{key}' must be {_TYPE_WORDS.get(expected, expected.__name__)}, "
+                    f"not {_toml_value(value)} (e.g. {key} = {_toml_value(base[key])})"
                 )
             merged[key] = value
     return merged
@@ -103,8 +121,13 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
             raise ConfigError(f"config file {path} does not exist") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from e
-        raw = _merge(raw, site, "")
-    _validate(raw)
+        try:
+            raw = _merge(raw, site, "")
+            _validate(raw)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    else:
+        _validate(raw)
     return Config(raw=raw, source=path)
 
 
@@ -124,6 +147,11 @@ def _validate(raw: dict[str, Any]) -> None:
             raise ConfigError(f"'policy.{key}' must not be negative")
     if policy["max-connections-per-session"] < 1:
         raise ConfigError("'policy.max-connections-per-session' must be at least 1")
+    if policy["existing-fixed-outputs"] not in ("allow", "deny"):
+        raise ConfigError(
+            f"'policy.existing-fixed-outputs' is {policy['existing-fixed-outputs']!r}: "
+            'use "allow" or "deny"'
+        )
 
 
 def _conf_value(value: Any) -> str:
@@ -134,17 +162,74 @@ def _conf_value(value: Any) -> str:
     return str(value)
 
 
+# Nix's built-in recursive Nix: its experimental feature and system feature. Lix
+# (2.93+) removed it: it warns about the unknown experimental feature on every
+# command, and a build asking for the system feature would start without any socket.
+BUILTIN_RECURSIVE_NIX = "recursive-nix"
+
+
+def _without_builtin(key: str, value: Any) -> Any:
+    """``value`` of [nix] ``key`` with Nix's built-in recursive-nix left out (for Lix)."""
+    if key in ("experimental-features", "extra-experimental-features", "extra-system-features"):
+        if isinstance(value, list):
+            return [v for v in value if v != BUILTIN_RECURSIVE_NIX]
+        if isinstance(value, str):
+            return " ".join(v for v in value.split() if v != BUILTIN_RECURSIVE_NIX)
+    return value
+
+
 def nix_conf_settings(
-    raw: dict[str, Any], pre_build_hook: str, post_build_hook: str
+    raw: dict[str, Any], pre_build_hook: str, post_build_hook: str, lix: bool = False
 ) -> dict[str, str]:
-    """The nix.conf settings a host needs for recnix, as name -> value strings."""
-    settings = {key: _conf_value(value) for key, value in raw["nix"].items()}
+    """The nix.conf settings a host needs for recnix, as name -> value strings.
+
+    ``lix``: the host runs Lix, which has no built-in recursive-nix: its
+    experimental feature and system feature are left out (a setting left empty
+    is left out).
+    """
+    nix = raw["nix"]
+    if lix:
+        nix = {key: _without_builtin(key, value) for key, value in nix.items()}
+        nix = {key: value for key, value in nix.items() if value not in ([], "")}
+    settings = {key: _conf_value(value) for key, value in nix.items()}
     settings["pre-build-hook"] = pre_build_hook
     settings["post-build-hook"] = post_build_hook
     return dict(sorted(settings.items()))
 
 
-def render_nix_conf(raw: dict[str, Any], pre_build_hook: str, post_build_hook: str) -> str:
+def render_nix_conf(
+    raw: dict[str, Any], pre_build_hook: str, post_build_hook: str, lix: bool = False
+) -> str:
     """Render :func:`nix_conf_settings` as nix.conf lines (sorted, one per line)."""
-    settings = nix_conf_settings(raw, pre_build_hook, post_build_hook)
+    settings = nix_conf_settings(raw, pre_build_hook, post_build_hook, lix)
     return "".join(f"{key} = {value}\n" for key, value in settings.items())
+
+
+HOOK_SOCKET_ENV = "RECNIX_HOOK_SOCKET"
+HOOK_PYTHON_ENV = "RECNIX_HOOK_PYTHON"
+HOOK_ENTRY_ENV = "RECNIX_HOOK_ENTRY"
+HOOK_MARKS_ENV = "RECNIX_HOOK_MARKS"
+
+
+def hook_environment(
+    raw: dict[str, Any], python: str | None = None, entry: str | None = None
+) -> dict[str, str]:
+    """nix-daemon's environment for the hook script, decided once from the config.
+
+    ``RECNIX_HOOK_SOCKET`` (only when ``[hooks]`` chains nothing) spares every
+    build the script's config scan, and ``RECNIX_HOOK_MARKS``
+    (``<state-dir>/hook-marks``) the post-build hook's read of the ``.drv``: the
+    pre-build hook marks there the builds that mention recnix. ``RECNIX_HOOK_PYTHON`` and
+    ``RECNIX_HOOK_ENTRY`` (``recnix/hookentry.py``) let opted-in builds start
+    Python with ``-I -S``. Rendered by ``recnix nix-conf --daemon-env`` and the
+    NixOS module; a config change needs them rendered again.
+    """
+    env: dict[str, str] = {}
+    hooks = raw["hooks"]
+    if not hooks["pre-build"] and not hooks["post-build"]:
+        env[HOOK_SOCKET_ENV] = str(raw["daemon"]["control-socket"])
+        env[HOOK_MARKS_ENV] = f"{raw['daemon']['state-dir']}/hook-marks"
+    if python and entry:
+        env[HOOK_PYTHON_ENV] = python
+        env[HOOK_ENTRY_ENV] = entry
+    return env

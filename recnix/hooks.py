@@ -26,8 +26,11 @@ if TYPE_CHECKING:
     from typing import Any
 
 SOCKET_OPTION = "--control-socket"
-# The session's socket directory is bind-mounted here, so that the sandbox sees
-# the socket of a restarted service too; clients connect to <dir>/socket.
+# Where Nix honours the hook's output (extra-sandbox-paths), the session's socket
+# directory is bind-mounted here, so that the sandbox sees the socket of a
+# restarted service too; clients connect to <dir>/socket. The service also puts
+# a socket of the session at this path under the chroot itself (Lix drops the
+# hook's output; see recnix.sandboxsocket).
 SANDBOX_SOCKET_DIR = "/nix/var/nix/daemon-socket"
 FEATURE = b"recnix"
 
@@ -182,6 +185,31 @@ def _split_socket_option(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def poison_sandbox(chroot: str, message: str) -> None:
+    """Make the first Nix command in the sandbox fail with ``message``.
+
+    For a Nix that drops the hook's output (Lix 2.93–2.95), the hook's error line
+    cannot fail the build: the builder would start without a socket and its Nix
+    client would fail with an unrelated "creating directory '/nix/var'". An
+    illegal line in the sandbox's /etc/nix/nix.conf makes that client fail with
+    this message instead. Where Nix honours the hook's output, the build fails
+    before its builder starts and Nix deletes the chroot with this file.
+    """
+    conf_dir = os.path.join(chroot, "etc", "nix")
+    try:
+        os.makedirs(conf_dir, mode=0o755, exist_ok=True)
+        path = os.path.join(conf_dir, "nix.conf")
+        if os.path.lexists(path):
+            os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{message}\n")
+    except OSError as e:
+        print(
+            f"recnix: cannot write the error into {chroot}/etc/nix/nix.conf: {e}", file=sys.stderr
+        )
+
+
 def pre_build_main(argv: list[str] | None = None) -> int:
     """Console entry point for nix.conf's ``pre-build-hook``:
     argv = [--control-socket PATH] DRV [CHROOT]."""
@@ -189,8 +217,8 @@ def pre_build_main(argv: list[str] | None = None) -> int:
     if not args or len(args) > 2 or args[0].startswith("-"):
         print(f"usage: recnix pre-build-hook [{SOCKET_OPTION} PATH] DRV [CHROOT]", file=sys.stderr)
         return 2
+    chroot = args[1] if len(args) > 1 else None
     try:
-        chroot = args[1] if len(args) > 1 else None
         sys.stdout.write(pre_build(args[0], chroot, control_socket))
     except Exception as e:  # any failure must name the build, and fail only this build
         message = " ".join(f"recnix: {e}".split())
@@ -199,6 +227,8 @@ def pre_build_main(argv: list[str] | None = None) -> int:
         # quotes an unknown hook command in the error the client sees: this
         # line fails the build with our message.
         sys.stdout.write(message + "\n")
+        if chroot:
+            poison_sandbox(chroot, message)
         return 0
     return 0
 

@@ -160,6 +160,10 @@ class NarParser:
         except ProtocolError as e:
             self._failed = e
             raise
+        finally:
+            # the kept error's traceback holds this frame: without this, its view would
+            # pin the caller's buffer (a bytearray that can then no longer grow)
+            mv.release()
         return pos
 
     def _emit(self, event: NarEvent) -> None:

@@ -29,6 +29,7 @@ from recnix.storepath import (
 )
 
 NIX_COMMAND = ["--extra-experimental-features", "nix-command"]
+JSON_FORMAT_1 = ["--json-format", "1"]  # Nix >= 2.33: full store paths, string hashes
 REGISTER_COMMAND = ["nix-store", "--register-validity", "--reregister", "--hash-given"]
 REGISTER_TIMEOUT = 600.0  # seconds for one re-registration (it waits for the store's locks)
 CA_OUTPUT_KINDS = ("caFixed", "caFloating", "impure")
@@ -47,9 +48,14 @@ class FinaliseReport:
 
 
 def local_store_env(nix_env: Mapping[str, str]) -> dict[str, str]:
-    """`nix_env` with direct local-store access (NIX_REMOTE removed), as re-registering needs."""
+    """`nix_env` with direct local-store access, as re-registering needs.
+
+    ``NIX_REMOTE=local``, not merely unset: since Lix 2.94 the default store
+    (``auto``) is the daemon whenever its socket exists, even for root, and the
+    daemon refuses `--register-validity` ("you don't have sufficient rights").
+    """
     env = dict(nix_env)
-    env.pop("NIX_REMOTE", None)
+    env["NIX_REMOTE"] = "local"
     env.setdefault("NIX_PAGER", "cat")
     return env
 
@@ -205,12 +211,40 @@ class CliQueries:
 
 def path_info(path: str, nix_env: Mapping[str, str]) -> dict:
     """One `nix path-info --json` record: narHash, narSize, references, deriver (if known)."""
-    out = _run(["nix", *NIX_COMMAND, "path-info", "--json", path], nix_env)
+    argv = ["nix", *NIX_COMMAND, "path-info", "--json", path]
     try:
-        (info,) = json.loads(out)
+        out = _run(argv, nix_env)
+    except FinaliseError as e:
+        # Nix >= 2.33 deprecates --json without --json-format (one day an error); older
+        # Nix rejects the flag. Ask for the format parse_path_info reads only when needed.
+        if "--json-format" not in str(e):
+            raise
+        out = _run([*argv[:-1], *JSON_FORMAT_1, path], nix_env)
+    return parse_path_info(path, out)
+
+
+def parse_path_info(path: str, text: str) -> dict:
+    """``path``'s record in `nix path-info --json` output (JSON format 1).
+
+    Nix 2.8 prints a list of records (``"path"``, ``"valid"``); Nix 2.19 on print
+    an object keyed by store path, with ``null`` for an invalid path.
+    """
+    try:
+        data = json.loads(text)
     except ValueError as e:
         raise FinaliseError(f"cannot read the path info of {path}: {e}") from None
-    if not info.get("valid", True):
+    if isinstance(data, list):
+        records = {r.get("path"): r for r in data if isinstance(r, dict)}
+    elif isinstance(data, dict) and "info" not in data:
+        records = data
+    else:
+        raise FinaliseError(
+            f"cannot read the path info of {path}: unexpected JSON shape {text[:200]!r}"
+        )
+    if path not in records:
+        raise FinaliseError(f"cannot read the path info of {path}: not in {sorted(records)}")
+    info = records[path]
+    if not info or not info.get("valid", True):
         raise FinaliseError(f"{path} is not valid")
     return info
 

@@ -9,6 +9,7 @@ that still run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recnix import control
+from recnix import control, sandboxsocket
 from recnix.audit import AuditLog
 from recnix.config import Config
 from recnix.derivation import DerivationError, read_derivation
@@ -31,7 +32,7 @@ from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs
 from recnix.remote import Guards
-from recnix.session import ResumeError, Session
+from recnix.session import ClientProtocol, ResumeError, Session
 from recnix.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("recnix.service")
@@ -156,6 +157,7 @@ class Service:
         self.state_dir = config.state_dir
         self.gc_roots_dir = Path(config["daemon"]["gc-roots-dir"])
         self.sessions: dict[str, Session] = {}
+        self.opened_at: dict[str, float] = {}  # sid -> when this service opened/resumed it
         audit_path = config["daemon"]["audit-log"]
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
@@ -178,6 +180,8 @@ class Service:
         self._stopping = asyncio.Event()
         self._spares: list[Upstream] = []
         self._filling: asyncio.Task | None = None
+        # sid -> (server, inode) of each session's socket inside its chroot
+        self._sandbox_sockets: dict[str, tuple[asyncio.base_events.Server, int]] = {}
         self.guards = Guards(self.state_dir, self.audit)  # builds without a .drv here
 
     # -- upstream
@@ -259,6 +263,7 @@ class Service:
             # Running builds keep their sessions: the next run of the service resumes them.
             for session in list(self.sessions.values()):
                 await session.detach()
+                self._drop_sandbox_socket(session, unlink=False)
             if control_path.exists():
                 control_path.unlink()
             log.info("recnix service stopped")
@@ -317,7 +322,9 @@ class Service:
         )
         try:
             await session.resume(record)
-        except (ResumeError, UpstreamError, OSError) as e:
+            await self._place_sandbox_socket(session)
+        except (ResumeError, UpstreamError, OSError, sandboxsocket.PlacementError) as e:
+            self._drop_sandbox_socket(session)
             await session.close("not resumed")
             return str(e)
         if session.holds_slot:
@@ -326,6 +333,7 @@ class Service:
             else:
                 await self._slots.acquire()
         self.sessions[record.sid] = session
+        self.opened_at[record.sid] = time.time()
         session.start_registrar()
         self.audit.write("resumed", record.sid, drv=record.drv_path, paths=len(session.added))
         log.info(
@@ -377,6 +385,7 @@ class Service:
                 "socket": str(session.socket_path),
                 "socket_dir": str(session.socket_dir),
                 "session": session.sid,
+                "sandbox_socket": f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET}",
             }
         if op == "finalise":
             messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
@@ -399,6 +408,9 @@ class Service:
             "state": s.state,
             "added": len(s.added),
             "builds": s.builds,
+            "added_bytes": s.added_bytes,
+            "connections": s.connections,
+            "opened": self.opened_at.get(s.sid),
         }
 
     # -- sessions
@@ -481,7 +493,13 @@ class Service:
         except OSError as e:
             await self._end(session, None, "failed to start")
             raise OpenRefused(f"cannot write /etc/nix/nix.conf into {chroot}: {e}") from e
+        try:
+            await self._place_sandbox_socket(session)
+        except sandboxsocket.PlacementError as e:
+            await self._end(session, None, "failed to start")
+            raise OpenRefused(f"cannot give {drv_path} its recnix socket: {e}") from e
         self.sessions[sid] = session
+        self.opened_at[sid] = time.time()
         self.audit.write(
             "opened",
             sid,
@@ -569,6 +587,8 @@ class Service:
         if audit_event:
             self.audit.write(audit_event, session.sid, drv=session.drv_path, reason=reason)
         self.sessions.pop(session.sid, None)
+        self._drop_sandbox_socket(session)
+        self.opened_at.pop(session.sid, None)
         await session.close(reason)
         if getattr(session, "holds_slot", False):
             session.holds_slot = False
@@ -597,6 +617,11 @@ class Service:
         now = time.monotonic()
         if session.chroot.is_dir():
             pid = await asyncio.get_running_loop().run_in_executor(None, session.view.sandbox_pid)
+            if pid is not None and not session.seen_process:
+                reason = self._builder_misses_socket(session, pid)
+                if reason is not None:
+                    await self._fail_builder(session, pid, reason)
+                    return
             if pid is not None or not session.seen_process:
                 session.seen_process = session.seen_process or pid is not None
                 session.ended_since = None
@@ -618,3 +643,77 @@ class Service:
             await self._end(session, "aborted", "the build failed or was killed")
         elif now - session.ended_since > FINALISE_GRACE:
             await self._end(session, "aborted", "the build ended without a post-build hook call")
+
+    # -- the session's socket inside the build's chroot (see recnix.sandboxsocket)
+
+    async def _place_sandbox_socket(self, session: Session) -> None:
+        """Listen for ``session`` also at <chroot>/nix/var/nix/daemon-socket/socket, which
+        the builder sees whether or not Nix honours the pre-build hook's output (Lix
+        drops it); replaces the socket of a previous run. PlacementError if it is not in
+        place afterwards."""
+        self._drop_sandbox_socket(session, unlink=False)
+        sock, inode = sandboxsocket.place(session.chroot)
+        try:
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda: ClientProtocol(session), sock=sock
+            )
+        except OSError as e:
+            sock.close()
+            raise sandboxsocket.PlacementError(f"cannot serve the chroot socket: {e}") from e
+        self._sandbox_sockets[session.sid] = (server, inode)
+        if not sandboxsocket.in_place(session.chroot, inode):
+            raise sandboxsocket.PlacementError(
+                f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET} is not the session's socket "
+                "right after it was made there"
+            )
+
+    def _drop_sandbox_socket(self, session: Session, unlink: bool = True) -> None:
+        """Stop serving the chroot socket of ``session``; with ``unlink``, remove its name
+        too (if it is still ours; Nix may have deleted the chroot already)."""
+        entry = self._sandbox_sockets.pop(session.sid, None)
+        if entry is None:
+            return
+        server, inode = entry
+        server.close()
+        if unlink and sandboxsocket.in_place(session.chroot, inode):
+            try:
+                os.unlink(f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET}")
+            except OSError as e:
+                log.debug("session %s: cannot remove its chroot socket: %s", session.sid, e)
+
+    def _builder_misses_socket(self, session: Session, pid: int) -> str | None:
+        """Why the builder ``pid`` (first seen) cannot reach its session, or None if the
+        socket it finds at the sandbox socket path is one of the session's."""
+        ours = set()
+        for path in (
+            str(session.socket_path),
+            f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET}",
+        ):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            ours.add((st.st_dev, st.st_ino))
+        seen = sandboxsocket.seen_by(pid)
+        if seen is not None and seen in ours:
+            return None
+        if not session.view.chroot_root.is_dir() or not os.path.exists(f"/proc/{pid}"):
+            return None  # the build is over: nothing to check any more
+        what = "no socket" if seen is None else "a socket that is not its session's"
+        return (
+            f"{session.drv_path} requires recnix, but its builder finds {what} at "
+            f"{sandboxsocket.SANDBOX_SOCKET}: this Nix made the sandbox from neither the "
+            "pre-build hook's extra-sandbox-paths nor the chroot recnix prepared"
+        )
+
+    async def _fail_builder(self, session: Session, pid: int, reason: str) -> None:
+        """Fail the build of ``session``: ``reason`` into its log, then kill its builder."""
+        log.error("session %s: %s", session.sid, reason)
+        try:
+            with open(f"/proc/{pid}/fd/2", "w") as stderr:
+                stderr.write(f"recnix: {reason}; failing the build\n")
+        except OSError as e:
+            log.warning("session %s: cannot write into the build's log: %s", session.sid, e)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await self._end(session, "aborted", reason)

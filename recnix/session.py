@@ -1,11 +1,15 @@
-"""One opted-in build's restricted view of the store, and the proxy serving it.
+"""One opted-in build's session, and the proxy serving its socket.
 
-The view follows nix-internals §6.4: allowed = closure of the build's inputs ∪
-what this session added or built; everything else looks invalid; path infos
-are censored; no repair, no signature tricks, no GC, no arbitrary
-substitution; NarFromPath only of allowed paths (§3.5). Every path that
-becomes allowed is rooted on the session's keeper connection and made visible
-inside the sandbox before the reply goes out.
+A :class:`Session` holds the build's state: its allowed set (closure of its
+inputs ∪ what it added or built), its sandbox, its socket, its upstream
+connections. Every path that becomes allowed is rooted on the session's keeper
+connection and made visible inside the sandbox before the reply goes out.
+
+A :class:`ConnectionHandler` serves one client connection: it decodes a
+request, has its :class:`~recnix.restricted.RestrictedStore` (which holds what
+every op may do, and the rule of :mod:`recnix.policy`) answer it over the
+session's upstream connections (:class:`ConnectionUpstreams`), and encodes
+the reply. It holds no policy.
 """
 
 from __future__ import annotations
@@ -18,43 +22,27 @@ import os
 import shutil
 import socket
 import struct
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recnix.aio import READ_CHUNK, stream_data
+from recnix.aio import stream_data
 from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
 from recnix.gcroots import SessionRoots
 from recnix.journal import SessionJournal, SessionRecord
 from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
-from recnix.nar import dump_path
-from recnix.policy import (
-    Denied,
-    Limits,
-    checked_path,
-    drv_closure,
-    fixed_output_drvs,
-    opted_in_drvs,
-    requested_features,
-    to_build,
-)
+from recnix.policy import Denied, Limits, drv_closure
 from recnix.protocol import (
     NEED_DATA,
     NOT_TRUSTED,
     ConnectionClosed,
-    Data,
     DerivedPath,
-    EndOfData,
-    GCResult,
     HandshakeDone,
+    KeyedBuildResult,
     Missing,
-    MultipleParser,
-    NarEnd,
-    NarStart,
     Op,
     PathInfo,
     ProtocolError,
@@ -66,7 +54,10 @@ from recnix.protocol import (
     op_spec,
 )
 from recnix.register import FinaliseError, Registrar
-from recnix.upstream import Upstream, UpstreamClosed, UpstreamError
+from recnix.restricted import SYNC_OPS, NarReply, RestrictedStore, censor
+from recnix.store import Data as StoreData
+from recnix.store import LogCallback
+from recnix.upstream import LocalStoreFiles, Upstream, UpstreamClosed, UpstreamError
 
 if TYPE_CHECKING:
     from recnix.service import Service
@@ -81,9 +72,6 @@ NAR_CHUNK = 1 << 16
 WRITE_HIGH_WATER = 1 << 18
 # Upstream connections a session keeps open for its next clients.
 IDLE_UPSTREAMS = 4
-# A text or flat-file add is received whole before it is forwarded (see
-# op_add_to_store); up to this many bytes in memory, the rest in a temporary file.
-SPOOL_IN_MEMORY = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -99,20 +87,6 @@ def peer_credentials(sock: socket.socket) -> Peer:
     """The connecting process's pid/uid/gid."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return Peer(*struct.unpack("3i", raw))
-
-
-def censor(info: PathInfo) -> PathInfo:
-    """What a sandboxed client may learn about a path (as Nix's RestrictedStore)."""
-    return PathInfo(
-        deriver=None,
-        nar_hash=info.nar_hash,
-        references=list(info.references),
-        registration_time=0,
-        nar_size=info.nar_size,
-        ultimate=False,
-        sigs=[],
-        ca=info.ca,
-    )
 
 
 class ResumeError(Exception):
@@ -176,6 +150,10 @@ class Session:
         # what it added or built, rooted also while the service restarts
         self.roots = SessionRoots(service.gc_roots_dir, sid)
         self.registrar: Registrar | None = None  # finalisation's nix-store, started early
+        # parsed .drv files (store paths do not change) and the derivations known to pass
+        # rule 1 of recnix.policy (it depends only on the allowed set, which only grows)
+        self.drv_cache: dict[str, Derivation | None] = {}
+        self.sound_drvs: set[str] = set()
 
     # -- lifecycle
 
@@ -376,6 +354,10 @@ class Session:
         else:
             await up.close()
 
+    def audit(self, event: str, **fields: Any) -> None:
+        """Write one audit event of this session."""
+        self.service.audit.write(event, self.sid, drv=self.drv_path, **fields)
+
     # -- the allowed set
 
     def is_allowed(self, path: str) -> bool:
@@ -532,6 +514,7 @@ class ClientProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.handler is not None:
             self.handler.on_data(b"")
+            return True  # a half-closed client still gets its replies; the handler closes
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -548,9 +531,81 @@ class ClientProtocol(asyncio.Protocol):
             self.handler.wake()
 
 
+class ConnectionUpstreams(LocalStoreFiles):
+    """The :class:`~recnix.store.Store` one client connection forwards to: its session's
+    upstream connections, taken when first needed, one that runs nix.conf's build hooks
+    and (when ``Service.hooks_optional``) one that does not."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.upstreams: dict[bool, Upstream] = {}
+
+    async def up(self, hooks: bool = False) -> Upstream:
+        """The upstream connection; ``hooks``: builds on it must run nix.conf's hooks
+        (always so unless ``Service.hooks_optional``)."""
+        hooks = hooks or not self.session.service.hooks_optional
+        up = self.upstreams.get(hooks)
+        if up is None or up.closed:
+            up = self.upstreams[hooks] = await self.session.take_upstream(hooks)
+        return up
+
+    async def release(self) -> None:
+        for up in self.upstreams.values():
+            await self.session.release_upstream(up)
+        self.upstreams.clear()
+
+    async def query_path_info(self, path: str) -> PathInfo | None:
+        return await (await self.up()).query_path_info(path)
+
+    async def query_valid_paths(self, paths: Iterable[str], substitute: bool = False) -> list[str]:
+        return await (await self.up()).query_valid_paths(paths, substitute)
+
+    async def query_derivation_outputs(self, drv_path: str) -> list[str]:
+        return await (await self.up()).query_derivation_outputs(drv_path)
+
+    async def query_derivation_output_names(self, drv_path: str) -> list[str]:
+        return await (await self.up()).query_derivation_output_names(drv_path)
+
+    async def query_derivation_output_map(self, drv_path: str) -> dict[str, str | None]:
+        return await (await self.up()).query_derivation_output_map(drv_path)
+
+    async def query_missing(self, targets: list[DerivedPath]) -> Missing:
+        return await (await self.up()).query_missing(targets)
+
+    async def query_realisation(self, rid: str) -> Any:
+        return await (await self.up()).query_realisation(rid)
+
+    async def add_to_store(
+        self, name: str, ca_method: str, references: Iterable[str], data: StoreData
+    ) -> ValidPathInfo:
+        return await (await self.up()).add_to_store(name, ca_method, references, data)
+
+    async def add_to_store_nar(self, info: ValidPathInfo, data: StoreData) -> None:
+        await (await self.up()).add_to_store_nar(info, data)
+
+    async def build_paths(
+        self,
+        targets: list[DerivedPath],
+        build_mode: int = 0,
+        on_log: LogCallback | None = None,
+        hooks: bool = True,
+    ) -> None:
+        await (await self.up(hooks)).build_paths(targets, build_mode, on_log)
+
+    async def build_paths_with_results(
+        self,
+        targets: list[DerivedPath],
+        build_mode: int = 0,
+        on_log: LogCallback | None = None,
+        hooks: bool = True,
+    ) -> list[KeyedBuildResult]:
+        return await (await self.up(hooks)).build_paths_with_results(targets, build_mode, on_log)
+
+
 class ConnectionHandler:
-    """Serves one in-sandbox client connection; one upstream connection behind it
-    (two when a nested build needs nix.conf's hooks and the first skips them).
+    """Serves one in-sandbox client connection: decodes requests, has its
+    :class:`~recnix.restricted.RestrictedStore` answer them, encodes the replies.
+    No policy here: what each op may do is the restricted store's.
 
     A task (``run``) serves requests in order. While it waits for the next
     request, ``on_data`` answers requests that need no I/O (IsValidPath, a
@@ -563,24 +618,32 @@ class ConnectionHandler:
         self.session = session
         self.transport = transport
         self.peer = peer
+        self.pid = peer.pid
         version = session.keeper.nix_version if session.keeper else "2.8.0"
         self.conn = ServerConnection(nix_version=version, trust=NOT_TRUSTED)
-        # upstream connections by whether builds on them run nix.conf's hooks
-        self.upstreams: dict[bool, Upstream] = {}
+        self.upstreams = ConnectionUpstreams(session)
+        self.store = RestrictedStore(self.upstreams, session, self)
         self.stream_open = False  # the current request's trailing stream is not consumed yet
-        self.forward_logs = session.service.config.policy["forward-build-logs"]
         self.paused = False  # the transport's write buffer is full
         self.lost = False
+        self.eof_owed = False  # the client half-closed with replies owed: answer, then close
         self._idle = False  # the task waits for a request: the fast path may answer
         self._stash: list[Any] = []  # what the fast path consumed but left to the task
         self._wakeup: asyncio.Future[None] | None = None
         # QueryPathInfo replies as sent: path -> (the session's PathInfo, encoded bytes)
         self._path_info_replies: dict[str, tuple[PathInfo, bytes]] = {}
 
+    @property
+    def minor(self) -> int:
+        return self.conn.minor
+
     # -- plumbing
 
     def on_data(self, data: bytes) -> None:
         """Bytes (``b""``: end of input) from the client."""
+        if not data:
+            # replies still owed: a client that half-closed after its requests
+            self.eof_owed = not self._idle or bool(self._stash)
         self.conn.receive_data(data)
         if self._idle:
             self._answer_fast()
@@ -689,24 +752,13 @@ class ConnectionHandler:
         async for _ in self.stream():
             pass
 
-    async def up(self, hooks: bool = False) -> Upstream:
-        """This connection's upstream connection; ``hooks``: builds on it must run
-        nix.conf's hooks (always so unless ``Service.hooks_optional``)."""
-        hooks = hooks or not self.session.service.hooks_optional
-        up = self.upstreams.get(hooks)
-        if up is None or up.closed:
-            up = self.upstreams[hooks] = await self.session.take_upstream(hooks)
-        return up
-
-    async def forward_log(self, msg: StderrMessage) -> None:
-        if self.forward_logs:
-            self.conn.send_log(msg)
-            await self.flush()
+    async def log(self, msg: StderrMessage) -> None:
+        """Pass a nested build's log message on to the client."""
+        self.conn.send_log(msg)
+        await self.flush()
 
     async def close(self) -> None:
-        for up in self.upstreams.values():
-            await self.session.release_upstream(up)
-        self.upstreams.clear()
+        await self.upstreams.release()
         with contextlib.suppress(ConnectionError, OSError):
             self._write_out()
         self.transport.close()
@@ -720,10 +772,25 @@ class ConnectionHandler:
             if isinstance(ev, ConnectionClosed):
                 return
             assert isinstance(ev, HandshakeDone)
+            log.debug(
+                "session %s: pid %d speaks protocol 1.%d (it offered 1.%d, recnix 1.%d)",
+                s.sid,
+                self.peer.pid,
+                ev.minor,
+                ev.client_minor,
+                ev.server_minor,
+            )
             await self.flush()
             while True:
                 ev = await self.next_request_event()
                 if isinstance(ev, ConnectionClosed):
+                    if self.eof_owed and not self.lost:
+                        log.info(
+                            "session %s: client pid %d half-closed its connection with "
+                            "requests pending; answered them, closing",
+                            s.sid,
+                            self.peer.pid,
+                        )
                     return
                 if isinstance(ev, tuple):
                     await self.dispatch(*ev)
@@ -739,9 +806,7 @@ class ConnectionHandler:
                 self.peer.pid,
                 e,
             )
-            s.service.audit.write(
-                "protocol-error", s.sid, drv=s.drv_path, pid=self.peer.pid, reason=str(e)
-            )
+            s.audit("protocol-error", pid=self.peer.pid, reason=str(e))
             try:
                 self.conn.send_error(f"recnix: protocol error: {e}")
                 await self.flush()
@@ -758,19 +823,52 @@ class ConnectionHandler:
                 pass
 
     def _start(self, req: Request) -> Awaitable[None] | None:
-        """Run ``req``'s handler; return what is left to await (None: answered)."""
-        handler = HANDLERS.get(req.op)
-        if handler is None:
-            raise Denied(f"operation {req.op.name} is not allowed in recursive Nix (recnix)")
-        result = handler(self, req.args)
-        return result  # handlers return None (answered) or an awaitable
+        """Start serving ``req``; return what is left to await (None: answered)."""
+        value = self.store.serve(req.op, req.args)
+        if inspect.isawaitable(value):
+            return self._reply_later(req.op, req.args, value)
+        if isinstance(value, NarReply):
+            self.conn.send_reply(req.op, None)
+            return self._send_nar(value.chunks)
+        self._reply(req.op, req.args, value)
+        return None
+
+    async def _reply_later(self, op: Op, args: dict, value: Awaitable[Any]) -> None:
+        result = await value
+        if isinstance(result, NarReply):
+            self.conn.send_reply(op, None)
+            await self._send_nar(result.chunks)
+        else:
+            self._reply(op, args, result)
+
+    def _reply(self, op: Op, args: dict, value: Any) -> None:
+        if op is Op.QUERY_PATH_INFO and value is not None:
+            # the hottest op (every nix client asks it for each path): answer with the
+            # encoded reply, kept while the session keeps this PathInfo
+            path = args["path"]
+            cached = self._path_info_replies.get(path)
+            if cached is None or cached[0] is not value:
+                cached = (value, self.conn.encode_reply(op, value))
+                self._path_info_replies[path] = cached
+            self.conn.send_raw(cached[1])
+            return
+        self.conn.send_reply(op, value)
+
+    async def _send_nar(self, chunks: Iterator[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            chunk = await loop.run_in_executor(None, next, chunks, None)
+            if chunk is None:
+                break
+            self.conn.send_raw(chunk)
+            await self.flush()
 
     def _deny(self, op: Op, e: Denied) -> None:
-        self._refused(op, str(e))
+        self.store.refused(op, str(e))
         self.conn.send_error(str(e))
 
     async def dispatch(self, req: Request, pending: Awaitable[None] | None = None) -> None:
-        """Serve one request (``pending``: its handler already started by the fast path)."""
+        """Serve one request (``pending``: already started by the fast path)."""
         try:
             if pending is None:
                 pending = self._start(req)
@@ -785,512 +883,18 @@ class ConnectionHandler:
                         1e3 * (time.perf_counter() - started),
                     )
         except Denied as e:
-            await self._finish_stream(req.op)
+            await self._finish_stream()
             self._deny(req.op, e)
         except UpstreamClosed:
             raise
         except UpstreamError as e:
-            await self._finish_stream(req.op)
+            await self._finish_stream()
             self.conn.send_error(str(e))
         except MaterialiseError as e:
-            self._refused(req.op, str(e))
+            self.store.refused(req.op, str(e))
             self.conn.send_error(f"recnix: {e}")
 
-    async def _finish_stream(self, op: Op) -> None:
+    async def _finish_stream(self) -> None:
         """After a refusal, read the rest of the op's stream so the connection stays in sync."""
         if self.stream_open:
             await self.drain_stream()
-
-    def _refused(self, op: Op, reason: str) -> None:
-        s = self.session
-        s.service.audit.write("refused", s.sid, drv=s.drv_path, op=op.name, reason=reason)
-        log.info("session %s: refused %s: %s", s.sid, op.name, reason)
-
-    def _require_allowed(self, path: str, doing: str) -> str:
-        path = checked_path(path)
-        if not self.session.is_allowed(path):
-            raise Denied(
-                f"cannot {doing} '{path}' in recursive Nix: it is neither an input of "
-                f"{self.session.drv_path} nor something this build added or built"
-            )
-        return path
-
-    def _require_writable(self, what: str) -> None:
-        if self.session.readonly:
-            raise Denied(
-                f"{what} is not allowed: this build uses recnix-readonly (queries over its "
-                "inputs only); require the 'recnix' feature to add or build"
-            )
-
-    # -- queries
-
-    def op_set_options(self, args: dict) -> None:
-        self.conn.send_reply(Op.SET_OPTIONS)
-
-    def op_is_valid_path(self, args: dict) -> None:
-        path = checked_path(args["path"])
-        self.conn.send_reply(Op.IS_VALID_PATH, self.session.is_allowed(path))
-
-    def op_query_path_info(self, args: dict) -> Awaitable[None] | None:
-        path = args["path"]
-        if path in self.session.allowed:  # allowed paths were validated when allowed
-            info = self.session.path_infos.get(path)
-            if info is not None:
-                # the hottest op (every nix client asks it for each path): answer with
-                # the encoded reply, kept while the session keeps this PathInfo
-                cached = self._path_info_replies.get(path)
-                if cached is None or cached[0] is not info:
-                    cached = (info, self.conn.encode_reply(Op.QUERY_PATH_INFO, info))
-                    self._path_info_replies[path] = cached
-                self.conn.send_raw(cached[1])
-                return None
-        path = checked_path(path)
-        if not self.session.is_allowed(path):
-            if self.conn.minor < 17:
-                raise Denied(f"path '{path}' is not valid")
-            self.conn.send_reply(Op.QUERY_PATH_INFO, None)
-            return None
-        info = self.session.path_infos.get(path)
-        if info is not None:
-            self.conn.send_reply(Op.QUERY_PATH_INFO, info)
-            return None
-        return self._query_path_info_upstream(path)
-
-    async def _query_path_info_upstream(self, path: str) -> None:
-        upstream_info = await (await self.up()).query_path_info(path)
-        if upstream_info is None and self.conn.minor < 17:
-            raise Denied(f"path '{path}' is not valid")
-        info = censor(upstream_info) if upstream_info else None
-        if info is not None:
-            self.session.path_infos[path] = info
-        self.conn.send_reply(Op.QUERY_PATH_INFO, info)
-
-    def op_query_valid_paths(self, args: dict) -> None:
-        paths = [checked_path(p) for p in args["paths"]]
-        self.conn.send_reply(Op.QUERY_VALID_PATHS, [p for p in paths if self.session.is_allowed(p)])
-
-    def op_query_all_valid_paths(self, args: dict) -> None:
-        self.conn.send_reply(Op.QUERY_ALL_VALID_PATHS, sorted(self.session.allowed))
-
-    async def op_query_path_hash(self, args: dict) -> None:
-        path = self._require_allowed(args["path"], "query")
-        info = await (await self.up()).query_path_info(path)
-        if info is None:
-            raise Denied(f"path '{path}' is not valid")
-        self.conn.send_reply(Op.QUERY_PATH_HASH, info.nar_hash)
-
-    async def op_query_references(self, args: dict) -> None:
-        path = self._require_allowed(args["path"], "query")
-        info = await (await self.up()).query_path_info(path)
-        if info is None:
-            raise Denied(f"path '{path}' is not valid")
-        self.conn.send_reply(Op.QUERY_REFERENCES, list(info.references))
-
-    def op_query_deriver(self, args: dict) -> None:
-        checked_path(args["path"])
-        self.conn.send_reply(Op.QUERY_DERIVER, None)
-
-    def op_empty_paths(self, args: dict, op: Op) -> None:
-        if "path" in args:
-            checked_path(args["path"])
-        self.conn.send_reply(op, [])
-
-    def op_has_substitutes(self, args: dict) -> None:
-        checked_path(args["path"])
-        self.conn.send_reply(Op.HAS_SUBSTITUTES, False)
-
-    def op_query_substitutable_path_info(self, args: dict) -> None:
-        checked_path(args["path"])
-        self.conn.send_reply(Op.QUERY_SUBSTITUTABLE_PATH_INFO, None)
-
-    def op_query_substitutable_path_infos(self, args: dict) -> None:
-        self.conn.send_reply(Op.QUERY_SUBSTITUTABLE_PATH_INFOS, {})
-
-    def op_query_path_from_hash_part(self, args: dict) -> None:
-        raise Denied("queryPathFromHashPart is not allowed in recursive Nix")
-
-    async def op_drv_query(self, args: dict, op: Op) -> None:
-        key = "drv_path" if "drv_path" in args else "path"
-        drv = self._require_allowed(args[key], "query the outputs of")
-        value = await (await self.up()).call(op, {key: drv})
-        self.conn.send_reply(op, value)
-
-    async def op_query_missing(self, args: dict) -> None:
-        targets: list[DerivedPath] = args["targets"]
-        allowed: list[DerivedPath] = []
-        unknown: list[str] = []
-        for t in targets:
-            path = checked_path(t.path)
-            (allowed if self.session.is_allowed(path) else unknown).append(
-                t if self.session.is_allowed(path) else path
-            )
-        missing = Missing(unknown=unknown)
-        if allowed:
-            up = await (await self.up()).query_missing(allowed)
-            missing = Missing(
-                will_build=up.will_build,
-                will_substitute=up.will_substitute,
-                unknown=sorted(set(up.unknown) | set(unknown)),
-                download_size=up.download_size,
-                nar_size=up.nar_size,
-            )
-        self.conn.send_reply(Op.QUERY_MISSING, missing)
-
-    async def op_query_realisation(self, args: dict) -> None:
-        rid = args.get("id")
-        if rid is not None and rid in self.session.realisations:
-            value = await (await self.up()).call(Op.QUERY_REALISATION, {"id": rid})
-        else:
-            value = [] if self.conn.minor >= 27 else []
-        self.conn.send_reply(Op.QUERY_REALISATION, value)
-
-    async def op_nar_from_path(self, args: dict) -> None:
-        path = self._require_allowed(args["path"], "dump")
-        self.conn.send_reply(Op.NAR_FROM_PATH, None)
-        loop = asyncio.get_running_loop()
-        chunks = dump_path(path)
-        while True:
-            chunk = await loop.run_in_executor(None, next, chunks, None)
-            if chunk is None:
-                break
-            self.conn.send_raw(chunk)
-            await self.flush()
-
-    # -- inert GC and maintenance ops (as Nix's RestrictedStore)
-
-    def op_ensure_path(self, args: dict) -> None:
-        self._require_allowed(args["path"], "substitute")
-        self.conn.send_reply(Op.ENSURE_PATH, 1)
-
-    def op_one(self, args: dict, op: Op) -> None:
-        if "path" in args and op is not Op.ADD_INDIRECT_ROOT:
-            checked_path(args["path"])
-        self.conn.send_reply(op, 1)
-
-    def op_find_roots(self, args: dict) -> None:
-        self.conn.send_reply(Op.FIND_ROOTS, {})
-
-    def op_collect_garbage(self, args: dict) -> None:
-        self._refused(Op.COLLECT_GARBAGE, "garbage collection is inert in recursive Nix")
-        self.conn.send_reply(Op.COLLECT_GARBAGE, GCResult())
-
-    def op_verify_store(self, args: dict) -> None:
-        if args["repair"]:
-            raise Denied("repairing the store is not allowed in recursive Nix")
-        self.conn.send_reply(Op.VERIFY_STORE, 0)
-
-    # -- adds
-
-    def _check_references(self, refs: Iterable[str], own: str | None = None) -> list[str]:
-        refs = [checked_path(r) for r in refs]
-        for ref in refs:
-            if ref != own and not self.session.is_allowed(ref):
-                raise Denied(
-                    f"cannot add a path referring to '{ref}': it is neither an input of "
-                    f"{self.session.drv_path} nor something this build added or built"
-                )
-        return refs
-
-    def _count_bytes(self, n: int) -> None:
-        s = self.session
-        s.added_bytes += n
-        if s.limits.max_added_bytes and s.added_bytes > s.limits.max_added_bytes:
-            raise Denied(
-                f"this build added more than {s.limits.max_added_bytes} bytes through recnix "
-                "(policy.max-added-bytes); raise the limit in the recnix configuration"
-            )
-
-    async def _metered(self, upstream: Upstream) -> AsyncIterator[bytes]:
-        """The request's stream, counted against the byte limit (aborting upstream if hit)."""
-        async for chunk in self.stream():
-            try:
-                self._count_bytes(len(chunk))
-            except Denied:
-                upstream.abort()  # the daemon sees a truncated stream and discards it
-                raise
-            yield chunk
-
-    async def op_add_to_store(self, args: dict) -> None:
-        self._require_writable(f"adding '{args['name']}' to the store")
-        if self.conn.minor < 25:
-            raise Denied("recnix needs a Nix client speaking protocol ≥ 1.25 to add paths")
-        refs = self._check_references(args["references"])
-        request = {
-            "name": args["name"],
-            "ca_method": args["ca_method"],
-            "references": refs,
-            "repair": False,
-        }
-        if args["ca_method"].startswith("fixed:r:"):
-            # A NAR: the daemon rejects it if the stream ends early, so stream it through.
-            up = await self.up()
-            result: ValidPathInfo = await up.call(Op.ADD_TO_STORE, request, data=self._metered(up))
-        else:
-            # Text and flat files: Nix's daemon takes end-of-file for the end of the
-            # data, so a stream cut short (client gone, byte limit hit) would become a
-            # valid truncated path. Forward only what arrived complete.
-            with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
-                async for chunk in self.stream():
-                    self._count_bytes(len(chunk))
-                    spool.write(chunk)
-                spool.seek(0)
-                chunks = iter(lambda: spool.read(READ_CHUNK), b"")
-                result = await (await self.up()).call(Op.ADD_TO_STORE, request, data=chunks)
-        await self.session.allow([result.path], self.peer.pid, "added")
-        self.conn.send_reply(Op.ADD_TO_STORE, ValidPathInfo(result.path, censor(result.info)))
-
-    async def op_add_text_to_store(self, args: dict) -> None:
-        self._require_writable(f"adding '{args['name']}' to the store")
-        refs = self._check_references(args["references"])
-        self._count_bytes(len(args["text"]))
-        result: ValidPathInfo = await (await self.up()).add_to_store(
-            args["name"], "text:sha256", refs, [args["text"]]
-        )
-        await self.session.allow([result.path], self.peer.pid, "added")
-        self.conn.send_reply(Op.ADD_TEXT_TO_STORE, result.path)
-
-    def _nar_args(self, info: ValidPathInfo) -> dict[str, Any]:
-        i = info.info
-        return {
-            "path": info.path,
-            "deriver": i.deriver,
-            "nar_hash": i.nar_hash,
-            "references": list(i.references),
-            "registration_time": i.registration_time,
-            "nar_size": i.nar_size,
-            "ultimate": False,
-            "sigs": list(i.sigs),
-            "ca": i.ca,
-            "repair": False,
-            "dont_check_sigs": False,
-        }
-
-    async def op_add_to_store_nar(self, args: dict) -> None:
-        path = checked_path(args["path"])
-        self._require_writable(f"adding '{path}' to the store")
-        refs = self._check_references(args["references"], own=path)
-        info = ValidPathInfo(
-            path,
-            PathInfo(
-                deriver=args["deriver"],
-                nar_hash=args["nar_hash"],
-                references=refs,
-                registration_time=args["registration_time"],
-                nar_size=args["nar_size"],
-                sigs=list(args["sigs"]),
-                ca=args["ca"],
-            ),
-        )
-        up = await self.up()
-        await up.call(Op.ADD_TO_STORE_NAR, self._nar_args(info), data=self._metered(up))
-        await self.session.allow([path], self.peer.pid, "added")
-        self.conn.send_reply(Op.ADD_TO_STORE_NAR)
-
-    async def op_add_multiple_to_store(self, args: dict) -> None:
-        self._require_writable("adding paths to the store")
-        parser = MultipleParser()
-        events = self._multiple_events(parser)
-        up = await self.up()
-        added: list[str] = []
-        async for ev in events:
-            if not isinstance(ev, NarStart):
-                raise ProtocolError(f"unexpected {type(ev).__name__} in AddMultipleToStore")
-            path = checked_path(ev.info.path)
-            self._check_references(ev.info.info.references, own=path)
-            self._count_bytes(ev.info.info.nar_size)
-
-            async def nar(events: AsyncIterator = events) -> AsyncIterator[bytes]:
-                async for e in events:
-                    if isinstance(e, Data):
-                        yield e.data
-                    elif isinstance(e, NarEnd):
-                        return
-                    else:
-                        raise ProtocolError(f"unexpected {type(e).__name__} inside a NAR")
-
-            # Nix 2.8's daemon desynchronises on already-valid paths inside
-            # AddMultipleToStore (§3.5 item 6): send each path on its own.
-            await up.call(Op.ADD_TO_STORE_NAR, self._nar_args(ev.info), data=nar())
-            added.append(path)
-        await self.session.allow(added, self.peer.pid, "added")
-        self.conn.send_reply(Op.ADD_MULTIPLE_TO_STORE)
-
-    async def _multiple_events(self, parser: MultipleParser) -> AsyncIterator[Any]:
-        async for chunk in self.stream():
-            parser.receive_data(chunk)
-            while (ev := parser.next_event()) is not NEED_DATA:
-                yield ev
-        parser.receive_data(b"")
-        while True:
-            ev = parser.next_event()
-            if isinstance(ev, EndOfData):
-                return
-            if ev is NEED_DATA:
-                raise ProtocolError("AddMultipleToStore stream ended early")
-            yield ev
-
-    # -- builds
-
-    def _check_build(self, targets: list[DerivedPath], build_mode: int) -> dict[str, Derivation]:
-        """Refuse a build the policy forbids; return the derivations it may build."""
-        s = self.session
-        self._require_writable("building")
-        if build_mode != 0:
-            raise Denied("repair and check builds are not allowed in recursive Nix")
-        for t in targets:
-            path = self._require_allowed(t.path, "build")
-            if path in s.ancestry:
-                raise Denied(
-                    f"cannot build '{path}' from inside its own build (it would wait forever "
-                    "on its own output locks)"
-                )
-        self._check_nesting([t.path for t in targets])
-        if s.limits.max_builds and s.builds + 1 > s.limits.max_builds:
-            raise Denied(
-                f"this build already made {s.builds} nested build requests "
-                "(policy.max-builds-per-session); raise the limit in the recnix configuration"
-            )
-        drvs = to_build((t.path for t in targets), os.path.lexists)
-        if not s.limits.allow_fixed_output:
-            fods = fixed_output_drvs(drvs)
-            if fods:
-                raise Denied(
-                    f"cannot build fixed-output derivation '{fods[0]}' in recursive Nix: "
-                    "fixed-output builds have network access; the operator can allow them "
-                    "with policy.allow-fixed-output = true"
-                )
-        s.note_build_request(t.path for t in targets)
-        return drvs
-
-    def _check_nesting(self, drv_paths: list[str]) -> None:
-        """Refuse to start a nested recnix build deeper than policy.max-depth."""
-        s = self.session
-        if not s.limits.max_depth or s.depth < s.limits.max_depth:
-            return
-        for drv_path in drv_paths:
-            if not drv_path.endswith(".drv"):
-                continue
-            features = requested_features(drv_path)
-            if features & {"recnix", "recnix-readonly"}:
-                raise Denied(
-                    f"cannot build '{drv_path}': it requires recnix and would be recursive "
-                    f"build level {s.depth + 1}, above policy.max-depth = {s.limits.max_depth}; "
-                    "raise it in the recnix configuration"
-                )
-
-    async def _outputs_of(self, targets: list[DerivedPath]) -> set[str]:
-        up = await self.up()
-        paths: set[str] = set()
-        for t in targets:
-            if not t.is_built:
-                paths.add(t.path)
-                continue
-            outputs = await up.query_derivation_output_map(t.path)
-            wanted = set(t.outputs or ["*"])
-            for name, out in outputs.items():
-                if out and ("*" in wanted or name in wanted):
-                    paths.add(out)
-        return paths
-
-    async def _build(self, op: Op, args: dict) -> Any:
-        s = self.session
-        targets: list[DerivedPath] = args["paths"]
-        drvs = self._check_build(targets, args.get("build_mode", 0))
-        names = [t.path + ("!" + ",".join(t.outputs) if t.outputs else "") for t in targets]
-        s.service.audit.write("build-started", s.sid, drv=s.drv_path, targets=names)
-        # A recnix build among them needs the pre-build hook to get its session.
-        up = await self.up(hooks=bool(opted_in_drvs(drvs)))
-        try:
-            value = await up.call(op, {"paths": targets, "build_mode": 0}, on_log=self.forward_log)
-        except UpstreamError as e:
-            s.service.audit.write(
-                "build-finished", s.sid, drv=s.drv_path, targets=names, ok=False, error=str(e)
-            )
-            raise
-        ok_targets = targets
-        if op is Op.BUILD_PATHS_WITH_RESULTS:
-            ok_targets = [r.path for r in value if r.result.status in (0, 1, 2, 13)]
-            for r in value:
-                s.realisations.update(r.result.built_outputs)
-            s.journal_change(realisations=s.realisations)
-        outputs = await self._outputs_of(ok_targets)
-        closure = await s.closure(outputs, known=s.allowed)
-        await s.allow(closure, self.peer.pid, "built")
-        s.service.audit.write(
-            "build-finished",
-            s.sid,
-            drv=s.drv_path,
-            targets=names,
-            ok=len(ok_targets) == len(targets),
-            outputs=sorted(outputs),
-        )
-        return value
-
-    async def op_build_paths(self, args: dict) -> None:
-        await self._build(Op.BUILD_PATHS, args)
-        self.conn.send_reply(Op.BUILD_PATHS, 1)
-
-    async def op_build_paths_with_results(self, args: dict) -> None:
-        value = await self._build(Op.BUILD_PATHS_WITH_RESULTS, args)
-        self.conn.send_reply(Op.BUILD_PATHS_WITH_RESULTS, value)
-
-
-def _with_op(method: Any, op: Op) -> Any:
-    """``method(self, args, op)`` as a handler ``(self, args)``, sync or async like ``method``."""
-    if inspect.iscoroutinefunction(method):
-
-        async def bound_async(self: ConnectionHandler, args: dict) -> None:
-            await method(self, args, op)
-
-        return bound_async
-
-    def bound(self: ConnectionHandler, args: dict) -> None:
-        return method(self, args, op)
-
-    return bound
-
-
-H = ConnectionHandler
-HANDLERS: dict[Op, Any] = {
-    Op.SET_OPTIONS: H.op_set_options,
-    Op.IS_VALID_PATH: H.op_is_valid_path,
-    Op.QUERY_PATH_INFO: H.op_query_path_info,
-    Op.QUERY_VALID_PATHS: H.op_query_valid_paths,
-    Op.QUERY_ALL_VALID_PATHS: H.op_query_all_valid_paths,
-    Op.QUERY_PATH_HASH: H.op_query_path_hash,
-    Op.QUERY_REFERENCES: H.op_query_references,
-    Op.QUERY_DERIVER: H.op_query_deriver,
-    Op.QUERY_REFERRERS: _with_op(H.op_empty_paths, Op.QUERY_REFERRERS),
-    Op.QUERY_VALID_DERIVERS: _with_op(H.op_empty_paths, Op.QUERY_VALID_DERIVERS),
-    Op.QUERY_SUBSTITUTABLE_PATHS: _with_op(H.op_empty_paths, Op.QUERY_SUBSTITUTABLE_PATHS),
-    Op.HAS_SUBSTITUTES: H.op_has_substitutes,
-    Op.QUERY_SUBSTITUTABLE_PATH_INFO: H.op_query_substitutable_path_info,
-    Op.QUERY_SUBSTITUTABLE_PATH_INFOS: H.op_query_substitutable_path_infos,
-    Op.QUERY_PATH_FROM_HASH_PART: H.op_query_path_from_hash_part,
-    Op.QUERY_DERIVATION_OUTPUTS: _with_op(H.op_drv_query, Op.QUERY_DERIVATION_OUTPUTS),
-    Op.QUERY_DERIVATION_OUTPUT_NAMES: _with_op(H.op_drv_query, Op.QUERY_DERIVATION_OUTPUT_NAMES),
-    Op.QUERY_DERIVATION_OUTPUT_MAP: _with_op(H.op_drv_query, Op.QUERY_DERIVATION_OUTPUT_MAP),
-    Op.QUERY_MISSING: H.op_query_missing,
-    Op.QUERY_REALISATION: H.op_query_realisation,
-    Op.NAR_FROM_PATH: H.op_nar_from_path,
-    Op.ENSURE_PATH: H.op_ensure_path,
-    Op.ADD_TEMP_ROOT: _with_op(H.op_one, Op.ADD_TEMP_ROOT),
-    Op.ADD_INDIRECT_ROOT: _with_op(H.op_one, Op.ADD_INDIRECT_ROOT),
-    Op.SYNC_WITH_GC: _with_op(H.op_one, Op.SYNC_WITH_GC),
-    Op.OPTIMISE_STORE: _with_op(H.op_one, Op.OPTIMISE_STORE),
-    Op.FIND_ROOTS: H.op_find_roots,
-    Op.COLLECT_GARBAGE: H.op_collect_garbage,
-    Op.VERIFY_STORE: H.op_verify_store,
-    Op.ADD_TO_STORE: H.op_add_to_store,
-    Op.ADD_TEXT_TO_STORE: H.op_add_text_to_store,
-    Op.ADD_TO_STORE_NAR: H.op_add_to_store_nar,
-    Op.ADD_MULTIPLE_TO_STORE: H.op_add_multiple_to_store,
-    Op.BUILD_PATHS: H.op_build_paths,
-    Op.BUILD_PATHS_WITH_RESULTS: H.op_build_paths_with_results,
-}
-"""Ops served; every other op (BuildDerivation, AddSignatures, RegisterDrvOutput,
-AddBuildLog, AddPermRoot, ExportPath, ImportPaths, ...) is refused with an error."""
-
-SYNC_OPS = frozenset(op for op, h in HANDLERS.items() if not inspect.iscoroutinefunction(h))
-"""Ops whose handler may answer at once (no I/O, no stream): the connection's fast
-path runs them straight from data_received (see ConnectionHandler.on_data)."""

@@ -8,12 +8,16 @@ works are handed to an optional callback.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from recnix.aio import READ_CHUNK, next_event, stream_data
+from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.nar import dump_path
 from recnix.protocol import (
     NEED_DATA,
     ClientConnection,
@@ -35,6 +39,7 @@ from recnix.protocol import (
 from recnix.protocol.connection import Event
 
 DEFAULT_SOCKET = "/nix/var/nix/daemon-socket/socket"
+log = logging.getLogger("recnix.upstream")
 
 LogCallback = Callable[[StderrMessage], Awaitable[None] | None]
 
@@ -67,8 +72,45 @@ def daemon_socket_path() -> str:
     return os.environ.get("NIX_DAEMON_SOCKET_PATH") or DEFAULT_SOCKET
 
 
-class Upstream:
-    """One worker-protocol connection to a nix-daemon."""
+def connect_error_message(target: str, error: OSError) -> str:
+    """Why connecting to ``target`` failed, naming the socket (or command) and the fixes."""
+    if target == "stdio":
+        return (
+            f'cannot start `nix-daemon --stdio` (daemon.upstream = "stdio"): '
+            f"{error.strerror or error}; install Nix or put nix-daemon on the service's PATH"
+        )
+    path = target[len("unix://") :] if target.startswith("unix://") else daemon_socket_path()
+    reason = error.strerror or str(error)
+    if isinstance(error, (FileNotFoundError, ConnectionRefusedError)):
+        return (
+            f"cannot connect to the nix-daemon at {path} (daemon.upstream = {target!r}): "
+            f"{reason}; start the nix-daemon (`systemctl start nix-daemon`, or run "
+            f'`nix-daemon`), or set daemon.upstream = "stdio" in the recnix config so '
+            "that each session starts `nix-daemon --stdio` itself"
+        )
+    return f"cannot connect to the nix-daemon at {path} (daemon.upstream = {target!r}): {reason}"
+
+
+class LocalStoreFiles:
+    """The Store methods that read the store's files: the daemon serves the store this
+    machine mounts, so they are read here rather than over the protocol."""
+
+    def read_derivation(self, drv_path: str) -> Derivation | None:
+        """The parsed derivation at ``drv_path`` (None: absent or not a derivation)."""
+        try:
+            return read_derivation(Path(drv_path))
+        except (OSError, DerivationError):
+            return None
+
+    def path_exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def dump(self, path: str) -> Iterator[bytes]:
+        return dump_path(path)
+
+
+class Upstream(LocalStoreFiles):
+    """One worker-protocol connection to a nix-daemon (a :class:`recnix.store.Store`)."""
 
     def __init__(
         self,
@@ -123,7 +165,7 @@ class Upstream:
                 )
                 reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK * 4)
         except OSError as e:
-            raise UpstreamClosed(f"cannot connect to the nix-daemon ({target}): {e}") from e
+            raise UpstreamClosed(connect_error_message(target, e)) from e
         conn = ClientConnection(client_minor=client_minor)
         self = cls(reader, writer, conn, process)  # type: ignore[arg-type]
         conn.initiate()
@@ -136,6 +178,14 @@ class Upstream:
             await self.close()
             raise UpstreamClosed(f"unexpected handshake event from the nix-daemon: {ev!r}")
         self.handshake = ev
+        log.debug(
+            "nix-daemon %s (%s): protocol 1.%d (it offered 1.%d, recnix asked 1.%d)",
+            ev.nix_version or "(version not sent)",
+            target,
+            ev.minor,
+            ev.server_minor,
+            ev.client_minor,
+        )
         await self.call(Op.SET_OPTIONS, {"options": default_options(hooks)})
         self.runs_hooks = hooks
         return self
@@ -313,16 +363,34 @@ class Upstream:
     async def query_missing(self, targets: list[DerivedPath]) -> Missing:
         return await self.call(Op.QUERY_MISSING, {"targets": targets})
 
+    async def query_derivation_outputs(self, drv_path: str) -> list[str]:
+        return await self.call(Op.QUERY_DERIVATION_OUTPUTS, {"path": drv_path})
+
+    async def query_derivation_output_names(self, drv_path: str) -> list[str]:
+        return await self.call(Op.QUERY_DERIVATION_OUTPUT_NAMES, {"path": drv_path})
+
+    async def query_realisation(self, rid: str) -> Any:
+        return await self.call(Op.QUERY_REALISATION, {"id": rid})
+
     async def add_temp_root(self, path: str) -> None:
         await self.call(Op.ADD_TEMP_ROOT, {"path": path})
 
     async def build_paths(
-        self, targets: list[DerivedPath], build_mode: int = 0, on_log: LogCallback | None = None
+        self,
+        targets: list[DerivedPath],
+        build_mode: int = 0,
+        on_log: LogCallback | None = None,
+        hooks: bool = True,
     ) -> None:
+        """BuildPaths (``hooks`` is informational: this connection's SetOptions decide)."""
         await self.call(Op.BUILD_PATHS, {"paths": targets, "build_mode": build_mode}, on_log=on_log)
 
     async def build_paths_with_results(
-        self, targets: list[DerivedPath], build_mode: int = 0, on_log: LogCallback | None = None
+        self,
+        targets: list[DerivedPath],
+        build_mode: int = 0,
+        on_log: LogCallback | None = None,
+        hooks: bool = True,
     ) -> list[KeyedBuildResult]:
         return await self.call(
             Op.BUILD_PATHS_WITH_RESULTS,

@@ -488,6 +488,13 @@ let
       ;
     getExe' = pkg: exe: "${pkg}/bin/${exe}";
     getExe = pkg: "${pkg}/bin/${pkg.meta.mainProgram or pkg.pname}";
+    # as nixpkgs' lib.getName: a package's pname, else the name part of its name
+    getName =
+      x:
+      if builtins.isString x then
+        (builtins.parseDrvName x).name
+      else
+        x.pname or (builtins.parseDrvName x.name).name;
     mapAttrsToList = f: attrs: map (n: f n attrs.${n}) (attrNames attrs);
     boolToString = b: if b then "true" else "false";
     genList = genList;

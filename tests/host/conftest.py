@@ -6,7 +6,11 @@ Fixtures (all session-scoped):
   ``recursive-nix`` is on: the oracle).
 * ``nix_host_recnix``: daemon with ``pre-build-hook``/``post-build-hook`` set
   to the venv's recnix hooks and ``RECNIX_CONFIG=<root>/recnix.toml`` in its
-  environment (the service fixture writes that file).
+  environment (the service fixture writes that file). Parametrized by
+  ``hook_output`` (see ``HOOK_OUTPUT_MODES``): "honoured" (Nix bind-mounts the
+  hook's extra-sandbox-paths) and "discarded" (nix.conf's pre-build-hook is a
+  wrapper that drops the hook's stdout: Lix 2.93–2.95's behaviour). Select the
+  modes with ``RECNIX_TEST_HOOK_OUTPUT=honoured,discarded`` (the default).
 * ``busybox``, ``nix_bundle``: store paths (see ``recnix.bundle``).
 * ``oracle_runner``: a ``ScenarioRunner`` on ``nix_host``.
 
@@ -34,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from recnix.bundle import bundle_nix, busybox_store_path
+from tests.nixversion import build_dir_conf, daemon_build_root
 from tests.scenarios.runner import ScenarioRunner
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
@@ -45,6 +50,33 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DAEMON_START_TIMEOUT = 20.0
 DAEMON_STOP_TIMEOUT = 20.0
 TEST_GC_ROOTS = Path("/nix/var/nix/gcroots/recnix-test")
+# How Nix treats the pre-build hook's output: "honoured" (Nix), "discarded" (Lix
+# 2.93–2.95, emulated by a wrapper hook that drops the output).
+HOOK_OUTPUT_MODES = ("honoured", "discarded")
+
+
+def hook_output_modes() -> list[str]:
+    """The modes selected by RECNIX_TEST_HOOK_OUTPUT (comma-separated; default: all)."""
+    wanted = os.environ.get("RECNIX_TEST_HOOK_OUTPUT", ",".join(HOOK_OUTPUT_MODES))
+    modes = [m.strip() for m in wanted.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in HOOK_OUTPUT_MODES]
+    if unknown or not modes:
+        raise ValueError(
+            f"RECNIX_TEST_HOOK_OUTPUT={wanted!r}: use a comma-separated subset of "
+            f"{', '.join(HOOK_OUTPUT_MODES)}"
+        )
+    return modes
+
+
+def discarding_hook_text(hook: Path, after: str = "") -> str:
+    """A pre-build hook that runs ``hook`` and drops its stdout, as Lix 2.93–2.95 drops
+    the hook's output (its exit status is kept); ``after``: shell run afterwards."""
+    return (
+        "#!/bin/sh\n"
+        "# recnix test mode: Nix never sees the hook's output (Lix 2.93-2.95)\n"
+        f'"{hook}" "$@" > /dev/null || exit $?\n'
+        f"{after}"
+    )
 
 
 class NixCommandError(AssertionError):
@@ -72,7 +104,7 @@ def require_host_prerequisites() -> None:
         )
 
 
-def nix_conf_text(hooks: bool, extra: str = "") -> str:
+def nix_conf_text(hooks: bool, extra: str = "", pre_build_hook: Path = PRE_BUILD_HOOK) -> str:
     """The private nix.conf of a test daemon."""
     lines = [
         "build-users-group = nixbld",
@@ -87,7 +119,7 @@ def nix_conf_text(hooks: bool, extra: str = "") -> str:
         "fsync-metadata = false",
     ]
     if hooks:
-        lines += [f"pre-build-hook = {PRE_BUILD_HOOK}", f"post-build-hook = {POST_BUILD_HOOK}"]
+        lines += [f"pre-build-hook = {pre_build_hook}", f"post-build-hook = {POST_BUILD_HOOK}"]
     return "\n".join(lines) + "\n" + extra
 
 
@@ -100,6 +132,7 @@ class NixHost:
     process: subprocess.Popen[bytes]
     daemon_env: dict[str, str]
     env: dict[str, str] = field(default_factory=dict)
+    hook_output: str = "honoured"
 
     @property
     def socket(self) -> Path:
@@ -111,8 +144,9 @@ class NixHost:
 
     @property
     def build_dir(self) -> Path:
-        """The daemon's TMPDIR: builds run in ``nix-build-<name>.drv-<n>`` below it."""
-        return self.root / "builds"
+        """The daemon's TMPDIR and build-dir: builds run below it (where:
+        ``tests.nixversion.build_top_glob``)."""
+        return daemon_build_root(self.root)
 
     @property
     def log_path(self) -> Path:
@@ -182,6 +216,8 @@ class NixHost:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.gc_roots_dir, ignore_errors=True)
+        if self.root not in self.build_dir.parents:
+            shutil.rmtree(self.build_dir, ignore_errors=True)
         return [f"pid {pid}: {cmdline}" for pid, cmdline in leftovers]
 
 
@@ -205,9 +241,20 @@ def processes_with_env(name: str, value: str) -> list[tuple[int, str]]:
 
 
 def start_nix_host(
-    hooks: bool = False, daemon_env: Mapping[str, str] | None = None, extra_conf: str = ""
+    hooks: bool = False,
+    daemon_env: Mapping[str, str] | None = None,
+    extra_conf: str = "",
+    hook_output: str = "honoured",
+    after_hook: str = "",
 ) -> NixHost:
-    """Start Debian's nix-daemon on a private socket and nix.conf."""
+    """Start Debian's nix-daemon on a private socket and nix.conf.
+
+    ``hook_output="discarded"``: nix.conf's pre-build-hook is a wrapper that runs
+    recnix's and drops its stdout (then runs ``after_hook``, shell with the hook's
+    arguments in "$@").
+    """
+    if hook_output not in HOOK_OUTPUT_MODES:
+        raise ValueError(f"hook_output {hook_output!r} is not one of {HOOK_OUTPUT_MODES}")
     require_host_prerequisites()
     if hooks:
         for hook in (PRE_BUILD_HOOK, POST_BUILD_HOOK):
@@ -215,15 +262,23 @@ def start_nix_host(
                 pytest.fail(f"{hook} missing — run ./setup.sh as root", pytrace=False)
     root = Path(tempfile.mkdtemp(prefix="recnix-host-"))
     (root / "conf").mkdir()
-    (root / "builds").mkdir()
-    (root / "conf" / "nix.conf").write_text(nix_conf_text(hooks, extra_conf))
+    builds = daemon_build_root(root)
+    builds.mkdir(mode=0o700, parents=True)
+    # Nix 2.26 on: build-dir (2.30 on ignore TMPDIR)
+    extra_conf = build_dir_conf(builds) + extra_conf
+    pre_build_hook = PRE_BUILD_HOOK
+    if hook_output == "discarded":
+        pre_build_hook = root / "discarding-pre-build-hook"
+        pre_build_hook.write_text(discarding_hook_text(PRE_BUILD_HOOK, after_hook))
+        pre_build_hook.chmod(0o755)
+    (root / "conf" / "nix.conf").write_text(nix_conf_text(hooks, extra_conf, pre_build_hook))
     common = {
         "PATH": SYSTEM_PATH,
         "HOME": os.environ.get("HOME", "/root"),
         "NIX_CONF_DIR": str(root / "conf"),
         "NIX_DAEMON_SOCKET_PATH": str(root / "daemon.sock"),
     }
-    env_for_daemon = {**common, "TMPDIR": str(root / "builds"), **(daemon_env or {})}
+    env_for_daemon = {**common, "TMPDIR": str(builds), **(daemon_env or {})}
     if hooks:
         env_for_daemon.setdefault("RECNIX_CONFIG", str(root / "recnix.toml"))
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - handed to the daemon
@@ -236,7 +291,9 @@ def start_nix_host(
         start_new_session=True,
     )
     log.close()
-    host = NixHost(root=root, hooks=hooks, process=process, daemon_env=env_for_daemon)
+    host = NixHost(
+        root=root, hooks=hooks, process=process, daemon_env=env_for_daemon, hook_output=hook_output
+    )
     host.env = {
         **common,
         "NIX_REMOTE": f"unix://{root / 'daemon.sock'}",
@@ -285,10 +342,17 @@ def nix_host() -> Iterator[NixHost]:
     stop_nix_host(host)
 
 
+@pytest.fixture(scope="session", params=hook_output_modes())
+def hook_output(request: pytest.FixtureRequest) -> str:
+    """How the test Nix treats the pre-build hook's output: "honoured" or "discarded"."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def nix_host_recnix() -> Iterator[NixHost]:
-    """A private nix-daemon whose pre/post-build hooks are recnix's."""
-    host = start_nix_host(hooks=True)
+def nix_host_recnix(hook_output: str) -> Iterator[NixHost]:
+    """A private nix-daemon whose pre/post-build hooks are recnix's (the pre-build
+    hook's output honoured or discarded, see ``hook_output``)."""
+    host = start_nix_host(hooks=True, hook_output=hook_output)
     yield host
     stop_nix_host(host)
 

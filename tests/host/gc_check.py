@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import time
 
+from tests.nixversion import build_top_glob
 from tests.scenarios import checks
 from tests.scenarios.runner import ScenarioRunner
 
@@ -36,7 +37,8 @@ def check_gc_during_nested_build(host, runner: ScenarioRunner, feature: str) -> 
     )
     try:
         deadline = time.monotonic() + 60
-        while not (started := glob.glob(f"{host.build_dir}/nix-build-waiting-inner*/started")):
+        pattern = build_top_glob(host.build_dir, "waiting-inner") + "/started"
+        while not (started := glob.glob(pattern)):
             assert build.poll() is None, build.communicate()
             assert time.monotonic() < deadline, "the nested build never started"
             time.sleep(0.1)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from recnix.protocol import (
 )
 from recnix.protocol.stderr import read_stderr
 from recnix.protocol.wire import Decoder, ReceiveBuffer
+from tests.nixversion import build_top_glob
 
 SANDBOX_SOCKET = "/nix/var/nix/daemon-socket/socket"
 IO_TIMEOUT = 60.0
@@ -68,7 +70,12 @@ derivation {
 """
 
 # Joins the mount namespace of process `pid` (indented: used inside a try block).
+# The sandbox has no Python library: whatever socket.send_fds imports lazily
+# (Python 3.14: array, collections, ...) is imported before, by one call.
 _JOIN_NAMESPACE = """\
+    _a, _b = socket.socketpair()
+    socket.send_fds(_a, [b"w"], [_a.fileno()])
+    _a.close(), _b.close()
     libc = ctypes.CDLL(None, use_errno=True)
     ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
     if libc.setns(ns, 0x20000) != 0:
@@ -228,7 +235,7 @@ def start_live_build(
         stderr=subprocess.PIPE,
         text=True,
     )
-    name = os.path.basename(drv_path)[33:]
+    name = os.path.basename(drv_path)[33:].removesuffix(".drv")
     deadline = time.monotonic() + timeout
     build_dir: Path | None = None
     session: dict[str, Any] | None = None
@@ -237,7 +244,7 @@ def start_live_build(
             _, err = process.communicate()
             raise ProbeError(f"the waiting build exited early ({process.returncode}):\n{err}")
         if build_dir is None:
-            found = [d for d in daemon_build_dir.glob(f"nix-build-{name}-*") if d.is_dir()]
+            found = [Path(d) for d in glob.glob(build_top_glob(daemon_build_dir, name))]
             if found and (found[0] / "started").exists():
                 build_dir = found[0]
         if build_dir is not None and session is None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from recnix.derivation import Derivation, read_derivation, to_aterm_bytes
+from tests import nixversion
 
 pytestmark = pytest.mark.host
 
@@ -104,9 +104,13 @@ def drvs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict
             result[attr] = (Path(path), {})
             continue
         shown = subprocess.run(
-            ["nix", "show-derivation", path], env=env, capture_output=True, text=True, check=True
+            ["nix", *nixversion.show_derivation_args(), path],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
-        result[attr] = (Path(path), json.loads(shown)[path])
+        result[attr] = (Path(path), nixversion.show_derivation_record(shown, path))
     return result
 
 
@@ -138,7 +142,11 @@ def as_show_derivation(drv: Derivation) -> dict:
 def test_agrees_with_show_derivation(drvs: dict, attr: str) -> None:
     path, shown = drvs[attr]
     drv = read_derivation(path)
-    assert as_show_derivation(drv) == shown
+    if nixversion.at_least(2, 26):  # another layout: compare what every version says
+        projection = nixversion.derivation_projection
+        assert projection(as_show_derivation(drv)) == projection(shown)
+    else:
+        assert as_show_derivation(drv) == shown
     assert to_aterm_bytes(drv) == path.read_bytes()
 
 

@@ -19,6 +19,7 @@ from recnix.materialise import (
     find_sandbox_pid,
     peer_in_sandbox,
 )
+from tests.nixversion import sandbox_root
 
 pytestmark = pytest.mark.host
 
@@ -130,7 +131,7 @@ class Waiter:
             text=True,
         )
         self.drv = inst.stdout.strip()
-        self.chroot = Path(self.drv + ".chroot")
+        self.chroot = sandbox_root(self.drv)
         self.proc = subprocess.Popen(
             ["nix-store", "--realise", self.drv],
             env=nix_host.env,

@@ -19,7 +19,13 @@ from typing import Any
 
 import pytest
 
-from recnix.config import load_config, load_defaults, nix_conf_settings, render_nix_conf
+from recnix.config import (
+    hook_environment,
+    load_config,
+    load_defaults,
+    nix_conf_settings,
+    render_nix_conf,
+)
 
 pytestmark = pytest.mark.host
 
@@ -81,6 +87,31 @@ def test_uses_extra_system_features_never_system_features() -> None:
     features = settings["extra-system-features"].split()
     assert features == ["recnix", "recnix-readonly", "recursive-nix"]
     assert "system-features" not in settings
+
+
+LIX_PACKAGE = """{
+  nix.package = {
+    type = "derivation"; name = "lix-2.94.2"; pname = "lix"; version = "2.94.2";
+    outPath = "/nix/store/22222222222222222222222222222222-lix-2.94.2";
+    meta.mainProgram = "nix";
+  };
+}"""
+
+
+@pytest.mark.parametrize(
+    "module", [LIX_PACKAGE, "{ services.recnix.lix = true; }"], ids=["nix.package", "option"]
+)
+def test_lix_leaves_out_the_builtin_recursive_nix(module: str) -> None:
+    package = nix_eval("package")
+    settings = nix_eval("nixSettings", [module])
+    assert settings == nix_conf_settings(load_defaults(), *hooks(package), lix=True)
+    assert "experimental-features" not in settings
+    assert settings["extra-system-features"].split() == ["recnix", "recnix-readonly"]
+
+
+def test_lix_option_overrides_the_detection() -> None:
+    settings = nix_eval("nixSettings", [LIX_PACKAGE, "{ services.recnix.lix = false; }"])
+    assert settings["experimental-features"] == "recursive-nix"
 
 
 def test_disabled_module_sets_nothing() -> None:
@@ -167,6 +198,18 @@ def test_service_unit() -> None:
     assert "nix-daemon.socket" in unit["wants"]
     assert unit["environment"]["RECNIX_CONFIG"] == "/etc/recnix/config.toml"
     assert nix_eval("nixDaemonEnvironment")["RECNIX_CONFIG"] == "/etc/recnix/config.toml"
+
+
+def test_hook_decision_in_the_daemon_environment() -> None:
+    """The module renders the hook script's decision as recnix.config.hook_environment
+    does; with chained hooks it leaves it out (the script reads the config then)."""
+    expected = hook_environment(load_defaults())
+    assert expected["RECNIX_HOOK_SOCKET"] == "/run/recnix/control.sock"
+    env = nix_eval("nixDaemonEnvironment")
+    assert {k: v for k, v in env.items() if k.startswith("RECNIX_HOOK_")} == expected
+    chained = nix_eval("nixDaemonEnvironment", ['{ services.recnix.postBuildHooks = [ "/x" ]; }'])
+    assert "RECNIX_HOOK_SOCKET" not in chained
+    assert "RECNIX_HOOK_SOCKET" not in nix_eval("nixDaemonEnvironment", [NRM_MODULE])
 
 
 def load_gen_script():

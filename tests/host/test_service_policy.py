@@ -32,6 +32,7 @@ from tests.host.conftest import (
     stop_recnix_service,
 )
 from tests.host.session_probe import ProbeClient, sandbox_flood, sandbox_socket, start_live_build
+from tests.nixversion import build_top_glob
 from tests.scenarios.checks import RECNIX, check_deep, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 
@@ -329,13 +330,16 @@ def test_sessions_beyond_the_limit_wait(busybox, nix_bundle):
             while "waits for a free recnix session slot" not in service.log_text():
                 assert time.monotonic() < deadline, service.log_text()
                 time.sleep(0.2)
-            started = glob.glob(f"{host.build_dir}/nix-build-policy-probe.drv-*/started")
+            pattern = build_top_glob(host.build_dir, "policy-probe") + "/started"
+            while not (started := glob.glob(pattern)):  # the first may not have begun yet
+                assert time.monotonic() < deadline, f"no build started: {service.log_text()}"
+                time.sleep(0.2)
             assert len(started) == 1, f"both builds run despite max-sessions = 1: {started}"
             # release builds as they start: the waiting one starts after the first ends
             released: set[str] = set()
             while any(p.poll() is None for p in procs):
                 assert time.monotonic() < deadline + 60, "builds did not finish"
-                for s in glob.glob(f"{host.build_dir}/nix-build-policy-probe.drv-*/started"):
+                for s in glob.glob(pattern):
                     if s not in released:
                         open(os.path.join(os.path.dirname(s), "release"), "w").close()
                         released.add(s)

@@ -20,6 +20,7 @@ from tests.host.conftest import (
     stop_recnix_service,
 )
 from tests.host.session_probe import start_live_build
+from tests.nixversion import build_top_glob
 from tests.scenarios.checks import RECNIX, check_restart_result, fresh_tag
 
 pytestmark = pytest.mark.host
@@ -28,8 +29,8 @@ START_TIMEOUT = 120.0
 
 
 @pytest.fixture
-def host() -> Iterator[NixHost]:
-    host = start_nix_host(hooks=True)
+def host(hook_output: str) -> Iterator[NixHost]:
+    host = start_nix_host(hooks=True, hook_output=hook_output)
     yield host
     stop_nix_host(host)
 
@@ -66,7 +67,8 @@ def test_a_restart_between_nested_builds_keeps_the_session(host, busybox, nix_bu
         text=True,
     )
     try:
-        started = wait_for_file(f"{host.build_dir}/nix-build-scenario-restart.drv-*/started", build)
+        pattern = build_top_glob(host.build_dir, "scenario-restart") + "/started"
+        started = wait_for_file(pattern, build)
         stop_recnix_service(service)
         assert len(journal_files(host)) == 1, "the stopped service left no journal"
         # Its temp roots went with the service; its GC roots keep what it made alive.

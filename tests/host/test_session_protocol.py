@@ -47,6 +47,7 @@ from tests.host.session_probe import (
     service_sessions,
     start_live_build,
 )
+from tests.nixversion import path_info_args, path_info_record
 from tests.scenarios.runner import BuildOutcome, ScenarioRunner
 
 pytestmark = pytest.mark.host
@@ -80,7 +81,7 @@ def valid_on_host(host: NixHost, path: str) -> bool:
 
 
 def path_info(host: NixHost, path: str) -> dict:
-    return json.loads(host.run(["nix", "path-info", "--json", path]).stdout)[0]
+    return path_info_record(host.run(["nix", "path-info", *path_info_args(), path]).stdout, path)
 
 
 @pytest.fixture
@@ -567,7 +568,7 @@ def test_malformed_input_closes_only_that_connection(
     stored = [p for p in leftovers if valid_on_host(nix_host_recnix, p)]
     assert not stored, f"truncated adds became valid store paths: {stored}"
     status = subprocess.run(
-        [str(RECNIX_BIN), "status", "--config", str(recnix_service.config_path)],
+        [str(RECNIX_BIN), "status", "--json", "--config", str(recnix_service.config_path)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -575,7 +576,19 @@ def test_malformed_input_closes_only_that_connection(
     )
     assert status.returncode == 0, status.stderr
     sessions = json.loads(status.stdout)
-    assert any(s["drv"] == live.drv_path and s["state"] == "open" for s in sessions), sessions
+    mine = [s for s in sessions if s["drv"] == live.drv_path and s["state"] == "open"]
+    assert mine, sessions
+    table = subprocess.run(
+        [str(RECNIX_BIN), "status", "--config", str(recnix_service.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    row = next(line.split() for line in table.splitlines() if line.startswith(mine[0]["session"]))
+    assert row[1] == live.drv_path.split("-", 1)[1].removesuffix(".drv"), table
+    assert row[4] == "open" and row[5] != "?", table  # state, age
+    assert f"{mine[0]['session']}: {live.drv_path}" in table
 
 
 def test_connection_flood_does_not_starve_the_service(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,11 @@ def hook_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_hook(hook_dir: Path, hook: str, drv: Path, config: Path) -> str | None:
+def run_hook(
+    hook_dir: Path, hook: str, drv: Path, config: Path, extra_env: dict[str, str] | None = None
+) -> str | None:
     env = {"PATH": os.environ["PATH"], "RECNIX_CONFIG": str(config), "DRV_PATH": str(drv)}
+    env.update(extra_env or {})
     args = [str(drv), "/nix/store/x.drv.chroot"] if hook == HOOKS[0] else []
     proc = subprocess.run([str(hook_dir / hook), *args], env=env, check=False)
     assert proc.returncode == 0
@@ -130,3 +134,206 @@ def test_absent_drv_reaches_python_for_a_guard(hook_dir, tmp_path, hook):
         assert called is not None and called.startswith("pre-build-hook"), called
     else:
         assert called is None
+
+
+OPTED_IN = 'Derive([],[],[],"x",("requiredSystemFeatures","recnix"))'
+CHAINING = '[daemon]\ncontrol-socket = "/c"\n[hooks]\npre-build = ["/x"]\npost-build = ["/y"]\n'
+
+
+def hook_args(hook: str, drv: Path) -> list[str]:
+    return [str(drv), "/nix/store/x.drv.chroot"] if hook == HOOKS[0] else []
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize(
+    ("drv_text", "python"),
+    [
+        ("plain", False),
+        ("", False),
+        (OPTED_IN, True),
+        (OPTED_IN + "\n", True),
+        ('Derive([],[],[],"x",\n("requiredSystemFeatures","recnix"))', True),
+        ("recnix", True),
+    ],
+    ids=["plain", "empty", "opted-in", "newline-at-end", "recnix-on-line-2", "no-newline"],
+)
+def test_drv_check_with_builtins(hook_dir, tmp_path, hook, drv_text, python):
+    """The .drv is read with the shell's read builtin, every line of it (no grep)."""
+    drv = tmp_path / "x.drv"
+    drv.write_text(drv_text)
+    called = run_hook(hook_dir, hook, drv, tmp_path / "absent.toml", {"PATH": "/nonexistent"})
+    assert (called is not None) == python, called
+
+
+@pytest.mark.parametrize("hook", HOOKS[1:])
+def test_unreadable_drv_did_not_opt_in(hook_dir, tmp_path, hook):
+    """Nix #9272: the .drv may not exist; the post-build hook leaves quietly (the
+    pre-build hook gives such a build a guard: test_absent_drv_reaches_python_for_a_guard)."""
+    env = {"PATH": os.environ["PATH"], "RECNIX_CONFIG": str(tmp_path / "absent.toml")}
+    env["DRV_PATH"] = str(tmp_path / "missing.drv")
+    proc = subprocess.run(
+        [str(hook_dir / hook), *hook_args(hook, tmp_path / "missing.drv")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert not (hook_dir / "called").exists()
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_rendered_socket_skips_the_config(hook_dir, tmp_path, hook):
+    """With RECNIX_HOOK_SOCKET (rendered from the config) the script does not read the
+    config: a config that chains hooks no longer starts Python for plain builds, and
+    opted-in builds get the rendered socket."""
+    config = tmp_path / "config.toml"
+    config.write_text(CHAINING)
+    plain = tmp_path / "plain.drv"
+    plain.write_text("plain")
+    env = {"RECNIX_HOOK_SOCKET": "/run/y/control.sock"}
+    assert run_hook(hook_dir, hook, plain, config) is not None  # the config chains
+    assert run_hook(hook_dir, hook, plain, config, env) is None
+    drv = tmp_path / "x.drv"
+    drv.write_text(OPTED_IN)
+    kind = "pre-build-hook" if hook == HOOKS[0] else "post-build-hook"
+    called = run_hook(hook_dir, hook, drv, config, env)
+    assert called == " ".join(
+        [kind, "--control-socket", "/run/y/control.sock", *hook_args(hook, drv)]
+    )
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_minimal_python_entry(hook_dir, tmp_path, hook):
+    """RECNIX_HOOK_PYTHON and RECNIX_HOOK_ENTRY: Python starts as `PYTHON -I -S ENTRY`."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$@" >> {hook_dir}/called\n')
+    python.chmod(0o755)
+    drv = tmp_path / "x.drv"
+    drv.write_text(OPTED_IN)
+    env = {
+        "RECNIX_HOOK_SOCKET": "/s",
+        "RECNIX_HOOK_PYTHON": str(python),
+        "RECNIX_HOOK_ENTRY": "/e/recnix/hookentry.py",
+    }
+    called = run_hook(hook_dir, hook, drv, tmp_path / "absent.toml", env)
+    kind = "pre-build-hook" if hook == HOOKS[0] else "post-build-hook"
+    expected = ["-I", "-S", "/e/recnix/hookentry.py", kind, "--control-socket", "/s"]
+    assert called == " ".join(expected + hook_args(hook, drv))
+
+
+ENTRY = Path(__file__).resolve().parents[2] / "recnix" / "hookentry.py"
+
+
+def run_entry(args: list[str], cwd: Path, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [sys.executable, "-I", "-S", str(ENTRY), *args],
+        cwd=cwd,
+        env=env or {},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_entry_runs_without_site(tmp_path):
+    """hookentry.py finds the recnix package itself under -I -S (no site-packages,
+    no script directory on sys.path), from any working directory."""
+    plain = tmp_path / "plain.drv"
+    plain.write_text("plain")
+    socket = str(tmp_path / "absent.sock")
+    done = run_entry(["pre-build-hook", "--control-socket", socket, str(plain), "/c"], tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    done = run_entry(
+        ["post-build-hook", "--control-socket", socket], tmp_path, {"DRV_PATH": str(plain)}
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    # An opted-in build with the service down fails with recnix's message.
+    drv = tmp_path / "x.drv"
+    out = "/nix/store/" + "a" * 32 + "-x"
+    drv.write_text(
+        f'Derive([("out","{out}","","")],[],[],"x86_64-linux","/bin/sh",[],'
+        f'[("out","{out}"),("requiredSystemFeatures","recnix")])'
+    )
+    done = run_entry(["pre-build-hook", "--control-socket", socket, str(drv), "/c"], tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith("recnix: cannot open a recnix session")
+    done = run_entry(["other"], tmp_path)
+    assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_entry_imports_no_site(tmp_path):
+    """The point of the entry: no site (and its .pth scan) in the hook's Python."""
+    code = (
+        f"import sys, runpy; sys.argv = ['x', 'nothing']; "
+        f"runpy.run_path({str(ENTRY)!r}, run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-X", "importtime", "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "site" not in imported
+
+
+def test_marks_spare_the_post_build_hook_the_drv(hook_dir, tmp_path):
+    """With RECNIX_HOOK_MARKS the pre-build hook marks a .drv that mentions recnix
+    (making the directory root-only when missing), and the post-build hook starts
+    Python only for a marked .drv, removing the mark; it never reads the .drv."""
+    marks = tmp_path / "state" / "hook-marks"
+    env = {"RECNIX_HOOK_SOCKET": "/s", "RECNIX_HOOK_MARKS": str(marks)}
+    absent = tmp_path / "absent.toml"
+    drv = tmp_path / "x.drv"
+    drv.write_text(OPTED_IN)
+    assert run_hook(hook_dir, HOOKS[0], drv, absent, env) is not None
+    assert (marks / "x.drv").exists() and marks.stat().st_mode & 0o777 == 0o700
+    assert run_hook(hook_dir, HOOKS[1], drv, absent, env) is not None
+    assert not (marks / "x.drv").exists()
+    # Unmarked: the post-build hook leaves at once, even for a .drv naming recnix.
+    assert run_hook(hook_dir, HOOKS[1], drv, absent, env) is None
+    plain = tmp_path / "plain.drv"
+    plain.write_text("plain")
+    assert run_hook(hook_dir, HOOKS[0], plain, absent, env) is None
+    assert not (marks / "plain.drv").exists()
+
+
+def test_unwritable_mark_fails_the_build(hook_dir, tmp_path):
+    """A mark that cannot be written would let the post-build hook skip the build's
+    finalisation: the pre-build hook prints a line Nix fails the build with instead."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {"RECNIX_HOOK_SOCKET": "/s", "RECNIX_HOOK_MARKS": str(blocker / "marks")}
+    drv = tmp_path / "x.drv"
+    drv.write_text(OPTED_IN)
+    base = {"PATH": os.environ["PATH"], "RECNIX_CONFIG": str(tmp_path / "absent.toml")}
+    proc = subprocess.run(
+        [str(hook_dir / HOOKS[0]), str(drv), "/c"],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("recnix: cannot write ") and "RECNIX_HOOK_MARKS" in proc.stdout
+    assert not (hook_dir / "called").exists()
+
+
+def test_nix_conf_daemon_env(tmp_path, capsys):
+    """`recnix nix-conf --daemon-env` renders the config's decisions for the hook script."""
+    from recnix.cli import main
+
+    config = tmp_path / "config.toml"
+    config.write_text('[daemon]\ncontrol-socket = "/run/x/c.sock"\nstate-dir = "/run/x"\n')
+    assert main(["nix-conf", "--daemon-env", "--config", str(config)]) == 0
+    env = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert env["RECNIX_HOOK_SOCKET"] == "/run/x/c.sock"
+    assert env["RECNIX_HOOK_MARKS"] == "/run/x/hook-marks"
+    assert env["RECNIX_HOOK_PYTHON"] == sys.executable
+    assert Path(env["RECNIX_HOOK_ENTRY"]) == ENTRY
+    config.write_text('[hooks]\npost-build = ["/upload"]\n')
+    assert main(["nix-conf", "--daemon-env", "--config", str(config)]) == 0
+    env = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert set(env) == {"RECNIX_HOOK_PYTHON", "RECNIX_HOOK_ENTRY"}  # the script reads the config

@@ -12,6 +12,7 @@ from recnix.register import (
     check_output_constraints,
     ensure_not_ca_referencing,
     local_store_env,
+    parse_path_info,
     scan_references,
 )
 
@@ -109,7 +110,56 @@ def test_scan_references_maps_hash_parts_back_to_paths(tmp_path):
     assert scan_references(str(tmp_path), set()) == set()
 
 
-def test_local_store_env_drops_nix_remote():
-    env = local_store_env({"NIX_REMOTE": "daemon", "NIX_CONF_DIR": "/c"})
-    assert "NIX_REMOTE" not in env
-    assert env["NIX_CONF_DIR"] == "/c"
+def test_local_store_env_forces_the_local_store():
+    # Lix >= 2.94: `auto` is the daemon whenever its socket exists, even for root
+    for given in ({"NIX_REMOTE": "daemon"}, {}, {"NIX_REMOTE": "auto"}):
+        env = local_store_env({**given, "NIX_CONF_DIR": "/c"})
+        assert env["NIX_REMOTE"] == "local"
+        assert env["NIX_CONF_DIR"] == "/c"
+
+
+# `nix path-info --json` of one added file, as each tested Nix prints it (format 1).
+_F = "/nix/store/ab3li50xq0nl4q5lxdyinb8w8y13my9s-f"
+_NAR = "sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY="
+_CA = "fixed:r:sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"
+PATH_INFO_2_8 = json.dumps(
+    [{"path": _F, "narHash": _NAR, "narSize": 120, "references": [], "ca": _CA}]
+)
+PATH_INFO_2_34 = json.dumps(
+    {
+        _F: {
+            "ca": _CA,
+            "deriver": None,
+            "narHash": _NAR,
+            "narSize": 120,
+            "references": [],
+            "registrationTime": 1795855179,
+            "signatures": [],
+            "storeDir": "/nix/store",
+            "ultimate": False,
+            "version": 1,
+        }
+    }
+)
+
+
+@pytest.mark.parametrize("text", [PATH_INFO_2_8, PATH_INFO_2_34], ids=["2.8-list", "2.19+-object"])
+def test_parse_path_info_reads_both_shapes(text):
+    info = parse_path_info(_F, text)
+    assert (info["narHash"], info["narSize"], info["references"]) == (_NAR, 120, [])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [json.dumps([{"path": _F, "valid": False}]), json.dumps({_F: None})],
+    ids=["2.8-list", "2.19+-object"],
+)
+def test_parse_path_info_invalid_path(text):
+    with pytest.raises(FinaliseError, match="is not valid"):
+        parse_path_info(_F, text)
+
+
+def test_parse_path_info_refuses_format_2():
+    text = json.dumps({"info": {_F.removeprefix("/nix/store/"): {}}, "version": 2})
+    with pytest.raises(FinaliseError, match="unexpected JSON shape"):
+        parse_path_info(_F, text)

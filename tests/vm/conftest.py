@@ -3,7 +3,11 @@
 Every test under tests/vm is marked ``vm``. Missing prerequisites (QEMU,
 mmdebstrap, root, ...) make the tests FAIL with a message, never skip.
 
-- ``vm_image`` (session): builds or reuses the cached image (``recnix-vm build-image``).
+- ``vm_suite`` (module): the guest's Debian suite, bookworm unless a module
+  parametrizes it (``pytest.mark.parametrize("vm_suite", [...], indirect=True,
+  scope="module")``).
+- ``vm_image`` (module): builds or reuses the cached image of that suite
+  (``recnix-vm build-image --suite``).
 - ``machine_factory`` (function) / ``module_machine_factory`` (module): call
   ``factory(name="machine", **Machine kwargs)`` to boot a guest from a fresh
   qcow2 overlay; it is always torn down. On failure the console log is kept
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from recnix_vm.image import Image, build_image
+from recnix_vm.image import DEFAULT_SUITE, Image, build_image
 from recnix_vm.machine import Machine
 
 GLOBAL_TIMEOUT = float(os.environ.get("RECNIX_VM_GLOBAL_TIMEOUT", "1800"))
@@ -59,11 +63,23 @@ def _check_prerequisites() -> None:
         )
 
 
-@pytest.fixture(scope="session")
-def vm_image() -> Image:
-    """The cached guest image (built on first use: ~2 min base + seconds for the image)."""
-    _check_prerequisites()
-    return build_image()
+_IMAGES: dict[str, Image] = {}
+
+
+@pytest.fixture(scope="module")
+def vm_suite(request: pytest.FixtureRequest) -> str:
+    """The guest's suite: bookworm, or the module's parameter."""
+    return getattr(request, "param", DEFAULT_SUITE)
+
+
+@pytest.fixture(scope="module")
+def vm_image(vm_suite: str) -> Image:
+    """The cached guest image of ``vm_suite`` (built on first use: ~2 min base + seconds
+    for the image; once per session and suite)."""
+    if vm_suite not in _IMAGES:
+        _check_prerequisites()
+        _IMAGES[vm_suite] = build_image(suite=vm_suite)
+    return _IMAGES[vm_suite]
 
 
 class MachineFactory:

@@ -1,4 +1,8 @@
-"""The recursive-build scenarios inside a Debian guest (issue 4).
+"""The recursive-build scenarios inside a Debian guest (issue 4), on every suite.
+
+Every test runs on a bookworm (Nix 2.8), a trixie (2.26) and a sid (2.34)
+guest (``vm_suite``); what differs between the versions comes from
+tests/nixversion.py.
 
 The guest runs nix-daemon and the recnix unit under systemd, configured as the
 NixOS module configures them. One guest serves the scenario checks shared with
@@ -14,14 +18,18 @@ from collections.abc import Iterator
 
 import pytest
 from recnix_vm.guestnix import bundle_nix_in_guest, guest_exec
-from recnix_vm.image import GUEST_SCENARIOS_DIR
+from recnix_vm.image import GUEST_SCENARIOS_DIR, SUITES
 from recnix_vm.machine import Machine
 
+from tests import nixversion
 from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 
-pytestmark = pytest.mark.vm
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.parametrize("vm_suite", list(SUITES), indirect=True, scope="module"),
+]
 
 RESULT_ROOT = "/root/results"
 RECNIX_CONFIG = "/etc/recnix/config.toml"
@@ -33,6 +41,12 @@ def boot(machine: Machine) -> tuple[str, str]:
     machine.wait_for_unit("recnix.service")
     machine.wait_until_succeeds("test -S /run/recnix/control.sock", timeout=60)
     return bundle_nix_in_guest(machine)
+
+
+def build_top_glob(machine: Machine, drv_name: str) -> str:
+    """Glob of the guest's build directory of a build of ``drv_name`` (per Nix version)."""
+    v = nixversion.parse(machine.succeed("nix --version"))
+    return nixversion.build_top_glob(nixversion.default_build_root(v), drv_name, v)
 
 
 def runner_for(machine: Machine, busybox: str, nix: str) -> ScenarioRunner:
@@ -119,7 +133,7 @@ def test_gc_during_and_after_a_nested_build(guest) -> None:
     log = f"/root/gc-{tag}.log"
     start_in_background(machine, argv, log)
     started = machine.wait_until_succeeds(
-        "ls -d /tmp/nix-build-waiting-inner.drv-*/started", timeout=300
+        f"ls -d {build_top_glob(machine, 'waiting-inner')}/started", timeout=300
     ).split()[0]
     # a real GC while the nested build waits: what the outer build added survives
     machine.succeed("NIX_REMOTE=daemon nix-collect-garbage")
@@ -174,7 +188,7 @@ def test_restart_mid_build_resumes_the_session(guest) -> None:
     argv = runner.build_argv("restart", RECNIX, tag, {"innerTag": tag})
     log = f"/root/restart-{tag}"
     start_in_background(machine, argv, log)
-    build_dir = "/tmp/nix-build-scenario-restart.drv-*"
+    build_dir = build_top_glob(machine, "scenario-restart")
     machine.wait_until_succeeds(f"ls -d {build_dir}/started", timeout=300)
     machine.succeed("systemctl restart recnix.service")
     machine.wait_for_unit("recnix.service")
@@ -198,7 +212,8 @@ def test_killed_mid_build(guest) -> None:
     argv = runner.build_argv("gc", RECNIX, tag, {"innerTag": tag, "wait": 300})
     log = f"/root/kill-{tag}.log"
     start_in_background(machine, argv, log)
-    machine.wait_until_succeeds("ls -d /tmp/nix-build-waiting-inner.drv-*/started", timeout=300)
+    started = f"ls -d {build_top_glob(machine, 'waiting-inner')}/started"
+    machine.wait_until_succeeds(started, timeout=300)
     killed_at = time.monotonic()
     machine.succeed("systemctl kill --signal=KILL recnix.service")
     machine.wait_until_fails(f"kill -0 $(cat {log}.pid)", timeout=60)
@@ -234,9 +249,11 @@ def test_reboot_keeps_results(machine_factory) -> None:
 # Every valid path exists, and so does everything it refers to.
 CONSISTENCY = """
 import json, os, subprocess, sys
-infos = json.loads(subprocess.run(
+data = json.loads(subprocess.run(
     ["nix", "--extra-experimental-features", "nix-command", "path-info", "--all", "--json"],
     check=True, capture_output=True, text=True).stdout)
+# Nix 2.8: a list of records; 2.19 on: an object keyed by path
+infos = [dict(v, path=k) for k, v in data.items()] if isinstance(data, dict) else data
 bad = [f"{i['path']} -> {r}" for i in infos for r in [i["path"], *i.get("references", [])]
        if not os.path.exists(r)]
 print(len(infos), "valid paths checked")
@@ -262,7 +279,8 @@ def test_hard_reset_during_a_nested_build(machine_factory) -> None:
     drv = machine.succeed(f"NIX_REMOTE=daemon {shlex.join(instantiate)}").strip()
     machine.succeed("sync")
     machine.succeed(f"NIX_REMOTE=daemon nohup nix-store --realise {drv} > /root/reset.out 2>&1 &")
-    machine.wait_until_succeeds("ls -d /tmp/nix-build-waiting-inner.drv-*/started", timeout=300)
+    started = f"ls -d {build_top_glob(machine, 'waiting-inner')}/started"
+    machine.wait_until_succeeds(started, timeout=300)
     since = machine.console_offset()
     machine.reset()
     machine.wait_for_boot(since=since)

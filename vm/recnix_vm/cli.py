@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .image import GUEST_SCENARIOS_DIR, ImageError, build_image, cache_dir
+from .image import DEFAULT_SUITE, GUEST_SCENARIOS_DIR, SUITES, ImageError, build_image, cache_dir
 from .log import log
 from .machine import (
     DEFAULT_MEMORY_MB,
@@ -24,9 +25,10 @@ from .machine import (
 )
 
 DESCRIPTION = """\
-QEMU harness for recnix: a Debian 12 guest (Nix 2.8 from Debian, systemd,
-nix-daemon, recnix installed from this working tree as a systemd service),
-booted with its own kernel under TCG (KVM only if a probe boot works).
+QEMU harness for recnix: a Debian guest (Nix from Debian: bookworm 2.8, the
+default; trixie 2.26; sid 2.34; systemd, nix-daemon, recnix installed from
+this working tree as a systemd service), booted with its own kernel under TCG
+(KVM only if a probe boot works).
 
 The image is cached in $RECNIX_VM_CACHE (default /var/cache/recnix-vm): the
 mmdebstrap rootfs (~2 min, once) and the disk image (seconds, rebuilt when
@@ -37,16 +39,42 @@ overlays and never modify the cached image.
 EPILOG = """\
 examples:
   recnix-vm build-image            build or reuse the image, print its directory
-  recnix-vm run                    root shell (SSH) in a fresh guest; discarded on exit
+  recnix-vm run                    root shell (SSH) in a fresh, prepared guest; prints
+                                   commands to try; discarded on exit
+  recnix-vm run --suite sid --copy-in DIR:/root/x -- sh /root/x/run.sh
+                                   run one command in a fresh sid guest; its output, its status
   recnix-vm run --console --keep   serial console instead; keep the overlay
   recnix-vm demo                   a recursive build through recnix in a fresh guest
   recnix-vm demo --feature recursive-nix   the same with Nix's built-in feature
+  recnix-vm demo --discard-hook-output     the same with the hook's output dropped (as Lix)
+  recnix-vm demo --suite trixie    the demo on Debian 13's Nix 2.26
   recnix-vm demo --remote-builder  the outer build dispatched to a second guest
   recnix-vm probe-kvm              re-run the KVM probe boot and show the verdict
 """
 
 
+def _add_suite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--suite",
+        choices=tuple(SUITES),
+        default=DEFAULT_SUITE,
+        help="the guest's Debian release, i.e. its Nix: "
+        + ", ".join(f"{s.name} (Nix {s.nix})" for s in SUITES.values())
+        + f"; default {DEFAULT_SUITE}",
+    )
+
+
+def _copy_in_spec(value: str) -> tuple[Path, str]:
+    host, sep, guest = value.partition(":")
+    if not sep or not host or not guest.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected HOSTPATH:/GUESTPATH")
+    if not Path(host).exists():
+        raise argparse.ArgumentTypeError(f"{host}: no such file or directory")
+    return Path(host), guest
+
+
 def _add_machine_options(p: argparse.ArgumentParser) -> None:
+    _add_suite_option(p)
     p.add_argument(
         "--accel",
         choices=("auto", "tcg", "kvm"),
@@ -102,10 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("build-image", help="build or reuse the cached guest image; print its path")
+    build = sub.add_parser(
+        "build-image", help="build or reuse the cached guest image; print its path"
+    )
+    _add_suite_option(build)
 
-    run = sub.add_parser("run", help="interactive root shell in a fresh guest")
+    run = sub.add_parser(
+        "run",
+        help="interactive root shell in a fresh guest, prepared like the demo's "
+        "(Nix bundle and busybox in the store, /root/example.nix; prints what to try), "
+        "or (after --) one command: its output and exit status",
+    )
     _add_machine_options(run)
+    run.add_argument(
+        "--copy-in",
+        type=_copy_in_spec,
+        action="append",
+        default=[],
+        metavar="HOSTPATH:GUESTPATH",
+        help="copy a host file or directory into the guest before the command (repeatable)",
+    )
+    run.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ARGS",
+        help="run CMD ARGS (as root, by a shell) instead of an interactive shell; "
+        "recnix-vm prints its output and exits with its status",
+    )
     run.add_argument(
         "--console",
         action="store_true",
@@ -123,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="recnix",
         help="requiredSystemFeatures of the outer build: recnix (default), "
         "recnix-readonly or recursive-nix (Nix's built-in, the oracle)",
+    )
+    demo.add_argument(
+        "--discard-hook-output",
+        action="store_true",
+        help="run the guest's pre-build hook through a wrapper that drops its output, "
+        "as Lix 2.93-2.95 does",
     )
     demo.add_argument(
         "--remote-builder",
@@ -148,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RECNIX_VM_CACHE"] = str(args.cache)
     try:
         if args.command == "build-image":
-            image = build_image()
+            image = build_image(suite=args.suite)
             print(image.directory)
             return 0
         if args.command == "probe-kvm":
@@ -174,7 +231,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _machine(args: argparse.Namespace, prefix: str, global_timeout: float | None) -> Machine:
-    image = build_image()
+    image = build_image(suite=args.suite)
     state = args.state_dir
     if state is None:
         runs = cache_dir() / "runs"
@@ -202,9 +259,19 @@ def _finish(machine: Machine, keep: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .guestprep import banner, prepare_guest
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if args.copy_in and not argv:
+        raise MachineError("--copy-in needs a command: recnix-vm run --copy-in A:B -- CMD ...")
     machine = _machine(args, "run", None)
     try:
         machine.start()
+        if argv:
+            return _run_command(machine, args.copy_in, argv)
+        prepared = prepare_guest(machine)
+        sys.stdout.write("\n" + banner(prepared) + "\n")
+        sys.stdout.flush()
         if args.console or shutil.which("ssh") is None:
             print("serial console: press Enter for a prompt, Ctrl-] to leave", file=sys.stderr)
             machine.interact()
@@ -221,17 +288,21 @@ def _run(args: argparse.Namespace) -> int:
         _finish(machine, args.keep)
 
 
-def json_control_socket(machine: Machine) -> str:
-    """The control socket path the guest's recnix is configured with."""
-    out = machine.succeed(
-        'python3 -c \'import sys; sys.path.insert(0, "/opt/recnix"); '
-        "from recnix.config import load_config; print(load_config().control_socket)'"
-    )
-    return out.strip()
+def _run_command(machine: Machine, copy_in: list[tuple[Path, str]], argv: list[str]) -> int:
+    """Copy files in, run ``argv`` in the guest; print its output; return its exit status."""
+    for host, guest in copy_in:
+        machine.copy_to(host, guest)
+    command = argv[0] if len(argv) == 1 else shlex.join(argv)
+    rc, out, err = machine.execute(command, timeout=None)
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    sys.stderr.write(err)
+    return rc
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .guestnix import bundle_nix_in_guest, scenario_runner
+    from .guestnix import bundle_nix_in_guest, discard_hook_output, scenario_runner
+    from .guestprep import wait_for_recnix
 
     if args.remote_builder:
         from .remote_demo import demo_remote
@@ -248,9 +319,11 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         machine.start()
         if args.feature.startswith("recnix"):
-            machine.wait_for_unit("recnix.service", timeout=120)
-            control = json_control_socket(machine)
-            machine.wait_until_succeeds(f"test -S {control}", timeout=120)
+            wait_for_recnix(machine)
+        if args.discard_hook_output:
+            discard_hook_output(machine)
+        version = machine.succeed("nix --version").strip()
+        print(f"guest: Debian {machine.image.suite}, {version}")
         busybox, nix = bundle_nix_in_guest(machine)
         runner = scenario_runner(machine, busybox, nix)
         with machine.nested(f"nix-build {GUEST_SCENARIOS_DIR}/inner.nix (feature {args.feature})"):

@@ -81,3 +81,28 @@ def scenario_runner(machine: Machine, busybox: str, nix: str, timeout: float = 6
         nix=nix,
         timeout=timeout,
     )
+
+
+# Lix 2.93-2.95 runs the pre-build hook but drops its output; this wrapper makes
+# the guest's Nix do the same (recnix's CI "hook output discarded" mode).
+DISCARDING_HOOK = "/usr/local/bin/recnix-discarding-pre-build-hook"
+GUEST_NIX_CONF = "/etc/nix/nix.conf"
+
+
+def discard_hook_output(machine: Machine) -> None:
+    """Make the guest's nix.conf pre-build-hook a wrapper that runs recnix's hook and
+    drops its stdout (as Lix 2.93-2.95 does), and restart nix-daemon on it."""
+    from .image import PRE_BUILD_HOOK
+
+    wrapper = (
+        "#!/bin/sh\n"
+        "# recnix test mode: Nix never sees the hook's output (Lix 2.93-2.95)\n"
+        f'"{PRE_BUILD_HOOK}" "$@" > /dev/null || exit $?\n'
+    )
+    with machine.nested("pre-build hook output discarded (as Lix 2.93-2.95 does)"):
+        machine.succeed(
+            f"printf %s {shlex.quote(wrapper)} > {DISCARDING_HOOK} && chmod 755 {DISCARDING_HOOK}"
+            f" && sed -i 's|^pre-build-hook = .*|pre-build-hook = {DISCARDING_HOOK}|'"
+            f" {GUEST_NIX_CONF} && grep -qx 'pre-build-hook = {DISCARDING_HOOK}' {GUEST_NIX_CONF}"
+            " && systemctl restart nix-daemon.service"
+        )

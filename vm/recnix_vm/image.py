@@ -1,4 +1,7 @@
-"""The guest disk image: Debian 12 from Debian's packages, recnix from the working tree.
+"""The guest disk image: Debian from Debian's packages, recnix from the working tree.
+
+One image per suite (:data:`SUITES`): bookworm (Debian 12, Nix 2.8, the
+default), trixie (Debian 13, Nix 2.26), sid (Nix 2.34).
 
 Two cached layers under the cache directory (``$RECNIX_VM_CACHE`` or
 ``/var/cache/recnix-vm``):
@@ -34,12 +37,7 @@ from .log import log, nested
 CACHE_ENV = "RECNIX_VM_CACHE"
 DEFAULT_CACHE_DIR = Path("/var/cache/recnix-vm")
 
-SUITE = "bookworm"
-MIRRORS = (
-    "deb http://deb.debian.org/debian bookworm main",
-    "deb http://deb.debian.org/debian bookworm-updates main",
-    "deb http://deb.debian.org/debian-security bookworm-security main",
-)
+DEFAULT_SUITE = "bookworm"
 BASE_PACKAGES = (
     "systemd-sysv",
     "udev",
@@ -54,6 +52,15 @@ BASE_PACKAGES = (
     "iproute2",
     "procps",
     "less",
+)
+# What the host tier needs when it runs inside a suite's root filesystem
+# (recnix_vm.rootfs): pytest and the test libraries from that suite's Python.
+ROOTFS_TEST_PACKAGES = (
+    "python3-pytest",
+    "python3-hypothesis",
+    "python3-pexpect",
+    "python3-jinja2",
+    "git",  # tests/host/test_nix_files.py lists the tree's .nix files
 )
 # Files nobody needs in a test guest: keeps the image small and mkfs fast.
 _EXCLUDES = (
@@ -75,6 +82,69 @@ MMDEBSTRAP_OPTIONS = (
     "--dpkgopt=path-exclude=/lib/modules/*/kernel/sound/*",
     "--dpkgopt=path-exclude=/usr/lib/modules/*/kernel/sound/*",
 )
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A Debian release the guests and the per-version root filesystems are made from."""
+
+    name: str
+    nix: str  # the nix-bin version this suite ships (major.minor), for the docs and messages
+    mirrors: tuple[str, ...]
+    extra_packages: tuple[str, ...] = ()
+    extra_options: tuple[str, ...] = ()
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return BASE_PACKAGES + self.extra_packages
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return MMDEBSTRAP_OPTIONS + self.extra_options
+
+
+# The mirror may be a snapshot whose Release files have expired by the time a
+# cache is rebuilt: newer suites accept that (bookworm keeps its cache key).
+_NO_VALID_UNTIL = ('--aptopt=Acquire::Check-Valid-Until "false"',)
+SUITES = {
+    "bookworm": Suite(
+        name="bookworm",
+        nix="2.8",
+        mirrors=(
+            "deb http://deb.debian.org/debian bookworm main",
+            "deb http://deb.debian.org/debian bookworm-updates main",
+            "deb http://deb.debian.org/debian-security bookworm-security main",
+        ),
+    ),
+    "trixie": Suite(
+        name="trixie",
+        nix="2.26",
+        mirrors=(
+            "deb http://deb.debian.org/debian trixie main",
+            "deb http://deb.debian.org/debian trixie-updates main",
+            "deb http://deb.debian.org/debian-security trixie-security main",
+        ),
+        extra_packages=ROOTFS_TEST_PACKAGES,
+        extra_options=_NO_VALID_UNTIL,
+    ),
+    "sid": Suite(
+        name="sid",
+        nix="2.34",
+        mirrors=("deb http://deb.debian.org/debian sid main",),
+        extra_packages=ROOTFS_TEST_PACKAGES,
+        extra_options=_NO_VALID_UNTIL,
+    ),
+}
+
+
+def get_suite(name: str | None) -> Suite:
+    """The suite called ``name`` (``None``: bookworm); a clear error for unknown names."""
+    name = name or DEFAULT_SUITE
+    try:
+        return SUITES[name]
+    except KeyError:
+        raise ImageError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}") from None
+
 
 KEEP_IMAGES = 3  # older disk images in the cache are deleted after a new one is built
 DISK_SIZE = "6G"  # sparse; the Nix store in the guest grows into it
@@ -124,6 +194,7 @@ class Image:
     cmdline: str
     ssh_key: Path
     ssh_host_key: Path
+    suite: str = DEFAULT_SUITE
 
     @classmethod
     def load(cls, directory: Path, ssh_key: Path) -> Image:
@@ -136,6 +207,7 @@ class Image:
             cmdline=meta["cmdline"],
             ssh_key=ssh_key,
             ssh_host_key=directory / "ssh_host_ed25519_key.pub",
+            suite=meta.get("suite", DEFAULT_SUITE),
         )
 
 
@@ -151,17 +223,24 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         ) from e
 
 
-def base_key() -> str:
-    """Hash of everything that determines the mmdebstrap rootfs."""
+def base_key(suite: Suite | None = None) -> str:
+    """Hash of everything that determines the mmdebstrap rootfs of ``suite``."""
+    suite = suite or get_suite(None)
     spec = json.dumps(
-        {"suite": SUITE, "mirrors": MIRRORS, "packages": BASE_PACKAGES, "opts": MMDEBSTRAP_OPTIONS}
+        {
+            "suite": suite.name,
+            "mirrors": suite.mirrors,
+            "packages": suite.packages,
+            "opts": suite.options,
+        }
     )
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def build_base(cache: Path) -> Path:
-    """Return the cached base rootfs tarball, running mmdebstrap if it is missing."""
-    target = cache / "base" / f"{base_key()}.tar"
+def build_base(cache: Path, suite: Suite | None = None) -> Path:
+    """Return the cached base rootfs tarball of ``suite``, running mmdebstrap if it is missing."""
+    suite = suite or get_suite(None)
+    target = cache / "base" / f"{base_key(suite)}.tar"
     if target.exists():
         log(f"base rootfs: reusing {target}")
         return target
@@ -169,14 +248,14 @@ def build_base(cache: Path) -> Path:
     partial = target.with_suffix(f".tar.partial-{os.getpid()}")
     argv = [
         "mmdebstrap",
-        *MMDEBSTRAP_OPTIONS,
-        "--include=" + ",".join(BASE_PACKAGES),
-        SUITE,
+        *suite.options,
+        "--include=" + ",".join(suite.packages),
+        suite.name,
         str(partial),
-        *MIRRORS,
+        *suite.mirrors,
     ]
     log_path = target.with_suffix(".log")
-    with nested(f"building base rootfs with mmdebstrap (about 2 min; log: {log_path})"):
+    with nested(f"building the {suite.name} base rootfs with mmdebstrap (~2 min; log: {log_path})"):
         with log_path.open("w") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True)
             _follow(proc, log_path)
@@ -405,12 +484,15 @@ def customise_rootfs(root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub:
         _mask(root, unit)
 
 
-def build_image(cache_path: str | os.PathLike[str] | None = None) -> Image:
-    """Build (or reuse) the cached disk image and return it."""
+def build_image(
+    cache_path: str | os.PathLike[str] | None = None, suite: str | None = None
+) -> Image:
+    """Build (or reuse) the cached disk image of ``suite`` (default bookworm) and return it."""
     cache = cache_dir(cache_path)
     cache.mkdir(parents=True, exist_ok=True)
-    with nested(f"guest image (cache: {cache})"):
-        base = build_base(cache)
+    chosen = get_suite(suite)
+    with nested(f"{chosen.name} guest image, Nix {chosen.nix} (cache: {cache})"):
+        base = build_base(cache, chosen)
         ssh_key = ensure_ssh_key(cache)
         recnix_dir, scenarios_dir = source_dirs()
         key = image_key(base, recnix_dir, scenarios_dir)
@@ -422,7 +504,7 @@ def build_image(cache_path: str | os.PathLike[str] | None = None) -> Image:
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=final.parent))
         try:
-            _assemble(work, base, recnix_dir, scenarios_dir, ssh_key)
+            _assemble(work, base, recnix_dir, scenarios_dir, ssh_key, chosen.name)
             if final.exists():  # built concurrently by someone else
                 shutil.rmtree(work)
             else:
@@ -434,19 +516,28 @@ def build_image(cache_path: str | os.PathLike[str] | None = None) -> Image:
         return Image.load(final, ssh_key)
 
 
+def _image_suite(directory: Path) -> str:
+    try:
+        return json.loads((directory / "image.json").read_text()).get("suite", DEFAULT_SUITE)
+    except (OSError, ValueError):
+        return DEFAULT_SUITE
+
+
 def prune_images(images_dir: Path, keep: Path, count: int = KEEP_IMAGES) -> None:
-    """Delete all but the ``count`` newest disk images and stale partial builds.
+    """Delete all but the ``count`` newest disk images of ``keep``'s suite and stale
+    partial builds.
 
     Only images unused for an hour go (a running guest or a kept overlay may
     still need its backing file); ``keep`` never does.
     """
     now = time.time()
     built = []
+    suite = _image_suite(keep)
     for entry in images_dir.iterdir():
         if ".partial-" in entry.name:
             if now - entry.stat().st_mtime > 3600:
                 shutil.rmtree(entry, ignore_errors=True)
-        elif entry != keep and (entry / "image.json").exists():
+        elif entry != keep and (entry / "image.json").exists() and _image_suite(entry) == suite:
             built.append(entry)
     built.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for old in built[max(0, count - 1) :]:
@@ -454,7 +545,9 @@ def prune_images(images_dir: Path, keep: Path, count: int = KEEP_IMAGES) -> None
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _assemble(work: Path, base: Path, recnix_dir: Path, scenarios_dir: Path, key: Path) -> None:
+def _assemble(
+    work: Path, base: Path, recnix_dir: Path, scenarios_dir: Path, key: Path, suite: str
+) -> None:
     root = work / "root"
     root.mkdir()
     with nested("unpacking base rootfs"):
@@ -483,7 +576,10 @@ def _assemble(work: Path, base: Path, recnix_dir: Path, scenarios_dir: Path, key
         )
     shutil.rmtree(root)
     (work / "image.json").write_text(
-        json.dumps({"cmdline": KERNEL_CMDLINE, "base": base.name, "kernel": kernel.name}, indent=1)
+        json.dumps(
+            {"cmdline": KERNEL_CMDLINE, "base": base.name, "kernel": kernel.name, "suite": suite},
+            indent=1,
+        )
     )
 
 

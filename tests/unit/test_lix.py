@@ -1,0 +1,182 @@
+"""recnix on Lix, the pure parts: version texts, nix.conf without the built-in, the
+session socket in a chroot directory."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recnix import sandboxsocket
+from recnix.config import load_config, nix_conf_settings
+from recnix.nixversion import NixVersionError, parse_nix_version
+
+# What Lix 2.94.2 printed for `nix --version` (issue 15; printVersion in Lix's
+# libmain/shared.cc prints these lines always, not only with -v).
+LIX_TEXT = """\
+nix (Lix, like Nix) 2.94.2
+System type: x86_64-linux
+Additional system types: i686-linux, x86_64-v1-linux, x86_64-v2-linux, x86_64-v3-linux
+Features: gc, signed-caches
+System configuration file: /etc/nix/nix.conf
+User configuration files: /root/.config/nix/nix.conf:/etc/xdg/nix/nix.conf
+Store directory: /nix/store
+State directory: /nix/var/nix
+Data directory: /opt/lix/share
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "implementation", "version", "release"),
+    [
+        ("nix (Nix) 2.8.0\n", "nix", "2.8.0", (2, 8, 0)),
+        ("nix (Nix) 2.26.3\n", "nix", "2.26.3", (2, 26, 3)),
+        ("nix (Nix) 2.34.0pre20260101_abcdef0\n", "nix", "2.34.0pre20260101_abcdef0", (2, 34, 0)),
+        ("nix-store (Nix) 2.8.0\n", "nix", "2.8.0", (2, 8, 0)),
+        ("nix 2.34.1\n", "nix", "2.34.1", (2, 34, 1)),
+        (LIX_TEXT, "lix", "2.94.2", (2, 94, 2)),
+        ("nix (Lix, like Nix) 2.90.0-lix\n", "lix", "2.90.0-lix", (2, 90, 0)),
+        (
+            "nix (Lix, like Nix) 2.95.0-dev-pre20260101-abcdef0\nSystem type: x86_64-linux\n",
+            "lix",
+            "2.95.0-dev-pre20260101-abcdef0",
+            (2, 95, 0),
+        ),
+    ],
+)
+def test_parse_nix_version(text, implementation, version, release):
+    parsed = parse_nix_version(text)
+    assert (parsed.implementation, parsed.version, parsed.release) == (
+        implementation,
+        version,
+        release,
+    )
+    assert parsed.is_lix == (implementation == "lix")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "/opt/lix/share\n", "nix (Nix)\n", "garbage"])
+def test_parse_nix_version_rejects_what_is_no_version(text):
+    with pytest.raises(NixVersionError):
+        parse_nix_version(text)
+
+
+def test_the_last_line_of_lix_text_is_not_taken_for_the_version():
+    # recnix before issue 15 took the last word of the output: '/opt/lix/share'
+    assert LIX_TEXT.split()[-1] == "/opt/lix/share"
+    assert parse_nix_version(LIX_TEXT).version == "2.94.2"
+
+
+def test_nix_conf_for_lix_leaves_out_the_builtin_recursive_nix():
+    raw = load_config(None).raw
+    nix = nix_conf_settings(raw, "/pre", "/post")
+    lix = nix_conf_settings(raw, "/pre", "/post", lix=True)
+    assert "recursive-nix" in nix["experimental-features"].split()
+    assert "recursive-nix" in nix["extra-system-features"].split()
+    assert "experimental-features" not in lix
+    assert lix["extra-system-features"].split() == ["recnix", "recnix-readonly"]
+    assert {k: v for k, v in nix.items() if "features" not in k} == {
+        k: v for k, v in lix.items() if "features" not in k
+    }
+
+
+def _fake_nix(tmp_path: Path, text: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nix"
+    fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{text}EOF\n")
+    fake.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize(("text", "lix"), [(LIX_TEXT, True), ("nix (Nix) 2.8.0\n", False)])
+def test_nix_conf_command_detects_lix_from_nix_on_path(tmp_path, text, lix):
+    bin_dir = _fake_nix(tmp_path, text)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("RECNIX_CONFIG", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert ("recursive-nix" in out) == (not lix), out
+    assert "extra-system-features = recnix recnix-readonly" in out
+    assert "pre-build-hook = " in out
+
+
+def test_nix_conf_command_lix_flag_overrides_detection(tmp_path):
+    bin_dir = _fake_nix(tmp_path, LIX_TEXT)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null", "--no-lix"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "experimental-features = recursive-nix" in out
+
+
+def test_sandbox_socket_is_placed_and_replaced_atomically(tmp_path):
+    # a chroot path longer than sun_path's 108 bytes, like <store>/<hash>-<name>.drv.chroot/root
+    chroot = tmp_path / ("x" * 120) / "root"
+    chroot.mkdir(parents=True)
+    first, inode = sandboxsocket.place(chroot)
+    path = chroot / "nix/var/nix/daemon-socket/socket"
+    st = os.lstat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666
+    assert stat.S_IMODE(os.stat(chroot / "nix/var/nix").st_mode) == 0o755
+    assert sandboxsocket.in_place(chroot, inode)
+    second, inode2 = sandboxsocket.place(chroot)  # a restarted service
+    assert inode2 != inode
+    assert not sandboxsocket.in_place(chroot, inode) and sandboxsocket.in_place(chroot, inode2)
+    assert sorted(os.listdir(path.parent)) == ["socket"]  # no temporary name left
+    # a client reaching the path gets the new listener
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(f"/proc/self/fd/{dir_fd}/socket")
+            second.setblocking(True)
+            conn, _ = second.accept()
+            conn.close()
+    finally:
+        os.close(dir_fd)
+        first.close()
+        second.close()
+
+
+def test_sandbox_socket_directories_are_traversable_whatever_the_umask(tmp_path):
+    chroot = tmp_path / "root"
+    chroot.mkdir()
+    old = os.umask(0o077)  # recnix.service's unit (module/unit.toml)
+    try:
+        sock, _ = sandboxsocket.place(chroot)
+        sock.close()
+    finally:
+        os.umask(old)
+    for sub in ("nix", "nix/var", "nix/var/nix", "nix/var/nix/daemon-socket"):
+        assert stat.S_IMODE(os.stat(chroot / sub).st_mode) == 0o755, sub
+
+
+def test_sandbox_socket_refuses_a_directory_others_can_write(tmp_path):
+    chroot = tmp_path / "root"
+    (chroot / "nix/var/nix/daemon-socket").mkdir(parents=True)
+    os.chmod(chroot / "nix/var/nix/daemon-socket", 0o777)
+    with pytest.raises(sandboxsocket.PlacementError, match="writable by others"):
+        sandboxsocket.place(chroot)
+
+
+def test_sandbox_socket_does_not_follow_a_symlink(tmp_path):
+    chroot = tmp_path / "root"
+    (chroot / "nix").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", chroot / "nix" / "var")
+    with pytest.raises(sandboxsocket.PlacementError):
+        sandboxsocket.place(chroot)
+    assert os.listdir(tmp_path / "elsewhere") == []
