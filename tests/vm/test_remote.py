@@ -21,6 +21,7 @@ The guest that is killed mid-build is the last test's: keep it last.
 
 from __future__ import annotations
 
+import os
 import shlex
 import threading
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 from recnix_vm.guestnix import bundle_nix_in_guest, guest_exec
-from recnix_vm.image import GUEST_SCENARIOS_DIR
+from recnix_vm.image import GUEST_SCENARIOS_DIR, get_suite
 from recnix_vm.machine import Machine
 from recnix_vm.network import UNTRUSTED_USER, BuilderLink, Network, link_builder
 
@@ -36,7 +37,14 @@ from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 
-pytestmark = pytest.mark.vm
+# Two TCG guests take minutes: bookworm (Nix 2.8) by default; e.g.
+# RECNIX_VM_REMOTE_SUITES=bookworm,trixie,sid for the other Nix versions.
+SUITES = os.environ.get("RECNIX_VM_REMOTE_SUITES", "bookworm").split(",")
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.parametrize("vm_suite", SUITES, indirect=True, scope="module"),
+]
 
 MACHINES = "/etc/nix/machines"
 GUARD_TEXT = "was sent to this machine without its .drv"
@@ -49,6 +57,12 @@ class Pair:
     link: BuilderLink
     busybox: str
     nix: str
+
+    @property
+    def nix_version(self) -> tuple[int, int]:
+        """The guests' Nix (major, minor), from the image's suite."""
+        major, minor = get_suite(self.client.image.suite).nix.split(".")[:2]
+        return int(major), int(minor)
 
     def machines(self, line: str) -> None:
         """Make ``line`` the client's only remote builder."""
@@ -76,8 +90,13 @@ class Pair:
                     + ["--no-link", "--json", "-f", argv[1], *rest]
                 )
                 parse = "import json,sys; print(json.load(sys.stdin)[0]['outputs']['out'])"
+                # The inputs are unsigned: a trusted user copies them first (nix build
+                # copies what is missing with signature checks).
+                inputs = shlex.join([self.busybox, self.nix])
                 cmd = (
-                    f"export NIX_REMOTE=daemon; out=$({build} | python3 -c {shlex.quote(parse)})"
+                    f"export NIX_REMOTE=daemon; nix copy --no-check-sigs --to "
+                    f"{shlex.quote(remote_store)} {inputs} && "
+                    f"out=$({build} | python3 -c {shlex.quote(parse)})"
                     f" && nix copy --no-check-sigs --from {shlex.quote(remote_store)}"
                     ' "$out" && echo "$out"'
                 )
@@ -165,16 +184,16 @@ def test_outer_dispatched_with_drv_is_built_but_not_copied_back(pair: Pair) -> N
     assert not pair.runner().is_valid(out)
 
 
-@pytest.mark.parametrize(
-    ("scheme", "scenario"),
-    [("ssh-ng", "inner"), ("ssh-ng", "add"), ("ssh-ng", "deep"), ("ssh", "inner")],
-)
-def test_outer_built_on_builder_store(pair: Pair, scheme: str, scenario: str) -> None:
+@pytest.mark.parametrize("scenario", ["inner", "add", "deep"])
+def test_outer_built_on_builder_store(pair: Pair, scenario: str) -> None:
     """What works for an outer build on another machine: build it on the builder's
-    store (``nix build --store <uri> --eval-store auto``: the .drv goes along, the
-    build gets its session there) and copy the closure back (``nix copy --from``):
-    the inner outputs and the references arrive on the client."""
-    uri = f"{scheme}://root@{pair.link.host}"
+    store (``nix build --store ssh-ng://… --eval-store auto``: the .drv goes along,
+    the build gets its session there) and copy the closure back (``nix copy
+    --from``): the inner outputs and the references arrive on the client. (Nix
+    2.8's ``--store ssh://…`` cannot build: "operation 'getFSAccessor' is not
+    supported".)"""
+    pair.machines("")  # no builders: nothing is dispatched behind our back
+    uri = f"ssh-ng://root@{pair.link.host}"
     runner = pair.runner(remote_store=uri)
     out = {"inner": checks.check_inner, "add": checks.check_add, "deep": checks.check_deep}[
         scenario
@@ -190,12 +209,13 @@ def test_outer_dispatched_untrusted_fails(pair: Pair, scheme: str) -> None:
     input-addressed BuildDerivation (Nix's own refusal, recnix or not)."""
     pair.machines(pair.link.machine_line(scheme, user=UNTRUSTED_USER))
     err = _failed_build(pair.runner(dispatch="remote"))
-    print(f"untrusted {scheme}:// client, Nix 2.8:\n{err}")
-    assert (
-        "lacks a valid signature" in err
-        or "not privileged to build input-addressed derivations" in err
-        or "not a trusted user" in err
-    ), err
+    print(f"untrusted {scheme}:// client, Nix {pair.nix_version}:\n{err}")
+    if scheme == "ssh-ng" and pair.nix_version >= (2, 16):
+        # Nix copies the .drv and uses BuildPaths: a session on the builder, then
+        # the outputs-only copy-back fails (as with the .drv copied by hand).
+        assert "-inner' is not valid" in err, err
+    else:
+        assert "not privileged to build input-addressed derivations" in err, err
 
 
 # -- nested builds dispatched from a local outer build -------------------------

@@ -131,7 +131,9 @@ SUITES = {
         name="sid",
         nix="2.34",
         mirrors=("deb http://deb.debian.org/debian sid main",),
-        extra_packages=ROOTFS_TEST_PACKAGES,
+        # sid's openssh-server no longer pulls in the client, which Nix's ssh://
+        # and ssh-ng:// stores run (distributed builds, tests/vm/test_remote.py).
+        extra_packages=ROOTFS_TEST_PACKAGES + ("openssh-client",),
         extra_options=_NO_VALID_UNTIL,
     ),
 }
