@@ -203,7 +203,19 @@ class RestrictedStore:
         return None  # the client's options are ignored: recnix sends its own upstream
 
     def is_valid_path(self, args: dict) -> bool:
-        return checked_path(args["path"]) in self.session.allowed
+        path = args["path"]
+        # allowed paths were validated when allowed; any other is checked (and refused if
+        # malformed) before it is answered invalid
+        return path in self.session.allowed or checked_path(path) in self.session.allowed
+
+    def known_path_info(self, path: str) -> PathInfo | None:
+        """QueryPathInfo's answer for ``path`` when it needs no I/O: ``path`` is allowed
+        and its censored info known (``SessionState.path_infos``); else None (ask
+        ``query_path_info``). The connection's fast path, which then sends the reply
+        it encoded for this very PathInfo object."""
+        if path in self.session.allowed:
+            return self.session.path_infos.get(path)
+        return None
 
     def query_path_info(self, args: dict) -> PathInfo | None | Awaitable[PathInfo | None]:
         path = args["path"]

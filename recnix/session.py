@@ -660,12 +660,19 @@ class ConnectionHandler:
             self._wakeup.set_result(None)
 
     def _answer_fast(self) -> None:
-        """Answer complete requests that need no I/O; stash the first that does."""
+        """Answer complete requests that need no I/O; stash the first that does. What
+        they answered goes out in one write."""
         try:
             while True:
                 ev = self.conn.next_event()
                 if ev is NEED_DATA:
                     return
+                if ev.__class__ is Request and ev.op is Op.QUERY_PATH_INFO:
+                    path = ev.args["path"]
+                    info = self.store.known_path_info(path)
+                    if info is not None:
+                        self._send_path_info(path, info)
+                        continue
                 if isinstance(ev, Request) and ev.op in SYNC_OPS:
                     try:
                         pending = self._start(ev)
@@ -673,7 +680,6 @@ class ConnectionHandler:
                         self._deny(ev.op, e)
                         pending = None
                     if pending is None:
-                        self._write_out()
                         continue
                     self._stash.append((ev, pending))
                 else:
@@ -683,6 +689,8 @@ class ConnectionHandler:
         except ProtocolError as e:
             self._stash.append(e)
             self._idle = False
+        finally:
+            self._write_out()
 
     async def _wait(self) -> None:
         if self.lost:
@@ -843,16 +851,18 @@ class ConnectionHandler:
 
     def _reply(self, op: Op, args: dict, value: Any) -> None:
         if op is Op.QUERY_PATH_INFO and value is not None:
-            # the hottest op (every nix client asks it for each path): answer with the
-            # encoded reply, kept while the session keeps this PathInfo
-            path = args["path"]
-            cached = self._path_info_replies.get(path)
-            if cached is None or cached[0] is not value:
-                cached = (value, self.conn.encode_reply(op, value))
-                self._path_info_replies[path] = cached
-            self.conn.send_raw(cached[1])
+            self._send_path_info(args["path"], value)
             return
         self.conn.send_reply(op, value)
+
+    def _send_path_info(self, path: str, info: PathInfo) -> None:
+        """QueryPathInfo's reply, the hottest op (every nix client asks it for each path):
+        the encoded reply, kept while the session keeps this PathInfo object."""
+        cached = self._path_info_replies.get(path)
+        if cached is None or cached[0] is not info:
+            cached = (info, self.conn.encode_reply(Op.QUERY_PATH_INFO, info))
+            self._path_info_replies[path] = cached
+        self.conn.send_raw(cached[1])
 
     async def _send_nar(self, chunks: Iterator[bytes]) -> None:
         loop = asyncio.get_running_loop()
