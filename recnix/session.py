@@ -394,8 +394,10 @@ class Session:
             new = sorted(p for p in set(paths) if p not in self.allowed)
             if not new:
                 return
+            t0 = time.perf_counter()
             for path in new:
                 await self.keeper.add_temp_root(path)
+            t1 = time.perf_counter()
             try:
                 self.roots.add(new)
             except OSError as e:
@@ -404,7 +406,9 @@ class Session:
                 ) from None
             if peer_pid is not None:
                 self.view.set_builder_pid(peer_pid)
+            t2 = time.perf_counter()
             await asyncio.get_running_loop().run_in_executor(None, self._make_visible, new)
+            t3 = time.perf_counter()
             self.allowed.update(new)
             self.added.update(new)
             self.journal_change(
@@ -414,6 +418,19 @@ class Session:
             )
             for path in new:
                 self.service.audit.write(event, self.sid, drv=self.drv_path, path=path)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "session %s: %s %d path(s) in %.1f ms: temp roots %.1f, gc roots %.1f, "
+                    "fsync and materialise %.1f, journal and audit %.1f",
+                    self.sid,
+                    event,
+                    len(new),
+                    1e3 * (time.perf_counter() - t0),
+                    1e3 * (t1 - t0),
+                    1e3 * (t2 - t1),
+                    1e3 * (t3 - t2),
+                    1e3 * (time.perf_counter() - t3),
+                )
 
     def _make_visible(self, paths: list[str]) -> None:
         """Durable first (the build relies on them from now on), then in the sandbox."""
