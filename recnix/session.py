@@ -661,6 +661,15 @@ class ConnectionHandler:
         if not data:
             # replies still owed: a client that half-closed after its requests
             self.eof_owed = not self._idle or bool(self._stash)
+        elif self._idle:
+            # the commonest case: one whole IsValidPath/QueryPathInfo/... request
+            request = self.conn.receive_single_path_request(data)
+            if request is not None:
+                self._answer_fast(request)
+                if self._idle:
+                    return
+                self.wake()
+                return
         self.conn.receive_data(data)
         if self._idle:
             self._answer_fast()
@@ -676,12 +685,15 @@ class ConnectionHandler:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    def _answer_fast(self) -> None:
-        """Answer complete requests that need no I/O; stash the first that does. What
-        they answered goes out in one write."""
+    def _answer_fast(self, first: Request | None = None) -> None:
+        """Answer complete requests (``first``, then those buffered) that need no I/O;
+        stash the first that does. What they answered goes out in one write."""
         try:
             while True:
-                ev = self.conn.next_event()
+                if first is not None:
+                    ev, first = first, None
+                else:
+                    ev = self.conn.next_event()
                 if ev is NEED_DATA:
                     return
                 if ev.__class__ is Request and ev.op is Op.QUERY_PATH_INFO:

@@ -333,6 +333,29 @@ class ServerConnection(_Base):
         takes it (and reports anything malformed in it)."""
         buf = self._buf
         raw, start = buf.raw()
+        decoded = self._decode_single_path(raw, start)
+        if decoded is None:
+            return None
+        request, end = decoded
+        buf.skip(end - start)
+        return request
+
+    def receive_single_path_request(self, data: bytes) -> Request | None:
+        """``receive_data(data)`` then ``next_event()``, in one go, when the connection is
+        between requests with nothing buffered and ``data`` is exactly one complete,
+        well-formed request of SINGLE_PATH_OPS; else None and nothing is consumed
+        (call ``receive_data``)."""
+        buf = self._buf
+        if self._state != "idle" or len(buf) or buf.eof or len(data) < 16:
+            return None
+        decoded = self._decode_single_path(data, 0)
+        if decoded is None or decoded[1] != len(data):
+            return None
+        buf.offset += len(data)
+        return decoded[0]
+
+    def _decode_single_path(self, raw: bytes | bytearray, start: int) -> tuple[Request, int] | None:
+        """The SINGLE_PATH_OPS request at ``raw[start:]`` and where it ends, or None."""
         op, n = _OP_AND_LEN.unpack_from(raw, start)
         spec = SINGLE_PATH_OPS.get(op)
         if spec is None or n > self._limits.max_string:
@@ -342,9 +365,8 @@ class ServerConnection(_Base):
         if len(raw) < end or raw.count(0, begin + n, end) != end - begin - n:
             return None  # incomplete, or non-zero padding
         path = raw[begin : begin + n].decode("utf-8", "surrogateescape")
-        buf.skip(end - start)
         self._spec = spec
-        return Request(spec.op, {"path": path})
+        return Request(spec.op, {"path": path}), end
 
     def _read_tunnel(self) -> Event | None:
         """AddToStoreNar at minors 21-22: pull the NAR with STDERR_READ."""

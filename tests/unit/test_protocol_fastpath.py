@@ -101,3 +101,40 @@ def test_same_as_the_general_decoder_on_anything(
 ) -> None:
     data = frame(op, payload, length, pad) + frame(Op.IS_VALID_PATH, PATH.encode())
     assert outcome(server(False), data, step) == outcome(server(True), data, step)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    op=st.sampled_from(sorted(C.SINGLE_PATH_OPS) + [Op.QUERY_VALID_PATHS, 99]),
+    payload=st.binary(max_size=40),
+    pad=st.one_of(st.none(), st.binary(max_size=9)),
+    length=st.one_of(st.none(), st.integers(0, 64)),
+    extra=st.binary(max_size=20),
+)
+def test_one_whole_request_in_one_go(
+    op: int, payload: bytes, pad: bytes | None, length: int | None, extra: bytes
+) -> None:
+    """receive_single_path_request(data) is receive_data(data) + next_event() when it
+    answers, and consumes nothing when it does not."""
+    data = frame(op, payload, length, pad) + extra
+    fast, general = server(False), server(True)
+    request = fast.receive_single_path_request(data)
+    if request is None:
+        assert fast._buf.offset == general._buf.offset and not len(fast._buf)
+        assert outcome(fast, data, len(data)) == outcome(general, data, len(data))
+        return
+    general.receive_data(data)
+    assert events_until_need(general) == [request]
+    assert fast._buf.offset == general._buf.offset
+    assert outcome(fast, PATH.encode(), 3) == outcome(general, PATH.encode(), 3)
+
+
+def test_one_whole_request_only_between_requests() -> None:
+    good = frame(Op.QUERY_PATH_INFO, PATH.encode())
+    srv = server(False)
+    assert srv.receive_single_path_request(good) == Request(Op.QUERY_PATH_INFO, {"path": PATH})
+    srv.receive_data(good[:5])  # a request under way: the next bytes are not a new one
+    assert srv.receive_single_path_request(good) is None
+    _, srv, _, _ = connected_pair(35)
+    srv.receive_data(b"")
+    assert srv.receive_single_path_request(good) is None  # after EOF
