@@ -12,10 +12,12 @@ import os
 from collections.abc import Iterable
 
 
-def fsync_tree(path: str) -> None:
-    """fsync every regular file and directory below ``path`` (symlinks are skipped)."""
+def fsync_tree(path: str, parent: bool = True) -> None:
+    """fsync every regular file and directory below ``path`` (symlinks are skipped), and
+    (``parent``) the directory holding ``path``."""
     if os.path.islink(path):
-        _fsync(os.path.dirname(path))
+        if parent:
+            _fsync(os.path.dirname(path))
         return
     if os.path.isdir(path):
         for root, dirs, files in os.walk(path):
@@ -27,13 +29,19 @@ def fsync_tree(path: str) -> None:
             dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
     else:
         _fsync(path)
-    _fsync(os.path.dirname(path))
+    if parent:
+        _fsync(os.path.dirname(path))
 
 
 def fsync_paths(paths: Iterable[str]) -> None:
-    """:func:`fsync_tree` of each path."""
+    """:func:`fsync_tree` of each path; each parent directory (``/nix/store``) is synced
+    once, after all of them."""
+    parents: dict[str, None] = {}
     for path in paths:
-        fsync_tree(path)
+        fsync_tree(path, parent=False)
+        parents[os.path.dirname(path)] = None
+    for parent in parents:
+        _fsync(parent)
 
 
 def _fsync(path: str) -> None:

@@ -154,6 +154,9 @@ class RestrictedStore:
         self.store = store
         self.session = session
         self.client = client
+        # output maps of derivations this connection built (a nix-build asks for the
+        # map right after the build; the outputs of a built derivation do not change)
+        self._output_maps: dict[str, dict[str, str | None]] = {}
 
     # -- dispatch
 
@@ -203,7 +206,19 @@ class RestrictedStore:
         return None  # the client's options are ignored: recnix sends its own upstream
 
     def is_valid_path(self, args: dict) -> bool:
-        return checked_path(args["path"]) in self.session.allowed
+        path = args["path"]
+        # allowed paths were validated when allowed; any other is checked (and refused if
+        # malformed) before it is answered invalid
+        return path in self.session.allowed or checked_path(path) in self.session.allowed
+
+    def known_path_info(self, path: str) -> PathInfo | None:
+        """QueryPathInfo's answer for ``path`` when it needs no I/O: ``path`` is allowed
+        and its censored info known (``SessionState.path_infos``); else None (ask
+        ``query_path_info``). The connection's fast path, which then sends the reply
+        it encoded for this very PathInfo object."""
+        if path in self.session.allowed:
+            return self.session.path_infos.get(path)
+        return None
 
     def query_path_info(self, args: dict) -> PathInfo | None | Awaitable[PathInfo | None]:
         path = args["path"]
@@ -283,9 +298,14 @@ class RestrictedStore:
         drv = self._require_allowed(args["path"], "query the outputs of")
         return await self.store.query_derivation_output_names(drv)
 
-    async def query_derivation_output_map(self, args: dict) -> dict[str, str | None]:
+    def query_derivation_output_map(
+        self, args: dict
+    ) -> dict[str, str | None] | Awaitable[dict[str, str | None]]:
         drv = self._require_allowed(args["drv_path"], "query the outputs of")
-        return await self.store.query_derivation_output_map(drv)
+        known = self._output_maps.get(drv)
+        if known is not None:
+            return dict(known)
+        return self.store.query_derivation_output_map(drv)
 
     async def query_missing(self, args: dict) -> Missing:
         s = self.session
@@ -468,7 +488,12 @@ class RestrictedStore:
                 chunks = iter(lambda: spool.read(READ_CHUNK), b"")
                 result = await self.store.add_to_store(name, ca_method, refs, chunks)
         await self._allow_added([result.path], pending[0])
-        return ValidPathInfo(result.path, censor(result.info))
+        info = self._know(result)
+        return ValidPathInfo(result.path, info)
+
+    def _know(self, added: ValidPathInfo) -> PathInfo:
+        """The censored info of a path the daemon just added, kept for QueryPathInfo."""
+        return self.session.path_infos.setdefault(added.path, censor(added.info))
 
     async def add_text_to_store(self, args: dict) -> str:
         self._require_writable(f"adding '{args['name']}' to the store")
@@ -477,6 +502,7 @@ class RestrictedStore:
         self._count_bytes(len(args["text"]), pending)
         result = await self.store.add_to_store(args["name"], "text:sha256", refs, [args["text"]])
         await self._allow_added([result.path], pending[0])
+        self._know(result)
         return result.path
 
     async def add_to_store_nar(self, args: dict) -> None:
@@ -603,6 +629,8 @@ class RestrictedStore:
                 paths.add(t.path)
                 continue
             outputs = await self.store.query_derivation_output_map(t.path)
+            if outputs and all(outputs.values()):
+                self._output_maps[t.path] = dict(outputs)
             wanted = set(t.outputs or ["*"])
             for name, out in outputs.items():
                 if out and ("*" in wanted or name in wanted):

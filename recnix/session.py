@@ -395,8 +395,10 @@ class Session:
             new = sorted(p for p in set(paths) if p not in self.allowed)
             if not new:
                 return
+            t0 = time.perf_counter()
             for path in new:
                 await self.keeper.add_temp_root(path)
+            t1 = time.perf_counter()
             try:
                 self.roots.add(new)
             except OSError as e:
@@ -405,7 +407,9 @@ class Session:
                 ) from None
             if peer_pid is not None:
                 self.view.set_builder_pid(peer_pid)
-            await asyncio.get_running_loop().run_in_executor(None, self._make_visible, new)
+            t2 = time.perf_counter()
+            synced = await asyncio.get_running_loop().run_in_executor(None, self._make_visible, new)
+            t3 = time.perf_counter()
             self.allowed.update(new)
             self.added.update(new)
             self.journal_change(
@@ -415,11 +419,29 @@ class Session:
             )
             for path in new:
                 self.service.audit.write(event, self.sid, drv=self.drv_path, path=path)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "session %s: %s %d path(s) in %.1f ms: temp roots %.1f, gc roots %.1f, "
+                    "fsync %.1f, materialise %.1f, journal and audit %.1f",
+                    self.sid,
+                    event,
+                    len(new),
+                    1e3 * (time.perf_counter() - t0),
+                    1e3 * (t1 - t0),
+                    1e3 * (t2 - t1),
+                    1e3 * synced,
+                    1e3 * (t3 - t2 - synced),
+                    1e3 * (time.perf_counter() - t3),
+                )
 
-    def _make_visible(self, paths: list[str]) -> None:
-        """Durable first (the build relies on them from now on), then in the sandbox."""
+    def _make_visible(self, paths: list[str]) -> float:
+        """Durable first (the build relies on them from now on), then in the sandbox;
+        returns the seconds the fsyncs took."""
+        started = time.perf_counter()
         fsync_paths(paths)
+        synced = time.perf_counter() - started
         self.view.materialise_many(paths)
+        return synced
 
     # -- connections
 
@@ -645,6 +667,15 @@ class ConnectionHandler:
         if not data:
             # replies still owed: a client that half-closed after its requests
             self.eof_owed = not self._idle or bool(self._stash)
+        elif self._idle:
+            # the commonest case: one whole IsValidPath/QueryPathInfo/... request
+            request = self.conn.receive_single_path_request(data)
+            if request is not None:
+                self._answer_fast(request)
+                if self._idle:
+                    return
+                self.wake()
+                return
         self.conn.receive_data(data)
         if self._idle:
             self._answer_fast()
@@ -660,13 +691,23 @@ class ConnectionHandler:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    def _answer_fast(self) -> None:
-        """Answer complete requests that need no I/O; stash the first that does."""
+    def _answer_fast(self, first: Request | None = None) -> None:
+        """Answer complete requests (``first``, then those buffered) that need no I/O;
+        stash the first that does. What they answered goes out in one write."""
         try:
             while True:
-                ev = self.conn.next_event()
+                if first is not None:
+                    ev, first = first, None
+                else:
+                    ev = self.conn.next_event()
                 if ev is NEED_DATA:
                     return
+                if ev.__class__ is Request and ev.op is Op.QUERY_PATH_INFO:
+                    path = ev.args["path"]
+                    info = self.store.known_path_info(path)
+                    if info is not None:
+                        self._send_path_info(path, info)
+                        continue
                 if isinstance(ev, Request) and ev.op in SYNC_OPS:
                     try:
                         pending = self._start(ev)
@@ -674,7 +715,6 @@ class ConnectionHandler:
                         self._deny(ev.op, e)
                         pending = None
                     if pending is None:
-                        self._write_out()
                         continue
                     self._stash.append((ev, pending))
                 else:
@@ -684,6 +724,8 @@ class ConnectionHandler:
         except ProtocolError as e:
             self._stash.append(e)
             self._idle = False
+        finally:
+            self._write_out()
 
     async def _wait(self) -> None:
         if self.lost:
@@ -844,16 +886,18 @@ class ConnectionHandler:
 
     def _reply(self, op: Op, args: dict, value: Any) -> None:
         if op is Op.QUERY_PATH_INFO and value is not None:
-            # the hottest op (every nix client asks it for each path): answer with the
-            # encoded reply, kept while the session keeps this PathInfo
-            path = args["path"]
-            cached = self._path_info_replies.get(path)
-            if cached is None or cached[0] is not value:
-                cached = (value, self.conn.encode_reply(op, value))
-                self._path_info_replies[path] = cached
-            self.conn.send_raw(cached[1])
+            self._send_path_info(args["path"], value)
             return
         self.conn.send_reply(op, value)
+
+    def _send_path_info(self, path: str, info: PathInfo) -> None:
+        """QueryPathInfo's reply, the hottest op (every nix client asks it for each path):
+        the encoded reply, kept while the session keeps this PathInfo object."""
+        cached = self._path_info_replies.get(path)
+        if cached is None or cached[0] is not info:
+            cached = (info, self.conn.encode_reply(Op.QUERY_PATH_INFO, info))
+            self._path_info_replies[path] = cached
+        self.conn.send_raw(cached[1])
 
     async def _send_nar(self, chunks: Iterator[bytes]) -> None:
         loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ Feed received bytes with ``receive_data`` (``b""`` = EOF), pull events with
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,13 @@ from recnix.nar import NarParser
 
 from .errors import ProtocolError
 from .handshake import HandshakeDone, client_handshake, client_hello, server_handshake
-from .schema import OpSpec, StreamKind, op_spec
+from .schema import OPS, OpSpec, StreamKind, op_spec
 from .stderr import Error, Last, Read, StderrMessage, read_stderr, write_stderr
 from .wire import (
     MAX_FRAME_LEN,
     MAX_LIST_LEN,
     MAX_STRING_LEN,
+    PATH,
     SERVER_MINOR_DEFAULT,
     Ctx,
     Decoder,
@@ -33,6 +35,32 @@ from .wire import (
 )
 
 TUNNEL_CHUNK = 65536  # bytes asked for per STDERR_READ
+
+_OP_AND_LEN = struct.Struct("<QQ")
+
+
+def _single_path_ops() -> dict[int, OpSpec]:
+    """Ops whose request is one store path and nothing else, at every minor, with no
+    trailing stream (IsValidPath, QueryPathInfo, ...): ServerConnection decodes them
+    in one go."""
+    ops = {}
+    for op, spec in OPS.items():
+        fields = spec.request.fields
+        if (
+            len(fields) == 1
+            and fields[0].name == "path"
+            and fields[0].codec is PATH
+            and fields[0].since == 0
+            and fields[0].until is None
+            and fields[0].feature is None
+            and fields[0].unless is None
+            and spec.streams == ((0, StreamKind.NONE),)
+        ):
+            ops[op] = spec
+    return ops
+
+
+SINGLE_PATH_OPS = _single_path_ops()
 
 
 def feed_nar(nar: NarParser, data: bytes | memoryview, offset: int) -> int:
@@ -236,7 +264,11 @@ class ServerConnection(_Base):
                         self._state = "closed"
                         return ConnectionClosed()
                     return NEED_DATA
-                if len(buf) < 8:
+                if len(buf) >= 16:
+                    request = self._single_path_request()
+                    if request is not None:
+                        return request
+                elif len(buf) < 8:
                     return self._need("operation number")
                 offset = buf.offset
                 op = int.from_bytes(buf.take(8), "little")
@@ -294,6 +326,47 @@ class ServerConnection(_Base):
                 return done
             else:
                 return ConnectionClosed()
+
+    def _single_path_request(self) -> Request | None:
+        """A complete, well-formed request of one of SINGLE_PATH_OPS at the start of the
+        buffer, decoded in one go (the hottest requests); None: the general decoder
+        takes it (and reports anything malformed in it)."""
+        buf = self._buf
+        raw, start = buf.raw()
+        decoded = self._decode_single_path(raw, start)
+        if decoded is None:
+            return None
+        request, end = decoded
+        buf.skip(end - start)
+        return request
+
+    def receive_single_path_request(self, data: bytes) -> Request | None:
+        """``receive_data(data)`` then ``next_event()``, in one go, when the connection is
+        between requests with nothing buffered and ``data`` is exactly one complete,
+        well-formed request of SINGLE_PATH_OPS; else None and nothing is consumed
+        (call ``receive_data``)."""
+        buf = self._buf
+        if self._state != "idle" or len(buf) or buf.eof or len(data) < 16:
+            return None
+        decoded = self._decode_single_path(data, 0)
+        if decoded is None or decoded[1] != len(data):
+            return None
+        buf.offset += len(data)
+        return decoded[0]
+
+    def _decode_single_path(self, raw: bytes | bytearray, start: int) -> tuple[Request, int] | None:
+        """The SINGLE_PATH_OPS request at ``raw[start:]`` and where it ends, or None."""
+        op, n = _OP_AND_LEN.unpack_from(raw, start)
+        spec = SINGLE_PATH_OPS.get(op)
+        if spec is None or n > self._limits.max_string:
+            return None
+        begin = start + 16
+        end = begin + ((n + 7) & ~7)
+        if len(raw) < end or raw.count(0, begin + n, end) != end - begin - n:
+            return None  # incomplete, or non-zero padding
+        path = raw[begin : begin + n].decode("utf-8", "surrogateescape")
+        self._spec = spec
+        return Request(spec.op, {"path": path}), end
 
     def _read_tunnel(self) -> Event | None:
         """AddToStoreNar at minors 21-22: pull the NAR with STDERR_READ."""

@@ -153,6 +153,16 @@ class ReceiveBuffer:
         self.offset += n
         return data
 
+    def raw(self) -> tuple[bytearray, int]:
+        """The storage and the index of the first unconsumed byte in it (for a decoder
+        that reads in place, then ``skip``s what it used; valid until next feed/take)."""
+        return self._buf, self._start
+
+    def skip(self, n: int) -> None:
+        """Consume ``n`` bytes without copying them (caller checked ``len(self) >= n``)."""
+        self._start += n
+        self.offset += n
+
     def peek(self, n: int) -> memoryview:
         """Up to ``n`` unconsumed bytes, without consuming them (valid until next feed/take)."""
         return memoryview(self._buf)[self._start : self._start + n]

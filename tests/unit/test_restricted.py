@@ -574,3 +574,52 @@ def test_drv_add_decision_equals_the_written_rule(named: list[str], how: str) ->
             add(w, "gen.drv", text, how)
     else:
         assert add(w, "gen.drv", text, how) in w.session.allowed
+
+
+class CountingStore:
+    """Counts the calls a restricted store makes to ``store``."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.store, name)
+        if callable(attr):
+
+            def call(*a: Any, **k: Any) -> Any:
+                self.calls.append(name)
+                return attr(*a, **k)
+
+            return call
+        return attr
+
+
+def test_answers_known_without_asking_upstream() -> None:
+    """What a nested nix-build asks right after its add and its build (the added .drv's
+    info, the built derivation's output map) is answered from what the restricted store
+    just learnt; the answers equal upstream's, and unallowed paths are still refused."""
+    w = World()
+    counting = CountingStore(w.store)
+    rs = RestrictedStore(counting, w.session, w.client)  # type: ignore[arg-type]
+    text = to_aterm_bytes(drv("fresh", [w.src]))
+    drv_path = run(
+        rs.serve(Op.ADD_TEXT_TO_STORE, {"name": "fresh.drv", "text": text, "references": [w.src]})
+    )
+    upstream = run(w.store.query_path_info(drv_path))
+    counting.calls.clear()
+    info = run(rs.serve(Op.QUERY_PATH_INFO, {"path": drv_path}))
+    assert info.nar_hash == upstream.nar_hash and info.references == upstream.references
+    assert info.deriver is None and info.sigs == []
+    assert counting.calls == []
+    run(rs.serve(Op.BUILD_PATHS, {"paths": [DerivedPath(drv_path, ["out"])], "build_mode": 0}))
+    counting.calls.clear()
+    outputs = run(rs.serve(Op.QUERY_DERIVATION_OUTPUT_MAP, {"drv_path": drv_path}))
+    assert outputs == run(w.store.query_derivation_output_map(drv_path))
+    assert counting.calls == []
+    with pytest.raises(Denied, match="neither an input"):
+        rs.serve(Op.QUERY_DERIVATION_OUTPUT_MAP, {"drv_path": w.foreign_drv})
+    # a derivation built on another connection is asked upstream
+    other = RestrictedStore(counting, w.session, w.client)  # type: ignore[arg-type]
+    assert run(other.serve(Op.QUERY_DERIVATION_OUTPUT_MAP, {"drv_path": drv_path})) == outputs
+    assert counting.calls == ["query_derivation_output_map"]
