@@ -27,6 +27,7 @@ from recnix.config import Config
 from recnix.derivation import DerivationError, read_derivation
 from recnix.gcroots import sweep
 from recnix.journal import SessionRecord, journals, replay
+from recnix.materialise import peer_in_sandbox
 from recnix.nixsettings import build_users, nix_settings, session_bound
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
@@ -724,8 +725,11 @@ class Service:
         seen = sandboxsocket.seen_by(pid)
         if seen is not None and seen in ours:
             return None
-        if not session.view.chroot_root.is_dir() or not os.path.exists(f"/proc/{pid}"):
-            return None  # the build is over: nothing to check any more
+        # Conclude only about a process still in the sandbox *after* the look: one that
+        # exited meanwhile (a zombie, e.g. a `sleep` of the builder's, has no root to
+        # look through) proves nothing, and killing on it would abort a healthy build.
+        if not peer_in_sandbox(pid, session.view.chroot_root):
+            return None
         what = "no socket" if seen is None else "a socket that is not its session's"
         return (
             f"{session.drv_path} requires recnix, but its builder finds {what} at "
