@@ -2,8 +2,9 @@
 
 Lix 2.93-2.95 runs the pre-build hook but ignores what it prints, so the
 ``extra-sandbox-paths`` block never reaches it; recnix must put the session's socket
-into the build's chroot itself. No Lix here: the guest's Nix 2.8 gets a pre-build hook
-that runs recnix's and discards its stdout (``recnix_vm.guestnix.discard_hook_output``).
+into the build's chroot itself. No Lix here: the guest's Nix (2.8 on bookworm, 2.34 on
+sid) gets a pre-build hook that runs recnix's and discards its stdout
+(``recnix_vm.guestnix.discard_hook_output``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from recnix_vm.machine import Machine
 from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
-from tests.vm.test_scenarios import boot, runner_for, start_in_background
+from tests.vm.test_scenarios import boot, build_top_glob, runner_for, start_in_background
 
-pytestmark = pytest.mark.vm
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.parametrize("vm_suite", ["bookworm", "sid"], indirect=True, scope="module"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def test_restart_mid_build_resumes_the_session(guest) -> None:
     tag = fresh_tag()
     log = f"/root/restart-{tag}"
     start_in_background(machine, runner.build_argv("restart", RECNIX, tag, {"innerTag": tag}), log)
-    build_dir = "/tmp/nix-build-scenario-restart.drv-*"
+    build_dir = build_top_glob(machine, "scenario-restart")
     machine.wait_until_succeeds(f"ls -d {build_dir}/started", timeout=300)
     machine.succeed("systemctl restart recnix.service")
     machine.wait_for_unit("recnix.service")
