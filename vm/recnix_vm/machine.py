@@ -203,6 +203,7 @@ class Machine:
         deadline = time.monotonic() + 30
         while not self.qmp_path.exists():
             if not self.is_running:
+                self._check_expired()  # killed by the global timeout, not a failed start
                 raise MachineError(f"QEMU exited at start:\n{self.console_tail()}")
             if time.monotonic() > deadline:
                 raise MachineError("QEMU did not create its QMP socket within 30 s")
@@ -215,6 +216,7 @@ class Machine:
             except Exception as e:  # qemu.qmp wraps ECONNREFUSED in ConnectError
                 self._qmp = None
                 if not self.is_running or time.monotonic() > deadline:
+                    self._check_expired()
                     raise MachineError(f"cannot connect to QEMU's QMP socket: {e!r}") from e
                 time.sleep(0.2)
 
