@@ -363,6 +363,10 @@ class Machine:
 
     def _check_expired(self) -> None:
         if self._expired:
+            # The timer thread sets the flag, then kills: report only once QEMU is gone.
+            deadline = time.monotonic() + 30
+            while self.is_running and time.monotonic() < deadline:
+                time.sleep(0.05)
             raise GlobalTimeoutExpired(f"{self.name}: global timeout expired; QEMU was killed")
 
     # -- serial console ------------------------------------------------------
