@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from recnix.protocol import ClientConnection, Op, Reply  # noqa: E402
 from recnix.restricted import RestrictedStore  # noqa: E402
-from recnix.session import ConnectionHandler, Peer  # noqa: E402
+from recnix.session import ClientProtocol, ConnectionHandler, Peer  # noqa: E402
 from scripts.fuzz_session import Transport, handshake_bytes, new_world  # noqa: E402
 
 MINOR = 35
@@ -117,33 +117,15 @@ async def _handler_loop(
 # -- over a socket
 
 
-class _Proto(asyncio.Protocol):
+class _Proto(ClientProtocol):
+    """The service's ClientProtocol, with the handler made by ``make`` (no Session)."""
+
     def __init__(self, make: Any) -> None:
         self.make = make
         self.handler: ConnectionHandler | None = None
 
     def connection_made(self, transport: Any) -> None:
         self.handler = self.make(transport)
-
-    def data_received(self, data: bytes) -> None:
-        assert self.handler is not None
-        self.handler.on_data(data)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Any) -> None:
-        if self.handler is not None:
-            self.handler.on_lost()
-
-    def pause_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.paused = True
-
-    def resume_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.paused = False
-            self.handler.wake()
 
 
 class _Constant(asyncio.Protocol):
