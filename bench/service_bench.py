@@ -66,10 +66,12 @@ from tests.host.conftest import (  # noqa: E402
     RECNIX_BIN,
     NixHost,
     RecnixService,
+    launch_recnix_service,
     scenario_runner,
     start_nix_host,
     start_recnix_service,
     stop_recnix_service,
+    wait_until_ready,
 )
 from tests.nixversion import build_top_glob, sandbox_root  # noqa: E402
 
@@ -570,36 +572,12 @@ def load_run(
 # -- start: service start to ready
 
 
-def start_service_timed(host: NixHost, control_socket: Path) -> tuple[RecnixService, float]:
+def start_service_timed(host: NixHost) -> tuple[RecnixService, float]:
     """Start ``recnix daemon`` on ``host.recnix_config`` (already written); return it and
     the seconds until its control socket accepts a connection (polled every ms)."""
-    root = host.root / "recnix"
-    env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config)}
-    env.pop("TMPDIR", None)
-    log = open(root / "service.log", "ab")  # noqa: SIM115 - handed to the service
     t0 = time.perf_counter()
-    process = subprocess.Popen(
-        [str(RECNIX_BIN), "daemon", "--config", str(host.recnix_config)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    service = RecnixService(host, root, host.recnix_config, process)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(control_socket))
-                break
-            except OSError:
-                pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"recnix daemon did not start:\n{service.log_text()}")
-        time.sleep(0.001)
+    service = launch_recnix_service(host)
+    wait_until_ready(service, timeout=START_TIMEOUT, poll=0.001)
     return service, time.perf_counter() - t0
 
 
@@ -813,7 +791,7 @@ def scenario_start(b: Bench) -> list[Row]:
     times = []
     for _ in range(b.opts.start_reps):
         stop_recnix_service(b.service)
-        b.service, seconds = start_service_timed(b.hooked, b.service.control_socket)
+        b.service, seconds = start_service_timed(b.hooked)
         times.append(seconds * 1e3)
     return [
         Row(
@@ -1049,7 +1027,8 @@ def main() -> int:
         fallback = start_nix_host(hooks=True)
         hosts.append(fallback)
         # The service listens where the host fixtures put it; the rendered path links there.
-        service = start_recnix_service(hooked)
+        # The production log level (the host tier's services log at debug).
+        service = start_recnix_service(hooked, daemon={"log-level": "info"})
         control_socket.symlink_to(service.control_socket)
         # The fallback daemon's hooks scan the same config (they never reach a service).
         shutil.copy(hooked.recnix_config, fallback.recnix_config)

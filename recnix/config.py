@@ -16,6 +16,8 @@ SYSTEM_CONFIG_FILE = Path("/etc/recnix/config.toml")
 CONFIG_ENV = "RECNIX_CONFIG"
 
 FEATURE = "recnix"
+# daemon.fsync-paths: follow nix.conf's fsync-store-paths, or always, or never
+FSYNC_PATHS = ("nix", "always", "never")
 FEATURE_READONLY = "recnix-readonly"
 
 
@@ -141,6 +143,11 @@ def _validate(raw: dict[str, Any]) -> None:
     if up not in ("daemon", "stdio") and not up.startswith("unix://"):
         raise ConfigError(
             f'\'daemon.upstream\' is {up!r}: use "daemon", "stdio" or "unix:///path/to/socket"'
+        )
+    if daemon["fsync-paths"] not in FSYNC_PATHS:
+        raise ConfigError(
+            f"'daemon.fsync-paths' is {daemon['fsync-paths']!r}: use "
+            + ", ".join(f'"{v}"' for v in FSYNC_PATHS)
         )
     for key in ("max-depth", "max-builds-per-session", "max-added-bytes"):
         if policy[key] < 0:

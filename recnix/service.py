@@ -28,7 +28,7 @@ from recnix.derivation import DerivationError, read_derivation
 from recnix.gcroots import sweep
 from recnix.journal import SessionRecord, journals, replay
 from recnix.materialise import peer_in_sandbox
-from recnix.nixsettings import build_users, nix_settings, session_bound
+from recnix.nixsettings import build_users, fsync_paths, nix_settings, session_bound
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs
@@ -162,9 +162,12 @@ class Service:
         audit_path = config["daemon"]["audit-log"]
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
+        settings = nix_settings()
         self.max_sessions, bound_reason = session_bound(
-            config["daemon"]["max-sessions"], build_users(nix_settings())
+            config["daemon"]["max-sessions"], build_users(settings)
         )
+        # Sessions fsync what they add or build before the build sees it.
+        self.fsync_paths = fsync_paths(config["daemon"]["fsync-paths"], settings)
         if bound_reason:
             log.warning("%s", bound_reason)
         # Nested builds that open no session may skip nix.conf's hooks, unless
@@ -244,10 +247,12 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         log.info(
-            "recnix service listening on %s (upstream %s, max %d concurrent sessions)",
+            "recnix service listening on %s (upstream %s, max %d concurrent sessions, "
+            "fsync of session paths %s)",
             control_path,
             self.config["daemon"]["upstream"],
             self.max_sessions,
+            "on" if self.fsync_paths else "off",
         )
         notify_systemd(b"READY=1")
         watcher = asyncio.ensure_future(self._watch())

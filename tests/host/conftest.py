@@ -446,6 +446,17 @@ def start_recnix_service(
     root = host.root / "recnix"
     root.mkdir(mode=0o700, exist_ok=True)
     host.recnix_config.write_text(recnix_config_text(root, host, extra_config, daemon))
+    service = launch_recnix_service(host)
+    try:
+        wait_until_ready(service, timeout=20, poll=0.05)
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    return service
+
+
+def launch_recnix_service(host: NixHost) -> RecnixService:
+    """Start ``recnix daemon`` on ``host.recnix_config`` (already written); do not wait."""
+    root = host.root / "recnix"
     env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config)}
     env.pop("TMPDIR", None)
     log = open(root / "service.log", "ab")  # noqa: SIM115 - handed to the service
@@ -458,14 +469,18 @@ def start_recnix_service(
         start_new_session=True,
     )
     log.close()
-    service = RecnixService(host, root, host.recnix_config, process)
-    deadline = time.monotonic() + 20
+    return RecnixService(host, root, host.recnix_config, process)
+
+
+def wait_until_ready(service: RecnixService, timeout: float, poll: float) -> None:
+    """Poll (every ``poll`` s) until the service's control socket accepts a connection;
+    kill it and raise RuntimeError with its log if it exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
     while not _accepts(service.control_socket):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"recnix daemon did not start:\n{service.log_text()}", pytrace=False)
-        time.sleep(0.05)
-    return service
+        if service.process.poll() is not None or time.monotonic() > deadline:
+            service.process.kill()
+            raise RuntimeError(f"recnix daemon did not start:\n{service.log_text()}")
+        time.sleep(poll)
 
 
 def stop_recnix_service(service: RecnixService) -> None:
