@@ -15,16 +15,18 @@ trivial  Trivial non-recursive builds in one ``nix-build``: recnix's hooks ÷
          script's fallback (no rendered environment: it scans the config).
 add      ``nix-store --add`` of a large file inside a build (timed inside the
          build), and the service's peak RSS during it.
-load     Many concurrent outer builds with nested builds each (more than the
-         build users: recnix's sessions queue): failures, hangs, wall time, the
-         service's peak RSS.
+load     Many concurrent outer builds with nested builds each (more than
+         daemon.max-sessions: recnix's sessions queue): failures, hangs, wall
+         time, the service's peak RSS.
 start    The service's start to ready (control socket accepting).
 hook     Opted-in trivial builds (the hooks' Python, session open and finalise
          per build), and the hook's Python start: hookentry.py -I -S ÷ console script.
 
 The daemon with recnix's hooks runs with the environment ``recnix nix-conf
 --daemon-env`` renders (RECNIX_HOOK_SOCKET, _MARKS, _PYTHON, _ENTRY), as the
-NixOS module sets it. Prints a table and writes it to bench/results-service.txt.
+NixOS module sets it. The daemons build as the 32 users of a group of the
+benchmark's own, ``recnixbench`` (created when missing; NixOS's default number).
+Prints a table and writes it to bench/results-service.txt.
 Run as root: .venv/bin/python bench/service_bench.py [--quick] [--only SCENARIO]
 """
 
@@ -137,6 +139,12 @@ in derivation {
 
 
 FLOOR_HOOKS = "pre-build-hook = /bin/true\npost-build-hook = /bin/true\n"
+# The daemons' build users: as many as NixOS makes by default (nix.nrBuildUsers),
+# in a group of the benchmark's own (uids clear of the host's nixbld and of the
+# versions tier's root filesystems, so that no two Nix instances share a uid).
+BUILD_USERS_GROUP = "recnixbench"
+BUILD_USERS = 32
+FIRST_BUILD_UID = 33001
 
 
 def fresh_tag() -> str:
@@ -569,6 +577,32 @@ def load_run(
     return time.perf_counter() - t0, failures, hangs
 
 
+def ensure_build_users() -> str:
+    """Create the benchmark's build-users group and its members if missing; return
+    the nix.conf line that selects it."""
+    import grp
+    import pwd
+
+    try:
+        grp.getgrnam(BUILD_USERS_GROUP)
+    except KeyError:
+        subprocess.run(
+            ["groupadd", "--system", "--gid", str(FIRST_BUILD_UID), BUILD_USERS_GROUP], check=True
+        )
+    for i in range(1, BUILD_USERS + 1):
+        name = f"{BUILD_USERS_GROUP}{i}"
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--home-dir", "/var/empty"]
+                + ["--shell", "/usr/sbin/nologin", "--uid", str(FIRST_BUILD_UID + i - 1)]
+                + ["--gid", BUILD_USERS_GROUP, "--groups", BUILD_USERS_GROUP, name],
+                check=True,
+            )
+    return f"build-users-group = {BUILD_USERS_GROUP}\n"
+
+
 # -- start: service start to ready
 
 
@@ -605,6 +639,41 @@ def spawn_loop(argv: list[str], env: dict[str, str], n: int) -> float:
         if status != 0:
             raise RuntimeError(f"{argv} exited with {status}")
     return (time.perf_counter() - t0) / n
+
+
+def answer_every_request(path: Path, reply: bytes) -> Callable[[], None]:
+    """Serve ``path``: read each connection's request line, answer ``reply``; returns
+    the function that stops serving."""
+    import threading
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: stop
+                return
+            with conn:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 # -- the benchmark context and its scenarios
@@ -818,12 +887,14 @@ def scenario_hook(b: Bench) -> list[Row]:
         trivial_row(f"reference: {n} opted-in trivial builds, recnix ÷ no hooks", a, c, n, "recnix")
     ]
     rows[-1].note += " (both hooks' Python, session open, finalise)"
-    # The opted-in hook's Python start: a .drv that mentions recnix but does not opt
-    # in, and a control socket nobody listens on, so that only Python runs.
+    # The opted-in hook's Python: start, imports and one control round trip, against
+    # a control socket that answers every request at once (no session is opened).
     drv = b.scratch / "mentions.drv"
     drv.write_text('Derive([],[],[],"x86_64-linux","/bin/sh",[],[("note","recnix")])')
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    tail = ["--control-socket", str(b.scratch / "nobody.sock"), str(drv), "/c"]
+    answering = b.scratch / "answering.sock"
+    stop_answering = answer_every_request(answering, b'{"ok": true}\n')
+    tail = ["--control-socket", str(answering), str(drv), "/c"]
     entry = [sys.executable, "-I", "-S", str(REPO / "recnix" / "hookentry.py")]
     loops = 20
     a, c = interleaved(
@@ -831,9 +902,11 @@ def scenario_hook(b: Bench) -> list[Row]:
         lambda: spawn_loop([*entry, "pre-build-hook", *tail], env, loops) * 1e3,
         lambda: spawn_loop([str(RECNIX_BIN), "pre-build-hook", *tail], env, loops) * 1e3,
     )
+    stop_answering()
     rows.append(
         Row(
-            "reference: the hook's Python, hookentry.py -I -S ÷ recnix console script",
+            "reference: the opted-in hook's Python with one control round trip, "
+            "hookentry.py -I -S ÷ recnix console script",
             a,
             c,
             "ms",
@@ -1017,14 +1090,15 @@ def main() -> int:
         hook_env = hook_environment(raw, sys.executable, entry)
         if opts.event_loop:  # the service starts with the daemon's environment
             hook_env["RECNIX_EVENT_LOOP"] = opts.event_loop
-        hooked = start_nix_host(hooks=True, daemon_env=hook_env)
+        users = ensure_build_users()
+        hooked = start_nix_host(hooks=True, daemon_env=hook_env, extra_conf=users)
         hosts.append(hooked)
-        plain = start_nix_host(hooks=False)
+        plain = start_nix_host(hooks=False, extra_conf=users)
         hosts.append(plain)
         # The floor of any hook: Nix spawning a do-nothing program twice per build.
-        floor = start_nix_host(hooks=False, extra_conf=FLOOR_HOOKS)
+        floor = start_nix_host(hooks=False, extra_conf=users + FLOOR_HOOKS)
         hosts.append(floor)
-        fallback = start_nix_host(hooks=True)
+        fallback = start_nix_host(hooks=True, extra_conf=users)
         hosts.append(fallback)
         # The service listens where the host fixtures put it; the rendered path links there.
         # The production log level (the host tier's services log at debug).

@@ -340,7 +340,8 @@ class Service:
                 await self._slots.acquire()
         self.sessions[record.sid] = session
         self.opened_at[record.sid] = time.time()
-        session.start_registrar()
+        if session.added:
+            session.start_registrar()
         self.audit.write("resumed", record.sid, drv=record.drv_path, paths=len(session.added))
         log.info(
             "session %s resumed for %s (depth %d, %d path(s) added or built before)",
@@ -551,8 +552,8 @@ class Service:
             len(session.inputs),
             1e3 * (time.perf_counter() - started),
         )
-        # after the hook has its reply: the spawn costs the loop a few ms
-        asyncio.get_running_loop().call_soon(session.start_registrar)
+        # The registrar starts with the session's first added or built path (Session.allow):
+        # a build that adds nothing registers nothing.
         return session
 
     def _session_for(self, drv_path: str) -> Session | None:

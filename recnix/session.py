@@ -296,8 +296,9 @@ class Session:
 
     def start_registrar(self) -> None:
         """Start the `nix-store` process that finalisation will use (register.Registrar),
-        so that its start-up is not on the post-build hook's critical path. A read-only
-        session adds and builds nothing, so finalising it registers nothing."""
+        so that its start-up is not on the post-build hook's critical path; called once
+        the session has added or built something. A read-only session adds and builds
+        nothing, so finalising it registers nothing."""
         if self.readonly or self.state != "open" or self.registrar is not None:
             return
         try:
@@ -414,6 +415,10 @@ class Session:
             t3 = time.perf_counter()
             self.allowed.update(new)
             self.added.update(new)
+            if self.registrar is None:
+                # finalisation will register references to these: start its nix-store
+                # now, after this reply (the spawn costs the loop a few ms)
+                asyncio.get_running_loop().call_soon(self.start_registrar)
             self.journal_change(
                 allowed=new,
                 materialised={p: m for p in new if (m := self.view.materialised.get(p))},

@@ -40,7 +40,10 @@ def test_a_control_reply_as_the_service_writes_it() -> None:
     assert hookjson.loads(json.dumps(reply)) == reply
 
 
-@pytest.mark.parametrize("bad", ["", "{", '{"a" 1}', "[1,", '"open', "nul", '"\\x"', "1 2", "{1: 2}"])
+MALFORMED = ["", "{", '{"a" 1}', "[1,", '"open', "nul", '"\\x"', "1 2", "{1: 2}"]
+
+
+@pytest.mark.parametrize("bad", MALFORMED)
 def test_malformed_input_raises_value_error(bad: str) -> None:
     with pytest.raises(ValueError):
         hookjson.loads(bad)
