@@ -15,18 +15,20 @@ trivial  Trivial non-recursive builds in one ``nix-build``: recnix's hooks ÷
          script's fallback (no rendered environment: it scans the config).
 add      ``nix-store --add`` of a large file inside a build (timed inside the
          build), and the service's peak RSS during it.
-load     Many concurrent outer builds with nested builds each (more than
-         daemon.max-sessions: recnix's sessions queue): failures, hangs, wall
-         time, the service's peak RSS.
+load     Many concurrent outer builds with nested builds each (more than the
+         build users: recnix's build hook queues them before they take one; the
+         built-in deadlocks, Nix issue #7297): failures, hangs, wall time, the
+         service's peak RSS.
 start    The service's start to ready (control socket accepting).
 hook     Opted-in trivial builds (the hooks' Python, session open and finalise
          per build), and the hook's Python start: hookentry.py -I -S ÷ console script.
 
 The daemon with recnix's hooks runs with the environment ``recnix nix-conf
 --daemon-env`` renders (RECNIX_HOOK_SOCKET, _MARKS, _PYTHON, _ENTRY), as the
-NixOS module sets it. The daemons build as the 32 users of a group of the
-benchmark's own, ``recnixbench`` (created when missing; NixOS's default number).
-Prints a table and writes it to bench/results-service.txt.
+NixOS module sets it, and recnix's build hook (``recnix nix-conf``'s
+``build-hook``), which queues recursive builds before they take a build user.
+The daemons build as the machine's ``nixbld`` users (10 on Debian). Prints a
+table and writes it to bench/results-service.txt.
 Run as root: .venv/bin/python bench/service_bench.py [--quick] [--only SCENARIO]
 """
 
@@ -65,9 +67,11 @@ from recnix.protocol import (  # noqa: E402
     Reply,
 )
 from tests.host.conftest import (  # noqa: E402
+    BUILD_HOOK,
     RECNIX_BIN,
     NixHost,
     RecnixService,
+    concurrent_builds,
     launch_recnix_service,
     scenario_runner,
     start_nix_host,
@@ -139,12 +143,8 @@ in derivation {
 
 
 FLOOR_HOOKS = "pre-build-hook = /bin/true\npost-build-hook = /bin/true\n"
-# The daemons' build users: as many as NixOS makes by default (nix.nrBuildUsers),
-# in a group of the benchmark's own (uids clear of the host's nixbld and of the
-# versions tier's root filesystems, so that no two Nix instances share a uid).
-BUILD_USERS_GROUP = "recnixbench"
-BUILD_USERS = 32
-FIRST_BUILD_UID = 33001
+# recnix's build hook, as `recnix nix-conf` sets it (Nix's own is the default elsewhere)
+RECNIX_BUILD_HOOK = f"build-hook = {BUILD_HOOK}\n"
 
 
 def fresh_tag() -> str:
@@ -547,62 +547,6 @@ def add_runner(
 # -- load: concurrent outer builds with nested builds
 
 
-def load_run(
-    host: NixHost, busybox: str, nix: str, feature: str, outer: int, nested: int, timeout: float
-) -> tuple[float, int, int]:
-    """``outer`` concurrent many.nix builds of ``nested`` each: (wall s, failures, hangs)."""
-    runner = scenario_runner(host, busybox, nix)
-    procs = []
-    t0 = time.perf_counter()
-    for _ in range(outer):
-        tag = fresh_tag()
-        argv = runner.build_argv("many", feature, tag, {"innerTag": tag, "n": nested})
-        procs.append(
-            subprocess.Popen(
-                argv, env=host.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-            )
-        )
-    failures = hangs = 0
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            if proc.returncode != 0:
-                failures += 1
-                print(f"load ({feature}): a build failed: {stderr[-2000:]}", file=sys.stderr)
-        except subprocess.TimeoutExpired:
-            hangs += 1
-            proc.kill()
-            proc.communicate()
-    return time.perf_counter() - t0, failures, hangs
-
-
-def ensure_build_users() -> str:
-    """Create the benchmark's build-users group and its members if missing; return
-    the nix.conf line that selects it."""
-    import grp
-    import pwd
-
-    try:
-        grp.getgrnam(BUILD_USERS_GROUP)
-    except KeyError:
-        subprocess.run(
-            ["groupadd", "--system", "--gid", str(FIRST_BUILD_UID), BUILD_USERS_GROUP], check=True
-        )
-    for i in range(1, BUILD_USERS + 1):
-        name = f"{BUILD_USERS_GROUP}{i}"
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--home-dir", "/var/empty"]
-                + ["--shell", "/usr/sbin/nologin", "--uid", str(FIRST_BUILD_UID + i - 1)]
-                + ["--gid", BUILD_USERS_GROUP, "--groups", BUILD_USERS_GROUP, name],
-                check=True,
-            )
-    return f"build-users-group = {BUILD_USERS_GROUP}\n"
-
-
 # -- start: service start to ready
 
 
@@ -817,7 +761,7 @@ def scenario_load(b: Bench) -> list[Row]:
 
     def recnix_run() -> float:
         rss_reset(pid)
-        wall, failures, hangs = load_run(
+        wall, failures, hangs = concurrent_builds(
             b.hooked, b.busybox, b.nix, "recnix", outer, nested, b.opts.load_timeout
         )
         peaks.append(rss_peak_mib(pid))
@@ -825,7 +769,7 @@ def scenario_load(b: Bench) -> list[Row]:
         return wall
 
     def builtin_run() -> float:
-        wall, failures, hangs = load_run(
+        wall, failures, hangs = concurrent_builds(
             b.plain, b.busybox, b.nix, "recursive-nix", outer, nested, b.opts.load_timeout
         )
         bad_builtin.append(f"{failures}/{hangs}")
@@ -1034,7 +978,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--load-outer", type=int, default=16, help="concurrent outer builds")
     parser.add_argument("--load-nested", type=int, default=8, help="nested builds in each")
     parser.add_argument("--load-reps", type=int, default=2)
-    parser.add_argument("--load-timeout", type=float, default=900.0, help="s before a hang")
+    parser.add_argument(
+        "--load-timeout", type=float, default=180.0, help="s before a build counts as hung"
+    )
     parser.add_argument("--start-reps", type=int, default=5)
     parser.add_argument(
         "--event-loop",
@@ -1090,15 +1036,14 @@ def main() -> int:
         hook_env = hook_environment(raw, sys.executable, entry)
         if opts.event_loop:  # the service starts with the daemon's environment
             hook_env["RECNIX_EVENT_LOOP"] = opts.event_loop
-        users = ensure_build_users()
-        hooked = start_nix_host(hooks=True, daemon_env=hook_env, extra_conf=users)
+        hooked = start_nix_host(hooks=True, daemon_env=hook_env, extra_conf=RECNIX_BUILD_HOOK)
         hosts.append(hooked)
-        plain = start_nix_host(hooks=False, extra_conf=users)
+        plain = start_nix_host(hooks=False)
         hosts.append(plain)
         # The floor of any hook: Nix spawning a do-nothing program twice per build.
-        floor = start_nix_host(hooks=False, extra_conf=users + FLOOR_HOOKS)
+        floor = start_nix_host(hooks=False, extra_conf=FLOOR_HOOKS)
         hosts.append(floor)
-        fallback = start_nix_host(hooks=True, extra_conf=users)
+        fallback = start_nix_host(hooks=True, extra_conf=RECNIX_BUILD_HOOK)
         hosts.append(fallback)
         # The service listens where the host fixtures put it; the rendered path links there.
         # The production log level (the host tier's services log at debug).

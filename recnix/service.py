@@ -41,6 +41,9 @@ log = logging.getLogger("recnix.service")
 WATCH_INTERVAL = 1.0
 FINALISE_GRACE = 60.0  # seconds a finished build's session waits for the post-build hook
 CHROOT_GRACE = 3600.0  # seconds a chroot without builder may stay (output registration)
+# seconds a slot reserved by `admit` waits for its build's pre-build hook (Nix takes a
+# build user and sets up the sandbox in between; longer if it waits for a build user)
+RESERVATION_TTL = 300.0
 
 
 FD_LIMIT_WANTED = 1 << 16
@@ -180,6 +183,8 @@ class Service:
         )
         self._slots = asyncio.Semaphore(self.max_sessions)
         self._waiting = 0
+        # drv path -> when the slot reserved for it by `admit` goes back (monotonic)
+        self._reserved: dict[str, float] = {}
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
         self._spares: list[Upstream] = []
@@ -397,6 +402,8 @@ class Service:
                 "session": session.sid,
                 "sandbox_socket": f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET}",
             }
+        if op == "admit":  # recnix.buildqueue: may this build start now?
+            return {"ok": True, "admit": await self.admit(str(message["drv"]))}
         if op == "finalise":
             messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
             return {"ok": True, "messages": messages}
@@ -455,6 +462,42 @@ class Service:
                     parents.append(s)
         return max(parents, key=lambda s: s.depth, default=None)
 
+    async def admit(self, drv_path: str) -> bool:
+        """Whether the build of ``drv_path`` may start now (recnix.buildqueue asks before
+        Nix takes a build user for it): a top-level recursive build is admitted with a
+        session slot reserved for it (for RESERVATION_TTL seconds), or not while all are
+        taken; builds that do not opt in and nested ones always are."""
+        if drv_path in self._reserved:
+            self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
+            return True
+        try:
+            if opt_in_mode(read_derivation(drv_path)) is None:
+                return True
+        except (OSError, DerivationError):
+            return True  # the pre-build hook reports it
+        if await self._parent_of(drv_path) is not None:
+            return True
+        if self._slots.locked():
+            log.info(
+                "%s waits for a free recnix session slot before it takes a build user "
+                "(daemon.max-sessions = %d in use or reserved)",
+                drv_path,
+                self.max_sessions,
+            )
+            return False
+        await self._slots.acquire()
+        self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
+        return True
+
+    def _expire_reservations(self) -> None:
+        """Give back the slots of admitted builds that never opened their session."""
+        now = time.monotonic()
+        for drv_path, until in list(self._reserved.items()):
+            if until <= now:
+                del self._reserved[drv_path]
+                self._slots.release()
+                log.info("%s was admitted but did not start: its session slot is free", drv_path)
+
     async def open_session(
         self, drv_path: str, chroot: Path | None, worker: int | None = None
     ) -> Session | None:
@@ -493,7 +536,9 @@ class Service:
             raise OpenRefused(f"{drv_path} was started from a read-only session")
         # Only top-level sessions take a slot: a nested build's parent already
         # holds one and waits for it, so making it wait too would deadlock.
-        if parent is None:
+        if parent is None and self._reserved.pop(drv_path, None) is not None:
+            pass  # admitted by the build hook with a slot reserved (admit)
+        elif parent is None:
             if self._slots.locked():
                 self._refuse_self_blocking_wait(drv_path, worker)
                 self._waiting += 1
@@ -629,9 +674,11 @@ class Service:
             self._slots.release()
 
     async def _watch(self) -> None:
-        """End sessions whose build is gone (failed, killed) without a post-build hook."""
+        """End sessions whose build is gone (failed, killed) without a post-build hook;
+        give back the slots of admitted builds that did not start."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
+            self._expire_reservations()
             for session in list(self.sessions.values()):
                 if session.state != "open":
                     continue

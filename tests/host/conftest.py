@@ -45,6 +45,7 @@ SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 VENV_BIN = Path(sys.executable).parent
 PRE_BUILD_HOOK = VENV_BIN / "recnix-pre-build-hook"
 POST_BUILD_HOOK = VENV_BIN / "recnix-post-build-hook"
+BUILD_HOOK = VENV_BIN / "recnix-build-hook"
 RECNIX_BIN = VENV_BIN / "recnix"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DAEMON_START_TIMEOUT = 20.0
@@ -373,6 +374,46 @@ def nix_bundle(nix_host: NixHost, busybox: str) -> str:
 def scenario_runner(host: NixHost, busybox: str, nix_bundle: str) -> ScenarioRunner:
     """A ScenarioRunner for the scenarios in this tree against ``host``."""
     return ScenarioRunner(host.exec, str(SCENARIO_DIR), busybox, nix_bundle)
+
+
+def concurrent_builds(
+    host: NixHost,
+    busybox: str,
+    nix: str,
+    feature: str,
+    outer: int,
+    nested: int,
+    timeout: float,
+) -> tuple[float, int, int]:
+    """``outer`` concurrent outer builds (tests/scenarios/many.nix, separate nix-build
+    processes) of ``nested`` nested builds each: (wall seconds, failures, hangs: builds
+    still running after ``timeout`` seconds, then killed)."""
+    from tests.scenarios.checks import fresh_tag
+
+    runner = scenario_runner(host, busybox, nix)
+    procs = []
+    t0 = time.perf_counter()
+    for _ in range(outer):
+        tag = fresh_tag()
+        argv = runner.build_argv("many", feature, tag, {"innerTag": tag, "n": nested})
+        procs.append(
+            subprocess.Popen(
+                argv, env=host.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+        )
+    failures = hangs = 0
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if proc.returncode != 0:
+                failures += 1
+                print(f"{feature} build failed: {stderr[-2000:]}", file=sys.stderr)
+        except subprocess.TimeoutExpired:
+            hangs += 1
+            proc.kill()
+            proc.communicate()
+    return time.perf_counter() - t0, failures, hangs
 
 
 @pytest.fixture(scope="session")
