@@ -2,7 +2,9 @@
 
 A client that dispatches a build to this machine through Nix's
 ``BuildDerivation`` (every ``ssh://`` builder; ``ssh-ng://`` with a client the
-builder trusts; always so in Nix 2.8) sends only the derivation's
+builder trusts; always so in Nix 2.8), unless the client's ``build-hook`` is
+``recnix-build-hook`` (recnix.sshproxy sends the ``.drv`` over ``ssh-ng://``
+first), sends only the derivation's
 ``BasicDerivation`` over the wire: the ``.drv`` file is not in this store
 (Nix #9272), and Nix tells the pre-build hook only its path. recnix cannot
 learn whether such a build requires ``recnix``, so it cannot open a session
@@ -43,14 +45,17 @@ def absent_drv_message(drv_path: str, host: str | None = None) -> str:
     return (
         f"recnix on {host}: {drv_path} was sent to this machine without its .drv "
         "(a remote build through Nix's BuildDerivation operation: every ssh:// builder, "
-        "and ssh-ng:// from a client this builder trusts), so recnix cannot tell that it "
-        "requires the system feature recnix and has no session for it. Fixes: with a client "
-        "on Nix >= 2.16, reach this builder over ssh-ng:// as a user that is not in its "
-        "nix.conf `trusted-users` (the client then copies the .drv and builds it with "
-        "BuildPaths); or copy the .drv here before building (`nix copy --derivation --to "
-        "ssh-ng://<builder> <drv>`); or build it where recnix runs locally (drop recnix "
-        "from this machine's features in the client's nix.conf `builders`, "
-        "nix.buildMachines.*.supportedFeatures on NixOS). See recnix's README, "
+        "and ssh-ng:// from a client this builder trusts, or any Nix 2.8 client), so "
+        "recnix cannot tell that it requires the system feature recnix and has no session "
+        "for it. Fixes: on the client, set nix.conf `build-hook = recnix-build-hook` "
+        "(`recnix nix-conf` prints the line; the NixOS module sets it) and reach this "
+        "builder over ssh-ng:// (recnix's ssh proxy then sends the .drv first and brings "
+        "the whole closure back); or copy the .drv here before building (`nix copy "
+        "--derivation --to ssh-ng://<builder> <drv>`; Nix then copies back only the "
+        "outputs); or build it where recnix runs locally (drop recnix from this machine's "
+        "features in the client's nix.conf `builders`, nix.buildMachines.*.supportedFeatures "
+        "on NixOS). With a client on Nix >= 2.16, ssh-ng:// as a user that is not in this "
+        "machine's nix.conf `trusted-users` sends the .drv too. See recnix's README, "
         "'Distributed builds'."
     )
 

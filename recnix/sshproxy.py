@@ -35,6 +35,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,11 @@ from recnix.aio import READ_CHUNK, next_event
 from recnix.derivation import DerivationError, read_derivation
 from recnix.protocol import (
     NEED_DATA,
+    BuildResult,
     ClientConnection,
     ConnectionClosed,
     Data,
+    DerivedPath,
     EndOfData,
     ErrorReply,
     HandshakeDone,
@@ -265,15 +268,9 @@ class Proxy:
             raise ProtocolError(
                 f"recnix ssh proxy: {spec.op.name} with a {kind.value} stream is not supported"
             )
-        if req.op == Op.BUILD_DERIVATION:
-            try:
-                await self.send_drv_closure(req.args["drv_path"])
-            except (UpstreamError, ProxyError, OSError) as e:
-                await self.fail(
-                    f"recnix on this machine could not copy the .drv closure of "
-                    f"{req.args['drv_path']} to {self.host} before building it there: {e}"
-                )
-                return
+        if req.op == Op.BUILD_DERIVATION and opted_in(req.args["drv_path"]):
+            await self.build_opted_in(req)
+            return
         builder.conn.send_request(req.op, req.args)
         await builder.flush()
         if kind is StreamKind.NONE:
@@ -297,8 +294,9 @@ class Proxy:
             raise
         await answer
 
-    async def relay_answer(self, req: Request) -> None:
-        """The builder's log messages and reply (or error) for ``req``, to build-remote."""
+    async def relay_until_reply(self) -> Reply | None:
+        """Pass the builder's log messages to build-remote up to its reply; None: the
+        builder answered with an error, passed on too."""
         builder = self.builder
         server = self.server
         assert builder is not None and server is not None
@@ -310,11 +308,57 @@ class Proxy:
             elif isinstance(ev, ErrorReply):
                 server.send_log(ev.error)
                 await self.flush_server()
-                return
+                return None
             elif isinstance(ev, Reply):
-                break
+                return ev
             else:
                 raise ProtocolError(f"unexpected {type(ev).__name__} from {self.host}")
+
+    async def build_opted_in(self, req: Request) -> None:
+        """BuildDerivation of an opted-in derivation: copy its .drv closure to the
+        builder, build it there from the .drv (BuildPaths, which a client the builder
+        does not trust may send too), fetch the outputs' closure, answer build-remote
+        with the BuildResult it expects."""
+        builder = self.builder
+        server = self.server
+        assert builder is not None and server is not None
+        drv_path = req.args["drv_path"]
+        try:
+            await self.send_drv_closure(drv_path)
+        except (UpstreamError, ProxyError, OSError) as e:
+            await self.fail(
+                f"recnix on this machine could not copy the .drv closure of {drv_path} "
+                f"to {self.host} before building it there: {e}"
+            )
+            return
+        start = int(time.time())
+        target = DerivedPath(drv_path, sorted(req.args["drv"].outputs))
+        builder.conn.send_request(
+            Op.BUILD_PATHS, {"paths": [target], "build_mode": req.args["build_mode"]}
+        )
+        await builder.flush()
+        if await self.relay_until_reply() is None:
+            return
+        try:
+            await self.fetch_closure(req)
+        except (UpstreamError, ProxyError, OSError) as e:
+            await self.fail(
+                f"recnix on this machine could not copy the closure of the outputs of "
+                f"{drv_path}, built on {self.host}, into this machine's store: {e}"
+            )
+            return
+        result = BuildResult(status=0, times_built=1, start_time=start, stop_time=int(time.time()))
+        server.send_reply(Op.BUILD_DERIVATION, result)
+        await self.flush_server()
+
+    async def relay_answer(self, req: Request) -> None:
+        """The builder's log messages and reply (or error) for ``req``, to build-remote."""
+        builder = self.builder
+        server = self.server
+        assert builder is not None and server is not None
+        ev = await self.relay_until_reply()
+        if ev is None:
+            return
         if req.op in BUILD_OPS and self.built(req.op, ev.value):
             try:
                 await self.fetch_closure(req)
