@@ -165,3 +165,25 @@ class Guards:
         self.guards.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
+
+
+# -- builds this machine dispatched through recnix's build hook ------------------------
+
+REMOTE_MARKS = "remote-built"
+
+
+def mark_remote_build(state_dir: Path, drv_path: str) -> None:
+    """Note that ``drv_path`` (opted in) was built on a remote builder, its closure copied
+    here by recnix's ssh proxy: the post-build hook Nix runs for it here finds no session."""
+    marks = state_dir / REMOTE_MARKS
+    marks.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (marks / Path(drv_path).name).touch()
+
+
+def take_remote_mark(state_dir: Path, drv_path: str) -> bool:
+    """Whether ``drv_path`` was marked by :func:`mark_remote_build` (the mark is removed)."""
+    try:
+        (state_dir / REMOTE_MARKS / Path(drv_path).name).unlink()
+    except OSError:
+        return False
+    return True

@@ -347,6 +347,7 @@ class Proxy:
                 f"{drv_path}, built on {self.host}, into this machine's store: {e}"
             )
             return
+        mark_remote_builds([drv_path])
         result = BuildResult(status=0, times_built=1, start_time=start, stop_time=int(time.time()))
         server.send_reply(Op.BUILD_DERIVATION, result)
         await self.flush_server()
@@ -368,6 +369,8 @@ class Proxy:
                     f"on {self.host} into this machine's store: {e}"
                 )
                 return
+            if req.op != Op.BUILD_DERIVATION:
+                mark_remote_builds([dp.path for dp in req.args["paths"] if dp.outputs])
         server.send_reply(ev.op, ev.value)
         await self.flush_server()
         if op_spec(ev.op).reply_stream is StreamKind.NAR:
@@ -498,6 +501,26 @@ class Proxy:
                 )
             except UpstreamError as e:
                 raise ProxyError(f"adding {path}: {e}") from e
+
+
+def mark_remote_builds(drv_paths: list[str]) -> None:
+    """Tell this machine's recnix (its post-build hook, which Nix runs here after a remote
+    build too) that these opted-in builds ran remotely, closure fetched: not a lost session."""
+    wanted = [d for d in drv_paths if opted_in(d)]
+    if not wanted:
+        return
+    try:
+        from recnix.config import load_config
+        from recnix.remote import mark_remote_build
+
+        state_dir = load_config().state_dir
+        for drv in wanted:
+            mark_remote_build(state_dir, drv)
+    except Exception as e:  # noqa: BLE001 - only the post-build hook's message suffers
+        print(
+            f"recnix ssh proxy: cannot mark {' '.join(wanted)} as built remotely: {e}",
+            file=sys.stderr,
+        )
 
 
 async def closure_infos(query: Any, roots: list[str]) -> dict[str, PathInfo]:

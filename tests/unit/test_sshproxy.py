@@ -83,3 +83,13 @@ def test_shim_hands_other_commands_to_the_real_ssh(tmp_path) -> None:
 def test_nix_conf_prints_the_build_hook(capsys) -> None:
     assert main(["nix-conf", "--config", "/dev/null", "--no-lix", "--build-hook", "/bh"]) == 0
     assert "build-hook = /bh\n" in capsys.readouterr().out
+
+
+def test_remote_build_marks(tmp_path) -> None:
+    from recnix.remote import mark_remote_build, take_remote_mark
+
+    drv = "/nix/store/" + "a" * 32 + "-outer.drv"
+    assert not take_remote_mark(tmp_path, drv)
+    mark_remote_build(tmp_path, drv)
+    assert take_remote_mark(tmp_path, drv)
+    assert not take_remote_mark(tmp_path, drv)  # taken once
