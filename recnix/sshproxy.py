@@ -228,7 +228,7 @@ class Proxy:
         self.host = next((a for a in args if not a.startswith("-")), "the builder")
         try:
             self.builder = await Builder.open(ssh, args, SERVER_MINOR_DEFAULT)
-        except UpstreamError as e:
+        except (UpstreamError, ProtocolError, OSError) as e:
             raise ProxyError(
                 f"no worker-protocol session with {self.host} through `{ssh}`: {e} "
                 "(see ssh's messages above)"
@@ -385,11 +385,17 @@ class Proxy:
                     raise ProtocolError(f"unexpected {type(ev2).__name__} in a NAR")
 
     async def fail(self, message: str) -> None:
-        """Answer build-remote's current op with ``message``."""
-        assert self.server is not None
+        """Answer build-remote's current op with ``message``; end the session if a
+        connection was left in the middle of an op (e.g. a NAR half read)."""
+        assert self.server is not None and self.builder is not None
         print(message, file=sys.stderr)
         self.server.send_error(message)
         await self.flush_server()
+        if self._local is not None and not self._local.reusable:
+            await self._local.close()
+            self._local = None
+        if not self.builder.reusable:
+            raise ProxyError(f"{message} (the connection to {self.host} is out of step: closed)")
 
     @staticmethod
     def built(op: Op, value: Any) -> bool:

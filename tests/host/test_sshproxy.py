@@ -169,3 +169,18 @@ def test_build_dispatched_through_build_remote(
         f"{drv} was not copied to the builder\n{r.stderr}"
     )
     assert builder_query(store, "-q", "--deriver", out).stdout.strip() == drv
+
+
+def test_unreachable_builder_fails_with_reason(nix_host: NixHost, tmp_path: Path) -> None:
+    """An ssh that cannot connect: the client fails with ssh's message and the
+    proxy's, at once (no hang)."""
+    fake = tmp_path / "refusing-ssh"
+    fake.write_text(
+        "#!/bin/sh\necho 'ssh: connect to host builder port 22: refused' >&2\nexit 255\n"
+    )
+    fake.chmod(0o755)
+    env = client_env(nix_host, fake)
+    r = nix_host.run(["nix", "store", "ping", "--store", "ssh-ng://builder"], env=env, check=False)
+    assert r.returncode != 0, r
+    assert "connect to host builder port 22: refused" in r.stderr, r.stderr
+    assert "no worker-protocol session with builder" in r.stderr, r.stderr
