@@ -102,6 +102,20 @@ def is_worker_session(args: list[str]) -> bool:
     return bool(words) and os.path.basename(words[0]) == "nix-daemon" and "--stdio" in words
 
 
+STARTED_COMMAND = "LocalCommand=echo started"
+
+
+def announces_start(args: list[str]) -> bool:
+    """Whether Nix asked ssh to print ``started`` on stdout once connected (Nix >= 2.20:
+    ``-oPermitLocalCommand=yes -oLocalCommand=echo started``), before the session's
+    bytes: the proxy then reads that line from the real ssh and passes it on."""
+    opts = args[: args.index("--")] if "--" in args else args
+    return any(
+        a == f"-o{STARTED_COMMAND}" or (a == STARTED_COMMAND and i and opts[i - 1] == "-o")
+        for i, a in enumerate(opts)
+    )
+
+
 def real_ssh() -> str:
     """The ssh to run: ``$RECNIX_REAL_SSH``, else the first ``ssh`` on PATH that is not
     this shim's."""
@@ -164,6 +178,12 @@ class Builder(Upstream):
             limit=READ_CHUNK * 4,
         )
         assert process.stdout is not None and process.stdin is not None
+        if announces_start(args):
+            line = await process.stdout.readline()
+            if line != b"started\n":
+                raise UpstreamError(
+                    f"ssh did not report the connection as started (first line: {line!r})"
+                )
         conn = ClientConnection(client_minor=client_minor)
         self = cls(process.stdout, _PipeWriter(process.stdin), conn, process)  # type: ignore[arg-type]
         conn.initiate()
@@ -233,6 +253,9 @@ class Proxy:
                 f"no worker-protocol session with {self.host} through `{ssh}`: {e} "
                 "(see ssh's messages above)"
             ) from e
+        if announces_start(args):
+            self.writer.write(b"started\n")
+            await self.writer.drain()
         hs = self.builder.handshake
         assert hs is not None
         self.server = ServerConnection(

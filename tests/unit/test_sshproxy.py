@@ -10,7 +10,7 @@ import sys
 from recnix import buildhook
 from recnix.cli import main
 from recnix.protocol import PathInfo
-from recnix.sshproxy import is_worker_session, remote_command, topo_order
+from recnix.sshproxy import announces_start, is_worker_session, remote_command, topo_order
 
 
 def test_worker_sessions_as_each_nix_starts_them() -> None:
@@ -93,3 +93,11 @@ def test_remote_build_marks(tmp_path) -> None:
     mark_remote_build(tmp_path, drv)
     assert take_remote_mark(tmp_path, drv)
     assert not take_remote_mark(tmp_path, drv)  # taken once
+
+
+def test_announced_start_as_nix_2_20_on_asks_for_it() -> None:
+    opts = ["-oPermitLocalCommand=yes", "-oLocalCommand=echo started"]
+    assert announces_start(["b", "-x", *opts, "--", "nix-daemon", "--stdio"])
+    assert announces_start(["b", "-o", "LocalCommand=echo started", "--", "nix-daemon", "--stdio"])
+    assert not announces_start(["b", "-x", "-a", "nix-daemon --stdio"])  # Nix 2.8
+    assert not announces_start(["b", "--", "echo", "-oLocalCommand=echo started"])
