@@ -184,3 +184,37 @@ def test_unreachable_builder_fails_with_reason(nix_host: NixHost, tmp_path: Path
     assert r.returncode != 0, r
     assert "connect to host builder port 22: refused" in r.stderr, r.stderr
     assert "no worker-protocol session with builder" in r.stderr, r.stderr
+
+
+def test_started_line_of_nix_2_20_on(
+    nix_host: NixHost, builder_store, busybox: str, monkeypatch, tmp_path: Path
+) -> None:
+    """Nix >= 2.20 runs ``ssh … -oLocalCommand=echo started -- nix-daemon --stdio`` and
+    reads ``started`` before the session: the proxy takes that line from the real ssh
+    and passes it on, then the session works (here driven by recnix's own client, the
+    host's Nix being 2.8)."""
+    import asyncio
+
+    from recnix.sshproxy import Builder
+
+    store, fake = builder_store
+    started = tmp_path / "ssh-started"
+    started.write_text(f'#!/bin/sh\necho started\nexec {fake} "$@"\n')
+    started.chmod(0o755)
+    for key, value in client_env(nix_host, started).items():
+        monkeypatch.setenv(key, value)
+    args = ["builder", "-x", "-oPermitLocalCommand=yes", "-oLocalCommand=echo started"]
+    args += ["--", "nix-daemon", "--stdio"]
+
+    async def session() -> list[str]:
+        conn = await Builder.open(str(buildhook.shim_dir() / "ssh"), args, 35)
+        try:
+            return await conn.query_valid_paths([busybox, "/nix/store/" + "0" * 32 + "-x"])
+        finally:
+            await conn.close()
+
+    nix_host.run(
+        ["nix", "copy", "--no-check-sigs", "--to", "ssh-ng://builder", busybox],
+        env=client_env(nix_host, fake),
+    )
+    assert asyncio.run(session()) == [busybox]
