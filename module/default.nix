@@ -24,6 +24,9 @@ let
 
   preBuildHook = lib.getExe' cfg.package "recnix-pre-build-hook";
   postBuildHook = lib.getExe' cfg.package "recnix-post-build-hook";
+  # Nix's own build hook (build-remote) with recnix's ssh proxy for ssh-ng://
+  # builders (recnix/sshproxy.py); anything else goes to ssh unchanged.
+  buildHook = lib.getExe' cfg.package "recnix-build-hook";
 
   # nix-required-mounts also wants nix.conf's single `pre-build-hook`. recnix's
   # hook runs the hooks in `preBuildHooks` and passes their output through, so
@@ -184,7 +187,8 @@ in
 
     # Everything in defaults.toml's [nix] table (extra-system-features,
     # experimental-features, sandbox, sandbox-fallback; without Nix's built-in
-    # recursive-nix on Lix), plus the hooks.
+    # recursive-nix on Lix), plus the hooks (build-hook: for builds this machine
+    # dispatches to ssh-ng:// builders, see the README's "Distributed builds").
     nix.settings = lib.mkMerge [
       nixSettings
       {
@@ -193,6 +197,7 @@ in
         # conflicts loudly instead of being silently dropped.
         pre-build-hook = if nrmEnabled then lib.mkForce preBuildHook else preBuildHook;
         post-build-hook = postBuildHook;
+        build-hook = buildHook;
       }
     ];
 

@@ -193,7 +193,8 @@ def _cmd_nix_conf(args: argparse.Namespace) -> int:
     lix = args.lix
     if lix is None:
         lix = _host_is_lix(args.nix)
-    sys.stdout.write(render_nix_conf(config.raw, pre, post, lix=lix))
+    build = args.build_hook or shutil.which("recnix-build-hook") or "recnix-build-hook"
+    sys.stdout.write(render_nix_conf(config.raw, pre, post, lix=lix, build_hook=build))
     return 0
 
 
@@ -330,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_post_build_hook)
 
     p = sub.add_parser(
+        "build-hook",
+        help="nix.conf build-hook: Nix's build-remote, with recnix's proxy for ssh-ng:// builders",
+        description="Runs Nix's own build hook (`nix` on PATH as build-remote, or $RECNIX_NIX) "
+        "with the same arguments, with recnix's ssh first on its PATH: for an ssh-ng:// "
+        "builder, the .drv closure of a build that requires recnix goes to the builder "
+        "before BuildDerivation, and the closure of the outputs built there comes back to "
+        "this machine's store (Nix copies back only the outputs). Anything else goes to the "
+        "real ssh unchanged. See the README, 'Distributed builds'.",
+    )
+    p.add_argument("verbosity", nargs="*", help="what Nix passes (its verbosity)")
+    p.set_defaults(func=lambda a: __import__("recnix.buildhook").buildhook.main(a.verbosity))
+
+    p = sub.add_parser(
         "tree",
         help="print the tree of nested builds behind an output or a .drv",
         description="Reads the audit log and prints what a recursive build built and "
@@ -369,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pre-build-hook", help="hook path (default: recnix-pre-build-hook on PATH)")
     p.add_argument("--post-build-hook", help="hook path (default: recnix-post-build-hook on PATH)")
+    p.add_argument(
+        "--build-hook",
+        help="build hook path (default: recnix-build-hook on PATH): Nix's build-remote "
+        "with recnix's proxy for ssh-ng:// builders, for a client that dispatches "
+        "opted-in builds to remote builders",
+    )
     p.add_argument(
         "--lix",
         action=argparse.BooleanOptionalAction,
@@ -419,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recnix`` console script."""
     args_in = sys.argv[1:] if argv is None else argv
+    if args_in and args_in[0] == "build-hook" and "-h" not in args_in and "--help" not in args_in:
+        from recnix import buildhook
+
+        return buildhook.main(args_in[1:])
     if args_in and args_in[0] in ("pre-build-hook", "post-build-hook") and "-h" not in args_in:
         # Nix runs these on the critical path of opted-in builds: skip argparse.
         from recnix import hooks

@@ -186,13 +186,18 @@ def _without_builtin(key: str, value: Any) -> Any:
 
 
 def nix_conf_settings(
-    raw: dict[str, Any], pre_build_hook: str, post_build_hook: str, lix: bool = False
+    raw: dict[str, Any],
+    pre_build_hook: str,
+    post_build_hook: str,
+    lix: bool = False,
+    build_hook: str | None = None,
 ) -> dict[str, str]:
     """The nix.conf settings a host needs for recnix, as name -> value strings.
 
     ``lix``: the host runs Lix, which has no built-in recursive-nix: its
     experimental feature and system feature are left out (a setting left empty
-    is left out).
+    is left out). ``build_hook``: recnix's build-hook (``recnix-build-hook``), for
+    clients that dispatch opted-in builds to ``ssh-ng://`` builders.
     """
     nix = raw["nix"]
     if lix:
@@ -201,14 +206,20 @@ def nix_conf_settings(
     settings = {key: _conf_value(value) for key, value in nix.items()}
     settings["pre-build-hook"] = pre_build_hook
     settings["post-build-hook"] = post_build_hook
+    if build_hook:
+        settings["build-hook"] = build_hook
     return dict(sorted(settings.items()))
 
 
 def render_nix_conf(
-    raw: dict[str, Any], pre_build_hook: str, post_build_hook: str, lix: bool = False
+    raw: dict[str, Any],
+    pre_build_hook: str,
+    post_build_hook: str,
+    lix: bool = False,
+    build_hook: str | None = None,
 ) -> str:
     """Render :func:`nix_conf_settings` as nix.conf lines (sorted, one per line)."""
-    settings = nix_conf_settings(raw, pre_build_hook, post_build_hook, lix)
+    settings = nix_conf_settings(raw, pre_build_hook, post_build_hook, lix, build_hook)
     return "".join(f"{key} = {value}\n" for key, value in settings.items())
 
 

@@ -1,7 +1,8 @@
 """The hooks' minimal Python entry: ``python3 -I -S /path/to/recnix/hookentry.py KIND ARGS``.
 
-KIND is ``pre-build-hook`` or ``post-build-hook``; ARGS are those of
-``recnix pre-build-hook`` / ``recnix post-build-hook``. ``-S`` skips ``site``
+KIND is ``pre-build-hook``, ``post-build-hook`` or ``build-hook`` (ARGS are
+those of ``recnix KIND``), or ``ssh`` (the ssh shim of ``recnix build-hook``,
+recnix/sshshim/ssh). ``-S`` skips ``site``
 (the scan of site-packages and its ``.pth`` files, ~13 ms with an editable
 install, a few ms otherwise) and ``-I`` ignores ``PYTHON*`` variables and the
 user's site directory. The recnix package is found next to this file, so any
@@ -18,9 +19,20 @@ import sys
 
 def main(argv: list[str]) -> int:
     """Run the hook named by ``argv[0]`` with the rest of ``argv``."""
-    if not argv or argv[0] not in ("pre-build-hook", "post-build-hook"):
-        print("usage: hookentry.py pre-build-hook|post-build-hook ARGS", file=sys.stderr)
+    if not argv or argv[0] not in ("pre-build-hook", "post-build-hook", "build-hook", "ssh"):
+        print(
+            "usage: hookentry.py pre-build-hook|post-build-hook|build-hook|ssh ARGS",
+            file=sys.stderr,
+        )
         return 2
+    if argv[0] == "build-hook":
+        from recnix import buildhook
+
+        return buildhook.main(argv[1:])
+    if argv[0] == "ssh":
+        from recnix import sshproxy
+
+        return sshproxy.main(argv[1:])
     from recnix import hooks
 
     if argv[0] == "pre-build-hook":

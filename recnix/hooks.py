@@ -176,11 +176,12 @@ def _copy_back_note(lines: list[str]) -> list[str]:
         return []
     return [
         "note: this build runs for a remote client (SSH). Nix copies back only its "
-        "outputs, not the paths recnix added references to, so the client's import "
-        "fails with \"path '...' is not valid\". Build on this machine's store instead "
-        "(nix build --store ssh-ng://<this machine> --eval-store auto ..., then nix copy "
-        "--from ssh-ng://<this machine> <output>), or keep recnix out of this machine's "
-        "features in the client's `builders` (recnix README, 'Distributed builds')."
+        "outputs, not the paths recnix added references to, so unless the client's "
+        "nix.conf has `build-hook = recnix-build-hook` (which copies them over ssh-ng://), "
+        "the client's import fails with \"path '...' is not valid\". Else build on this "
+        "machine's store (nix build --store ssh-ng://<this machine> --eval-store auto ..., "
+        "then nix copy --from ssh-ng://<this machine> <output>), or keep recnix out of this "
+        "machine's features in the client's `builders` (recnix README, 'Distributed builds')."
     ]
 
 

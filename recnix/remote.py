@@ -2,7 +2,9 @@
 
 A client that dispatches a build to this machine through Nix's
 ``BuildDerivation`` (every ``ssh://`` builder; ``ssh-ng://`` with a client the
-builder trusts; always so in Nix 2.8) sends only the derivation's
+builder trusts; always so in Nix 2.8), unless the client's ``build-hook`` is
+``recnix-build-hook`` (recnix.sshproxy sends the ``.drv`` over ``ssh-ng://``
+first), sends only the derivation's
 ``BasicDerivation`` over the wire: the ``.drv`` file is not in this store
 (Nix #9272), and Nix tells the pre-build hook only its path. recnix cannot
 learn whether such a build requires ``recnix``, so it cannot open a session
@@ -43,14 +45,17 @@ def absent_drv_message(drv_path: str, host: str | None = None) -> str:
     return (
         f"recnix on {host}: {drv_path} was sent to this machine without its .drv "
         "(a remote build through Nix's BuildDerivation operation: every ssh:// builder, "
-        "and ssh-ng:// from a client this builder trusts), so recnix cannot tell that it "
-        "requires the system feature recnix and has no session for it. Fixes: with a client "
-        "on Nix >= 2.16, reach this builder over ssh-ng:// as a user that is not in its "
-        "nix.conf `trusted-users` (the client then copies the .drv and builds it with "
-        "BuildPaths); or copy the .drv here before building (`nix copy --derivation --to "
-        "ssh-ng://<builder> <drv>`); or build it where recnix runs locally (drop recnix "
-        "from this machine's features in the client's nix.conf `builders`, "
-        "nix.buildMachines.*.supportedFeatures on NixOS). See recnix's README, "
+        "and ssh-ng:// from a client this builder trusts, or any Nix 2.8 client), so "
+        "recnix cannot tell that it requires the system feature recnix and has no session "
+        "for it. Fixes: on the client, set nix.conf `build-hook = recnix-build-hook` "
+        "(`recnix nix-conf` prints the line; the NixOS module sets it) and reach this "
+        "builder over ssh-ng:// (recnix's ssh proxy then sends the .drv first and brings "
+        "the whole closure back); or copy the .drv here before building (`nix copy "
+        "--derivation --to ssh-ng://<builder> <drv>`; Nix then copies back only the "
+        "outputs); or build it where recnix runs locally (drop recnix from this machine's "
+        "features in the client's nix.conf `builders`, nix.buildMachines.*.supportedFeatures "
+        "on NixOS). With a client on Nix >= 2.16, ssh-ng:// as a user that is not in this "
+        "machine's nix.conf `trusted-users` sends the .drv too. See recnix's README, "
         "'Distributed builds'."
     )
 
@@ -160,3 +165,25 @@ class Guards:
         self.guards.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
+
+
+# -- builds this machine dispatched through recnix's build hook ------------------------
+
+REMOTE_MARKS = "remote-built"
+
+
+def mark_remote_build(state_dir: Path, drv_path: str) -> None:
+    """Note that ``drv_path`` (opted in) was built on a remote builder, its closure copied
+    here by recnix's ssh proxy: the post-build hook Nix runs for it here finds no session."""
+    marks = state_dir / REMOTE_MARKS
+    marks.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (marks / Path(drv_path).name).touch()
+
+
+def take_remote_mark(state_dir: Path, drv_path: str) -> bool:
+    """Whether ``drv_path`` was marked by :func:`mark_remote_build` (the mark is removed)."""
+    try:
+        (state_dir / REMOTE_MARKS / Path(drv_path).name).unlink()
+    except OSError:
+        return False
+    return True

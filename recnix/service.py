@@ -32,7 +32,7 @@ from recnix.nixsettings import build_users, fsync_paths, nix_settings, session_b
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs
-from recnix.remote import Guards
+from recnix.remote import Guards, take_remote_mark
 from recnix.session import ClientProtocol, ResumeError, Session
 from recnix.upstream import Upstream, UpstreamError
 
@@ -618,6 +618,8 @@ class Service:
                 opted_in = False
             if not opted_in:
                 return []
+            if take_remote_mark(self.state_dir, drv_path):
+                return [f"{drv_path} was built on a remote builder (recnix build-hook)"]
             raise FinaliseError(
                 f"recnix has no session for {drv_path} (was the recnix service restarted "
                 "during the build?); its outputs may lack references to what it built "

@@ -71,15 +71,21 @@ def hooks(package: str) -> tuple[str, str]:
     return f"{package}/bin/recnix-pre-build-hook", f"{package}/bin/recnix-post-build-hook"
 
 
+def build_hook(package: str) -> str:
+    return f"{package}/bin/recnix-build-hook"
+
+
 def test_nix_conf_settings_equal_recnix_nix_conf() -> None:
     package = nix_eval("package")
-    expected = nix_conf_settings(load_defaults(), *hooks(package))
+    expected = nix_conf_settings(load_defaults(), *hooks(package), build_hook=build_hook(package))
     assert nix_eval("nixSettings") == expected
 
 
 def test_nix_conf_text_equals_render_nix_conf() -> None:
     package = nix_eval("package")
-    assert nix_eval("nixConf") == render_nix_conf(load_defaults(), *hooks(package))
+    assert nix_eval("nixConf") == render_nix_conf(
+        load_defaults(), *hooks(package), build_hook=build_hook(package)
+    )
 
 
 def test_uses_extra_system_features_never_system_features() -> None:
@@ -104,7 +110,9 @@ LIX_PACKAGE = """{
 def test_lix_leaves_out_the_builtin_recursive_nix(module: str) -> None:
     package = nix_eval("package")
     settings = nix_eval("nixSettings", [module])
-    assert settings == nix_conf_settings(load_defaults(), *hooks(package), lix=True)
+    assert settings == nix_conf_settings(
+        load_defaults(), *hooks(package), lix=True, build_hook=build_hook(package)
+    )
     assert "experimental-features" not in settings
     assert settings["extra-system-features"].split() == ["recnix", "recnix-readonly"]
 

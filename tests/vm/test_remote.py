@@ -6,15 +6,21 @@ recnix) share one boot for the whole module. The client's ``/etc/nix/machines``
 client's root reaches the builder as root (trusted by the builder's Nix) or as
 ``nixremote`` (not trusted).
 
-What Nix 2.8 does (build-remote.cc, daemon.cc, nix-store.cc at 2.8.0): the
-client copies the input closure, then always sends the outer build with
-``BuildDerivation`` (ssh-ng: worker op; ssh: ``nix-store --serve``'s
-cmdBuildDerivation): the ``.drv`` is not copied. The builder's pre-build hook
-gets the path of a ``.drv`` it does not have; recnix mounts a guard socket
-there (recnix.remote), so an opted-in build fails at its first Nix call with
-the cause and the fix. With the ``.drv`` copied first, the hook reads it and
-the build gets its session. An untrusted client cannot build at all (Nix's own
-refusal of unsigned paths / input-addressed BuildDerivation).
+What Nix does (build-remote.cc, daemon.cc, nix-store.cc, 2.8 to 2.34): the
+client copies the input closure, then sends the outer build with
+``BuildDerivation`` (ssh: always, ``nix-store --serve``'s cmdBuildDerivation;
+ssh-ng: always in 2.8, for a trusted client later), which carries no ``.drv``,
+or, ssh-ng from an untrusted client on Nix >= 2.16, copies the ``.drv`` and
+sends ``BuildPaths``; then it copies back only the outputs.
+
+The guests' nix.conf ``build-hook`` is ``recnix-build-hook``: Nix's build-remote
+with recnix's ssh proxy (recnix.sshproxy) for ``ssh-ng://`` builders, which
+copies the ``.drv`` closure of an opted-in build to the builder (and builds it
+there from it) and brings the outputs' closure back. Without it (the default
+``build-hook``, given with ``--option``) or over ``ssh://``, the builder's
+pre-build hook gets the path of a ``.drv`` it does not have: recnix mounts a
+guard socket there (recnix.remote), so an opted-in build fails at its first
+Nix call with the cause and the fix.
 
 The guest that is killed mid-build is the last test's: keep it last.
 """
@@ -68,16 +74,25 @@ class Pair:
         """Make ``line`` the client's only remote builder."""
         self.client.succeed(f"echo {shlex.quote(line)} > {MACHINES}")
 
+    @property
+    def nix_build_hook(self) -> str:
+        """Nix's own default build-hook on the guests' Nix."""
+        return (
+            "/usr/libexec/nix/build-remote" if self.nix_version < (2, 19) else "nix __build-remote"
+        )
+
     def runner(
         self,
         dispatch: str | None = None,
         copy_drv: str | None = None,
         remote_store: str | None = None,
+        nix_hook: bool = False,
     ) -> ScenarioRunner:
         """A runner on the client; ``dispatch``: force nix-build onto the builder
         (``--max-jobs 0``); ``copy_drv``: first copy the .drv's closure to the
         builder with this store URI; ``remote_store``: instead of nix-build,
-        ``nix build --store <uri> --eval-store auto`` and ``nix copy --from <uri>``."""
+        ``nix build --store <uri> --eval-store auto`` and ``nix copy --from <uri>``;
+        ``nix_hook``: build with Nix's default build-hook instead of recnix's."""
         plain = guest_exec(self.client, via_daemon=True)
 
         def run(argv: list[str], timeout: float) -> tuple[int, str, str]:
@@ -101,7 +116,10 @@ class Pair:
                     ' "$out" && echo "$out"'
                 )
                 return self.client.execute(cmd, timeout)
-            build = shlex.join([*argv, *(["--max-jobs", "0"] if dispatch else [])])
+            extra = ["--max-jobs", "0"] if dispatch else []
+            if nix_hook:
+                extra += ["--option", "build-hook", self.nix_build_hook]
+            build = shlex.join([*argv, *extra])
             cmd = f"export NIX_REMOTE=daemon; {build}"
             if copy_drv:
                 inst = shlex.join(["nix-instantiate", *argv[1:]]).replace(" --no-out-link", "")
@@ -152,27 +170,63 @@ def _failed_build(runner: ScenarioRunner, scenario: str = "inner") -> str:
 
 # -- outer build dispatched to the builder --------------------------------------
 
+CHECKS = {"inner": checks.check_inner, "add": checks.check_add, "deep": checks.check_deep}
+INNER_SUFFIXES = {"inner": ("-inner",), "add": ("-added.txt",), "deep": ("-deep-inner",)}
 
-@pytest.mark.parametrize("scheme", ["ssh-ng", "ssh"])
-def test_outer_dispatched_without_drv_is_refused(pair: Pair, scheme: str) -> None:
-    """Nix 2.8 sends BuildDerivation: the builder has no .drv; the build fails at
-    its first nested call with the guard's message, never without a session."""
-    pair.machines(pair.link.machine_line(scheme))
+
+@pytest.mark.parametrize(
+    ("scenario", "user"),
+    [("inner", "root"), ("add", "root"), ("deep", "root"), ("inner", UNTRUSTED_USER)],
+)
+def test_outer_dispatched_ssh_ng(pair: Pair, scenario: str, user: str) -> None:
+    """Through recnix's build-hook: the outer build runs on the builder in a session
+    (its .drv sent first) and comes back with its whole closure, inner outputs and
+    references valid on the client."""
+    pair.machines(pair.link.machine_line("ssh-ng", user=user))
+    since = pair.builder.succeed("wc -l < /var/log/recnix/audit.jsonl || echo 0").strip()
+    runner = pair.runner(dispatch="remote")
+    out = CHECKS[scenario](runner, RECNIX)
+    assert pair.on_builder().is_valid(out), f"{out} was not built on the builder"
+    closure = pair.client.succeed(f"NIX_REMOTE=daemon nix-store -qR {out}").split()
+    for suffix in INNER_SUFFIXES[scenario]:
+        assert any(p.endswith(suffix) for p in closure), (suffix, closure)
+    tree = pair.builder.succeed(f"recnix tree {out}")
+    assert f"-scenario-{scenario}.drv [finalised]" in tree, tree
+    audit = pair.builder.succeed(f"tail -n +{int(since) + 1} /var/log/recnix/audit.jsonl")
+    assert '"event": "opened"' in audit and '"event": "guarded"' not in audit, audit
+
+
+def test_outer_dispatched_ssh_is_refused(pair: Pair) -> None:
+    """ssh:// (nix-store --serve) sends BuildDerivation and no .drv, and recnix's proxy
+    is not on that path: the build fails at its first nested call with the guard's
+    message, never without a session."""
+    pair.machines(pair.link.machine_line("ssh"))
     since = pair.builder.succeed("wc -l < /var/log/recnix/audit.jsonl || echo 0").strip()
     err = _failed_build(pair.runner(dispatch="remote"))
     assert GUARD_TEXT in err, err
-    assert "nix copy --derivation --to ssh-ng://" in err and "supportedFeatures" in err, err
+    assert "build-hook = recnix-build-hook" in err and "supportedFeatures" in err, err
     audit = pair.builder.succeed(f"tail -n +{int(since) + 1} /var/log/recnix/audit.jsonl")
     assert '"event": "guarded"' in audit and '"event": "opened"' not in audit, audit
 
 
-def test_outer_dispatched_with_drv_is_built_but_not_copied_back(pair: Pair) -> None:
-    """With the .drv copied first, the outer build runs on the builder in a session
-    and its output gets its references there; but Nix's build-remote copies back
-    only the outputs (copyPaths, not copyClosure), so the client cannot import an
-    output referencing the inner outputs: Nix's limit, which recnix names."""
+def test_outer_dispatched_without_recnix_build_hook(pair: Pair) -> None:
+    """A client with Nix's own build-hook: over ssh-ng:// Nix 2.8 (and a trusted client
+    of any version) sends no .drv either: the guard's message."""
     pair.machines(pair.link.machine_line("ssh-ng"))
-    runner = pair.runner(dispatch="remote", copy_drv=f"ssh-ng://root@{pair.link.host}")
+    err = _failed_build(pair.runner(dispatch="remote", nix_hook=True))
+    assert GUARD_TEXT in err and "build-hook = recnix-build-hook" in err, err
+
+
+def test_outer_dispatched_with_drv_without_recnix_build_hook(pair: Pair) -> None:
+    """With the .drv copied by hand but Nix's own build-hook, the outer build runs on
+    the builder in a session and its output gets its references there; but Nix's
+    build-remote copies back only the outputs (copyPaths, not copyClosure), so the
+    client cannot import an output referencing the inner outputs: Nix's limit, which
+    recnix's build-hook lifts."""
+    pair.machines(pair.link.machine_line("ssh-ng"))
+    runner = pair.runner(
+        dispatch="remote", copy_drv=f"ssh-ng://root@{pair.link.host}", nix_hook=True
+    )
     err = _failed_build(runner)
     assert "' is not valid" in err and "-inner' is not valid" in err, err
     assert "note: this build runs for a remote client (SSH)" in err, err
@@ -203,19 +257,13 @@ def test_outer_built_on_builder_store(pair: Pair, scenario: str) -> None:
     assert f"-scenario-{scenario}.drv [finalised]" in tree, tree
 
 
-@pytest.mark.parametrize("scheme", ["ssh-ng", "ssh"])
-def test_outer_dispatched_untrusted_fails(pair: Pair, scheme: str) -> None:
-    """A client the builder does not trust cannot hand it unsigned inputs or an
-    input-addressed BuildDerivation (Nix's own refusal, recnix or not)."""
-    pair.machines(pair.link.machine_line(scheme, user=UNTRUSTED_USER))
+def test_outer_dispatched_untrusted_ssh_fails(pair: Pair) -> None:
+    """A client the builder does not trust cannot hand it an input-addressed
+    BuildDerivation over ssh:// (Nix's own refusal, recnix or not)."""
+    pair.machines(pair.link.machine_line("ssh", user=UNTRUSTED_USER))
     err = _failed_build(pair.runner(dispatch="remote"))
-    print(f"untrusted {scheme}:// client, Nix {pair.nix_version}:\n{err}")
-    if scheme == "ssh-ng" and pair.nix_version >= (2, 16):
-        # Nix copies the .drv and uses BuildPaths: a session on the builder, then
-        # the outputs-only copy-back fails (as with the .drv copied by hand).
-        assert "-inner' is not valid" in err, err
-    else:
-        assert "not privileged to build input-addressed derivations" in err, err
+    print(f"untrusted ssh:// client, Nix {pair.nix_version}:\n{err}")
+    assert "not privileged to build input-addressed derivations" in err, err
 
 
 # -- nested builds dispatched from a local outer build -------------------------

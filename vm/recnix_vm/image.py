@@ -153,6 +153,7 @@ DISK_SIZE = "6G"  # sparse; the Nix store in the guest grows into it
 KERNEL_CMDLINE = "console=ttyS0,115200 root=/dev/vda rw net.ifnames=0 panic=-1"
 PRE_BUILD_HOOK = "/usr/local/bin/recnix-pre-build-hook"
 POST_BUILD_HOOK = "/usr/local/bin/recnix-post-build-hook"
+BUILD_HOOK = "/usr/local/bin/recnix-build-hook"
 READY_MARKER = "RECNIX-VM-READY"
 GUEST_RECNIX_DIR = "/opt/recnix"
 GUEST_SCENARIOS_DIR = "/opt/recnix-tests/scenarios"
@@ -170,7 +171,7 @@ TEMPLATES_DIR = Path(__file__).with_name("templates")
 UNIT_SETTINGS_FILE = Path(__file__).resolve().parents[2] / "module" / "unit.toml"
 HOOK_SCRIPTS = tuple(
     Path(__file__).resolve().parents[2] / "bin" / name
-    for name in ("recnix-pre-build-hook", "recnix-post-build-hook")
+    for name in ("recnix-pre-build-hook", "recnix-post-build-hook", "recnix-build-hook")
 )
 
 
@@ -341,7 +342,7 @@ def render_nix_conf() -> str:
         _templates()
         .get_template("nix.conf.j2")
         .render(
-            recnix_lines=recnix_lines(raw, PRE_BUILD_HOOK, POST_BUILD_HOOK),
+            recnix_lines=recnix_lines(raw, PRE_BUILD_HOOK, POST_BUILD_HOOK, build_hook=BUILD_HOOK),
             guest_settings=GUEST_NIX_SETTINGS,
         )
     )

@@ -1,0 +1,103 @@
+"""recnix.sshproxy's decisions (which ssh calls it proxies, the order it copies in) and
+recnix.buildhook's environment for Nix's build-remote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from recnix import buildhook
+from recnix.cli import main
+from recnix.protocol import PathInfo
+from recnix.sshproxy import announces_start, is_worker_session, remote_command, topo_order
+
+
+def test_worker_sessions_as_each_nix_starts_them() -> None:
+    # Nix 2.8-2.19: the command is one last argument
+    assert is_worker_session(["builder", "-x", "-a", "nix-daemon --stdio"])
+    assert is_worker_session(["root@b", "-x", "-a", "-S", "/tmp/s", "nix-daemon --stdio"])
+    # Nix >= 2.20: words after "--", maybe a remote-program path and --store
+    assert is_worker_session(["b", "-x", "--", "/run/current-system/sw/bin/nix-daemon", "--stdio"])
+    assert is_worker_session(["b", "-x", "--", "nix-daemon", "--stdio", "--store", "/x"])
+    assert remote_command(["b", "-x", "--", "nix-daemon", "--stdio"]) == ["nix-daemon", "--stdio"]
+
+
+def test_everything_else_goes_to_ssh() -> None:
+    assert not is_worker_session(["b", "-M", "-N", "-S", "/tmp/s"])  # the master
+    assert not is_worker_session(["b", "-O", "check", "-S", "/tmp/s"])
+    assert not is_worker_session(["b", "-x", "-a", "nix-store --serve --write"])  # ssh://
+    assert not is_worker_session(["b", "echo", "started"])
+    assert not is_worker_session(["b"])
+    assert not is_worker_session(["b", "-x", "nix-daemon --stdio 'unbalanced"])
+
+
+def _info(*refs: str) -> PathInfo:
+    return PathInfo(deriver=None, nar_hash="0" * 64, references=list(refs))
+
+
+def test_topo_order_puts_references_first() -> None:
+    infos = {
+        "/nix/store/a": _info("/nix/store/b", "/nix/store/c", "/nix/store/a"),
+        "/nix/store/b": _info("/nix/store/c", "/nix/store/outside"),
+        "/nix/store/c": _info(),
+        "/nix/store/d": _info("/nix/store/a"),
+    }
+    order = topo_order(infos)
+    assert sorted(order) == sorted(infos)
+    pos = {p: i for i, p in enumerate(order)}
+    for path, info in infos.items():
+        for ref in info.references:
+            if ref in infos and ref != path:
+                assert pos[ref] < pos[path], order
+
+
+def test_build_hook_env_puts_the_shim_first(tmp_path) -> None:
+    ssh = tmp_path / "ssh"
+    ssh.write_text("#!/bin/sh\n")
+    ssh.chmod(0o755)
+    env = buildhook.hook_env({"PATH": f"{tmp_path}:/usr/bin"})
+    assert env["PATH"] == f"{buildhook.shim_dir()}:{tmp_path}:/usr/bin"
+    assert env["RECNIX_REAL_SSH"] == str(ssh)
+    assert env["RECNIX_HOOK_PYTHON"] == sys.executable
+    assert os.path.isfile(env["RECNIX_HOOK_ENTRY"])
+    assert os.access(buildhook.shim_dir() / "ssh", os.X_OK)
+
+
+def test_shim_hands_other_commands_to_the_real_ssh(tmp_path) -> None:
+    """The shim runs the real ssh (here a script printing its argv) for a non-session."""
+    real = tmp_path / "real-ssh"
+    real.write_text('#!/bin/sh\necho "real: $*"\n')
+    real.chmod(0o755)
+    env = buildhook.hook_env({"PATH": os.environ["PATH"], "RECNIX_REAL_SSH": str(real)})
+    r = subprocess.run(
+        ["ssh", "b", "-x", "-a", "nix-store --serve --write"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0 and r.stdout == "real: b -x -a nix-store --serve --write\n", r
+
+
+def test_nix_conf_prints_the_build_hook(capsys) -> None:
+    assert main(["nix-conf", "--config", "/dev/null", "--no-lix", "--build-hook", "/bh"]) == 0
+    assert "build-hook = /bh\n" in capsys.readouterr().out
+
+
+def test_remote_build_marks(tmp_path) -> None:
+    from recnix.remote import mark_remote_build, take_remote_mark
+
+    drv = "/nix/store/" + "a" * 32 + "-outer.drv"
+    assert not take_remote_mark(tmp_path, drv)
+    mark_remote_build(tmp_path, drv)
+    assert take_remote_mark(tmp_path, drv)
+    assert not take_remote_mark(tmp_path, drv)  # taken once
+
+
+def test_announced_start_as_nix_2_20_on_asks_for_it() -> None:
+    opts = ["-oPermitLocalCommand=yes", "-oLocalCommand=echo started"]
+    assert announces_start(["b", "-x", *opts, "--", "nix-daemon", "--stdio"])
+    assert announces_start(["b", "-o", "LocalCommand=echo started", "--", "nix-daemon", "--stdio"])
+    assert not announces_start(["b", "-x", "-a", "nix-daemon --stdio"])  # Nix 2.8
+    assert not announces_start(["b", "--", "echo", "-oLocalCommand=echo started"])
