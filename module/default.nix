@@ -197,7 +197,8 @@ in
         # conflicts loudly instead of being silently dropped.
         pre-build-hook = if nrmEnabled then lib.mkForce preBuildHook else preBuildHook;
         post-build-hook = postBuildHook;
-        build-hook = buildHook;
+        # Lix >= 2.94's build hook protocol is Cap'n Proto: Lix keeps its own.
+        build-hook = lib.mkIf (!cfg.lix) buildHook;
       }
     ];
 

@@ -285,25 +285,3 @@ def serve(
                 _write_all(2, f"{answer}\n{machine or ''}\n".encode(errors="surrogateescape"))
                 return nix_hook.take_over(reader.take_unread())
         _write_all(2, f"{answer}\n".encode())
-
-
-def main(argv: list[str]) -> int:
-    """``recnix build-hook VERBOSITY``: serve Nix's build hook protocol, with Nix's own
-    build hook (``build-remote``: the ``nix`` binary under that name) for remote
-    machines."""
-    import shutil
-
-    nix = os.environ.get("RECNIX_NIX") or shutil.which("nix")
-    control_socket = os.environ.get("RECNIX_HOOK_SOCKET")
-    if not control_socket:
-        from recnix.config import load_config
-
-        control_socket = str(load_config().control_socket)
-    if not nix:
-        print("recnix build-hook: no nix on PATH; set RECNIX_NIX", file=sys.stderr)
-        return 1
-    try:
-        return serve([nix, *argv], dict(os.environ), control_socket, argv0="build-remote")
-    except HookProtocolError as e:
-        print(f"recnix build-hook: {e}", file=sys.stderr)
-        return 1

@@ -193,7 +193,9 @@ def _cmd_nix_conf(args: argparse.Namespace) -> int:
     lix = args.lix
     if lix is None:
         lix = _host_is_lix(args.nix)
-    build = args.build_hook or shutil.which("recnix-build-hook") or "recnix-build-hook"
+    build = None  # Lix >= 2.94's build hook protocol is Cap'n Proto: Lix keeps its own hook
+    if not lix:
+        build = args.build_hook or shutil.which("recnix-build-hook") or "recnix-build-hook"
     sys.stdout.write(render_nix_conf(config.raw, pre, post, lix=lix, build_hook=build))
     return 0
 
@@ -332,13 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "build-hook",
-        help="nix.conf build-hook: Nix's build-remote, with recnix's proxy for ssh-ng:// builders",
-        description="Runs Nix's own build hook (`nix` on PATH as build-remote, or $RECNIX_NIX) "
-        "with the same arguments, with recnix's ssh first on its PATH: for an ssh-ng:// "
-        "builder, the .drv closure of a build that requires recnix goes to the builder "
-        "before BuildDerivation, and the closure of the outputs built there comes back to "
-        "this machine's store (Nix copies back only the outputs). Anything else goes to the "
-        "real ssh unchanged. See the README, 'Distributed builds'.",
+        help="nix.conf build-hook: recursive builds wait for a session before they take a "
+        "build user; Nix's build-remote, with recnix's proxy for ssh-ng:// builders",
+        description="Serves Nix's build hook protocol: a build that requires recnix waits "
+        "(Nix's 'postpone') until the recnix service has a session slot for it, before Nix "
+        "takes a build user for it, so that more recursive builds than build users can be "
+        "started at once. Builds that may go to remote machines go to Nix's own build hook "
+        "(`nix` on PATH as build-remote, or $RECNIX_NIX), with recnix's ssh first on its "
+        "PATH: for an ssh-ng:// builder, the .drv closure of a build that requires recnix "
+        "goes to the builder before BuildDerivation, and the closure of the outputs built "
+        "there comes back to this machine's store (Nix copies back only the outputs). "
+        "Anything else goes to the real ssh unchanged. See the README, 'Distributed builds'.",
     )
     p.add_argument("verbosity", nargs="*", help="what Nix passes (its verbosity)")
     p.set_defaults(func=lambda a: __import__("recnix.buildhook").buildhook.main(a.verbosity))
@@ -385,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--post-build-hook", help="hook path (default: recnix-post-build-hook on PATH)")
     p.add_argument(
         "--build-hook",
-        help="build hook path (default: recnix-build-hook on PATH): Nix's build-remote "
-        "with recnix's proxy for ssh-ng:// builders, for a client that dispatches "
-        "opted-in builds to remote builders",
+        help="build hook path (default: recnix-build-hook on PATH): recursive builds wait "
+        "for a session before they take a build user, and Nix's build-remote gets recnix's "
+        "proxy for ssh-ng:// builders (left out on Lix)",
     )
     p.add_argument(
         "--lix",
