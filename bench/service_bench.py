@@ -67,7 +67,6 @@ from recnix.protocol import (  # noqa: E402
     Reply,
 )
 from tests.host.conftest import (  # noqa: E402
-    BUILD_HOOK,
     RECNIX_BIN,
     NixHost,
     RecnixService,
@@ -143,8 +142,6 @@ in derivation {
 
 
 FLOOR_HOOKS = "pre-build-hook = /bin/true\npost-build-hook = /bin/true\n"
-# recnix's build hook, as `recnix nix-conf` sets it (Nix's own is the default elsewhere)
-RECNIX_BUILD_HOOK = f"build-hook = {BUILD_HOOK}\n"
 
 
 def fresh_tag() -> str:
@@ -1036,14 +1033,14 @@ def main() -> int:
         hook_env = hook_environment(raw, sys.executable, entry)
         if opts.event_loop:  # the service starts with the daemon's environment
             hook_env["RECNIX_EVENT_LOOP"] = opts.event_loop
-        hooked = start_nix_host(hooks=True, daemon_env=hook_env, extra_conf=RECNIX_BUILD_HOOK)
+        hooked = start_nix_host(hooks=True, daemon_env=hook_env)
         hosts.append(hooked)
         plain = start_nix_host(hooks=False)
         hosts.append(plain)
         # The floor of any hook: Nix spawning a do-nothing program twice per build.
         floor = start_nix_host(hooks=False, extra_conf=FLOOR_HOOKS)
         hosts.append(floor)
-        fallback = start_nix_host(hooks=True, extra_conf=RECNIX_BUILD_HOOK)
+        fallback = start_nix_host(hooks=True)
         hosts.append(fallback)
         # The service listens where the host fixtures put it; the rendered path links there.
         # The production log level (the host tier's services log at debug).

@@ -193,9 +193,7 @@ def _cmd_nix_conf(args: argparse.Namespace) -> int:
     lix = args.lix
     if lix is None:
         lix = _host_is_lix(args.nix)
-    build = None  # Lix >= 2.94's build hook protocol is Cap'n Proto: Lix keeps its own hook
-    if not lix:
-        build = args.build_hook or shutil.which("recnix-build-hook") or "recnix-build-hook"
+    build = args.build_hook or shutil.which("recnix-build-hook") or "recnix-build-hook"
     sys.stdout.write(render_nix_conf(config.raw, pre, post, lix=lix, build_hook=build))
     return 0
 

@@ -196,8 +196,10 @@ def nix_conf_settings(
 
     ``lix``: the host runs Lix, which has no built-in recursive-nix: its
     experimental feature and system feature are left out (a setting left empty
-    is left out). ``build_hook``: recnix's build-hook (``recnix-build-hook``), for
-    clients that dispatch opted-in builds to ``ssh-ng://`` builders.
+    is left out), and so is ``build_hook``. ``build_hook``: recnix's build-hook
+    (``recnix-build-hook``): recursive builds wait for a session before Nix takes a
+    build user for them, and clients get back the closures of opted-in builds they
+    dispatch to ``ssh-ng://`` builders.
     """
     nix = raw["nix"]
     if lix:
@@ -206,7 +208,7 @@ def nix_conf_settings(
     settings = {key: _conf_value(value) for key, value in nix.items()}
     settings["pre-build-hook"] = pre_build_hook
     settings["post-build-hook"] = post_build_hook
-    if build_hook:
+    if build_hook and not lix:  # Lix >= 2.94's build hook speaks Cap'n Proto: it keeps its own
         settings["build-hook"] = build_hook
     return dict(sorted(settings.items()))
 

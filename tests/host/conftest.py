@@ -119,8 +119,9 @@ def nix_conf_text(hooks: bool, extra: str = "", pre_build_hook: Path = PRE_BUILD
         "cores = 1",
         "fsync-metadata = false",
     ]
-    if hooks:
+    if hooks:  # as `recnix nix-conf` prints them
         lines += [f"pre-build-hook = {pre_build_hook}", f"post-build-hook = {POST_BUILD_HOOK}"]
+        lines += [f"build-hook = {BUILD_HOOK}"]
     return "\n".join(lines) + "\n" + extra
 
 

@@ -14,7 +14,6 @@ import pytest
 
 from recnix.nixsettings import build_users, nix_settings
 from tests.host.conftest import (
-    BUILD_HOOK,
     NixHost,
     concurrent_builds,
     start_nix_host,
@@ -30,7 +29,7 @@ POLL = "build-poll-interval = 1\n"
 
 
 def test_more_outer_builds_than_build_users_all_finish(busybox: str, nix_bundle: str) -> None:
-    host: NixHost = start_nix_host(hooks=True, extra_conf=f"{POLL}build-hook = {BUILD_HOOK}\n")
+    host: NixHost = start_nix_host(hooks=True, extra_conf=POLL)  # with recnix's build-hook
     service = start_recnix_service(host)
     try:
         users = build_users(nix_settings(host.env))
