@@ -29,7 +29,12 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
                    or "stdio" (spawn `nix-daemon --stdio`)         daemon
   max-sessions     concurrent top-level recursive builds; lowered
                    to one less than the build users (Nix #7297).
-                   Further builds wait, with a log line.           4
+                   Further builds wait, with a log line, in
+                   recnix's build-hook before they take a build
+                   user (without it: in the pre-build hook).       4
+  fsync-paths      fsync what a session adds or builds before the
+                   build sees it: "nix" (as nix.conf's
+                   fsync-store-paths), "always", "never"           nix
   audit-log        JSON lines, one per session event ("" = none)   /var/log/recnix/audit.jsonl
   log-level        debug, info, warning, error                     info
 [policy]
