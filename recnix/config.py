@@ -231,6 +231,11 @@ HOOK_ENTRY_ENV = "RECNIX_HOOK_ENTRY"
 HOOK_MARKS_ENV = "RECNIX_HOOK_MARKS"
 
 
+def hook_marks_dir(raw: dict[str, Any]) -> Path:
+    """Where the pre-build hook marks builds that mention recnix (``RECNIX_HOOK_MARKS``)."""
+    return Path(raw["daemon"]["state-dir"]) / "hook-marks"
+
+
 def hook_environment(
     raw: dict[str, Any], python: str | None = None, entry: str | None = None
 ) -> dict[str, str]:
@@ -248,7 +253,7 @@ def hook_environment(
     hooks = raw["hooks"]
     if not hooks["pre-build"] and not hooks["post-build"]:
         env[HOOK_SOCKET_ENV] = str(raw["daemon"]["control-socket"])
-        env[HOOK_MARKS_ENV] = f"{raw['daemon']['state-dir']}/hook-marks"
+        env[HOOK_MARKS_ENV] = str(hook_marks_dir(raw))
     if python and entry:
         env[HOOK_PYTHON_ENV] = python
         env[HOOK_ENTRY_ENV] = entry

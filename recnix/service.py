@@ -23,7 +23,7 @@ from typing import Any
 
 from recnix import control, sandboxsocket
 from recnix.audit import AuditLog
-from recnix.config import Config
+from recnix.config import Config, hook_marks_dir
 from recnix.derivation import DerivationError, read_derivation
 from recnix.gcroots import sweep
 from recnix.journal import SessionRecord, journals, replay
@@ -670,6 +670,10 @@ class Service:
         self.sessions.pop(session.sid, None)
         self._drop_sandbox_socket(session)
         self.opened_at.pop(session.sid, None)
+        if reason != "finalised":
+            # no post-build hook will come to remove its hook mark (RECNIX_HOOK_MARKS)
+            with contextlib.suppress(OSError):
+                os.unlink(hook_marks_dir(self.config.raw) / os.path.basename(session.drv_path))
         await session.close(reason)
         if getattr(session, "holds_slot", False):
             session.holds_slot = False

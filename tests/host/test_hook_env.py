@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def rendered(busybox: str, nix_bundle: str) -> Iterator[tuple[ScenarioRunner, Pa
     service = None
     try:
         # The hooks never read the config: RECNIX_CONFIG points nowhere for them.
-        service = start_recnix_service(host)
+        # the same state-dir as the rendered environment (its hook marks are under it)
+        service = start_recnix_service(host, daemon={"state-dir": str(scratch)})
         (scratch / "control.sock").symlink_to(service.control_socket)
         host.recnix_config.rename(scratch / "recnix.toml")  # the service has read it
         yield scenario_runner(host, busybox, nix_bundle), Path(env["RECNIX_HOOK_MARKS"])
@@ -70,3 +72,14 @@ def test_plain_builds_leave_no_marks(rendered):
     runner, marks = rendered
     checks.check_many(runner, RECNIX, n=2)  # nested builds that do not opt in
     assert list(marks.iterdir()) == []
+
+
+def test_failed_builds_leave_no_marks(rendered):
+    """A recursive build that fails gets no post-build hook: the service removes its
+    mark when it ends the session."""
+    runner, marks = rendered
+    checks.check_failure(runner, RECNIX)
+    deadline = time.monotonic() + 30
+    while list(marks.iterdir()):
+        assert time.monotonic() < deadline, list(marks.iterdir())
+        time.sleep(0.2)
