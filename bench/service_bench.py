@@ -974,9 +974,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--add-reps", type=int, default=3)
     parser.add_argument("--load-outer", type=int, default=16, help="concurrent outer builds")
     parser.add_argument("--load-nested", type=int, default=8, help="nested builds in each")
-    parser.add_argument("--load-reps", type=int, default=2)
+    parser.add_argument("--load-reps", type=int, default=1)
     parser.add_argument(
-        "--load-timeout", type=float, default=180.0, help="s before a build counts as hung"
+        "--load-timeout", type=float, default=120.0, help="s before a build counts as hung"
     )
     parser.add_argument("--start-reps", type=int, default=5)
     parser.add_argument(
