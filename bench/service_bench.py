@@ -859,19 +859,80 @@ def scenario_hook(b: Bench) -> list[Row]:
     return rows
 
 
+def _write_drv(path: Path, busybox: str, padding: int = 0) -> Path:
+    """A trivial build's .drv (``padding``: bytes of an extra variable, to make it as large
+    as a typical nixpkgs derivation's)."""
+    store = "/nix/store/" + "a" * 32
+    extra = f',("padding","{"x" * padding}")' if padding else ""
+    path.write_text(
+        f'Derive([("out","{store}-bench-trivial-0","","")],[],["{busybox}"],"x86_64-linux",'
+        f'"{busybox}/bin/sh",["-c","echo $tag > $out"],[("builder","{busybox}/bin/sh"),'
+        f'("name","bench-trivial-0"),("out","{store}-bench-trivial-0"){extra},'
+        f'("system","x86_64-linux"),("tag","0123456789ab-0")])'
+    )
+    return path
+
+
+def build_hook_try_us(b: Bench, tries: int = 500) -> float:
+    """Mean wall µs of one "try" round trip with recnix's build hook (a build that does
+    not require recnix, no remote machines): what Nix waits for before each build."""
+    wire = [b"\x01" + b"\0" * 7, b"\0" * 8]  # a setting follows / no more settings
+
+    def string(text: str) -> bytes:
+        data = text.encode()
+        return len(data).to_bytes(8, "little") + data + b"\0" * (-len(data) % 8)
+
+    settings = wire[0] + string("builders") + string("") + wire[1]
+    request = string("try") + (1).to_bytes(8, "little") + string("x86_64-linux")
+    request += string("/nix/store/" + "b" * 32 + "-x.drv") + (0).to_bytes(8, "little")
+    env = {**b.hooked.daemon_env, "RECNIX_HOOK_MARKS": str(b.scratch / "try-marks")}
+    hook = str(Path(sys.executable).parent / "recnix-build-hook")
+    proc = subprocess.Popen([hook, "0"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(settings)
+    t0 = time.perf_counter()
+    for _ in range(tries):
+        proc.stdin.write(request)
+        proc.stdin.flush()
+        if proc.stderr.readline() != b"# decline\n":
+            raise RuntimeError("recnix's build hook did not decline a plain build")
+    elapsed = time.perf_counter() - t0
+    proc.stdin.close()
+    proc.wait()
+    return elapsed / tries * 1e6
+
+
 def scenario_hookcpu(b: Bench) -> list[Row]:
     """recnix's share of a build that does not opt in, in CPU time (robust to other load):
     both hook scripts as nix-daemon runs them (rendered environment, a trivial .drv),
-    less /bin/true twice."""
-    drv = b.scratch / "plain.drv"
-    store = "/nix/store/" + "a" * 32
-    drv.write_text(
-        f'Derive([("out","{store}-bench-trivial-0","","")],[],["{b.busybox}"],"x86_64-linux",'
-        f'"{b.busybox}/bin/sh",["-c","echo $tag > $out"],[("builder","{b.busybox}/bin/sh"),'
-        f'("name","bench-trivial-0"),("out","{store}-bench-trivial-0"),'
-        f'("system","x86_64-linux"),("tag","0123456789ab-0")])'
-    )
-    env = {**b.hooked.daemon_env, "DRV_PATH": str(drv), "OUT_PATHS": f"{store}-x"}
+    less /bin/true twice. With recnix's build hook, its <drv>.plain hint spares the
+    pre-build hook the .drv; without it (Lix, preferLocalBuild) the hook reads the .drv,
+    a system call per byte (reference rows: a trivial .drv, and one of 8 KiB)."""
+    marks = Path(b.hooked.daemon_env["RECNIX_HOOK_MARKS"])
+    marks.mkdir(mode=0o700, exist_ok=True)
+    small = _write_drv(b.scratch / "plain.drv", b.busybox)
+    large = _write_drv(b.scratch / "large.drv", b.busybox, padding=8192)
+    hint = marks / f"{small.name}.plain"
+    try_us = build_hook_try_us(b)
+    rows = []
+    for drv, hinted, title in (
+        (small, True, "recnix's CPU share of a build that does not opt in"),
+        (small, False, "reference: the same, without recnix's build hook (no hint)"),
+        (large, False, "reference: the same with an 8 KiB .drv, without the hint"),
+    ):
+        if hinted:
+            hint.touch()
+        else:
+            hint.unlink(missing_ok=True)
+        rows.append(_hook_cpu_row(b, drv, title))
+    rows[
+        0
+    ].note += f"; plus recnix's build hook answering Nix's try: {try_us:.0f} µs wall per build"
+    return rows
+
+
+def _hook_cpu_row(b: Bench, drv: Path, title: str) -> Row:
+    env = {**b.hooked.daemon_env, "DRV_PATH": str(drv), "OUT_PATHS": "/nix/store/x"}
     hook_bin = Path(sys.executable).parent
     pre = [str(hook_bin / "recnix-pre-build-hook"), str(drv), f"{drv}.chroot"]
     post = [str(hook_bin / "recnix-post-build-hook")]
@@ -889,18 +950,16 @@ def scenario_hookcpu(b: Bench) -> list[Row]:
         hooks.append((x if i % 2 == 0 else y) * 1e3)
         floor.append((y if i % 2 == 0 else x) * 1e3)
     share = [h - f for h, f in zip(hooks, floor, strict=True)]
-    return [
-        Row(
-            "recnix's CPU share of a build that does not opt in (both hooks − 2 × /bin/true)",
-            share,
-            [],
-            "ms",
-            0.5,
-            f"{rounds} rounds of {loops}: hooks {spread(hooks, 3)} ms, /bin/true ×2 "
-            f"{spread(floor, 3)} ms per build; .drv {drv.stat().st_size} bytes",
-            absolute="median",
-        )
-    ]
+    return Row(
+        f"{title} (both hooks − 2 × /bin/true)",
+        share,
+        [],
+        "ms",
+        0.5 if not title.startswith("reference") else None,
+        f"{rounds} rounds of {loops}: hooks {spread(hooks, 3)} ms, /bin/true ×2 "
+        f"{spread(floor, 3)} ms per build; .drv {drv.stat().st_size} bytes",
+        absolute="median",
+    )
 
 
 SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {

@@ -253,10 +253,35 @@ def admitted(control_socket: str, drv_path: str) -> bool:
     return bool(reply.get("admit", True))
 
 
+PLAIN_SUFFIX = ".plain"
+
+
+def mark_plain(marks_dir: str, drv_path: str) -> None:
+    """Tell the pre-build hook that ``drv_path`` does not require recnix (a file
+    ``<marks>/<drv name>.plain``), so that it need not read the ``.drv`` (a system call
+    per byte in sh). Only a hint: without it the hook reads the ``.drv``. The service
+    sweeps old ones (Service._sweep_plain_marks)."""
+    try:
+        fd = os.open(
+            f"{marks_dir}/{drv_path.rpartition('/')[2]}{PLAIN_SUFFIX}",
+            os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+    except OSError:
+        return  # no marks directory yet (the pre-build hook makes it): no hint
+    os.close(fd)
+
+
 def serve(
     nix_hook_argv: list[str], nix_hook_env: dict[str, str], control_socket: str, argv0: str = ""
 ) -> int:
     """Answer Nix's build hook requests on fds 0 and 2 (see the module docstring)."""
+    marks_dir = os.environ.get("RECNIX_HOOK_MARKS", "")
+    if marks_dir:
+        try:  # noqa: SIM105 - no contextlib import on this path
+            os.mkdir(marks_dir, 0o700)  # as the pre-build hook makes it
+        except OSError:
+            pass  # there already, or no state directory (no service): no hints
     reader = WireReader(0)
     settings = read_settings(reader)
     nix_hook = (
@@ -270,7 +295,10 @@ def serve(
             return 0
         drv_path, features = request
         raw = reader.take_raw()
-        if any(f in FEATURES for f in features) and not admitted(control_socket, drv_path):
+        recursive = any(f in FEATURES for f in features)
+        if not recursive and marks_dir:
+            mark_plain(marks_dir, drv_path)
+        if recursive and not admitted(control_socket, drv_path):
             answer = "# postpone"
         elif nix_hook is None:
             answer = "# decline"

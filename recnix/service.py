@@ -23,6 +23,7 @@ from typing import Any
 
 from recnix import control, sandboxsocket
 from recnix.audit import AuditLog
+from recnix.buildqueue import PLAIN_SUFFIX
 from recnix.config import Config, hook_marks_dir
 from recnix.derivation import DerivationError, read_derivation
 from recnix.gcroots import sweep
@@ -44,6 +45,10 @@ CHROOT_GRACE = 3600.0  # seconds a chroot without builder may stay (output regis
 # seconds a slot reserved by `admit` waits for its build's pre-build hook (Nix takes a
 # build user and sets up the sandbox in between; longer if it waits for a build user)
 RESERVATION_TTL = 300.0
+# The build hook's <drv>.plain hints to the pre-build hook (recnix.buildqueue) are
+# swept this many seconds after they were made (a pre-build hook without one reads
+# the .drv instead).
+PLAIN_MARK_TTL = 600.0
 
 
 FD_LIMIT_WANTED = 1 << 16
@@ -489,6 +494,19 @@ class Service:
         self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
         return True
 
+    def _sweep_plain_marks(self) -> None:
+        """Remove the build hook's ``<drv>.plain`` hints older than PLAIN_MARK_TTL."""
+        too_old = time.time() - PLAIN_MARK_TTL
+        try:
+            entries = list(os.scandir(hook_marks_dir(self.config.raw)))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.endswith(PLAIN_SUFFIX):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < too_old:
+                        os.unlink(entry.path)
+
     def _expire_reservations(self) -> None:
         """Give back the slots of admitted builds that never opened their session."""
         now = time.monotonic()
@@ -682,9 +700,13 @@ class Service:
     async def _watch(self) -> None:
         """End sessions whose build is gone (failed, killed) without a post-build hook;
         give back the slots of admitted builds that did not start."""
+        swept = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             self._expire_reservations()
+            if time.monotonic() - swept > PLAIN_MARK_TTL / 10:
+                swept = time.monotonic()
+                await asyncio.get_running_loop().run_in_executor(None, self._sweep_plain_marks)
             for session in list(self.sessions.values()):
                 if session.state != "open":
                     continue

@@ -107,7 +107,9 @@ def answering(path: Path, admit: bool, seen: list[dict]) -> socket.socket:
     return server
 
 
-def run_hook(tmp_path: Path, stdin: bytes, admit: bool, nix_hook: str) -> tuple[int, str, list]:
+def run_hook(
+    tmp_path: Path, stdin: bytes, admit: bool, nix_hook: str, env: dict[str, str] | None = None
+) -> tuple[int, str, list]:
     seen: list[dict] = []
     sock = tmp_path / "control.sock"
     server = answering(sock, admit, seen)
@@ -129,6 +131,7 @@ def run_hook(tmp_path: Path, stdin: bytes, admit: bool, nix_hook: str) -> tuple[
             timeout=60,
             pass_fds=(log_r, log_w),
             preexec_fn=log_fds,
+            env={"PATH": os.environ["PATH"], **(env or {})},
         )
     finally:
         server.close()
@@ -169,3 +172,14 @@ def test_with_machines_nix_build_remote_answers_and_its_permanent_decline_is_sof
     answers = [line for line in stderr.splitlines() if line.startswith("# ")]
     assert answers == ["# decline", "# decline"], stderr
     assert "nowhere.invalid" in stderr, stderr
+
+
+def test_builds_without_recnix_are_hinted_to_the_pre_build_hook(tmp_path: Path) -> None:
+    marks = tmp_path / "hook-marks"  # made by the hook, root-only, as the pre-build hook does
+    plain = "/nix/store/" + "b" * 32 + "-plain.drv"
+    stdin = settings(builders="") + try_request(plain, []) + try_request(DRV, ["recnix"])
+    env = {"RECNIX_HOOK_MARKS": str(marks)}
+    code, stderr, _ = run_hook(tmp_path, stdin, True, NIX_BUILD_REMOTE, env)
+    assert code == 0, stderr
+    assert sorted(p.name for p in marks.iterdir()) == [f"{'b' * 32}-plain.drv.plain"]
+    assert marks.stat().st_mode & 0o777 == 0o700

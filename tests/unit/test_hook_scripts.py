@@ -300,6 +300,20 @@ def test_marks_spare_the_post_build_hook_the_drv(hook_dir, tmp_path):
     assert not (marks / "plain.drv").exists()
 
 
+def test_the_build_hooks_plain_hint_spares_the_pre_build_hook_the_drv(hook_dir, tmp_path):
+    """recnix's build hook marks <drv>.plain for a build that does not require recnix
+    (recnix.buildqueue): the pre-build hook then leaves without reading the .drv, here
+    one that cannot be read (without the hint it would go on to Python for a guard)."""
+    marks = tmp_path / "hook-marks"
+    marks.mkdir(mode=0o700)
+    env = {"RECNIX_HOOK_SOCKET": "/s", "RECNIX_HOOK_MARKS": str(marks)}
+    absent = tmp_path / "absent.toml"
+    drv = tmp_path / "gone.drv"  # absent: the guard path, had the hook looked
+    assert run_hook(hook_dir, HOOKS[0], drv, absent, env) is not None
+    (marks / "gone.drv.plain").touch()
+    assert run_hook(hook_dir, HOOKS[0], drv, absent, env) is None
+
+
 def test_unwritable_mark_fails_the_build(hook_dir, tmp_path):
     """A mark that cannot be written would let the post-build hook skip the build's
     finalisation: the pre-build hook prints a line Nix fails the build with instead."""
