@@ -16,7 +16,8 @@ trivial  Trivial non-recursive builds in one ``nix-build``: recnix's hooks ÷
 add      ``nix-store --add`` of a large file inside a build (timed inside the
          build), and the service's peak RSS during it.
 load     Many concurrent outer builds with nested builds each (more than the
-         build users: recnix's sessions queue): failures, hangs, wall time, the
+         build users: recnix's build hook queues them before they take one; the
+         built-in deadlocks, Nix issue #7297): failures, hangs, wall time, the
          service's peak RSS.
 start    The service's start to ready (control socket accepting).
 hook     Opted-in trivial builds (the hooks' Python, session open and finalise
@@ -24,7 +25,10 @@ hook     Opted-in trivial builds (the hooks' Python, session open and finalise
 
 The daemon with recnix's hooks runs with the environment ``recnix nix-conf
 --daemon-env`` renders (RECNIX_HOOK_SOCKET, _MARKS, _PYTHON, _ENTRY), as the
-NixOS module sets it. Prints a table and writes it to bench/results-service.txt.
+NixOS module sets it, and recnix's build hook (``recnix nix-conf``'s
+``build-hook``), which queues recursive builds before they take a build user.
+The daemons build as the machine's ``nixbld`` users (10 on Debian). Prints a
+table and writes it to bench/results-service.txt.
 Run as root: .venv/bin/python bench/service_bench.py [--quick] [--only SCENARIO]
 """
 
@@ -66,10 +70,13 @@ from tests.host.conftest import (  # noqa: E402
     RECNIX_BIN,
     NixHost,
     RecnixService,
+    concurrent_builds,
+    launch_recnix_service,
     scenario_runner,
     start_nix_host,
     start_recnix_service,
     stop_recnix_service,
+    wait_until_ready,
 )
 from tests.nixversion import build_top_glob, sandbox_root  # noqa: E402
 
@@ -537,69 +544,15 @@ def add_runner(
 # -- load: concurrent outer builds with nested builds
 
 
-def load_run(
-    host: NixHost, busybox: str, nix: str, feature: str, outer: int, nested: int, timeout: float
-) -> tuple[float, int, int]:
-    """``outer`` concurrent many.nix builds of ``nested`` each: (wall s, failures, hangs)."""
-    runner = scenario_runner(host, busybox, nix)
-    procs = []
-    t0 = time.perf_counter()
-    for _ in range(outer):
-        tag = fresh_tag()
-        argv = runner.build_argv("many", feature, tag, {"innerTag": tag, "n": nested})
-        procs.append(
-            subprocess.Popen(
-                argv, env=host.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-            )
-        )
-    failures = hangs = 0
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            if proc.returncode != 0:
-                failures += 1
-                print(f"load ({feature}): a build failed: {stderr[-2000:]}", file=sys.stderr)
-        except subprocess.TimeoutExpired:
-            hangs += 1
-            proc.kill()
-            proc.communicate()
-    return time.perf_counter() - t0, failures, hangs
-
-
 # -- start: service start to ready
 
 
-def start_service_timed(host: NixHost, control_socket: Path) -> tuple[RecnixService, float]:
+def start_service_timed(host: NixHost) -> tuple[RecnixService, float]:
     """Start ``recnix daemon`` on ``host.recnix_config`` (already written); return it and
     the seconds until its control socket accepts a connection (polled every ms)."""
-    root = host.root / "recnix"
-    env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config)}
-    env.pop("TMPDIR", None)
-    log = open(root / "service.log", "ab")  # noqa: SIM115 - handed to the service
     t0 = time.perf_counter()
-    process = subprocess.Popen(
-        [str(RECNIX_BIN), "daemon", "--config", str(host.recnix_config)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    service = RecnixService(host, root, host.recnix_config, process)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(control_socket))
-                break
-            except OSError:
-                pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"recnix daemon did not start:\n{service.log_text()}")
-        time.sleep(0.001)
+    service = launch_recnix_service(host)
+    wait_until_ready(service, timeout=START_TIMEOUT, poll=0.001)
     return service, time.perf_counter() - t0
 
 
@@ -627,6 +580,41 @@ def spawn_loop(argv: list[str], env: dict[str, str], n: int) -> float:
         if status != 0:
             raise RuntimeError(f"{argv} exited with {status}")
     return (time.perf_counter() - t0) / n
+
+
+def answer_every_request(path: Path, reply: bytes) -> Callable[[], None]:
+    """Serve ``path``: read each connection's request line, answer ``reply``; returns
+    the function that stops serving."""
+    import threading
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: stop
+                return
+            with conn:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 # -- the benchmark context and its scenarios
@@ -770,7 +758,7 @@ def scenario_load(b: Bench) -> list[Row]:
 
     def recnix_run() -> float:
         rss_reset(pid)
-        wall, failures, hangs = load_run(
+        wall, failures, hangs = concurrent_builds(
             b.hooked, b.busybox, b.nix, "recnix", outer, nested, b.opts.load_timeout
         )
         peaks.append(rss_peak_mib(pid))
@@ -778,7 +766,7 @@ def scenario_load(b: Bench) -> list[Row]:
         return wall
 
     def builtin_run() -> float:
-        wall, failures, hangs = load_run(
+        wall, failures, hangs = concurrent_builds(
             b.plain, b.busybox, b.nix, "recursive-nix", outer, nested, b.opts.load_timeout
         )
         bad_builtin.append(f"{failures}/{hangs}")
@@ -813,7 +801,7 @@ def scenario_start(b: Bench) -> list[Row]:
     times = []
     for _ in range(b.opts.start_reps):
         stop_recnix_service(b.service)
-        b.service, seconds = start_service_timed(b.hooked, b.service.control_socket)
+        b.service, seconds = start_service_timed(b.hooked)
         times.append(seconds * 1e3)
     return [
         Row(
@@ -840,12 +828,14 @@ def scenario_hook(b: Bench) -> list[Row]:
         trivial_row(f"reference: {n} opted-in trivial builds, recnix ÷ no hooks", a, c, n, "recnix")
     ]
     rows[-1].note += " (both hooks' Python, session open, finalise)"
-    # The opted-in hook's Python start: a .drv that mentions recnix but does not opt
-    # in, and a control socket nobody listens on, so that only Python runs.
+    # The opted-in hook's Python: start, imports and one control round trip, against
+    # a control socket that answers every request at once (no session is opened).
     drv = b.scratch / "mentions.drv"
     drv.write_text('Derive([],[],[],"x86_64-linux","/bin/sh",[],[("note","recnix")])')
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    tail = ["--control-socket", str(b.scratch / "nobody.sock"), str(drv), "/c"]
+    answering = b.scratch / "answering.sock"
+    stop_answering = answer_every_request(answering, b'{"ok": true}\n')
+    tail = ["--control-socket", str(answering), str(drv), "/c"]
     entry = [sys.executable, "-I", "-S", str(REPO / "recnix" / "hookentry.py")]
     loops = 20
     a, c = interleaved(
@@ -853,9 +843,11 @@ def scenario_hook(b: Bench) -> list[Row]:
         lambda: spawn_loop([*entry, "pre-build-hook", *tail], env, loops) * 1e3,
         lambda: spawn_loop([str(RECNIX_BIN), "pre-build-hook", *tail], env, loops) * 1e3,
     )
+    stop_answering()
     rows.append(
         Row(
-            "reference: the hook's Python, hookentry.py -I -S ÷ recnix console script",
+            "reference: the opted-in hook's Python with one control round trip, "
+            "hookentry.py -I -S ÷ recnix console script",
             a,
             c,
             "ms",
@@ -983,7 +975,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--load-outer", type=int, default=16, help="concurrent outer builds")
     parser.add_argument("--load-nested", type=int, default=8, help="nested builds in each")
     parser.add_argument("--load-reps", type=int, default=2)
-    parser.add_argument("--load-timeout", type=float, default=900.0, help="s before a hang")
+    parser.add_argument(
+        "--load-timeout", type=float, default=180.0, help="s before a build counts as hung"
+    )
     parser.add_argument("--start-reps", type=int, default=5)
     parser.add_argument(
         "--event-loop",
@@ -1049,7 +1043,8 @@ def main() -> int:
         fallback = start_nix_host(hooks=True)
         hosts.append(fallback)
         # The service listens where the host fixtures put it; the rendered path links there.
-        service = start_recnix_service(hooked)
+        # The production log level (the host tier's services log at debug).
+        service = start_recnix_service(hooked, daemon={"log-level": "info"})
         control_socket.symlink_to(service.control_socket)
         # The fallback daemon's hooks scan the same config (they never reach a service).
         shutil.copy(hooked.recnix_config, fallback.recnix_config)

@@ -122,6 +122,9 @@ in
             gc-roots-dir =
               setting "daemon" "gc-roots-dir" lib.types.str
                 "Directory under Nix's gcroots where each session roots what its build added or built (removed when the session ends), so that a garbage collection while the service restarts cannot delete it.";
+            fsync-paths =
+              setting "daemon" "fsync-paths" (lib.types.enum [ "nix" "always" "never" ])
+                ''Whether what a session adds or builds is fsynced before the build sees it: "nix" does what nix.settings.fsync-store-paths says (Nix >= 2.25; off when unset, as Nix itself registers paths without syncing their files), "always" (about 10 ms per nested build on a typical disk), "never".'';
             log-level =
               setting "daemon" "log-level" lib.types.str
                 ''Daemon log level ("debug", "info", "warning", "error").'';
@@ -194,7 +197,8 @@ in
         # conflicts loudly instead of being silently dropped.
         pre-build-hook = if nrmEnabled then lib.mkForce preBuildHook else preBuildHook;
         post-build-hook = postBuildHook;
-        build-hook = buildHook;
+        # Lix >= 2.94's build hook protocol is Cap'n Proto: Lix keeps its own.
+        build-hook = lib.mkIf (!cfg.lix) buildHook;
       }
     ];
 

@@ -1,14 +1,15 @@
-"""``recnix build-hook``: Nix's own build hook, with recnix's ``ssh`` first on its PATH.
+"""``recnix build-hook``: nix.conf's ``build-hook``, the program the nix-daemon asks
+about every build before it takes a build user for it (once per building worker).
 
-nix.conf's ``build-hook`` is the program the nix-daemon runs to dispatch builds
-to remote machines (default: Nix 2.8 ``<libexec>/nix/build-remote``, Nix >=
-2.19 ``nix __build-remote``; every version registers ``build-remote`` as a
-legacy command of the ``nix`` binary, chosen by ``argv[0]``). This one execs
-that same program (``nix`` on PATH, or ``$RECNIX_NIX``, as ``build-remote``)
-with the same arguments and file descriptors, after putting
-``recnix/sshshim`` first on PATH: build-remote then opens ``ssh-ng://``
-sessions through :mod:`recnix.sshproxy`. Standard library only (Nix starts it
-once per building worker).
+It serves that protocol itself (:mod:`recnix.buildqueue`): a recursive build waits
+("postpone") until the recnix service has a session slot for it. Builds that
+may go to remote machines go to Nix's own build hook (default: Nix 2.8
+``<libexec>/nix/build-remote``, Nix >= 2.19 ``nix __build-remote``; every
+version registers ``build-remote`` as a legacy command of the ``nix`` binary,
+chosen by ``argv[0]``), started as that program (``nix`` on PATH, or
+``$RECNIX_NIX``) with ``recnix/sshshim`` first on its PATH: build-remote then
+opens ``ssh-ng://`` sessions through :mod:`recnix.sshproxy`. Standard library
+only. Not for Lix >= 2.94, whose build hook speaks Cap'n Proto.
 """
 
 from __future__ import annotations
@@ -39,8 +40,20 @@ def hook_env(environ: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def control_socket() -> str:
+    """The service's control socket: rendered into nix-daemon's environment
+    (``RECNIX_HOOK_SOCKET``), else from the config."""
+    rendered = os.environ.get("RECNIX_HOOK_SOCKET")
+    if rendered:
+        return rendered
+    from recnix.config import load_config
+
+    return str(load_config().control_socket)
+
+
 def main(argv: list[str]) -> int:
-    """Exec Nix's build-remote with ``argv`` (Nix passes its verbosity)."""
+    """Serve Nix's build hook requests (recnix.buildqueue), with Nix's build-remote
+    (``argv``: Nix passes its verbosity) for the builds that may go to remote machines."""
     nix = os.environ.get(NIX_ENV) or shutil.which("nix")
     if not nix:
         print(
@@ -49,5 +62,12 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    os.execve(nix, ["build-remote", *argv], hook_env(dict(os.environ)))
-    return 1  # not reached
+    from recnix import buildqueue
+
+    try:
+        return buildqueue.serve(
+            [nix, *argv], hook_env(dict(os.environ)), control_socket(), argv0="build-remote"
+        )
+    except (buildqueue.HookProtocolError, OSError) as e:
+        print(f"recnix build-hook: {e}", file=sys.stderr)
+        return 1

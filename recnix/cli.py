@@ -29,7 +29,12 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
                    or "stdio" (spawn `nix-daemon --stdio`)         daemon
   max-sessions     concurrent top-level recursive builds; lowered
                    to one less than the build users (Nix #7297).
-                   Further builds wait, with a log line.           4
+                   Further builds wait, with a log line, in
+                   recnix's build-hook before they take a build
+                   user (without it: in the pre-build hook).       4
+  fsync-paths      fsync what a session adds or builds before the
+                   build sees it: "nix" (as nix.conf's
+                   fsync-store-paths), "always", "never"           nix
   audit-log        JSON lines, one per session event ("" = none)   /var/log/recnix/audit.jsonl
   log-level        debug, info, warning, error                     info
 [policy]
@@ -332,13 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "build-hook",
-        help="nix.conf build-hook: Nix's build-remote, with recnix's proxy for ssh-ng:// builders",
-        description="Runs Nix's own build hook (`nix` on PATH as build-remote, or $RECNIX_NIX) "
-        "with the same arguments, with recnix's ssh first on its PATH: for an ssh-ng:// "
-        "builder, the .drv closure of a build that requires recnix goes to the builder "
-        "before BuildDerivation, and the closure of the outputs built there comes back to "
-        "this machine's store (Nix copies back only the outputs). Anything else goes to the "
-        "real ssh unchanged. See the README, 'Distributed builds'.",
+        help="nix.conf build-hook: recursive builds wait for a session before they take a "
+        "build user; Nix's build-remote, with recnix's proxy for ssh-ng:// builders",
+        description="Serves Nix's build hook protocol: a build that requires recnix waits "
+        "(Nix's 'postpone') until the recnix service has a session slot for it, before Nix "
+        "takes a build user for it, so that more recursive builds than build users can be "
+        "started at once. Builds that may go to remote machines go to Nix's own build hook "
+        "(`nix` on PATH as build-remote, or $RECNIX_NIX), with recnix's ssh first on its "
+        "PATH: for an ssh-ng:// builder, the .drv closure of a build that requires recnix "
+        "goes to the builder before BuildDerivation, and the closure of the outputs built "
+        "there comes back to this machine's store (Nix copies back only the outputs). "
+        "Anything else goes to the real ssh unchanged. See the README, 'Distributed builds'.",
     )
     p.add_argument("verbosity", nargs="*", help="what Nix passes (its verbosity)")
     p.set_defaults(func=lambda a: __import__("recnix.buildhook").buildhook.main(a.verbosity))
@@ -385,9 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--post-build-hook", help="hook path (default: recnix-post-build-hook on PATH)")
     p.add_argument(
         "--build-hook",
-        help="build hook path (default: recnix-build-hook on PATH): Nix's build-remote "
-        "with recnix's proxy for ssh-ng:// builders, for a client that dispatches "
-        "opted-in builds to remote builders",
+        help="build hook path (default: recnix-build-hook on PATH): recursive builds wait "
+        "for a session before they take a build user, and Nix's build-remote gets recnix's "
+        "proxy for ssh-ng:// builders (left out on Lix)",
     )
     p.add_argument(
         "--lix",

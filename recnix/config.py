@@ -16,6 +16,8 @@ SYSTEM_CONFIG_FILE = Path("/etc/recnix/config.toml")
 CONFIG_ENV = "RECNIX_CONFIG"
 
 FEATURE = "recnix"
+# daemon.fsync-paths: follow nix.conf's fsync-store-paths, or always, or never
+FSYNC_PATHS = ("nix", "always", "never")
 FEATURE_READONLY = "recnix-readonly"
 
 
@@ -142,6 +144,11 @@ def _validate(raw: dict[str, Any]) -> None:
         raise ConfigError(
             f'\'daemon.upstream\' is {up!r}: use "daemon", "stdio" or "unix:///path/to/socket"'
         )
+    if daemon["fsync-paths"] not in FSYNC_PATHS:
+        raise ConfigError(
+            f"'daemon.fsync-paths' is {daemon['fsync-paths']!r}: use "
+            + ", ".join(f'"{v}"' for v in FSYNC_PATHS)
+        )
     for key in ("max-depth", "max-builds-per-session", "max-added-bytes"):
         if policy[key] < 0:
             raise ConfigError(f"'policy.{key}' must not be negative")
@@ -189,8 +196,10 @@ def nix_conf_settings(
 
     ``lix``: the host runs Lix, which has no built-in recursive-nix: its
     experimental feature and system feature are left out (a setting left empty
-    is left out). ``build_hook``: recnix's build-hook (``recnix-build-hook``), for
-    clients that dispatch opted-in builds to ``ssh-ng://`` builders.
+    is left out), and so is ``build_hook``. ``build_hook``: recnix's build-hook
+    (``recnix-build-hook``): recursive builds wait for a session before Nix takes a
+    build user for them, and clients get back the closures of opted-in builds they
+    dispatch to ``ssh-ng://`` builders.
     """
     nix = raw["nix"]
     if lix:
@@ -199,7 +208,7 @@ def nix_conf_settings(
     settings = {key: _conf_value(value) for key, value in nix.items()}
     settings["pre-build-hook"] = pre_build_hook
     settings["post-build-hook"] = post_build_hook
-    if build_hook:
+    if build_hook and not lix:  # Lix >= 2.94's build hook speaks Cap'n Proto: it keeps its own
         settings["build-hook"] = build_hook
     return dict(sorted(settings.items()))
 

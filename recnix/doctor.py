@@ -44,6 +44,7 @@ MIN_NIX = (2, 8)
 MIN_MINOR, MAX_MINOR = 10, 38  # worker-protocol minors the codec speaks
 PRE_HOOK_NAME = "recnix-pre-build-hook"
 POST_HOOK_NAME = "recnix-post-build-hook"
+BUILD_HOOK_NAME = "recnix-build-hook"
 GCROOTS_DIR = "/nix/var/nix/gcroots"
 SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
 OPEN_TREE_CLONE, AT_RECURSIVE = 1, 0x8000
@@ -188,6 +189,41 @@ def check_pre_build_hook(f: Facts) -> Result:
 def check_post_build_hook(f: Facts) -> Result:
     """nix.conf's post-build-hook is recnix's (and exists)."""
     return _check_hook(f, "post-build-hook", POST_HOOK_NAME)
+
+
+def _is_lix(f: Facts) -> bool:
+    try:
+        return bool(f.nix_cli_version) and parse_nix_version(f.nix_cli_version).is_lix
+    except NixVersionError:
+        return False
+
+
+def check_build_hook(f: Facts) -> Result:
+    """nix.conf's build-hook is recnix's (not on Lix): recursive builds then wait for a
+    session before Nix takes a build user, and ssh-ng:// builders send closures back."""
+    if _is_lix(f):
+        return Result(
+            "build-hook",
+            OK,
+            "Lix keeps its own build-hook (Cap'n Proto since 2.94): recursive builds wait "
+            "for a session holding a build user; start at most as many at once as there "
+            "are build users, less one",
+        )
+    result = _check_hook(f, "build-hook", BUILD_HOOK_NAME)
+    if result.status == OK:
+        return Result(
+            "build-hook",
+            OK,
+            f"{result.summary} (recursive builds wait for a session before they take a build user)",
+        )
+    return Result(
+        "build-hook",
+        WARN,
+        f"{result.summary}: recursive builds then wait for a session holding a build user "
+        "(more at once than build users deadlock, Nix #7297), and outer builds sent to "
+        "ssh-ng:// builders come back without what they built inside",
+        result.fix,
+    )
 
 
 def check_system_features(f: Facts) -> Result:
@@ -377,6 +413,7 @@ CHECKS: tuple[Callable[[Facts], Result], ...] = (
     check_sandbox_fallback,
     check_pre_build_hook,
     check_post_build_hook,
+    check_build_hook,
     check_system_features,
     check_build_users,
     check_service,
@@ -587,9 +624,11 @@ def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
     env = dict(os.environ if env is None else env)
     settings = nix_settings(env)
     which = {
-        name: shutil.which(name, path=env.get("PATH")) for name in (PRE_HOOK_NAME, POST_HOOK_NAME)
+        name: shutil.which(name, path=env.get("PATH"))
+        for name in (PRE_HOOK_NAME, POST_HOOK_NAME, BUILD_HOOK_NAME)
     }
-    paths = [str(settings.get("pre-build-hook") or ""), str(settings.get("post-build-hook") or "")]
+    hooks = ("pre-build-hook", "post-build-hook", "build-hook")
+    paths = [str(settings.get(hook) or "") for hook in hooks]
     paths += [str(config["daemon"]["state-dir"]), str(config["daemon"]["gc-roots-dir"])]
     return Facts(
         config=config,

@@ -80,3 +80,11 @@ def session_bound(configured: int, users: tuple[str, int] | None) -> tuple[int, 
         f"allowing {bound} concurrent session(s), so that nested builds always find a free "
         "build user (Nix issue #7297); add build users or enable auto-allocate-uids for more"
     )
+
+
+def fsync_paths(choice: str, settings: Mapping[str, Any]) -> bool:
+    """Whether a session fsyncs its paths: ``daemon.fsync-paths`` ("nix": what nix.conf's
+    ``fsync-store-paths`` says, false where Nix does not know it)."""
+    if choice == "nix":
+        return settings.get("fsync-store-paths") is True
+    return choice == "always"

@@ -28,7 +28,7 @@ from recnix.derivation import DerivationError, read_derivation
 from recnix.gcroots import sweep
 from recnix.journal import SessionRecord, journals, replay
 from recnix.materialise import peer_in_sandbox
-from recnix.nixsettings import build_users, nix_settings, session_bound
+from recnix.nixsettings import build_users, fsync_paths, nix_settings, session_bound
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs
@@ -41,6 +41,9 @@ log = logging.getLogger("recnix.service")
 WATCH_INTERVAL = 1.0
 FINALISE_GRACE = 60.0  # seconds a finished build's session waits for the post-build hook
 CHROOT_GRACE = 3600.0  # seconds a chroot without builder may stay (output registration)
+# seconds a slot reserved by `admit` waits for its build's pre-build hook (Nix takes a
+# build user and sets up the sandbox in between; longer if it waits for a build user)
+RESERVATION_TTL = 300.0
 
 
 FD_LIMIT_WANTED = 1 << 16
@@ -162,9 +165,12 @@ class Service:
         audit_path = config["daemon"]["audit-log"]
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
+        settings = nix_settings()
         self.max_sessions, bound_reason = session_bound(
-            config["daemon"]["max-sessions"], build_users(nix_settings())
+            config["daemon"]["max-sessions"], build_users(settings)
         )
+        # Sessions fsync what they add or build before the build sees it.
+        self.fsync_paths = fsync_paths(config["daemon"]["fsync-paths"], settings)
         if bound_reason:
             log.warning("%s", bound_reason)
         # Nested builds that open no session may skip nix.conf's hooks, unless
@@ -177,6 +183,8 @@ class Service:
         )
         self._slots = asyncio.Semaphore(self.max_sessions)
         self._waiting = 0
+        # drv path -> when the slot reserved for it by `admit` goes back (monotonic)
+        self._reserved: dict[str, float] = {}
         self._server: asyncio.base_events.Server | None = None
         self._stopping = asyncio.Event()
         self._spares: list[Upstream] = []
@@ -244,10 +252,12 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         log.info(
-            "recnix service listening on %s (upstream %s, max %d concurrent sessions)",
+            "recnix service listening on %s (upstream %s, max %d concurrent sessions, "
+            "fsync of session paths %s)",
             control_path,
             self.config["daemon"]["upstream"],
             self.max_sessions,
+            "on" if self.fsync_paths else "off",
         )
         notify_systemd(b"READY=1")
         watcher = asyncio.ensure_future(self._watch())
@@ -335,7 +345,8 @@ class Service:
                 await self._slots.acquire()
         self.sessions[record.sid] = session
         self.opened_at[record.sid] = time.time()
-        session.start_registrar()
+        if session.added:
+            session.start_registrar()
         self.audit.write("resumed", record.sid, drv=record.drv_path, paths=len(session.added))
         log.info(
             "session %s resumed for %s (depth %d, %d path(s) added or built before)",
@@ -391,6 +402,8 @@ class Service:
                 "session": session.sid,
                 "sandbox_socket": f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET}",
             }
+        if op == "admit":  # recnix.buildqueue: may this build start now?
+            return {"ok": True, "admit": await self.admit(str(message["drv"]))}
         if op == "finalise":
             messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
             return {"ok": True, "messages": messages}
@@ -449,6 +462,42 @@ class Service:
                     parents.append(s)
         return max(parents, key=lambda s: s.depth, default=None)
 
+    async def admit(self, drv_path: str) -> bool:
+        """Whether the build of ``drv_path`` may start now (recnix.buildqueue asks before
+        Nix takes a build user for it): a top-level recursive build is admitted with a
+        session slot reserved for it (for RESERVATION_TTL seconds), or not while all are
+        taken; builds that do not opt in and nested ones always are."""
+        if drv_path in self._reserved:
+            self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
+            return True
+        try:
+            if opt_in_mode(read_derivation(drv_path)) is None:
+                return True
+        except (OSError, DerivationError):
+            return True  # the pre-build hook reports it
+        if await self._parent_of(drv_path) is not None:
+            return True
+        if self._slots.locked():
+            log.info(
+                "%s waits for a free recnix session slot before it takes a build user "
+                "(daemon.max-sessions = %d in use or reserved)",
+                drv_path,
+                self.max_sessions,
+            )
+            return False
+        await self._slots.acquire()
+        self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
+        return True
+
+    def _expire_reservations(self) -> None:
+        """Give back the slots of admitted builds that never opened their session."""
+        now = time.monotonic()
+        for drv_path, until in list(self._reserved.items()):
+            if until <= now:
+                del self._reserved[drv_path]
+                self._slots.release()
+                log.info("%s was admitted but did not start: its session slot is free", drv_path)
+
     async def open_session(
         self, drv_path: str, chroot: Path | None, worker: int | None = None
     ) -> Session | None:
@@ -487,7 +536,9 @@ class Service:
             raise OpenRefused(f"{drv_path} was started from a read-only session")
         # Only top-level sessions take a slot: a nested build's parent already
         # holds one and waits for it, so making it wait too would deadlock.
-        if parent is None:
+        if parent is None and self._reserved.pop(drv_path, None) is not None:
+            pass  # admitted by the build hook with a slot reserved (admit)
+        elif parent is None:
             if self._slots.locked():
                 self._refuse_self_blocking_wait(drv_path, worker)
                 self._waiting += 1
@@ -546,8 +597,8 @@ class Service:
             len(session.inputs),
             1e3 * (time.perf_counter() - started),
         )
-        # after the hook has its reply: the spawn costs the loop a few ms
-        asyncio.get_running_loop().call_soon(session.start_registrar)
+        # The registrar starts with the session's first added or built path (Session.allow):
+        # a build that adds nothing registers nothing.
         return session
 
     def _session_for(self, drv_path: str) -> Session | None:
@@ -625,9 +676,11 @@ class Service:
             self._slots.release()
 
     async def _watch(self) -> None:
-        """End sessions whose build is gone (failed, killed) without a post-build hook."""
+        """End sessions whose build is gone (failed, killed) without a post-build hook;
+        give back the slots of admitted builds that did not start."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
+            self._expire_reservations()
             for session in list(self.sessions.values()):
                 if session.state != "open":
                     continue

@@ -65,11 +65,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("recnix.session")
 
 NAR_CHUNK = 1 << 16
-# Concurrent client connections one session serves (each may hold an upstream
-# connection and a nix-daemon worker); more are closed at once, so one build
-# cannot exhaust the service's file descriptors and starve every other build.
 # Bytes queued to a client before the handler waits for them to drain.
 WRITE_HIGH_WATER = 1 << 18
+# Bytes received from a client and not yet consumed: above the high mark the
+# handler stops reading its socket (the client then blocks in write), below the
+# low mark it reads again. A 256 MiB add thus streams through a few MiB.
+READ_HIGH_WATER = 1 << 20
+READ_LOW_WATER = 1 << 18
 # Upstream connections a session keeps open for its next clients.
 IDLE_UPSTREAMS = 4
 
@@ -294,8 +296,9 @@ class Session:
 
     def start_registrar(self) -> None:
         """Start the `nix-store` process that finalisation will use (register.Registrar),
-        so that its start-up is not on the post-build hook's critical path. A read-only
-        session adds and builds nothing, so finalising it registers nothing."""
+        so that its start-up is not on the post-build hook's critical path; called once
+        the session has added or built something. A read-only session adds and builds
+        nothing, so finalising it registers nothing."""
         if self.readonly or self.state != "open" or self.registrar is not None:
             return
         try:
@@ -412,6 +415,10 @@ class Session:
             t3 = time.perf_counter()
             self.allowed.update(new)
             self.added.update(new)
+            if self.registrar is None:
+                # finalisation will register references to these: start its nix-store
+                # now, after this reply (the spawn costs the loop a few ms)
+                asyncio.get_running_loop().call_soon(self.start_registrar)
             self.journal_change(
                 allowed=new,
                 materialised={p: m for p in new if (m := self.view.materialised.get(p))},
@@ -435,10 +442,11 @@ class Session:
                 )
 
     def _make_visible(self, paths: list[str]) -> float:
-        """Durable first (the build relies on them from now on), then in the sandbox;
-        returns the seconds the fsyncs took."""
+        """Durable first if so configured (``daemon.fsync-paths``: the build relies on them
+        from now on), then in the sandbox; returns the seconds the fsyncs took."""
         started = time.perf_counter()
-        fsync_paths(paths)
+        if self.service.fsync_paths:
+            fsync_paths(paths)
         synced = time.perf_counter() - started
         self.view.materialise_many(paths)
         return synced
@@ -648,6 +656,7 @@ class ConnectionHandler:
         self.store = RestrictedStore(self.upstreams, session, self)
         self.stream_open = False  # the current request's trailing stream is not consumed yet
         self.paused = False  # the transport's write buffer is full
+        self.reading_paused = False  # more than READ_HIGH_WATER received and not consumed
         self.lost = False
         self.eof_owed = False  # the client half-closed with replies owed: answer, then close
         self._idle = False  # the task waits for a request: the fast path may answer
@@ -681,6 +690,9 @@ class ConnectionHandler:
             self._answer_fast()
             if self._idle:
                 return  # all answered: the task sleeps on
+        if data and self.conn.buffered > READ_HIGH_WATER and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
         self.wake()
 
     def on_lost(self) -> None:
@@ -752,11 +764,18 @@ class ConnectionHandler:
             raise item
         return item
 
+    def _resume_reading(self) -> None:
+        if self.conn.buffered < READ_LOW_WATER and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
+
     async def next_event(self) -> Any:
         while True:
             if self._stash:
                 return self._unstash()
             ev = self.conn.next_event()
+            if self.reading_paused:
+                self._resume_reading()
             if ev is not NEED_DATA:
                 return ev
             await self.flush()
@@ -773,6 +792,8 @@ class ConnectionHandler:
                 ev = self._unstash()
             else:
                 ev = self.conn.next_event()
+                if self.reading_paused:
+                    self._resume_reading()
                 if ev is NEED_DATA:
                     await self.flush()
                     self._idle = True

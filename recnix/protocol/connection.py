@@ -168,6 +168,11 @@ class _Base:
         else:
             self._buf.feed(data)
 
+    @property
+    def buffered(self) -> int:
+        """Received bytes not consumed yet (for read backpressure)."""
+        return len(self._buf)
+
     def data_to_send(self) -> bytes:
         """Drain queued output."""
         data = bytes(self._out)

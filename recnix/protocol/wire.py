@@ -148,7 +148,7 @@ class ReceiveBuffer:
     def take(self, n: int) -> bytes:
         """Consume exactly ``n`` bytes (caller checked ``len(self) >= n``)."""
         start = self._start
-        data = bytes(self._buf[start : start + n])
+        data = bytes(memoryview(self._buf)[start : start + n])
         self._start = start + n
         self.offset += n
         return data

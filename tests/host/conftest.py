@@ -45,6 +45,7 @@ SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 VENV_BIN = Path(sys.executable).parent
 PRE_BUILD_HOOK = VENV_BIN / "recnix-pre-build-hook"
 POST_BUILD_HOOK = VENV_BIN / "recnix-post-build-hook"
+BUILD_HOOK = VENV_BIN / "recnix-build-hook"
 RECNIX_BIN = VENV_BIN / "recnix"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DAEMON_START_TIMEOUT = 20.0
@@ -118,8 +119,9 @@ def nix_conf_text(hooks: bool, extra: str = "", pre_build_hook: Path = PRE_BUILD
         "cores = 1",
         "fsync-metadata = false",
     ]
-    if hooks:
+    if hooks:  # as `recnix nix-conf` prints them
         lines += [f"pre-build-hook = {pre_build_hook}", f"post-build-hook = {POST_BUILD_HOOK}"]
+        lines += [f"build-hook = {BUILD_HOOK}"]
     return "\n".join(lines) + "\n" + extra
 
 
@@ -375,6 +377,46 @@ def scenario_runner(host: NixHost, busybox: str, nix_bundle: str) -> ScenarioRun
     return ScenarioRunner(host.exec, str(SCENARIO_DIR), busybox, nix_bundle)
 
 
+def concurrent_builds(
+    host: NixHost,
+    busybox: str,
+    nix: str,
+    feature: str,
+    outer: int,
+    nested: int,
+    timeout: float,
+) -> tuple[float, int, int]:
+    """``outer`` concurrent outer builds (tests/scenarios/many.nix, separate nix-build
+    processes) of ``nested`` nested builds each: (wall seconds, failures, hangs: builds
+    still running after ``timeout`` seconds, then killed)."""
+    from tests.scenarios.checks import fresh_tag
+
+    runner = scenario_runner(host, busybox, nix)
+    procs = []
+    t0 = time.perf_counter()
+    for _ in range(outer):
+        tag = fresh_tag()
+        argv = runner.build_argv("many", feature, tag, {"innerTag": tag, "n": nested})
+        procs.append(
+            subprocess.Popen(
+                argv, env=host.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+        )
+    failures = hangs = 0
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            _, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if proc.returncode != 0:
+                failures += 1
+                print(f"{feature} build failed: {stderr[-2000:]}", file=sys.stderr)
+        except subprocess.TimeoutExpired:
+            hangs += 1
+            proc.kill()
+            proc.communicate()
+    return time.perf_counter() - t0, failures, hangs
+
+
 @pytest.fixture(scope="session")
 def oracle_runner(nix_host: NixHost, busybox: str, nix_bundle: str) -> ScenarioRunner:
     """Scenarios against the daemon without hooks (for Nix's built-in recursive-nix)."""
@@ -446,6 +488,17 @@ def start_recnix_service(
     root = host.root / "recnix"
     root.mkdir(mode=0o700, exist_ok=True)
     host.recnix_config.write_text(recnix_config_text(root, host, extra_config, daemon))
+    service = launch_recnix_service(host)
+    try:
+        wait_until_ready(service, timeout=20, poll=0.05)
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    return service
+
+
+def launch_recnix_service(host: NixHost) -> RecnixService:
+    """Start ``recnix daemon`` on ``host.recnix_config`` (already written); do not wait."""
+    root = host.root / "recnix"
     env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config)}
     env.pop("TMPDIR", None)
     log = open(root / "service.log", "ab")  # noqa: SIM115 - handed to the service
@@ -458,14 +511,18 @@ def start_recnix_service(
         start_new_session=True,
     )
     log.close()
-    service = RecnixService(host, root, host.recnix_config, process)
-    deadline = time.monotonic() + 20
+    return RecnixService(host, root, host.recnix_config, process)
+
+
+def wait_until_ready(service: RecnixService, timeout: float, poll: float) -> None:
+    """Poll (every ``poll`` s) until the service's control socket accepts a connection;
+    kill it and raise RuntimeError with its log if it exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
     while not _accepts(service.control_socket):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"recnix daemon did not start:\n{service.log_text()}", pytrace=False)
-        time.sleep(0.05)
-    return service
+        if service.process.poll() is not None or time.monotonic() > deadline:
+            service.process.kill()
+            raise RuntimeError(f"recnix daemon did not start:\n{service.log_text()}")
+        time.sleep(poll)
 
 
 def stop_recnix_service(service: RecnixService) -> None:

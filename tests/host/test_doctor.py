@@ -123,7 +123,8 @@ def test_json_lists_every_check(setup: RecnixService) -> None:
     assert checks["build"]["status"] == "skip"
     for name in (
         "nix-version", "nix-daemon", "sandbox", "sandbox-fallback", "pre-build-hook",
-        "post-build-hook", "system-features", "build-users", "service", "user-namespaces",
+        "post-build-hook", "build-hook", "system-features", "build-users", "service",
+        "user-namespaces",
         "mount-syscalls", "state-dir", "gc-roots-dir",
     ):  # fmt: skip
         assert checks[name]["status"] in ("ok", "warn"), checks[name]
@@ -157,6 +158,15 @@ def test_post_build_hook_not_recnix(setup: RecnixService, tmp_path: Path) -> Non
     rc, checks = doctor_json(setup.host, setup.config_path, conf_dir=conf)
     assert rc == 1 and failing(checks) == ["post-build-hook"], checks
     assert "/bin/true is not recnix's" in checks["post-build-hook"]["summary"]
+
+
+def test_build_hook_not_recnix_is_a_warning(setup: RecnixService, tmp_path: Path) -> None:
+    conf = nix_conf_with(setup.host, tmp_path, drop="build-hook", add="build-hook = /bin/false\n")
+    rc, checks = doctor_json(setup.host, setup.config_path, conf_dir=conf)
+    assert rc == 0 and failing(checks) == [], checks
+    hook = checks["build-hook"]
+    assert hook["status"] == "warn" and "/bin/false is not recnix's" in hook["summary"], hook
+    assert "Nix #7297" in hook["summary"] and "recnix-build-hook" in hook["fix"], hook
 
 
 def test_hook_file_missing(setup: RecnixService, tmp_path: Path) -> None:

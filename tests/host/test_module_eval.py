@@ -113,7 +113,7 @@ def test_lix_leaves_out_the_builtin_recursive_nix(module: str) -> None:
     assert settings == nix_conf_settings(
         load_defaults(), *hooks(package), lix=True, build_hook=build_hook(package)
     )
-    assert "experimental-features" not in settings
+    assert "experimental-features" not in settings and "build-hook" not in settings
     assert settings["extra-system-features"].split() == ["recnix", "recnix-readonly"]
 
 

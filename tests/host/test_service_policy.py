@@ -41,6 +41,11 @@ pytestmark = pytest.mark.host
 LIB = Path(__file__).resolve().parents[1] / "scenarios" / "inner" / "lib.nix"
 
 
+# A build hook that never queues anything (Nix's own, without remote machines, answers
+# the same): opted-in builds then wait for a slot in the pre-build hook.
+NO_QUEUE_HOOK = "#!/bin/sh\nprintf '# decline-permanently\\n' >&2\nexec cat > /dev/null\n"
+
+
 @contextlib.contextmanager
 def host_with_service(
     busybox: str,
@@ -298,15 +303,25 @@ def test_hooks_are_chained(busybox, nix_bundle):
         assert len(drvs) == 2 and all(d.endswith("-policy-probe.drv") for d in drvs), drvs
 
 
-def test_sessions_beyond_the_limit_wait(busybox, nix_bundle):
-    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}) as (
+@pytest.mark.parametrize("queue", [True, False], ids=["build-hook", "pre-build-hook"])
+def test_sessions_beyond_the_limit_wait(busybox, nix_bundle, tmp_path, queue):
+    """With max-sessions = 1, a second recursive build waits for the first: in recnix's
+    build hook (before it takes a build user), or, with another build hook (Lix),
+    in the pre-build hook."""
+    nix_conf = ""
+    if not queue:
+        hook = tmp_path / "no-queue-build-hook"
+        hook.write_text(NO_QUEUE_HOOK)
+        hook.chmod(0o755)
+        nix_conf = f"build-hook = {hook}\n"
+    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}, nix_conf=nix_conf) as (
         host,
         service,
         runner,
     ):
         assert service is not None
         script = (
-            "touch started; i=0; while [ $i -lt 120 ] && [ ! -e release ]; "
+            'echo "$tag" > started; i=0; while [ $i -lt 120 ] && [ ! -e release ]; '
             'do sleep 0.2; i=$((i+1)); done; echo "$tag" > "$out"'
         )
         procs = []
@@ -327,7 +342,8 @@ def test_sessions_beyond_the_limit_wait(busybox, nix_bundle):
             )
         try:
             deadline = time.monotonic() + 60
-            while "waits for a free recnix session slot" not in service.log_text():
+            where = "before it takes a build user" if queue else "session slot (1 in use"
+            while where not in service.log_text():
                 assert time.monotonic() < deadline, service.log_text()
                 time.sleep(0.2)
             pattern = build_top_glob(host.build_dir, "policy-probe") + "/started"
@@ -336,13 +352,16 @@ def test_sessions_beyond_the_limit_wait(busybox, nix_bundle):
                 time.sleep(0.2)
             assert len(started) == 1, f"both builds run despite max-sessions = 1: {started}"
             # release builds as they start: the waiting one starts after the first ends
+            # (in a build directory of the same name: builds are told apart by their tag)
             released: set[str] = set()
             while any(p.poll() is None for p in procs):
                 assert time.monotonic() < deadline + 60, "builds did not finish"
                 for s in glob.glob(pattern):
-                    if s not in released:
-                        open(os.path.join(os.path.dirname(s), "release"), "w").close()
-                        released.add(s)
+                    with contextlib.suppress(OSError):
+                        tag = Path(s).read_text()
+                        if tag and tag not in released:
+                            open(os.path.join(os.path.dirname(s), "release"), "w").close()
+                            released.add(tag)
                 time.sleep(0.2)
         finally:
             for p in procs:
@@ -353,24 +372,54 @@ def test_sessions_beyond_the_limit_wait(busybox, nix_bundle):
         assert len(released) == 2
 
 
-def test_one_nix_process_is_never_made_to_wait_for_its_own_slots(busybox, nix_bundle):
-    """Nix runs pre-build hooks synchronously: two opted-in builds of one nix-build
-    with max-sessions = 1 would hang that process for good (the first build's
-    post-build hook, which frees the slot, can never run while the second build's
-    hook waits). The second is refused with a message that says why; nothing hangs
-    and no session stays open."""
+def _two_opted_in_builds(host: NixHost, busybox: str) -> str:
+    tag = fresh_tag()
+    builds = [
+        plain_build_expr(busybox, [RECNIX], 'echo "$tag" > "$out"', f"{tag}-{n}") for n in range(2)
+    ]
+    return write_expr(host, "two.nix", "[\n" + "\n".join(f"({b})" for b in builds) + "\n]")
+
+
+def test_one_nix_process_with_more_recursive_builds_than_slots_queues_them(busybox, nix_bundle):
+    """recnix's build hook makes the second of two opted-in builds of one nix-build wait
+    (Nix's "postpone") while the first holds the only slot (max-sessions = 1): both
+    succeed, one after the other."""
     with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}) as (
         host,
         service,
         runner,
     ):
         assert service is not None
-        tag = fresh_tag()
-        builds = [
-            plain_build_expr(busybox, [RECNIX], 'echo "$tag" > "$out"', f"{tag}-{n}")
-            for n in range(2)
-        ]
-        expr = write_expr(host, "two.nix", "[\n" + "\n".join(f"({b})" for b in builds) + "\n]")
+        proc = subprocess.run(
+            ["nix-build", "--no-out-link", "--max-jobs", "2", _two_opted_in_builds(host, busybox)],
+            env=host.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert len(proc.stdout.split()) == 2, proc.stdout
+        assert "before it takes a build user" in service.log_text()
+
+
+def test_one_nix_process_is_never_made_to_wait_for_its_own_slots(busybox, nix_bundle, tmp_path):
+    """Without recnix's build hook, Nix runs pre-build hooks synchronously: two opted-in
+    builds of one nix-build with max-sessions = 1 would hang that process for good (the
+    first build's post-build hook, which frees the slot, can never run while the second
+    build's hook waits). The second is refused with a message that says why; nothing
+    hangs and no session stays open."""
+    hook = tmp_path / "no-queue-build-hook"
+    hook.write_text(NO_QUEUE_HOOK)
+    hook.chmod(0o755)
+    with host_with_service(
+        busybox, nix_bundle, "", {"max-sessions": 1}, nix_conf=f"build-hook = {hook}\n"
+    ) as (
+        host,
+        service,
+        runner,
+    ):
+        assert service is not None
+        expr = _two_opted_in_builds(host, busybox)
         proc = subprocess.run(
             ["nix-build", "--no-out-link", "--keep-going", "--max-jobs", "2", expr],
             env=host.env,

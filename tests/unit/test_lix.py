@@ -108,6 +108,8 @@ def test_nix_conf_command_detects_lix_from_nix_on_path(tmp_path, text, lix):
     assert ("recursive-nix" in out) == (not lix), out
     assert "extra-system-features = recnix recnix-readonly" in out
     assert "pre-build-hook = " in out
+    # Lix >= 2.94's build hook speaks Cap'n Proto: recnix's is for Nix only
+    assert any(line.startswith("build-hook = ") for line in out.splitlines()) == (not lix), out
 
 
 def test_nix_conf_command_lix_flag_overrides_detection(tmp_path):

@@ -183,6 +183,9 @@ def test_config_errors_name_file_key_and_fix(tmp_path: Path) -> None:
     bad.write_text("[daemon]\nmax-sessions = 0\n")
     with pytest.raises(ConfigError, match=f"{bad}.*at least 1"):
         load_config(bad)
+    bad.write_text('[daemon]\nfsync-paths = "yes"\n')
+    with pytest.raises(ConfigError, match='fsync-paths.*use "nix", "always", "never"'):
+        load_config(bad)
 
 
 def test_missing_daemon_socket_names_path_and_fixes(tmp_path: Path) -> None:

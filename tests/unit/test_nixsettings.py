@@ -1,10 +1,11 @@
-"""The bound on concurrent sessions from the host's build users (recnix/nixsettings.py)."""
+"""What the service derives from the host Nix's settings (recnix/nixsettings.py): the bound
+on concurrent sessions from the build users; whether sessions fsync their paths."""
 
 from __future__ import annotations
 
 import grp
 
-from recnix.nixsettings import build_users, session_bound
+from recnix.nixsettings import build_users, fsync_paths, session_bound
 
 
 def test_the_configured_bound_stands_below_the_build_users():
@@ -32,3 +33,11 @@ def test_build_users_come_from_the_group():
     assert build_users({"build-users-group": ""}) is None
     assert build_users({}) is None
     assert build_users({"build-users-group": "recnix-no-such-group"}) is None
+
+
+def test_fsync_paths_follows_nix_unless_told():
+    assert fsync_paths("nix", {"fsync-store-paths": True}) is True
+    assert fsync_paths("nix", {"fsync-store-paths": False}) is False
+    assert fsync_paths("nix", {}) is False  # Nix 2.8 has no such setting, and does not fsync
+    assert fsync_paths("always", {"fsync-store-paths": False}) is True
+    assert fsync_paths("never", {"fsync-store-paths": True}) is False

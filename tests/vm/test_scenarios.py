@@ -266,10 +266,17 @@ def test_hard_reset_during_a_nested_build(machine_factory) -> None:
 
     Nix 2.8 does not fsync what it adds, so everything written before the
     outer build starts is synced first; what is written afterwards is the
-    session's own adds, which recnix makes durable before it uses them.
+    session's own adds, which recnix makes durable before it uses them when
+    ``daemon.fsync-paths = "always"`` (the default follows Nix's own
+    ``fsync-store-paths``, off in 2.8).
     """
     machine = machine_factory("reset")
     busybox, nix = boot(machine)
+    machine.succeed(
+        f"sed -i 's/^fsync-paths = .*/fsync-paths = \"always\"/' {RECNIX_CONFIG} && "
+        f"grep -q '^fsync-paths = \"always\"' {RECNIX_CONFIG} && systemctl restart recnix"
+    )
+    machine.wait_until_succeeds("journalctl -u recnix | grep -q 'fsync of session paths on'")
     runner = runner_for(machine, busybox, nix)
     tag = fresh_tag()
     argv = runner.build_argv("gc", RECNIX, tag, {"innerTag": tag, "wait": 300})

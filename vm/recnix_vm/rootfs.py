@@ -162,6 +162,8 @@ def _install_venv(root: Path) -> None:
     hook = (src / "bin" / "recnix-pre-build-hook").read_text()
     for name in ("recnix-pre-build-hook", "recnix-post-build-hook"):
         _write_if_changed(venv / "bin" / name, hook)
+    build_hook = "recnix-build-hook"
+    _write_if_changed(venv / "bin" / build_hook, (src / "bin" / build_hook).read_text())
 
 
 def _write_if_changed(path: Path, text: str) -> None:

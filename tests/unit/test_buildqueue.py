@@ -1,0 +1,171 @@
+"""recnix.buildqueue: the build hook protocol as Nix 2.8-2.34 speaks it (HookInstance,
+tryBuildHook), with Nix's own build-remote behind it and an answering control socket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from recnix import buildqueue
+
+REPO = Path(__file__).resolve().parents[2]
+DRV = "/nix/store/" + "a" * 32 + "-outer.drv"
+
+
+def wire_str(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(8, "little") + data + b"\0" * (-len(data) % 8)
+
+
+def wire_int(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+def settings(**values: str) -> bytes:
+    out = b"".join(wire_int(1) + wire_str(k) + wire_str(v) for k, v in values.items())
+    return out + wire_int(0)
+
+
+def try_request(drv: str, features: list[str]) -> bytes:
+    out = wire_str("try") + wire_int(1) + wire_str("x86_64-linux") + wire_str(drv)
+    return out + wire_int(len(features)) + b"".join(wire_str(f) for f in features)
+
+
+def test_settings_and_requests_are_read_with_their_raw_bytes() -> None:
+    r, w = os.pipe()
+    raw_settings = settings(builders="", **{"max-jobs": "4"})
+    raw_try = try_request(DRV, ["recnix", "kvm"])
+    os.write(w, raw_settings + raw_try)
+    os.close(w)
+    reader = buildqueue.WireReader(r)
+    assert buildqueue.read_settings(reader) == {"builders": "", "max-jobs": "4"}
+    assert reader.take_raw() == raw_settings
+    assert buildqueue.read_try(reader) == (DRV, ["recnix", "kvm"])
+    assert reader.take_raw() == raw_try
+    assert buildqueue.read_try(reader) is None  # end of input between requests
+    os.close(r)
+
+
+def test_input_cut_inside_a_message_is_an_error() -> None:
+    r, w = os.pipe()
+    os.write(w, settings(builders="") + try_request(DRV, [])[:20])
+    os.close(w)
+    reader = buildqueue.WireReader(r)
+    buildqueue.read_settings(reader)
+    with pytest.raises(buildqueue.HookProtocolError, match="end of input"):
+        buildqueue.read_try(reader)
+    os.close(r)
+
+
+@pytest.mark.parametrize(
+    ("builders", "machines_file", "expected"),
+    [
+        ("", None, False),
+        ("ssh-ng://b x86_64-linux", None, True),
+        ("@{file}", "", False),
+        ("@{file}", "# only a comment\n\n", False),
+        ("@{file}", "ssh://b x86_64-linux - 1\n", True),
+        ("@/nonexistent/machines", None, False),
+        (" ; ", None, False),
+    ],
+)
+def test_machines_configured(
+    tmp_path: Path, builders: str, machines_file: str | None, expected: bool
+) -> None:
+    file = tmp_path / "machines"
+    if machines_file is not None:
+        file.write_text(machines_file)
+    assert buildqueue.machines_configured({"builders": builders.format(file=file)}) is expected
+
+
+def answering(path: Path, admit: bool, seen: list[dict]) -> socket.socket:
+    """A control socket answering every `admit` with ``admit``."""
+    import json
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                seen.append(json.loads(conn.makefile().readline()))
+                conn.sendall(json.dumps({"ok": True, "admit": admit}).encode() + b"\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def run_hook(tmp_path: Path, stdin: bytes, admit: bool, nix_hook: str) -> tuple[int, str, list]:
+    seen: list[dict] = []
+    sock = tmp_path / "control.sock"
+    server = answering(sock, admit, seen)
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from recnix import buildqueue; "
+        f"sys.exit(buildqueue.serve([{nix_hook!r}, '0'], {{}}, {str(sock)!r}, 'build-remote'))"
+    )
+    log_r, log_w = os.pipe()  # Nix gives the hook the build log's pipe as fds 4 and 5
+
+    def log_fds() -> None:
+        os.dup2(log_w, 4)
+        os.dup2(log_r, 5)
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", code],
+            input=stdin,
+            capture_output=True,
+            timeout=60,
+            pass_fds=(log_r, log_w),
+            preexec_fn=log_fds,
+        )
+    finally:
+        server.close()
+        os.close(log_r)
+        os.close(log_w)
+    return proc.returncode, proc.stderr.decode(), seen
+
+
+NIX_BUILD_REMOTE = shutil.which("nix") or "nix"  # run as build-remote (Debian's nix-bin)
+
+
+def test_a_recursive_build_waits_while_the_service_has_no_slot(tmp_path: Path) -> None:
+    stdin = settings(builders="") + try_request(DRV, ["recnix"]) + try_request(DRV, ["recnix"])
+    code, stderr, seen = run_hook(tmp_path, stdin, admit=False, nix_hook=str(NIX_BUILD_REMOTE))
+    assert code == 0 and stderr == "# postpone\n# postpone\n", stderr
+    assert seen == [{"op": "admit", "drv": DRV}] * 2
+
+
+def test_builds_go_on_when_admitted_and_nix_keeps_asking(tmp_path: Path) -> None:
+    other = "/nix/store/" + "b" * 32 + "-plain.drv"
+    stdin = settings(builders="") + try_request(other, []) + try_request(DRV, ["recnix"])
+    code, stderr, seen = run_hook(tmp_path, stdin, admit=True, nix_hook=str(NIX_BUILD_REMOTE))
+    # never decline-permanently: Nix would stop asking about later recursive builds
+    assert code == 0 and stderr == "# decline\n# decline\n", stderr
+    assert seen == [{"op": "admit", "drv": DRV}]  # a build without recnix is not asked about
+
+
+def test_with_machines_nix_build_remote_answers_and_its_permanent_decline_is_softened(
+    tmp_path: Path,
+) -> None:
+    """Nix's own build-remote is asked (its log lines pass through: it tries the machine,
+    which cannot be reached, and declines); recnix passes on a plain decline, so that Nix
+    keeps asking this hook."""
+    machines = "ssh-ng://nowhere.invalid x86_64-linux - 1\n"
+    stdin = settings(builders=machines) + try_request(DRV, []) + try_request(DRV, [])
+    code, stderr, seen = run_hook(tmp_path, stdin, admit=True, nix_hook=str(NIX_BUILD_REMOTE))
+    assert code == 0, stderr
+    answers = [line for line in stderr.splitlines() if line.startswith("# ")]
+    assert answers == ["# decline", "# decline"], stderr
+    assert "nowhere.invalid" in stderr, stderr
