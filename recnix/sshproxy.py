@@ -500,21 +500,26 @@ class Proxy:
         return outs
 
     async def fetch_closure(self, req: Request) -> None:
-        """Add the built outputs' closure minus the outputs to the client's store."""
+        """Add the built outputs' closure minus the outputs to the client's store.
+
+        Walks the builder's references only into paths this machine lacks (a valid
+        path's closure is valid): one round trip per output and per missing path."""
         outputs = await self.output_paths(req)
         if not outputs:
             return
-
-        async def on_builder(path: str) -> PathInfo | None:
-            return await self.builder_call(Op.QUERY_PATH_INFO, {"path": path})
-
-        infos = await closure_infos(on_builder, sorted(outputs))
-        wanted = {p: i for p, i in infos.items() if p not in outputs}
-        if not wanted:
-            return
         local = await self.local()
-        have = set(await local.query_valid_paths(wanted))
-        missing = {p: i for p, i in wanted.items() if p not in have}
+        infos: dict[str, PathInfo] = {}
+        todo = sorted(outputs)
+        while todo:
+            for path in todo:
+                info = await self.builder_call(Op.QUERY_PATH_INFO, {"path": path})
+                if info is None:
+                    raise ProxyError(f"{path} is not valid on {self.host}")
+                infos[path] = info
+            refs = {r for p in todo for r in infos[p].references} - infos.keys() - outputs
+            have = set(await local.query_valid_paths(refs)) if refs else set()
+            todo = sorted(refs - have)
+        missing = {p: i for p, i in infos.items() if p not in outputs}
         if not missing:
             return
         await self.say(

@@ -101,3 +101,18 @@ def test_announced_start_as_nix_2_20_on_asks_for_it() -> None:
     assert announces_start(["b", "-o", "LocalCommand=echo started", "--", "nix-daemon", "--stdio"])
     assert not announces_start(["b", "-x", "-a", "nix-daemon --stdio"])  # Nix 2.8
     assert not announces_start(["b", "--", "echo", "-oLocalCommand=echo started"])
+
+
+def test_shim_first_on_the_daemons_path_alone(tmp_path) -> None:
+    """Nix 2.25-2.33: the shim is first on nix-daemon's PATH, without the build hook's
+    variables: it runs python3 with the hookentry.py next to it, and finds the real
+    ssh after itself on PATH."""
+    real = tmp_path / "ssh"
+    real.write_text('#!/bin/sh\necho "real: $*"\n')
+    real.chmod(0o755)
+    python_dir = os.path.dirname(sys.executable)
+    env = {"PATH": f"{buildhook.shim_dir()}:{tmp_path}:{python_dir}:/usr/bin:/bin"}
+    r = subprocess.run(
+        ["ssh", "b", "-O", "check"], env=env, capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 0 and r.stdout == "real: b -O check\n", r

@@ -27,6 +27,7 @@ The guest that is killed mid-build is the last test's: keep it last.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import threading
@@ -37,7 +38,14 @@ import pytest
 from recnix_vm.guestnix import bundle_nix_in_guest, guest_exec
 from recnix_vm.image import GUEST_SCENARIOS_DIR, get_suite
 from recnix_vm.machine import Machine
-from recnix_vm.network import UNTRUSTED_USER, BuilderLink, Network, link_builder
+from recnix_vm.network import (
+    UNTRUSTED_USER,
+    BuilderLink,
+    Network,
+    ignores_nix_conf_build_hook,
+    link_builder,
+    set_daemon_ssh_shim,
+)
 
 from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
@@ -158,7 +166,24 @@ def pair(module_machine_factory, tmp_path_factory) -> Iterator[Pair]:
         _ready(builder)
         link = link_builder(c, b)
         busybox, nix = bundle_nix_in_guest(client)
-        yield Pair(client, builder, link, busybox, nix)
+        pair = Pair(client, builder, link, busybox, nix)
+        if ignores_nix_conf_build_hook(pair.nix_version):
+            set_daemon_ssh_shim(client, True)
+        yield pair
+
+
+@contextlib.contextmanager
+def nix_own_build_hook(pair: Pair) -> Iterator[None]:
+    """The client without recnix's ssh on the daemon's PATH (where the test set it);
+    with ``runner(nix_hook=True)``: a client without recnix's build hook."""
+    shim = ignores_nix_conf_build_hook(pair.nix_version)
+    if shim:
+        set_daemon_ssh_shim(pair.client, False)
+    try:
+        yield
+    finally:
+        if shim:
+            set_daemon_ssh_shim(pair.client, True)
 
 
 def _failed_build(runner: ScenarioRunner, scenario: str = "inner") -> str:
@@ -213,7 +238,8 @@ def test_outer_dispatched_without_recnix_build_hook(pair: Pair) -> None:
     """A client with Nix's own build-hook: over ssh-ng:// Nix 2.8 (and a trusted client
     of any version) sends no .drv either: the guard's message."""
     pair.machines(pair.link.machine_line("ssh-ng"))
-    err = _failed_build(pair.runner(dispatch="remote", nix_hook=True))
+    with nix_own_build_hook(pair):
+        err = _failed_build(pair.runner(dispatch="remote", nix_hook=True))
     assert GUARD_TEXT in err and "build-hook = recnix-build-hook" in err, err
 
 
@@ -227,7 +253,8 @@ def test_outer_dispatched_with_drv_without_recnix_build_hook(pair: Pair) -> None
     runner = pair.runner(
         dispatch="remote", copy_drv=f"ssh-ng://root@{pair.link.host}", nix_hook=True
     )
-    err = _failed_build(runner)
+    with nix_own_build_hook(pair):
+        err = _failed_build(runner)
     assert "' is not valid" in err and "-inner' is not valid" in err, err
     assert "note: this build runs for a remote client (SSH)" in err, err
     # On the builder: built in a session, with the reference to the inner output.

@@ -39,6 +39,12 @@ FRAME_MAX = 65536
 SSH_ALIVE_INTERVAL = 5
 SSH_ALIVE_COUNT = 3
 CLIENT_KEY = "/root/.ssh/id_recnix_builder"
+# Nix 2.25-2.33 set build-hook's default after reading nix.conf (nix/main.cc), so
+# nix.conf's `build-hook = recnix-build-hook` is lost there: recnix's ssh goes first
+# on nix-daemon's PATH instead (README, "Distributed builds").
+SSH_SHIM_DROP_IN = "/etc/systemd/system/nix-daemon.service.d/recnix-ssh-proxy.conf"
+GUEST_SSH_SHIM_DIR = "/opt/recnix/recnix/sshshim"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 UNTRUSTED_USER = "nixremote"
 
 
@@ -252,3 +258,22 @@ def link_builder(client: Node, builder: Node, untrusted_user: bool = True) -> Bu
     host_key_b64 = base64.b64encode(f"{host_key[0]} {host_key[1]}\n".encode()).decode()
     log(f"{client.name} can ssh to {builder.name} ({builder.address})")
     return BuilderLink(builder.name, CLIENT_KEY, host_key_b64)
+
+
+def ignores_nix_conf_build_hook(nix_version: tuple[int, int]) -> bool:
+    """Whether this Nix loses nix.conf's ``build-hook`` (2.25 to 2.33)."""
+    return (2, 25) <= nix_version < (2, 34)
+
+
+def set_daemon_ssh_shim(machine: Machine, on: bool) -> None:
+    """Put recnix's ssh first on the nix-daemon's PATH (a systemd drop-in), or take it
+    away; restart the daemon (socket-activated: the socket stays)."""
+    if on:
+        unit = f"[Service]\nEnvironment=PATH={GUEST_SSH_SHIM_DIR}:{SYSTEM_PATH}\n"
+        change = (
+            f"mkdir -p {SSH_SHIM_DROP_IN.rpartition('/')[0]} && "
+            f"printf %s {shlex.quote(unit)} > {SSH_SHIM_DROP_IN}"
+        )
+    else:
+        change = f"rm -f {SSH_SHIM_DROP_IN}"
+    machine.succeed(f"{change} && systemctl daemon-reload && systemctl restart nix-daemon.service")
