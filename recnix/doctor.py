@@ -88,6 +88,7 @@ class Facts:
     move_mount: Probe
     which: dict[str, str | None] = field(default_factory=dict)
     paths: dict[str, os.stat_result | None] = field(default_factory=dict)
+    daemon_cmdlines: list[list[str]] = field(default_factory=list)  # running nix-daemons
 
 
 # -- the checks (pure)
@@ -208,6 +209,30 @@ def check_build_hook(f: Facts) -> Result:
             "Lix keeps its own build-hook (Cap'n Proto since 2.94): recursive builds wait "
             "for a session holding a build user; start at most as many at once as there "
             "are build users, less one",
+        )
+    try:
+        cli = parse_nix_version(f.nix_cli_version) if f.nix_cli_version else None
+    except NixVersionError:
+        cli = None
+    if cli is not None and cli.ignores_conf_build_hook:
+        given = any("build-hook" in args for args in f.daemon_cmdlines)
+        hook = f.which.get(BUILD_HOOK_NAME) or f"/path/to/{BUILD_HOOK_NAME}"
+        if not given:
+            return Result(
+                "build-hook",
+                WARN,
+                f"Nix {cli.version} ignores nix.conf's build-hook (2.25-2.33 reset it to "
+                "their own after reading nix.conf), and no running nix-daemon has it on its "
+                "command line: recursive builds wait for a session holding a build user "
+                "(more at once than build users deadlock, Nix #7297)",
+                f"start nix-daemon with `--option build-hook {hook}` (systemd: a drop-in "
+                "with `ExecStart=` and `ExecStart=/usr/bin/nix-daemon --option build-hook "
+                f"{hook}`)",
+            )
+        return Result(
+            "build-hook",
+            OK,
+            f"nix-daemon runs with --option build-hook (Nix {cli.version} ignores nix.conf's)",
         )
     result = _check_hook(f, "build-hook", BUILD_HOOK_NAME)
     if result.status == OK:
@@ -619,6 +644,23 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
+def running_daemon_cmdlines() -> list[list[str]]:
+    """The command lines of the nix-daemon processes running on this machine."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/comm", encoding="utf-8") as f:
+                if f.read().strip() != "nix-daemon":
+                    continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                found.append([a.decode(errors="replace") for a in f.read().split(b"\0") if a])
+        except OSError:
+            continue
+    return found
+
+
 def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
     """Collect everything the checks look at (reads only; changes nothing)."""
     env = dict(os.environ if env is None else env)
@@ -646,6 +688,7 @@ def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
         open_tree=probe_open_tree(),
         move_mount=probe_move_mount(),
         which=which,
+        daemon_cmdlines=running_daemon_cmdlines(),
         paths={p: _stat(p) for p in paths if p},
     )
 

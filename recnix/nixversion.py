@@ -33,6 +33,14 @@ class NixVersion:
         return self.implementation == "lix"
 
     @property
+    def ignores_conf_build_hook(self) -> bool:
+        """Nix 2.25 to 2.33 read nix.conf, forget that it set ``build-hook`` and then set
+        the setting to Nix's own hook (``src/nix/main.cc``: ``setDefault`` after
+        ``initNix`` and its ``resetOverridden``); only ``--option build-hook`` on the
+        command line, applied later, sticks. 2.34 sets the default first."""
+        return not self.is_lix and (2, 25) <= self.release[:2] < (2, 34)
+
+    @property
     def release(self) -> tuple[int, ...]:
         """The leading numbers of the version: (2, 94, 2)."""
         return tuple(int(n) for n in re.findall(r"[0-9]+", self.version.split("-")[0])[:3])

@@ -38,7 +38,8 @@ from pathlib import Path
 import pytest
 
 from recnix.bundle import bundle_nix, busybox_store_path
-from tests.nixversion import build_dir_conf, daemon_build_root
+from recnix.nixversion import NixVersion
+from tests.nixversion import build_dir_conf, daemon_build_root, version_string
 from tests.scenarios.runner import ScenarioRunner
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
@@ -284,8 +285,12 @@ def start_nix_host(
     if hooks:
         env_for_daemon.setdefault("RECNIX_CONFIG", str(root / "recnix.toml"))
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - handed to the daemon
+    # Nix 2.25-2.33 take build-hook from the command line only (as recnix's README says)
+    argv = ["nix-daemon"]
+    if hooks and NixVersion("nix", version_string()).ignores_conf_build_hook:
+        argv += ["--option", "build-hook", str(BUILD_HOOK)]
     process = subprocess.Popen(
-        ["nix-daemon"],
+        argv,
         env=env_for_daemon,
         stdin=subprocess.DEVNULL,
         stdout=log,

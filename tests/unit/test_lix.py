@@ -182,3 +182,20 @@ def test_sandbox_socket_does_not_follow_a_symlink(tmp_path):
     with pytest.raises(sandboxsocket.PlacementError):
         sandboxsocket.place(chroot)
     assert os.listdir(tmp_path / "elsewhere") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "ignores"),
+    [
+        ("nix (Nix) 2.8.0\n", False),
+        ("nix (Nix) 2.24.9\n", False),
+        ("nix (Nix) 2.25.0\n", True),
+        ("nix (Nix) 2.26.3\n", True),
+        ("nix (Nix) 2.33.1\n", True),
+        ("nix (Nix) 2.34.8\n", False),
+        (LIX_TEXT, False),
+    ],
+)
+def test_which_nix_ignores_nix_confs_build_hook(text, ignores):
+    """src/nix/main.cc of 2.25-2.33 sets build-hook's default after reading nix.conf."""
+    assert parse_nix_version(text).ignores_conf_build_hook is ignores

@@ -19,6 +19,7 @@ from recnix.upstream import Upstream, UpstreamError
 BIN = Path(__file__).resolve().parents[2] / "bin"
 HOOK = "/opt/x/bin/recnix-pre-build-hook"
 POST = "/opt/x/bin/recnix-post-build-hook"
+BUILD = "/opt/x/bin/recnix-build-hook"
 
 
 def facts(**changes: object) -> doctor.Facts:
@@ -34,6 +35,7 @@ def facts(**changes: object) -> doctor.Facts:
             "sandbox-fallback": False,
             "pre-build-hook": HOOK,
             "post-build-hook": POST,
+            "build-hook": BUILD,
             "system-features": ["kvm", "recnix", "recnix-readonly"],
             "build-users-group": "nixbld",
         },
@@ -44,7 +46,7 @@ def facts(**changes: object) -> doctor.Facts:
         open_tree=doctor.Probe(True),
         move_mount=doctor.Probe(True),
         which={},
-        paths={HOOK: executable, POST: executable, "/run/recnix": root_dir},
+        paths={HOOK: executable, POST: executable, BUILD: executable, "/run/recnix": root_dir},
     )
     for key, value in changes.items():
         setattr(base, key, value)
@@ -97,6 +99,24 @@ def test_versions() -> None:
     assert (
         "Lix 2.94.2 (`nix --version`)"
         in version_check(lix_text.replace("2.93.0", "2.94.2"), None).summary
+    )
+
+
+def test_build_hook() -> None:
+    assert statuses(facts())["build-hook"] == "ok"
+    other = facts(settings={**facts().settings, "build-hook": "/usr/bin/nix __build-remote"})
+    result = next(r for r in doctor.run_checks(other) if r.name == "build-hook")
+    assert result.status == "warn" and "Nix #7297" in result.summary, result
+    lix = facts(nix_cli_version="nix (Lix, like Nix) 2.94.2", settings=other.settings)
+    assert statuses(lix)["build-hook"] == "ok"  # Lix keeps its own hook
+    # Nix 2.25-2.33 ignore nix.conf's build-hook: only the daemon's command line counts
+    trixie = facts(nix_cli_version="nix (Nix) 2.26.3")
+    result = next(r for r in doctor.run_checks(trixie) if r.name == "build-hook")
+    assert result.status == "warn" and "--option build-hook" in result.fix, result
+    given = [["nix-daemon", "--option", "build-hook", BUILD]]
+    assert (
+        statuses(facts(nix_cli_version="nix (Nix) 2.26.3", daemon_cmdlines=given))["build-hook"]
+        == "ok"
     )
 
 
