@@ -12,7 +12,6 @@ BuildDerivation and all.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 
 from recnix import buildhook
 from tests.host.conftest import VENV_BIN, NixHost, start_nix_host, stop_nix_host
+from tests.nixversion import at_least, path_info_args, path_info_record
 
 HOOKENTRY = Path(buildhook.__file__).with_name("hookentry.py")
 
@@ -43,9 +43,13 @@ def builder_store() -> Iterator[tuple[Path, Path]]:
     fake = root / "fake-ssh"
     # The host name and options are ignored; what is run is always this store's
     # daemon (like `ssh builder nix-daemon --stdio` would).
+    # Nix >= 2.20 asks ssh for a "started" line first (LocalCommand), and waits for it;
+    # a control master (-M) only waits (no second daemon on the same store).
     fake.write_text(
         "#!/bin/sh\n"
         f'echo "$*" >> {root}/ssh-calls\n'
+        'case "$*" in *"LocalCommand=echo started"*) echo started ;; esac\n'
+        'case " $* " in *" -M "*) exec sleep 3600 ;; esac\n'
         f"NIX_CONF_DIR={conf} exec nix-daemon --stdio --store 'local?root={store}'\n"
     )
     fake.chmod(0o755)
@@ -80,11 +84,16 @@ def test_copy_and_query_through_proxy(nix_host: NixHost, builder_store, busybox:
     calls.unlink(missing_ok=True)
     nix_host.run(["nix", "copy", "--no-check-sigs", "--to", uri, busybox], env=env)
     assert builder_query(store, "--check-validity", busybox).returncode == 0
-    info = json.loads(
-        nix_host.run(["nix", "path-info", "--json", "--store", uri, busybox], env=env).stdout
+    info = path_info_record(
+        nix_host.run(
+            ["nix", "path-info", *path_info_args(), "--store", uri, busybox], env=env
+        ).stdout,
+        busybox,
     )
-    local = json.loads(nix_host.run(["nix", "path-info", "--json", busybox]).stdout)
-    assert info[0]["narHash"] == local[0]["narHash"], (info, local)
+    local = path_info_record(
+        nix_host.run(["nix", "path-info", *path_info_args(), busybox]).stdout, busybox
+    )
+    assert info["narHash"] == local["narHash"], (info, local)
     ls = nix_host.run(["nix", "store", "ls", "--store", uri, f"{busybox}/bin"], env=env)
     assert "./sh" in ls.stdout.split(), ls.stdout
     # NarFromPath: dump from the builder and compare with the local NAR
@@ -146,6 +155,12 @@ def client_daemon(builder_store) -> Iterator[NixHost]:
     stop_nix_host(host)
 
 
+@pytest.mark.skipif(
+    at_least(2, 20),
+    reason="the fake ssh cannot stand in for Nix >= 2.20's ssh session to a builder "
+    "(build-remote hangs on it); tests/vm/test_remote.py runs this flow with real ssh "
+    "on 2.34 (sid)",
+)
 def test_build_dispatched_through_build_remote(
     client_daemon: NixHost, builder_store, busybox: str, tmp_path: Path
 ) -> None:
@@ -197,11 +212,8 @@ def test_started_line_of_nix_2_20_on(
 
     from recnix.sshproxy import Builder
 
-    store, fake = builder_store
-    started = tmp_path / "ssh-started"
-    started.write_text(f'#!/bin/sh\necho started\nexec {fake} "$@"\n')
-    started.chmod(0o755)
-    for key, value in client_env(nix_host, started).items():
+    store, fake = builder_store  # it prints "started" when asked, as ssh does
+    for key, value in client_env(nix_host, fake).items():
         monkeypatch.setenv(key, value)
     args = ["builder", "-x", "-oPermitLocalCommand=yes", "-oLocalCommand=echo started"]
     args += ["--", "nix-daemon", "--stdio"]

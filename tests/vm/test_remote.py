@@ -51,9 +51,9 @@ from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 
-# Two TCG guests take minutes: bookworm (Nix 2.8) by default; e.g.
-# RECNIX_VM_REMOTE_SUITES=bookworm,trixie,sid for the other Nix versions.
-SUITES = os.environ.get("RECNIX_VM_REMOTE_SUITES", "bookworm").split(",")
+# Two TCG guests take minutes: bookworm (Nix 2.8) and sid (2.34) by default; e.g.
+# RECNIX_VM_REMOTE_SUITES=bookworm,trixie,sid for 2.26 too.
+SUITES = os.environ.get("RECNIX_VM_REMOTE_SUITES", "bookworm,sid").split(",")
 
 pytestmark = [
     pytest.mark.vm,
