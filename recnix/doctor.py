@@ -168,6 +168,8 @@ def check_sandbox_fallback(f: Facts) -> Result:
 
 def _check_hook(f: Facts, setting: str, name: str) -> Result:
     value = f.settings.get(setting)
+    if isinstance(value, list):  # build-hook is a list of words since Nix 2.19
+        value = " ".join(str(v) for v in value)
     fix = (
         f"set `{setting} = {f.which.get(name) or '/path/to/' + name}` in {f.nix_conf_file} "
         f"and restart nix-daemon ({NIX_CONF_HINT}); other hooks go into recnix's [hooks] table"

@@ -57,6 +57,14 @@ def at_least(major: int, minor: int, v: Version | None = None) -> bool:
     return (v or version())[:2] >= (major, minor)
 
 
+def ignores_conf_build_hook() -> bool:
+    """Nix 2.25-2.33 ignore nix.conf's build-hook (recnix.nixversion): daemons get it
+    with ``--option build-hook``."""
+    from recnix.nixversion import NixVersion
+
+    return NixVersion("nix", version_string()).ignores_conf_build_hook
+
+
 def label() -> str:
     """``"Nix 2.8.0"`` for messages and test ids."""
     return f"Nix {version_string()}"

@@ -38,8 +38,7 @@ from pathlib import Path
 import pytest
 
 from recnix.bundle import bundle_nix, busybox_store_path
-from recnix.nixversion import NixVersion
-from tests.nixversion import build_dir_conf, daemon_build_root, version_string
+from tests.nixversion import build_dir_conf, daemon_build_root, ignores_conf_build_hook
 from tests.scenarios.runner import ScenarioRunner
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
@@ -106,8 +105,13 @@ def require_host_prerequisites() -> None:
         )
 
 
-def nix_conf_text(hooks: bool, extra: str = "", pre_build_hook: Path = PRE_BUILD_HOOK) -> str:
-    """The private nix.conf of a test daemon."""
+def nix_conf_text(
+    hooks: bool,
+    extra: str = "",
+    pre_build_hook: Path = PRE_BUILD_HOOK,
+    build_hook: str | None = None,
+) -> str:
+    """The private nix.conf of a test daemon (``build_hook``: instead of recnix's)."""
     lines = [
         "build-users-group = nixbld",
         "sandbox = true",
@@ -122,7 +126,7 @@ def nix_conf_text(hooks: bool, extra: str = "", pre_build_hook: Path = PRE_BUILD
     ]
     if hooks:  # as `recnix nix-conf` prints them
         lines += [f"pre-build-hook = {pre_build_hook}", f"post-build-hook = {POST_BUILD_HOOK}"]
-        lines += [f"build-hook = {BUILD_HOOK}"]
+        lines += [f"build-hook = {build_hook or BUILD_HOOK}"]
     return "\n".join(lines) + "\n" + extra
 
 
@@ -249,6 +253,7 @@ def start_nix_host(
     extra_conf: str = "",
     hook_output: str = "honoured",
     after_hook: str = "",
+    build_hook: str | None = None,
 ) -> NixHost:
     """Start Debian's nix-daemon on a private socket and nix.conf.
 
@@ -274,7 +279,8 @@ def start_nix_host(
         pre_build_hook = root / "discarding-pre-build-hook"
         pre_build_hook.write_text(discarding_hook_text(PRE_BUILD_HOOK, after_hook))
         pre_build_hook.chmod(0o755)
-    (root / "conf" / "nix.conf").write_text(nix_conf_text(hooks, extra_conf, pre_build_hook))
+    conf_text = nix_conf_text(hooks, extra_conf, pre_build_hook, build_hook)
+    (root / "conf" / "nix.conf").write_text(conf_text)
     common = {
         "PATH": SYSTEM_PATH,
         "HOME": os.environ.get("HOME", "/root"),
@@ -287,8 +293,8 @@ def start_nix_host(
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - handed to the daemon
     # Nix 2.25-2.33 take build-hook from the command line only (as recnix's README says)
     argv = ["nix-daemon"]
-    if hooks and NixVersion("nix", version_string()).ignores_conf_build_hook:
-        argv += ["--option", "build-hook", str(BUILD_HOOK)]
+    if hooks and ignores_conf_build_hook():
+        argv += ["--option", "build-hook", build_hook or str(BUILD_HOOK)]
     process = subprocess.Popen(
         argv,
         env=env_for_daemon,

@@ -239,7 +239,8 @@ def test_refuses_preplanted_target(nix_host, busybox, tmp_path, store_paths, wai
     w = Waiter(nix_host, busybox, tmp_path, [], store_paths["marker"], plant=fake)
     waiters.append(w)
     deadline = time.monotonic() + 30
-    while not os.path.lexists(str(w.chroot) + fake + "/a"):
+    planted = Path(str(w.chroot) + fake) / "a"
+    while not (planted.is_file() and planted.read_text() == "fake\n"):  # written, not only made
         assert time.monotonic() < deadline, "builder did not plant its fake path"
         time.sleep(0.05)
     for mechanism in ("mount", "link"):

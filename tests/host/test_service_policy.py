@@ -53,10 +53,11 @@ def host_with_service(
     config: str | None,
     daemon: dict | None = None,
     nix_conf: str = "",
+    build_hook: str | None = None,
 ) -> Iterator[tuple[NixHost, RecnixService | None, ScenarioRunner]]:
-    """A daemon with recnix hooks (and ``nix_conf`` lines after them); a service with
-    ``config`` (none if ``config`` is None)."""
-    host = start_nix_host(hooks=True, extra_conf=nix_conf)
+    """A daemon with recnix hooks (and ``nix_conf`` lines after them; ``build_hook``
+    instead of recnix's); a service with ``config`` (none if ``config`` is None)."""
+    host = start_nix_host(hooks=True, extra_conf=nix_conf, build_hook=build_hook)
     service = None
     try:
         if config is not None:
@@ -308,13 +309,13 @@ def test_sessions_beyond_the_limit_wait(busybox, nix_bundle, tmp_path, queue):
     """With max-sessions = 1, a second recursive build waits for the first: in recnix's
     build hook (before it takes a build user), or, with another build hook (Lix),
     in the pre-build hook."""
-    nix_conf = ""
+    build_hook = None
     if not queue:
         hook = tmp_path / "no-queue-build-hook"
         hook.write_text(NO_QUEUE_HOOK)
         hook.chmod(0o755)
-        nix_conf = f"build-hook = {hook}\n"
-    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}, nix_conf=nix_conf) as (
+        build_hook = str(hook)
+    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}, build_hook=build_hook) as (
         host,
         service,
         runner,
@@ -411,9 +412,7 @@ def test_one_nix_process_is_never_made_to_wait_for_its_own_slots(busybox, nix_bu
     hook = tmp_path / "no-queue-build-hook"
     hook.write_text(NO_QUEUE_HOOK)
     hook.chmod(0o755)
-    with host_with_service(
-        busybox, nix_bundle, "", {"max-sessions": 1}, nix_conf=f"build-hook = {hook}\n"
-    ) as (
+    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}, build_hook=str(hook)) as (
         host,
         service,
         runner,

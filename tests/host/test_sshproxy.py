@@ -53,6 +53,14 @@ def builder_store() -> Iterator[tuple[Path, Path]]:
         f"NIX_CONF_DIR={conf} exec nix-daemon --stdio --store 'local?root={store}'\n"
     )
     fake.chmod(0o755)
+    # Make the store now: two daemons making it at once (a client's connections in
+    # parallel) race ("creating symlink ...: File exists").
+    subprocess.run(
+        ["nix-store", "--store", f"local?root={store}", "--verify"],
+        env={**os.environ, "NIX_CONF_DIR": str(conf)},
+        capture_output=True,
+        check=True,
+    )
     yield store, fake
     subprocess.run(["chmod", "-R", "u+w", str(root)], check=False)
     shutil.rmtree(root, ignore_errors=True)
