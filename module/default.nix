@@ -27,6 +27,14 @@ let
   # Nix's own build hook (build-remote) with recnix's ssh proxy for ssh-ng://
   # builders (recnix/sshproxy.py); anything else goes to ssh unchanged.
   buildHook = lib.getExe' cfg.package "recnix-build-hook";
+  # Nix 2.25-2.33 read nix.conf, then reset build-hook to their own hook
+  # (src/nix/main.cc; recnix.nixversion): there it goes on nix-daemon's command line.
+  nixVersion = config.nix.package.version or "";
+  buildHookOnCommandLine =
+    !cfg.lix
+    && nixVersion != ""
+    && builtins.compareVersions nixVersion "2.25" >= 0
+    && builtins.compareVersions nixVersion "2.34" < 0;
 
   # nix-required-mounts also wants nix.conf's single `pre-build-hook`. recnix's
   # hook runs the hooks in `preBuildHooks` and passes their output through, so
@@ -204,15 +212,25 @@ in
 
     # The hooks run inside nix-daemon; /etc/recnix/config.toml is their default
     # too, set explicitly so that `systemctl show nix-daemon` tells.
-    systemd.services.nix-daemon.environment = {
-      RECNIX_CONFIG = configPath;
-    }
-    # The config's decision for the hook script (recnix.config.hook_environment):
-    # with no chained hooks, builds that do not opt in never read the config.
-    // lib.optionalAttrs (cfg.preBuildHooks == [ ] && cfg.postBuildHooks == [ ]) {
-      RECNIX_HOOK_SOCKET = cfg.settings.daemon.control-socket;
-      RECNIX_HOOK_MARKS = "${cfg.settings.daemon.state-dir}/hook-marks";
-    };
+    systemd.services.nix-daemon = lib.mkMerge [
+      {
+        environment = {
+          RECNIX_CONFIG = configPath;
+        }
+        # The config's decision for the hook script (recnix.config.hook_environment):
+        # with no chained hooks, builds that do not opt in never read the config.
+        // lib.optionalAttrs (cfg.preBuildHooks == [ ] && cfg.postBuildHooks == [ ]) {
+          RECNIX_HOOK_SOCKET = cfg.settings.daemon.control-socket;
+          RECNIX_HOOK_MARKS = "${cfg.settings.daemon.state-dir}/hook-marks";
+        };
+      }
+      (lib.mkIf buildHookOnCommandLine {
+        serviceConfig.ExecStart = [
+          ""
+          "${config.nix.package}/bin/nix-daemon --daemon --option build-hook ${buildHook}"
+        ];
+      })
+    ];
 
     systemd.services.recnix = {
       description = "recnix: restricted Nix daemon sockets for recursive builds";

@@ -196,5 +196,6 @@ in
   configToml = checked.environment.etc."recnix/config.toml".source.text;
   recnixService = checked.systemd.services.recnix;
   nixDaemonEnvironment = checked.systemd.services.nix-daemon.environment;
+  nixDaemonExecStart = checked.systemd.services.nix-daemon.serviceConfig.ExecStart or null;
   package = "${checked.services.recnix.package}";
 }

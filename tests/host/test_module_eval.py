@@ -245,3 +245,37 @@ def test_options_table_check_detects_a_stale_block(tmp_path: Path) -> None:
     assert gen.main([]) == 0
     assert "services.recnix.settings.policy.max-depth" in stale.read_text()
     assert gen.main(["--check"]) == 0
+
+
+def nix_package(version: str, pname: str = "nix") -> str:
+    return f"""{{
+  nix.package = {{
+    type = "derivation"; name = "{pname}-{version}"; pname = "{pname}"; version = "{version}";
+    outPath = "/nix/store/33333333333333333333333333333333-{pname}-{version}";
+    meta.mainProgram = "nix";
+  }};
+}}"""
+
+
+@pytest.mark.parametrize(
+    ("version", "on_command_line"),
+    [("2.8.0", False), ("2.24.9", False), ("2.25.0", True), ("2.28.4", True), ("2.34.8", False)],
+)
+def test_build_hook_on_the_daemons_command_line_where_nix_conf_loses_it(
+    version: str, on_command_line: bool
+) -> None:
+    """Nix 2.25-2.33 reset nix.conf's build-hook (recnix.nixversion): the module gives
+    it on nix-daemon's command line there."""
+    package = nix_eval("package")
+    exec_start = nix_eval("nixDaemonExecStart", [nix_package(version)])
+    if not on_command_line:
+        assert exec_start is None, exec_start
+        return
+    hook = build_hook(package)
+    daemon = f"/nix/store/33333333333333333333333333333333-nix-{version}/bin/nix-daemon"
+    assert exec_start == ["", f"{daemon} --daemon --option build-hook {hook}"]
+    assert nix_eval("nixSettings", [nix_package(version)])["build-hook"] == hook
+
+
+def test_no_build_hook_command_line_on_lix() -> None:
+    assert nix_eval("nixDaemonExecStart", [nix_package("2.28.0", "lix")]) is None
