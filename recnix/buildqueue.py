@@ -272,6 +272,14 @@ def mark_plain(marks_dir: str, drv_path: str) -> None:
     os.close(fd)
 
 
+def unadmit(control_socket: str, drv_path: str) -> None:
+    """Give the slot reserved for ``drv_path`` back (it goes to a remote machine)."""
+    try:
+        control.request(control_socket, {"op": "unadmit", "drv": drv_path}, timeout=60)
+    except control.ControlError as e:
+        print(f"recnix build-hook: cannot tell the recnix service: {e}", file=sys.stderr)
+
+
 def serve(
     nix_hook_argv: list[str], nix_hook_env: dict[str, str], control_socket: str, argv0: str = ""
 ) -> int:
@@ -309,6 +317,8 @@ def serve(
                 nix_hook.stop()
                 nix_hook, answer = None, "# decline"
             elif answer == "# accept":
+                if recursive:  # built on a remote machine: no local session slot needed
+                    unadmit(control_socket, drv_path)
                 machine = nix_hook.line()
                 _write_all(2, f"{answer}\n{machine or ''}\n".encode(errors="surrogateescape"))
                 return nix_hook.take_over(reader.take_unread())

@@ -409,6 +409,9 @@ class Service:
             }
         if op == "admit":  # recnix.buildqueue: may this build start now?
             return {"ok": True, "admit": await self.admit(str(message["drv"]))}
+        if op == "unadmit":  # recnix.buildqueue: it went to a remote machine after all
+            self.unadmit(str(message["drv"]))
+            return {"ok": True}
         if op == "finalise":
             messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
             return {"ok": True, "messages": messages}
@@ -506,6 +509,11 @@ class Service:
                 with contextlib.suppress(OSError):
                     if entry.stat(follow_symlinks=False).st_mtime < too_old:
                         os.unlink(entry.path)
+
+    def unadmit(self, drv_path: str) -> None:
+        """Give back the slot reserved for ``drv_path`` (it is built elsewhere)."""
+        if self._reserved.pop(drv_path, None) is not None:
+            self._slots.release()
 
     def _expire_reservations(self) -> None:
         """Give back the slots of admitted builds that never opened their session."""

@@ -10,11 +10,15 @@ builds, the machine's ``nixbld`` users.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from recnix import control
 from recnix.nixsettings import build_users, nix_settings
 from tests.host.conftest import (
     NixHost,
+    RecnixService,
     concurrent_builds,
     start_nix_host,
     start_recnix_service,
@@ -45,3 +49,38 @@ def test_more_outer_builds_than_build_users_all_finish(busybox: str, nix_bundle:
     finally:
         stop_recnix_service(service)
         host.stop()
+
+
+def _recursive_drv(path: Path, name: str) -> str:
+    """A .drv text that requires recnix (read by the service, not built)."""
+    out = "/nix/store/" + "c" * 32 + f"-{name}"
+    path.write_text(
+        f'Derive([("out","{out}","","")],[],[],"x86_64-linux","/bin/sh",[],'
+        f'[("name","{name}"),("out","{out}"),("requiredSystemFeatures","recnix"),'
+        '("system","x86_64-linux")])'
+    )
+    return str(path)
+
+
+def test_admission_reserves_a_slot_and_gives_it_back(
+    recnix_service: RecnixService, tmp_path: Path
+) -> None:
+    """`admit` reserves one of daemon.max-sessions (3 here) for each recursive build
+    until its session opens; `unadmit` (the build went to a remote machine) gives it
+    back. Builds that do not opt in are always admitted."""
+    sock = recnix_service.control_socket
+    drvs = [_recursive_drv(tmp_path / f"{'a' * 32}-q{i}.drv", f"q{i}") for i in range(4)]
+
+    def admit(drv: str) -> bool:
+        return bool(control.request(sock, {"op": "admit", "drv": drv})["admit"])
+
+    assert [admit(d) for d in drvs[:3]] == [True, True, True]
+    assert admit(drvs[0])  # admitted again: still its own reservation
+    assert not admit(drvs[3]), "a fourth build was admitted with 3 slots"
+    control.request(sock, {"op": "unadmit", "drv": drvs[1]})
+    assert admit(drvs[3])
+    plain = tmp_path / f"{'b' * 32}-plain.drv"
+    plain.write_text('Derive([],[],[],"x86_64-linux","/bin/sh",[],[])')
+    assert admit(str(plain))
+    for drv in (drvs[0], drvs[2], drvs[3]):  # leave the fixture's service as it was
+        control.request(sock, {"op": "unadmit", "drv": drv})
