@@ -118,18 +118,19 @@ def read_settings(reader: WireReader) -> dict[str, str]:
         settings[name] = reader.str()
 
 
-def read_try(reader: WireReader) -> tuple[str, list[str]] | None:
-    """The next "try" request: (drv path, required features); None at the end of input."""
+def read_try(reader: WireReader) -> tuple[str, list[str], bool] | None:
+    """The next "try" request: (drv path, required features, whether Nix would build it
+    locally now: below max-jobs); None at the end of input."""
     length = reader.int()
     if length is None:
         return None
     word = reader.body(length)
     if word != "try":
         raise HookProtocolError(f"expected 'try', got {word!r}")
-    reader.int()  # whether Nix would build it locally now (max-jobs)
+    local_now = bool(reader.int())
     reader.str()  # the system
     drv_path = reader.str()
-    return drv_path, reader.strs()
+    return drv_path, reader.strs(), local_now
 
 
 def machines_configured(settings: dict[str, str]) -> bool:
@@ -301,12 +302,14 @@ def serve(
         request = read_try(reader)
         if request is None:
             return 0
-        drv_path, features = request
+        drv_path, features, local_now = request
         raw = reader.take_raw()
         recursive = any(f in FEATURES for f in features)
         if not recursive and marks_dir:
             mark_plain(marks_dir, drv_path)
-        if recursive and not admitted(control_socket, drv_path):
+        # Only a build Nix would start now takes a slot (at max-jobs, a declined build
+        # waits for a build slot and is asked about again).
+        if recursive and local_now and not admitted(control_socket, drv_path):
             answer = "# postpone"
         elif nix_hook is None:
             answer = "# decline"

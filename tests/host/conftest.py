@@ -126,7 +126,7 @@ def nix_conf_text(
     ]
     if hooks:  # as `recnix nix-conf` prints them
         lines += [f"pre-build-hook = {pre_build_hook}", f"post-build-hook = {POST_BUILD_HOOK}"]
-        lines += [f"build-hook = {build_hook or BUILD_HOOK}"]
+        lines += [f"build-hook = {build_hook or BUILD_HOOK}", "build-poll-interval = 1"]
     return "\n".join(lines) + "\n" + extra
 
 

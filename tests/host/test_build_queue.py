@@ -28,12 +28,9 @@ from tests.scenarios.checks import RECNIX
 
 pytestmark = pytest.mark.host
 
-# Postponed builds ask again after build-poll-interval seconds (Nix's default: 5).
-POLL = "build-poll-interval = 1\n"
-
 
 def test_more_outer_builds_than_build_users_all_finish(busybox: str, nix_bundle: str) -> None:
-    host: NixHost = start_nix_host(hooks=True, extra_conf=POLL)  # with recnix's build-hook
+    host: NixHost = start_nix_host(hooks=True)  # with recnix's build-hook, as nix-conf prints it
     service = start_recnix_service(host)
     try:
         users = build_users(nix_settings(host.env))

@@ -33,8 +33,8 @@ def settings(**values: str) -> bytes:
     return out + wire_int(0)
 
 
-def try_request(drv: str, features: list[str]) -> bytes:
-    out = wire_str("try") + wire_int(1) + wire_str("x86_64-linux") + wire_str(drv)
+def try_request(drv: str, features: list[str], local_now: bool = True) -> bytes:
+    out = wire_str("try") + wire_int(int(local_now)) + wire_str("x86_64-linux") + wire_str(drv)
     return out + wire_int(len(features)) + b"".join(wire_str(f) for f in features)
 
 
@@ -47,7 +47,7 @@ def test_settings_and_requests_are_read_with_their_raw_bytes() -> None:
     reader = buildqueue.WireReader(r)
     assert buildqueue.read_settings(reader) == {"builders": "", "max-jobs": "4"}
     assert reader.take_raw() == raw_settings
-    assert buildqueue.read_try(reader) == (DRV, ["recnix", "kvm"])
+    assert buildqueue.read_try(reader) == (DRV, ["recnix", "kvm"], True)
     assert reader.take_raw() == raw_try
     assert buildqueue.read_try(reader) is None  # end of input between requests
     os.close(r)
@@ -183,3 +183,12 @@ def test_builds_without_recnix_are_hinted_to_the_pre_build_hook(tmp_path: Path) 
     assert code == 0, stderr
     assert sorted(p.name for p in marks.iterdir()) == [f"{'b' * 32}-plain.drv.plain"]
     assert marks.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_build_nix_would_not_start_now_takes_no_slot(tmp_path: Path) -> None:
+    """At max-jobs Nix asks with am-willing = 0: the build waits for a build slot anyway
+    (declined), and the service is not asked to reserve a session slot for it."""
+    stdin = settings(builders="") + try_request(DRV, ["recnix"], local_now=False)
+    code, stderr, seen = run_hook(tmp_path, stdin, admit=False, nix_hook=NIX_BUILD_REMOTE)
+    assert code == 0 and stderr == "# decline\n", stderr
+    assert seen == []
