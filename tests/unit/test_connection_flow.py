@@ -5,8 +5,9 @@ socket, and read again once the handler has caught up; nothing it sent is lost."
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from recnix.protocol import Data, Op, Request
+from recnix.protocol import ClientConnection, Data, Op, Request, ServerConnection
 from recnix.session import READ_HIGH_WATER, READ_LOW_WATER, ConnectionHandler, Peer
 
 from .fakes import FakeSession, FakeStore
@@ -40,13 +41,19 @@ class FakeTransport:
         pass
 
 
-def test_reading_pauses_above_the_high_mark_and_resumes_below_the_low_mark() -> None:
+def handler_after_handshake() -> tuple[ClientConnection, ServerConnection, FakeTransport, Any]:
+    """A client, and a ConnectionHandler on a fake transport, past their handshake."""
     client, server, _, _ = connected_pair(35)
     session = FakeSession(FakeStore(), set())
     session.keeper = None  # type: ignore[attr-defined]
     transport = FakeTransport()
     handler = ConnectionHandler(session, transport, Peer(1, 0, 0))  # type: ignore[arg-type]
-    handler.conn = server  # after the handshake
+    handler.conn = server
+    return client, server, transport, handler
+
+
+def test_reading_pauses_above_the_high_mark_and_resumes_below_the_low_mark() -> None:
+    client, server, transport, handler = handler_after_handshake()
     args = {"name": "big", "ca_method": "fixed:r:sha256", "references": [], "repair": False}
     client.send_request(Op.ADD_TO_STORE, args)
     sent = 0
@@ -77,12 +84,7 @@ def test_reading_pauses_above_the_high_mark_and_resumes_below_the_low_mark() -> 
 
 
 def test_small_requests_never_pause_reading() -> None:
-    client, server, _, _ = connected_pair(35)
-    session = FakeSession(FakeStore(), set())
-    session.keeper = None  # type: ignore[attr-defined]
-    transport = FakeTransport()
-    handler = ConnectionHandler(session, transport, Peer(1, 0, 0))  # type: ignore[arg-type]
-    handler.conn = server
+    client, _, transport, handler = handler_after_handshake()
     for _ in range(100):
         client.send_request(Op.IS_VALID_PATH, {"path": "/nix/store/" + "a" * 32 + "-x"})
     handler.on_data(client.data_to_send())
