@@ -66,6 +66,8 @@ from recnix.protocol import (  # noqa: E402
     PathInfo,
     Reply,
 )
+from tests.buildhookwire import settings as hook_settings  # noqa: E402
+from tests.buildhookwire import try_request  # noqa: E402
 from tests.host.conftest import (  # noqa: E402
     RECNIX_BIN,
     NixHost,
@@ -876,15 +878,8 @@ def _write_drv(path: Path, busybox: str, padding: int = 0) -> Path:
 def build_hook_try_us(b: Bench, tries: int = 500) -> float:
     """Mean wall µs of one "try" round trip with recnix's build hook (a build that does
     not require recnix, no remote machines): what Nix waits for before each build."""
-    wire = [b"\x01" + b"\0" * 7, b"\0" * 8]  # a setting follows / no more settings
-
-    def string(text: str) -> bytes:
-        data = text.encode()
-        return len(data).to_bytes(8, "little") + data + b"\0" * (-len(data) % 8)
-
-    settings = wire[0] + string("builders") + string("") + wire[1]
-    request = string("try") + (1).to_bytes(8, "little") + string("x86_64-linux")
-    request += string("/nix/store/" + "b" * 32 + "-x.drv") + (0).to_bytes(8, "little")
+    settings = hook_settings(builders="")
+    request = try_request("/nix/store/" + "b" * 32 + "-x.drv", [])
     env = {**b.hooked.daemon_env, "RECNIX_HOOK_MARKS": str(b.scratch / "try-marks")}
     hook = str(Path(sys.executable).parent / "recnix-build-hook")
     proc = subprocess.Popen([hook, "0"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -14,28 +14,10 @@ from pathlib import Path
 import pytest
 
 from recnix import buildqueue
+from tests.buildhookwire import settings, try_request
 
 REPO = Path(__file__).resolve().parents[2]
 DRV = "/nix/store/" + "a" * 32 + "-outer.drv"
-
-
-def wire_str(text: str) -> bytes:
-    data = text.encode()
-    return len(data).to_bytes(8, "little") + data + b"\0" * (-len(data) % 8)
-
-
-def wire_int(n: int) -> bytes:
-    return n.to_bytes(8, "little")
-
-
-def settings(**values: str) -> bytes:
-    out = b"".join(wire_int(1) + wire_str(k) + wire_str(v) for k, v in values.items())
-    return out + wire_int(0)
-
-
-def try_request(drv: str, features: list[str], local_now: bool = True) -> bytes:
-    out = wire_str("try") + wire_int(int(local_now)) + wire_str("x86_64-linux") + wire_str(drv)
-    return out + wire_int(len(features)) + b"".join(wire_str(f) for f in features)
 
 
 def test_settings_and_requests_are_read_with_their_raw_bytes() -> None:
