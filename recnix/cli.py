@@ -229,7 +229,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from recnix import control
     from recnix.config import load_config
-    from recnix.status import render_status
+    from recnix.status import render_failures, render_status
 
     config = load_config(args.config)
     try:
@@ -241,6 +241,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(reply["sessions"], indent=2))
     else:
         sys.stdout.write(render_status(reply["sessions"], time.time()))
+        sys.stdout.write(render_failures(reply.get("failures", [])))
     return 0
 
 

@@ -31,12 +31,13 @@ import hashlib
 import inspect
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from recnix.aio import READ_CHUNK
 from recnix.derivation import Derivation
+from recnix.offloop import DRV_TIMEOUT, OffLoopTimeout, off_loop
 from recnix.policy import (
     BuildPlan,
     Denied,
@@ -66,6 +67,8 @@ from recnix.protocol import (
 from recnix.store import Store
 from recnix.storepath import nix32_to_base16
 from recnix.upstream import UpstreamError
+
+T = TypeVar("T")
 
 log = logging.getLogger("recnix.restricted")
 
@@ -107,7 +110,7 @@ class SessionState(Protocol):
     @property
     def ancestry(self) -> set[str]: ...
 
-    async def allow(self, paths: Iterable[str], peer_pid: int | None, event: str) -> None: ...
+    async def allow(self, paths: Iterable[str], event: str) -> None: ...
 
     async def closure(self, roots: Iterable[str], known: set[str] | None = None) -> set[str]: ...
 
@@ -408,10 +411,11 @@ class RestrictedStore:
                     self.session.drv_cache[path] = drv
 
     async def _allow_added(self, paths: list[str], n_bytes: int) -> None:
-        self._check_added(paths)
+        if any(p.endswith(".drv") for p in paths):  # the build's text, of any size
+            await self._off_loop(self._check_added, paths, what="checking the added derivation")
         s = self.session
         s.added_bytes += n_bytes
-        await s.allow(paths, self.client.pid, "added")
+        await s.allow(paths, "added")
 
     async def _guarded(
         self,
@@ -566,7 +570,10 @@ class RestrictedStore:
                 aborted,
             )
             self._check_claim(path, existing, hasher)
-            self._check_added([path], extra=added)
+            if path.endswith(".drv"):
+                await self._off_loop(
+                    self._check_added, [path], added, what="checking the added derivation"
+                )
             added.append(path)
         await self._allow_added(added, n_bytes[0])
 
@@ -584,8 +591,17 @@ class RestrictedStore:
             sound=s.sound_drvs,
         )
 
+    async def _off_loop(self, fn: Callable[..., T], *args: Any, what: str) -> T:
+        """``fn(*args)`` off the event loop, bounded by offloop.DRV_TIMEOUT: it reads and
+        checks .drv texts and derivation graphs the build chose (Denied on time-out)."""
+        try:
+            return await off_loop(fn, *args, timeout=DRV_TIMEOUT, what=what)
+        except OffLoopTimeout as e:
+            raise Denied(f"{e}; the derivation graph is too large for recursive Nix") from None
+
     def _check_build(self, targets: list[DerivedPath], build_mode: int) -> BuildPlan:
-        """Refuse a build the policy forbids; return what it may build."""
+        """Refuse a build the policy forbids; return what it may build (reads .drv files:
+        runs off the event loop)."""
         s = self.session
         self._require_writable("building")
         if build_mode != 0:
@@ -603,9 +619,7 @@ class RestrictedStore:
                 f"this build already made {s.builds} nested build requests "
                 "(policy.max-builds-per-session); raise the limit in the recnix configuration"
             )
-        plan = self._plan([t.path for t in targets if t.is_built])
-        s.note_build_request(t.path for t in targets)
-        return plan
+        return self._plan([t.path for t in targets if t.is_built])
 
     def _check_nesting(self, drv_paths: list[str]) -> None:
         """Refuse to start a nested recnix build deeper than policy.max-depth."""
@@ -640,7 +654,10 @@ class RestrictedStore:
     async def _build(self, op: Op, args: dict) -> Any:
         s = self.session
         targets: list[DerivedPath] = args["paths"]
-        plan = self._check_build(targets, args.get("build_mode", 0))
+        plan = await self._off_loop(
+            self._check_build, targets, args.get("build_mode", 0), what="checking the build"
+        )
+        s.note_build_request(t.path for t in targets)
         names = [t.path + ("!" + ",".join(t.outputs) if t.outputs else "") for t in targets]
         for h in plan.handouts:
             s.audit("existing-fixed-output", derivation=h.drv_path, outputs=list(h.outputs))
@@ -666,7 +683,7 @@ class RestrictedStore:
             s.journal_change(realisations=s.realisations)
         outputs = await self._outputs_of(ok_targets)
         closure = await s.closure(outputs, known=s.allowed)
-        await s.allow(closure, self.client.pid, "built")
+        await s.allow(closure, "built")
         s.audit(
             "build-finished",
             targets=names,

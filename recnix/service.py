@@ -25,15 +25,16 @@ from recnix import control, sandboxsocket
 from recnix.audit import AuditLog
 from recnix.buildqueue import PLAIN_SUFFIX
 from recnix.config import Config, hook_marks_dir
-from recnix.derivation import DerivationError, read_derivation
+from recnix.derivation import Derivation, DerivationError, read_derivation
 from recnix.gcroots import sweep
 from recnix.journal import SessionRecord, journals, replay
-from recnix.materialise import peer_in_sandbox
 from recnix.nixsettings import build_users, fsync_paths, nix_settings, session_bound
+from recnix.offloop import DRV_TIMEOUT, PROC_TIMEOUT, OffLoopTimeout, off_loop
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs
 from recnix.remote import Guards, take_remote_mark
+from recnix.sandboxproc import SandboxProcess, kill_sandbox
 from recnix.session import ClientProtocol, ResumeError, Session
 from recnix.upstream import Upstream, UpstreamError
 
@@ -50,6 +51,8 @@ RESERVATION_TTL = 300.0
 # the .drv instead).
 PLAIN_MARK_TTL = 600.0
 
+
+FAILURES_KEPT = 50  # builds recnix failed itself, kept for `recnix status`
 
 FD_LIMIT_WANTED = 1 << 16
 
@@ -143,6 +146,17 @@ class DaemonQueries(StoreQueries):
         return set(self._info(path).references)
 
 
+async def read_build_derivation(drv_path: str) -> Derivation:
+    """``read_derivation`` off the event loop: a nested build's .drv is the build's text,
+    of any size (DerivationError also when it takes longer than offloop.DRV_TIMEOUT)."""
+    try:
+        return await off_loop(
+            read_derivation, drv_path, timeout=DRV_TIMEOUT, what=f"reading {drv_path}"
+        )
+    except OffLoopTimeout as e:
+        raise DerivationError(str(e)) from None
+
+
 class OpenRefused(Exception):
     """A session cannot be opened (the message goes to the build's log)."""
 
@@ -167,6 +181,7 @@ class Service:
         self.gc_roots_dir = Path(config["daemon"]["gc-roots-dir"])
         self.sessions: dict[str, Session] = {}
         self.opened_at: dict[str, float] = {}  # sid -> when this service opened/resumed it
+        self.failures: list[dict[str, Any]] = []  # builds recnix failed itself (newest last)
         audit_path = config["daemon"]["audit-log"]
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
@@ -321,7 +336,7 @@ class Service:
         if not chroot.is_dir():
             return "the build ended while recnix was not running"
         try:
-            drv = read_derivation(record.drv_path)
+            drv = await read_build_derivation(record.drv_path)
         except (OSError, DerivationError) as e:
             return f"cannot read {record.drv_path}: {e}"
         parent = self.sessions.get(record.parent) if record.parent else None
@@ -419,7 +434,11 @@ class Service:
             guard = await self.guards.open(str(message["drv"]), Path(str(message["chroot"])))
             return {"ok": True, "socket_dir": str(guard.directory)}
         if op == "status":
-            return {"ok": True, "sessions": [self._describe(s) for s in self.sessions.values()]}
+            return {
+                "ok": True,
+                "sessions": [self._describe(s) for s in self.sessions.values()],
+                "failures": self.failures,
+            }
         raise ValueError(f"unknown control op {op!r}")
 
     def _refuse_self_blocking_wait(self, drv_path: str, worker: int | None) -> None:
@@ -479,7 +498,7 @@ class Service:
             self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
             return True
         try:
-            if opt_in_mode(read_derivation(drv_path)) is None:
+            if opt_in_mode(await read_build_derivation(drv_path)) is None:
                 return True
         except (OSError, DerivationError):
             return True  # the pre-build hook reports it
@@ -537,7 +556,7 @@ class Service:
         """
         started = time.perf_counter()
         try:
-            drv = read_derivation(drv_path)
+            drv = await read_build_derivation(drv_path)
         except FileNotFoundError:
             return None  # Nix issue #9272: BuildDerivation without a .drv; not ours
         except (OSError, DerivationError) as e:
@@ -639,7 +658,7 @@ class Service:
         session = self._session_for(drv_path)
         if session is None:
             try:
-                opted_in = opt_in_mode(read_derivation(drv_path)) is not None
+                opted_in = opt_in_mode(await read_build_derivation(drv_path)) is not None
             except (OSError, DerivationError):
                 opted_in = False
             if not opted_in:
@@ -733,12 +752,26 @@ class Service:
         """
         now = time.monotonic()
         if session.chroot.is_dir():
-            pid = await asyncio.get_running_loop().run_in_executor(None, session.view.sandbox_pid)
-            if pid is not None and not session.seen_process:
-                reason = self._builder_misses_socket(session, pid)
-                if reason is not None:
-                    await self._fail_builder(session, pid, reason)
-                    return
+            try:
+                pid = await off_loop(
+                    session.view.sandbox_pid,
+                    timeout=PROC_TIMEOUT,
+                    what=f"looking for the builder of {session.drv_path}",
+                )
+                if pid is not None and not session.seen_process:
+                    reason = await off_loop(
+                        self._builder_misses_socket,
+                        session,
+                        pid,
+                        timeout=PROC_TIMEOUT,
+                        what=f"looking at the sandbox socket of {session.drv_path}",
+                    )
+                    if reason is not None:
+                        await self._fail_builder(session, reason)
+                        return
+            except OffLoopTimeout as e:
+                log.warning("session %s: %s; trying again later", session.sid, e)
+                return
             if pid is not None or not session.seen_process:
                 session.seen_process = session.seen_process or pid is not None
                 session.ended_since = None
@@ -800,7 +833,11 @@ class Service:
 
     def _builder_misses_socket(self, session: Session, pid: int) -> str | None:
         """Why the builder ``pid`` (first seen) cannot reach its session, or None if the
-        socket it finds at the sandbox socket path is one of the session's."""
+        socket it finds at the sandbox socket path is one of the session's.
+
+        Runs off the loop: it looks through the builder's own view (``/proc/<pid>/root``),
+        which the builder controls. So the answer can only be wrong to the builder's own
+        cost (its build is failed); nothing is written or opened through that view."""
         ours = set()
         for path in (
             str(session.socket_path),
@@ -811,14 +848,18 @@ class Service:
             except OSError:
                 continue
             ours.add((st.st_dev, st.st_ino))
-        seen = sandboxsocket.seen_by(pid)
-        if seen is not None and seen in ours:
-            return None
-        # Conclude only about a process still in the sandbox *after* the look: one that
-        # exited meanwhile (a zombie, e.g. a `sleep` of the builder's, has no root to
-        # look through) proves nothing, and killing on it would abort a healthy build.
-        if not peer_in_sandbox(pid, session.view.chroot_root):
-            return None
+        proc = SandboxProcess.from_pid(pid, session.view.chroot_root)
+        if proc is None:
+            return None  # gone, or not in the sandbox: it proves nothing
+        with proc:
+            seen = sandboxsocket.seen_by(pid)
+            if seen is not None and seen in ours:
+                return None
+            # Conclude only about a process still in the sandbox *after* the look: one that
+            # exited meanwhile (a zombie, e.g. a `sleep` of the builder's, has no root to
+            # look through) proves nothing, and failing on it would abort a healthy build.
+            if not proc.in_sandbox(session.view.chroot_root):
+                return None
         what = "no socket" if seen is None else "a socket that is not its session's"
         return (
             f"{session.drv_path} requires recnix, but its builder finds {what} at "
@@ -826,14 +867,23 @@ class Service:
             "pre-build hook's extra-sandbox-paths nor the chroot recnix prepared"
         )
 
-    async def _fail_builder(self, session: Session, pid: int, reason: str) -> None:
-        """Fail the build of ``session``: ``reason`` into its log, then kill its builder."""
-        log.error("session %s: %s", session.sid, reason)
+    async def _fail_builder(self, session: Session, reason: str) -> None:
+        """Fail the build of ``session``: kill every process of its sandbox through pidfds
+        verified to be in it (never a pid read earlier) and end the session. The reason
+        goes to the service's log, the audit log and ``recnix status`` (``failures``):
+        channels the builder cannot redirect. Nothing is written through the builder's
+        descriptors (``/proc/<pid>/fd/*`` would reopen whatever the builder put there)."""
+        log.error("session %s: %s; failing the build", session.sid, reason)
+        self.failures.append({"drv": session.drv_path, "reason": reason, "at": time.time()})
+        del self.failures[:-FAILURES_KEPT]
         try:
-            with open(f"/proc/{pid}/fd/2", "w") as stderr:
-                stderr.write(f"recnix: {reason}; failing the build\n")
-        except OSError as e:
-            log.warning("session %s: cannot write into the build's log: %s", session.sid, e)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            killed = await off_loop(
+                kill_sandbox,
+                session.view.chroot_root,
+                timeout=PROC_TIMEOUT,
+                what=f"killing the sandbox of {session.drv_path}",
+            )
+            log.info("session %s: killed %d process(es) of its sandbox", session.sid, killed)
+        except OffLoopTimeout as e:
+            log.warning("session %s: %s", session.sid, e)
         await self._end(session, "aborted", reason)

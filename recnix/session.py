@@ -33,7 +33,7 @@ from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
 from recnix.gcroots import SessionRoots
 from recnix.journal import SessionJournal, SessionRecord
-from recnix.materialise import MaterialiseError, SandboxView, peer_in_sandbox
+from recnix.materialise import MaterialiseError, SandboxView
 from recnix.policy import Denied, Limits, drv_closure
 from recnix.protocol import (
     NEED_DATA,
@@ -55,6 +55,7 @@ from recnix.protocol import (
 )
 from recnix.register import FinaliseError, Registrar
 from recnix.restricted import SYNC_OPS, NarReply, RestrictedStore, censor
+from recnix.sandboxproc import SandboxProcess
 from recnix.store import Data as StoreData
 from recnix.store import LogCallback
 from recnix.upstream import LocalStoreFiles, Upstream, UpstreamClosed, UpstreamError
@@ -391,7 +392,7 @@ class Session:
             self._requested_closure = None
         self.journal_change(builds=self.builds, build_requests=new)
 
-    async def allow(self, paths: Iterable[str], peer_pid: int | None, event: str) -> None:
+    async def allow(self, paths: Iterable[str], event: str) -> None:
         """Root, materialise and allow ``paths`` (already closed under references if needed)."""
         assert self.keeper is not None
         async with self._allow_lock:
@@ -408,8 +409,6 @@ class Session:
                 raise MaterialiseError(
                     f"cannot root {new[0]} under {self.roots.path} (daemon.gc-roots-dir): {e}"
                 ) from None
-            if peer_pid is not None:
-                self.view.set_builder_pid(peer_pid)
             t2 = time.perf_counter()
             synced = await asyncio.get_running_loop().run_in_executor(None, self._make_visible, new)
             t3 = time.perf_counter()
@@ -468,20 +467,17 @@ class Session:
             )
             transport.close()
             return None
-        if not peer_in_sandbox(peer.pid, self.chroot):
+        reason = self._outsider(sock, peer)
+        if reason is not None:
             log.warning(
-                "session %s: refused connection from pid %d uid %d: not a process of %s",
+                "session %s: refused connection from pid %d uid %d: %s",
                 self.sid,
                 peer.pid,
                 peer.uid,
-                self.drv_path,
+                reason,
             )
             self.service.audit.write(
-                "refused",
-                self.sid,
-                drv=self.drv_path,
-                op="connect",
-                reason=f"pid {peer.pid} (uid {peer.uid}) is not inside the build's sandbox",
+                "refused", self.sid, drv=self.drv_path, op="connect", reason=reason
             )
             transport.close()
             return None
@@ -494,6 +490,23 @@ class Session:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return handler
+
+    def _outsider(self, sock: socket.socket, peer: Peer) -> str | None:
+        """Why the process at the other end of ``sock`` may not use this session, or None.
+
+        It must run in the build's sandbox (its root is the chroot, checked through a pidfd
+        of the peer) and in the sandbox's mount namespace as first seen (pinned by the view):
+        recnix makes paths visible only there, and never in a namespace a process chose."""
+        proc = SandboxProcess.from_peer(sock, peer.pid, self.chroot)
+        if proc is None:
+            return f"pid {peer.pid} (uid {peer.uid}) is not inside the build's sandbox"
+        with proc:
+            if not self.view.pin(proc):
+                return (
+                    f"pid {peer.pid} (uid {peer.uid}) runs in a mount namespace of its own, "
+                    "not the build sandbox's: recnix serves only the sandbox's namespace"
+                )
+        return None
 
     async def _serve(self, handler: ConnectionHandler) -> None:
         started = time.perf_counter()

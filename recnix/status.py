@@ -53,6 +53,15 @@ def session_row(s: dict[str, Any], now: float) -> tuple[str, ...]:
     )
 
 
+def render_failures(failures: list[dict[str, Any]]) -> str:
+    """The builds recnix failed itself (e.g. a builder that cannot reach its socket)."""
+    if not failures:
+        return ""
+    lines = ["", "builds recnix failed:"]
+    lines += [f"  {f.get('drv', '?')}: {f.get('reason', '?')}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
 def render_status(sessions: list[dict[str, Any]], now: float) -> str:
     """The table: one row per session, columns aligned; a line saying so when there is none.
 

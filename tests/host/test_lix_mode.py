@@ -58,14 +58,28 @@ def hiding_host() -> Iterator[NixHost]:
 
 
 def test_a_builder_without_its_socket_is_failed_with_a_message(hiding_host, busybox, nix_bundle):
+    """The build is killed (through pidfds) and the reason is where the builder cannot
+    redirect it: the service's log, the audit log and `recnix status`; never written
+    through the builder's own descriptors (docs/security.md)."""
     service = start_recnix_service(hiding_host)
     try:
         # without recnix noticing, this build would succeed after its sleep
         done = build(hiding_host, busybox, nix_bundle, "sleep 60; echo ok > $out")
+        status = subprocess.run(
+            [str(RECNIX_BIN), "status", "--config", str(service.config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
     finally:
         stop_recnix_service(service)
     assert done.returncode != 0, done.stdout
-    assert f"finds no socket at {SANDBOX_SOCKET}" in done.stderr, done.stderr
+    assert "signal 9" in done.stderr or "killed" in done.stderr.lower(), done.stderr
+    assert status.returncode == 0, status.stderr
+    assert "builds recnix failed:" in status.stdout, status.stdout
+    assert f"finds no socket at {SANDBOX_SOCKET}" in status.stdout, status.stdout
+    assert f"finds no socket at {SANDBOX_SOCKET}" in service.log_text()
     aborted = [e for e in service.audit_events() if e["event"] == "aborted"]
     assert aborted and "finds no socket" in aborted[-1]["reason"], service.audit_events()
 

@@ -258,7 +258,7 @@ class FakeSession:
     def ancestry(self) -> set[str]:
         return {self.drv_path}
 
-    async def allow(self, paths: Iterable[str], peer_pid: int | None, event: str) -> None:
+    async def allow(self, paths: Iterable[str], event: str) -> None:
         for p in sorted(set(paths) - self.allowed):
             self.allowed.add(p)
             self.audit(event, path=p)
