@@ -140,3 +140,35 @@ def signed_by(
         if ed25519_verify(keys[name], message, raw):
             return name
     return None
+
+
+def secret_key_public_parts(files: Iterable[str]) -> dict[str, bytes]:
+    """Public keys of nix.conf's ``secret-key-files`` (Nix trusts them too): a secret key
+    ``name:<base64 of seed and public key>`` ends with its 32-byte public key."""
+    parsed: dict[str, bytes] = {}
+    for file in files:
+        try:
+            with open(file, encoding="ascii") as f:
+                name, sep, data = f.read().strip().partition(":")
+            raw = base64.b64decode(data, validate=True)
+        except (OSError, UnicodeDecodeError, binascii.Error, ValueError):
+            continue
+        if sep and name and len(raw) == 64:
+            parsed[name] = raw[32:]
+    return parsed
+
+
+def trusted_keys(settings: dict[str, object]) -> dict[str, bytes]:
+    """The keys Nix trusts given its settings (``nix show-config --json`` values):
+    ``trusted-public-keys`` and the public parts of ``secret-key-files``."""
+
+    def words(value: object) -> list[str]:
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, list):
+            return [v for v in value if isinstance(v, str)]
+        return []
+
+    keys = parse_public_keys(words(settings.get("trusted-public-keys")))
+    keys.update(secret_key_public_parts(words(settings.get("secret-key-files"))))
+    return keys
