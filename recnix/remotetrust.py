@@ -130,15 +130,17 @@ class TrustCheck:
         trusted_builder: bool,
         public_keys: Callable[[], dict[str, bytes]],
         read_drv: DrvReader,
+        valid_here: Callable[[str], Awaitable[bool]],
     ) -> None:
         """``public_keys()``: this machine's trusted keys (asked only when needed);
         ``read_drv(path)``: a ``.drv``'s contents as the builder (or this store) has them,
-        not yet checked."""
+        not yet checked; ``valid_here(path)``: whether this machine's store has it."""
         self.host = host
         self.trusted_builder = trusted_builder
         self._public_keys = public_keys
         self._keys: dict[str, bytes] | None = None
         self._read_drv = read_drv
+        self._valid_here = valid_here
         self._drvs: dict[str, Derivation] = {}
 
     @property
@@ -185,7 +187,14 @@ class TrustCheck:
         return Admission(f"output of {info.deriver}", check_sigs=False)
 
     async def prove_output(self, path: str, deriver: str) -> None:
-        """Show that ``path`` is an output of the input-addressed ``deriver``."""
+        """Show that ``path`` is an output of the input-addressed ``deriver``, which this
+        machine does not have: a derivation it has, and has not built, it builds or
+        substitutes itself rather than take a builder's word for its outputs."""
+        if await self._valid_here(deriver):
+            raise UntrustedPath(
+                f"its deriver {deriver} is a derivation of this machine, not built here: "
+                "its outputs come from a build or substitution here, not from a builder"
+            )
         drv = await self.derivation(deriver)
         try:
             computed = input_addressed_output_paths(drv, self._drvs.__getitem__)

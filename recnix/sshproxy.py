@@ -570,14 +570,20 @@ class Proxy:
 
         trusted = load_config()["remote"]["trusted-builders"]
         return TrustCheck(
-            self.host, builder_trusted(self.host, trusted), local_public_keys, self.read_drv
+            self.host,
+            builder_trusted(self.host, trusted),
+            local_public_keys,
+            self.read_drv,
+            self.valid_here,
         )
+
+    async def valid_here(self, path: str) -> bool:
+        return await (await self.local()).is_valid_path(path)
 
     async def read_drv(self, path: str) -> bytes:
         """A ``.drv``'s contents: from this store if valid here, else from the builder
         (unchecked: recnix.remotetrust checks them against the path)."""
-        local = await self.local()
-        if await local.is_valid_path(path):
+        if await self.valid_here(path):
             return Path(path).read_bytes()
         if await self.builder_call(Op.QUERY_PATH_INFO, {"path": path}) is None:
             raise UntrustedPath(f"{path} is not valid on {self.host}")
