@@ -658,14 +658,17 @@ def hash_derivation_modulo(
     return {name: digest for name in drv.outputs}
 
 
-def input_addressed_output_paths(drv: Derivation, resolve: Any) -> dict[str, str]:
+def input_addressed_output_paths(
+    drv: Derivation, resolve: Any, memo: dict[str, dict[str, str]] | None = None
+) -> dict[str, str]:
     """The output paths Nix computes for the input-addressed ``drv`` (name -> path);
-    ``resolve`` as for :func:`hash_derivation_modulo`."""
+    ``resolve`` as for :func:`hash_derivation_modulo`, ``memo`` (input .drv path ->
+    its hashes) kept between calls spares hashing shared inputs again."""
     if drv.name is None:
         raise DerivationError("derivation without a name: its output paths are unknown")
     if drv.is_fixed_output:
         raise DerivationError(f"derivation {drv.name!r} is fixed-output, not input-addressed")
-    hashes = hash_derivation_modulo(drv, resolve)
+    hashes = hash_derivation_modulo(drv, resolve, True, memo)
     return {
         name: make_store_path(f"output:{name}", digest, _output_path_name(drv.name, name))
         for name, digest in hashes.items()

@@ -142,6 +142,7 @@ class TrustCheck:
         self._read_drv = read_drv
         self._valid_here = valid_here
         self._drvs: dict[str, Derivation] = {}
+        self._hashes: dict[str, dict[str, str]] = {}
 
     @property
     def keys(self) -> dict[str, bytes]:
@@ -197,11 +198,13 @@ class TrustCheck:
             )
         drv = await self.derivation(deriver)
         try:
-            computed = input_addressed_output_paths(drv, self._drvs.__getitem__)
+            computed = input_addressed_output_paths(drv, self._drvs.__getitem__, self._hashes)
         except DerivationError as e:
             raise UntrustedPath(f"the output paths of {deriver} cannot be computed: {e}") from e
         except KeyError as e:  # not loaded: derivation() loads the whole .drv closure
             raise UntrustedPath(f"{e} is missing from the .drv closure of {deriver}") from e
+        except RecursionError:
+            raise UntrustedPath(f"the .drv closure of {deriver} is too deep to hash") from None
         if path not in computed.values():
             raise UntrustedPath(f"it is not an output of its deriver {deriver}")
         for name, out in computed.items():
