@@ -166,6 +166,9 @@ in
               setting "policy" "nested-builds-skip-hooks" lib.types.bool
                 "Run nested builds that open no recnix session without nix.conf's pre- and post-build hooks (two process starts fewer per derivation). Ignored while `hooks` chains further hooks. Set to false if nix.conf's hooks are not recnix's own.";
           };
+          remote.trusted-builders =
+            setting "remote" "trusted-builders" (lib.types.listOf lib.types.str)
+              ''ssh-ng:// builders (host names as in nix.buildMachines, e.g. "builder" or "ssh-ng://user@builder") trusted with every path they send back. Otherwise a path of an output's closure that this machine did not send is imported only if it is content-addressed, signed by a key in nix.settings.trusted-public-keys, or the recomputed output of a derivation whose .drv the builder has too; anything else fails the build.'';
           signing.secret-key-files =
             setting "signing" "secret-key-files" (lib.types.listOf lib.types.str)
               "Secret key files used to re-sign outputs after recnix adds their references (re-registration drops signatures). Usually the same as nix.settings.secret-key-files.";

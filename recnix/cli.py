@@ -61,6 +61,11 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
 [signing]
   secret-key-files       keys to re-sign outputs after recnix adds
                          references (re-registration drops sigs)   []
+[remote]
+  trusted-builders       ssh-ng:// builders trusted with every path
+                         they send back (else only outputs sent,
+                         content-addressed, signed, or proven
+                         outputs of a .drv are imported)           []
 [hooks]
   pre-build, post-build  further hooks to chain after recnix's own []
 [nix]

@@ -154,6 +154,12 @@ def _validate(raw: dict[str, Any]) -> None:
             raise ConfigError(f"'policy.{key}' must not be negative")
     if policy["max-connections-per-session"] < 1:
         raise ConfigError("'policy.max-connections-per-session' must be at least 1")
+    trusted = raw["remote"]["trusted-builders"]
+    if not all(isinstance(b, str) and b.strip() for b in trusted):
+        raise ConfigError(
+            "'remote.trusted-builders' must be a list of builder host names "
+            '(e.g. ["builder", "ssh-ng://user@builder"])'
+        )
     if policy["existing-fixed-outputs"] not in ("allow", "deny"):
         raise ConfigError(
             f"'policy.existing-fixed-outputs' is {policy['existing-fixed-outputs']!r}: "

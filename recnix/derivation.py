@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 from recnix.storepath import (
     InvalidStorePath,
     make_fixed_output_path,
+    make_store_path,
     nix32_decode,
     nix32_len,
     store_path_name,
@@ -586,3 +588,88 @@ def to_aterm_bytes(drv: Derivation) -> bytes:
 
 
 unparse = to_aterm
+
+
+# --- output paths (Nix's hashDerivationModulo) ---------------------------------------------
+
+
+def _modulo_aterm(drv: Derivation, inputs: dict[str, set[str]], mask: bool) -> bytes:
+    """``drv`` printed as Nix hashes it: input derivations replaced by ``inputs`` (hash
+    -> output names); with ``mask``, output paths and the env entries named after
+    outputs blanked."""
+    masked = Derivation(
+        outputs={
+            name: DerivationOutput(o.kind, None if mask else o.path, o.hash_algo, o.hash, o.method)
+            for name, o in drv.outputs.items()
+        },
+        input_drvs={h: OutputsNode(set(names)) for h, names in sorted(inputs.items())},
+        input_srcs=drv.input_srcs,
+        platform=drv.platform,
+        builder=drv.builder,
+        args=drv.args,
+        env={k: "" if mask and k in drv.outputs else v for k, v in drv.env.items()},
+        name=drv.name,
+        version=drv.version,
+    )
+    return to_aterm_bytes(masked)
+
+
+def hash_derivation_modulo(
+    drv: Derivation,
+    resolve: Any,
+    mask_outputs: bool = True,
+    memo: dict[str, dict[str, str]] | None = None,
+) -> dict[str, str]:
+    """Nix's ``hashDerivationModulo``: output name -> base-16 sha256. ``mask_outputs``:
+    as for the derivation's own output paths (its inputs are hashed unmasked).
+
+    ``resolve(drv_path)`` returns the parsed input derivation at that path. Only
+    input-addressed and fixed-output derivations, without dynamic inputs, are
+    supported (DerivationError otherwise): their output paths do not depend on a
+    build."""
+    if drv.version is not None or any(n.dynamic_outputs for n in drv.input_drvs.values()):
+        raise DerivationError(f"derivation {drv.name!r}: dynamic derivations are not supported")
+    if drv.is_fixed_output:
+        hashes = {}
+        for name, o in drv.outputs.items():
+            assert o.hash_algo is not None and o.hash is not None and o.path is not None
+            prefix = {"nar": "r:", "text": "text:", "git": "git:"}.get(o.method or "", "")
+            text = f"fixed:out:{prefix}{o.hash_algo}:{_hash_hex(o.hash, o.hash_algo)}:{o.path}"
+            hashes[name] = hashlib.sha256(text.encode()).hexdigest()
+        return hashes
+    wanted = "deferred" if mask_outputs else "inputAddressed"
+    if not drv.outputs or not all(
+        o.kind in ("inputAddressed", wanted) for o in drv.outputs.values()
+    ):
+        raise DerivationError(
+            f"derivation {drv.name!r}: output paths that are not fixed in advance "
+            "(content-addressed, deferred or impure outputs) are not supported"
+        )
+    memo = {} if memo is None else memo
+    inputs: dict[str, set[str]] = {}
+    for path, node in drv.input_drvs.items():
+        if path not in memo:
+            memo[path] = hash_derivation_modulo(resolve(path), resolve, False, memo)
+        for out in node.outputs:
+            if out not in memo[path]:
+                raise DerivationError(f"derivation {drv.name!r}: {path} has no output {out!r}")
+            inputs.setdefault(memo[path][out], set()).add(out)
+    digest = hashlib.sha256(_modulo_aterm(drv, inputs, mask_outputs)).hexdigest()
+    return {name: digest for name in drv.outputs}
+
+
+def input_addressed_output_paths(
+    drv: Derivation, resolve: Any, memo: dict[str, dict[str, str]] | None = None
+) -> dict[str, str]:
+    """The output paths Nix computes for the input-addressed ``drv`` (name -> path);
+    ``resolve`` as for :func:`hash_derivation_modulo`, ``memo`` (input .drv path ->
+    its hashes) kept between calls spares hashing shared inputs again."""
+    if drv.name is None:
+        raise DerivationError("derivation without a name: its output paths are unknown")
+    if drv.is_fixed_output:
+        raise DerivationError(f"derivation {drv.name!r} is fixed-output, not input-addressed")
+    hashes = hash_derivation_modulo(drv, resolve, True, memo)
+    return {
+        name: make_store_path(f"output:{name}", digest, _output_path_name(drv.name, name))
+        for name, digest in hashes.items()
+    }

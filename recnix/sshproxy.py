@@ -21,7 +21,10 @@ additions for builds that require ``recnix`` or ``recnix-readonly``:
   their locks), is added to the client's store through its nix-daemon, in
   dependency order, before the reply reaches build-remote. Nix copies back
   only the outputs (``build-remote.cc``), so without this an output that
-  references the inner builds of its session is invalid on the client.
+  references the inner builds of its session is invalid on the client. The
+  builder chose those paths: each is imported only if recnix.remotetrust
+  admits it (content-addressed, signed by a trusted key, the proven output of
+  a derivation, or a builder named in ``remote.trusted-builders``).
 
 Any failure of these steps answers build-remote's op with an error naming the
 path and the cause; input the codec cannot parse ends the session with the
@@ -42,6 +45,7 @@ from typing import Any
 
 from recnix.aio import READ_CHUNK, next_event
 from recnix.derivation import DerivationError, read_derivation
+from recnix.nar import Contents, File, FileEnd, NarParser
 from recnix.protocol import (
     NEED_DATA,
     BuildResult,
@@ -66,6 +70,13 @@ from recnix.protocol import (
 from recnix.protocol.connection import Event
 from recnix.protocol.stderr import Next
 from recnix.protocol.wire import SERVER_MINOR_DEFAULT
+from recnix.remotetrust import (
+    MAX_DRV_BYTES,
+    TrustCheck,
+    UntrustedPath,
+    builder_trusted,
+    ssh_destination,
+)
 from recnix.upstream import Upstream, UpstreamError
 
 REAL_SSH_ENV = "RECNIX_REAL_SSH"
@@ -245,7 +256,7 @@ class Proxy:
         A Nix client sends its version only after the server's, so the builder's
         (negotiated at recnix's highest) is offered: both ends then use the same minor
         unless build-remote is older than the builder (the codec converts)."""
-        self.host = next((a for a in args if not a.startswith("-")), "the builder")
+        self.host = ssh_destination(args) or "the builder"
         try:
             self.builder = await Builder.open(ssh, args, SERVER_MINOR_DEFAULT)
         except (UpstreamError, ProtocolError, OSError) as e:
@@ -487,11 +498,21 @@ class Proxy:
     # -- after a build
 
     async def output_paths(self, req: Request) -> set[str]:
+        """The outputs of what build-remote sent: from the derivation it sent, or from this
+        machine's ``.drv``; the builder is asked only for outputs no ``.drv`` fixes."""
         if req.op == Op.BUILD_DERIVATION:
             return {o.path for o in req.args["drv"].outputs.values() if o.path}
         outs: set[str] = set()
         for dp in req.args["paths"]:
             if dp.outputs is None:
+                continue
+            try:
+                known = {n: o.path for n, o in read_derivation(dp.path).outputs.items()}
+            except (OSError, DerivationError):
+                known = {}
+            wanted = [n for n in known if dp.outputs == ["*"] or n in dp.outputs]
+            if known and all(known[n] for n in wanted):
+                outs.update(known[n] for n in wanted if known[n])
                 continue
             omap = await self.builder_call(Op.QUERY_DERIVATION_OUTPUT_MAP, {"drv_path": dp.path})
             for name, path in omap.items():
@@ -500,7 +521,8 @@ class Proxy:
         return outs
 
     async def fetch_closure(self, req: Request) -> None:
-        """Add the built outputs' closure minus the outputs to the client's store.
+        """Add the built outputs' closure minus the outputs to the client's store, each
+        path only if recnix.remotetrust admits it (else nothing is imported).
 
         Walks the builder's references only into paths this machine lacks (a valid
         path's closure is valid): one round trip per output and per missing path."""
@@ -522,19 +544,88 @@ class Proxy:
         missing = {p: i for p, i in infos.items() if p not in outputs}
         if not missing:
             return
+        check = self.trust_check()
+        order = topo_order(missing)
+        try:
+            admitted = {path: await check.admit(path, missing[path]) for path in order}
+        except UntrustedPath as e:
+            raise ProxyError(str(e)) from None
         await self.say(
             f"recnix: copying {len(missing)} paths the outputs built on {self.host} "
             "refer to into this machine's store"
         )
-        for path in topo_order(missing):
+        for path in order:
             try:
                 await local.add_to_store_nar(
                     ValidPathInfo(path, missing[path]),
                     self.builder_nar(path),
-                    dont_check_sigs=True,
+                    dont_check_sigs=not admitted[path].check_sigs,
                 )
             except UpstreamError as e:
-                raise ProxyError(f"adding {path}: {e}") from e
+                raise ProxyError(f"adding {path} ({admitted[path].reason}): {e}") from e
+
+    def trust_check(self) -> TrustCheck:
+        """How far this session's builder is trusted (recnix.remotetrust)."""
+        from recnix.config import load_config
+
+        trusted = load_config()["remote"]["trusted-builders"]
+        return TrustCheck(
+            self.host,
+            builder_trusted(self.host, trusted),
+            local_public_keys,
+            self.read_drv,
+            self.valid_here,
+        )
+
+    async def valid_here(self, path: str) -> bool:
+        return await (await self.local()).is_valid_path(path)
+
+    async def read_drv(self, path: str) -> bytes:
+        """A ``.drv``'s contents: from this store if valid here, else from the builder
+        (unchecked: recnix.remotetrust checks them against the path)."""
+        if await self.valid_here(path):
+            return Path(path).read_bytes()
+        if await self.builder_call(Op.QUERY_PATH_INFO, {"path": path}) is None:
+            raise UntrustedPath(f"{path} is not valid on {self.host}")
+        return await single_file(self.builder_nar(path), path)
+
+
+async def single_file(chunks: AsyncIterator[bytes], path: str) -> bytes:
+    """The contents of a NAR holding one regular file (a ``.drv``), at most MAX_DRV_BYTES;
+    UntrustedPath otherwise (the whole NAR is read: the connection stays in step)."""
+    parts: list[bytes] = []
+    problem: str | None = None
+
+    def on_event(ev: object) -> None:
+        nonlocal problem
+        if isinstance(ev, Contents):
+            parts.append(ev.data)
+        elif isinstance(ev, File):
+            if ev.path != "" or ev.size > MAX_DRV_BYTES:
+                problem = problem or f"{path} is not a file of at most {MAX_DRV_BYTES} bytes"
+        elif not isinstance(ev, FileEnd):
+            problem = problem or f"{path} is not a regular file"
+
+    parser = NarParser(on_event)
+    try:
+        async for chunk in chunks:
+            if not parser.done:
+                parser.feed(chunk)
+    except ProtocolError as e:
+        problem = problem or f"{path}: {e}"
+    if problem is None and not parser.done:
+        problem = f"{path}: incomplete NAR"
+    if problem is not None:
+        raise UntrustedPath(problem)
+    return b"".join(parts)
+
+
+def local_public_keys() -> dict[str, bytes]:
+    """The keys this machine's Nix trusts (its nix.conf, as ``nix show-config`` reads it)."""
+    from recnix.nixsettings import nix_settings
+    from recnix.signatures import trusted_keys
+
+    return trusted_keys(nix_settings())
 
 
 def mark_remote_builds(drv_paths: list[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 
 STORE_DIR = "/nix/store"
 STORE_PREFIX = STORE_DIR + "/"
@@ -169,3 +170,52 @@ def make_fixed_output_path(method: str, hash_algo: str, hash_hex: str, name: str
     prefix = "r:" if method == "nar" else ""
     inner = hashlib.sha256(f"fixed:out:{prefix}{hash_algo}:{hash_hex}:".encode()).hexdigest()
     return make_store_path("output:out", inner, name)
+
+
+def make_type(type_: str, references: Iterable[str], self_path: str | None = None) -> str:
+    """Nix's ``makeType``: ``type`` then ``:<reference>`` for each reference (sorted),
+    then ``:self`` if ``self_path`` is among them (it is left out of the list)."""
+    refs = sorted(set(references))
+    has_self = self_path is not None and self_path in refs
+    return ":".join([type_, *(r for r in refs if r != self_path)] + (["self"] if has_self else []))
+
+
+def make_text_path(name: str, text: bytes, references: Iterable[str]) -> str:
+    """Store path of a text-hashed object (a ``.drv``, ``builtins.toFile``): Nix's
+    ``makeTextPath`` over the sha256 of ``text`` and its references."""
+    return make_store_path(make_type("text", references), hashlib.sha256(text).hexdigest(), name)
+
+
+def content_address_path(ca: str, name: str, references: Iterable[str], path: str) -> str:
+    """The store path that content address ``ca`` (``text:sha256:<h>``,
+    ``fixed:r:<algo>:<h>``, ``fixed:<algo>:<h>``; ``<h>`` nix32 or base 16) and
+    ``references`` give a path named ``name`` (``path`` may refer to itself).
+
+    Raises ValueError for a content address Nix would not name a path by."""
+    method, _, rest = ca.partition(":")
+    if method == "text":
+        algo, _, digest = rest.partition(":")
+        if algo != "sha256" or path in references:
+            raise ValueError(f"invalid text content address {ca!r}")
+        return make_store_path(make_type("text", references), _digest_hex(digest, 32), name)
+    if method != "fixed":
+        raise ValueError(f"unknown content-address method in {ca!r}")
+    recursive = rest.startswith("r:")
+    algo, _, digest = rest.removeprefix("r:").partition(":")
+    size = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}.get(algo)
+    if size is None:
+        raise ValueError(f"unknown hash algorithm in {ca!r}")
+    hex_digest = _digest_hex(digest, size)
+    if recursive and algo == "sha256":
+        return make_store_path(make_type("source", references, path), hex_digest, name)
+    if list(references):
+        raise ValueError(f"a path with content address {ca!r} cannot have references")
+    return make_fixed_output_path("nar" if recursive else "flat", algo, hex_digest, name)
+
+
+def _digest_hex(digest: str, size: int) -> str:
+    if len(digest) == 2 * size:
+        return bytes.fromhex(digest).hex()
+    if len(digest) == nix32_len(size):
+        return nix32_decode(digest).hex()
+    raise ValueError(f"invalid digest {digest!r}")

@@ -338,3 +338,102 @@ def test_read_derivation_takes_name_from_file(tmp_path: Path) -> None:
     bad.write_bytes(src)
     with pytest.raises(DerivationError, match="content address"):
         read_derivation(bad)
+
+
+# --- output paths (hashDerivationModulo) ---------------------------------------------------
+
+HASH_MODULO = DRV_DIR / "hash-modulo"
+
+
+def _modulo_fixture(stem: str) -> tuple[str, Derivation]:
+    """(its store path, the parsed derivation) of ``hash-modulo/<stem>.drv``."""
+    from recnix.storepath import make_text_path
+
+    text = (HASH_MODULO / f"{stem}.drv").read_bytes()
+    name = json.loads((HASH_MODULO / f"{stem}.json").read_text())["name"]
+    drv = parse_derivation(text, name)
+    refs = set(drv.input_srcs) | set(drv.input_drvs)
+    return make_text_path(f"{name}.drv", text, refs), drv
+
+
+def _modulo_store() -> dict[str, Derivation]:
+    return dict(
+        _modulo_fixture(s)
+        for s in ("source-first", "source-second", "intermediate-first", "intermediate-second")
+    )
+
+
+def test_fixture_drv_paths_are_their_text_paths() -> None:
+    """The store paths the hash-modulo fixtures refer to are the text paths of their
+    contents and references (Nix's makeTextPath)."""
+    _require_fixtures()
+    store = _modulo_store()
+    assert "/nix/store/q4mzjdlh5px6977h7v5fdsk1p33yg583-source.drv" in store
+    assert "/nix/store/kp6i4n4bb3hlniwqjakhlf046qpdc0gl-intermediate.drv" in store
+    assert "/nix/store/f8g8x4m83da3b2f79iv84q2r3qlc58lr-intermediate.drv" in store
+
+
+@pytest.mark.parametrize(
+    "stem", ["intermediate-first", "intermediate-second", "parent-joined", "parent-split"]
+)
+def test_hash_derivation_modulo_matches_nix(stem: str) -> None:
+    """hashDerivationModulo = sha256 of Nix's own `<stem>-modulo.drv` text (fixed-output
+    inputs hashed by their content address, so first and second agree; two inputs
+    with the same hash merge their outputs)."""
+    import hashlib
+
+    from recnix.derivation import hash_derivation_modulo
+
+    _require_fixtures()
+    store = _modulo_store()
+    drv = parse_derivation((HASH_MODULO / f"{stem}.drv").read_bytes(), stem.split("-")[0])
+    expected = hashlib.sha256((HASH_MODULO / f"{stem}-modulo.drv").read_bytes()).hexdigest()
+    assert set(hash_derivation_modulo(drv, store.__getitem__).values()) == {expected}
+
+
+def test_input_addressed_output_paths_as_nix_2_8_computes_them() -> None:
+    """Output paths of a derivation with two outputs, a fixed-output input and a text
+    input, as `nix-instantiate` (2.8) wrote them; its .drv path is its text path."""
+    from recnix.derivation import input_addressed_output_paths
+    from recnix.storepath import make_text_path
+
+    fo_out = "/nix/store/j6pcdwmw2hmiy97jvz23dzwnapj7aj4g-fo"
+    fo = (
+        f'Derive([("out","{fo_out}","r:sha256",'
+        '"0000000000000000000000000000000000000000000000000000000000000000")],[],[],'
+        '"x86_64-linux","/bin/sh",[],[("builder","/bin/sh"),("name","fo"),'
+        f'("out","{fo_out}"),'
+        '("outputHash","0000000000000000000000000000000000000000000000000000"),'
+        '("outputHashAlgo","sha256"),("outputHashMode","recursive"),'
+        '("system","x86_64-linux")])'
+    )
+    fo_path = "/nix/store/dja7pnqjwq2l6kqisbsc7fmxgjn5rapl-fo.drv"
+    assert make_text_path("fo.drv", fo.encode(), []) == fo_path
+    dev, out = (
+        "/nix/store/1q54ksvdb189gxpiw7lg6c1cs1j1vy6l-a-dev",
+        "/nix/store/mf68cwgc8zvc7n43m3qfl92mwgk2hgg3-a",
+    )
+    f = "/nix/store/2qrhg0a6v2d6nsxncds6y3pc4l36n9xj-f"
+    assert make_text_path("f", b"hi", []) == f
+    a = (
+        f'Derive([("dev","{dev}","",""),("out","{out}","","")],[("{fo_path}",["out"])],'
+        f'["{f}"],"x86_64-linux","/bin/sh",["-c","x"],[("builder","/bin/sh"),'
+        f'("dev","{dev}"),("f","{f}"),("name","a"),("out","{out}"),("outputs","out dev"),'
+        f'("src","{fo_out}"),("system","x86_64-linux")])'
+    )
+    store = {fo_path: parse_derivation(fo, "fo")}
+    computed = input_addressed_output_paths(parse_derivation(a, "a"), store.__getitem__)
+    assert computed == {"dev": dev, "out": out}
+    # one byte of the derivation changes every output path
+    tampered = parse_derivation(a.replace('["-c","x"]', '["-c","y"]'), "a")
+    assert input_addressed_output_paths(tampered, store.__getitem__)["out"] != out
+
+
+def test_output_paths_refuse_floating_and_dynamic() -> None:
+    from recnix.derivation import input_addressed_output_paths
+
+    floating = parse_derivation(
+        'Derive([("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",[],[])', "f"
+    )
+    with pytest.raises(DerivationError, match="not fixed in advance"):
+        input_addressed_output_paths(floating, {}.__getitem__)

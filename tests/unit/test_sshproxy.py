@@ -116,3 +116,33 @@ def test_shim_first_on_the_daemons_path_alone(tmp_path) -> None:
         ["ssh", "b", "-O", "check"], env=env, capture_output=True, text=True, check=False
     )
     assert r.returncode == 0 and r.stdout == "real: b -O check\n", r
+
+
+def test_single_file_of_a_nar(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A .drv's contents from the builder's NAR: one regular file, else refused (the
+    whole NAR is still read)."""
+    import asyncio
+
+    import pytest
+
+    from recnix.nar import dump_path
+    from recnix.remotetrust import UntrustedPath
+    from recnix.sshproxy import single_file
+
+    async def contents(path) -> bytes:  # type: ignore[no-untyped-def]
+        async def chunks():  # type: ignore[no-untyped-def]
+            for chunk in dump_path(path):
+                yield chunk
+
+        return await single_file(chunks(), "/nix/store/x.drv")
+
+    drv = tmp_path / "x.drv"
+    drv.write_bytes(b"Derive([])" * 1000)
+    assert asyncio.run(contents(drv)) == b"Derive([])" * 1000
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("x")
+    with pytest.raises(UntrustedPath, match="not a"):
+        asyncio.run(contents(tmp_path / "d"))
+    (tmp_path / "l").symlink_to("x.drv")
+    with pytest.raises(UntrustedPath, match="not a regular file"):
+        asyncio.run(contents(tmp_path / "l"))
