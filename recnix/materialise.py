@@ -86,22 +86,31 @@ def find_sandbox_pid(chroot_root: Path) -> int | None:
     return pids[0] if pids else None
 
 
-def store_dir_id(chroot_root: Path) -> NamespaceId | None:
-    """(st_dev, st_ino) of the host's `<chroot_root>/nix/store`, opened component by
-    component without following symlinks; None if it is not there."""
-    try:
-        fd = os.open(chroot_root, _OPEN_DIR)
-    except OSError:
-        return None
+def _open_store_below(root: str | Path) -> int:
+    """A descriptor of `<root>/nix/store`, opened component by component without following
+    symlinks (OSError if any of them is missing or not a directory)."""
+    fd = os.open(root, _OPEN_DIR)
     try:
         for part in ("nix", "store"):
             next_fd = os.open(part, _OPEN_DIR, dir_fd=fd)
             os.close(fd)
             fd = next_fd
-        st = os.fstat(fd)
-        return (st.st_dev, st.st_ino)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def store_dir_id(chroot_root: Path) -> NamespaceId | None:
+    """(st_dev, st_ino) of the host's `<chroot_root>/nix/store` (see `_open_store_below`);
+    None if it is not there."""
+    try:
+        fd = _open_store_below(chroot_root)
     except OSError:
         return None
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino)
     finally:
         os.close(fd)
 
@@ -145,19 +154,12 @@ def _open_store_dir(store_id: NamespaceId) -> int:
     """In the helper (after setns): `/nix/store` of the namespace, walked from its root
     without following symlinks, if it is the host's `<chroot>/nix/store` (device and
     inode ``store_id``); OSError(EXDEV) if it is anything else."""
-    fd = os.open("/", _OPEN_DIR)
-    try:
-        for part in ("nix", "store"):
-            next_fd = os.open(part, _OPEN_DIR, dir_fd=fd)
-            os.close(fd)
-            fd = next_fd
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != store_id:
-            raise OSError(errno.EXDEV, "not the sandbox's store directory")
-        return fd
-    except BaseException:
+    fd = _open_store_below("/")
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != store_id:
         os.close(fd)
-        raise
+        raise OSError(errno.EXDEV, "not the sandbox's store directory")
+    return fd
 
 
 def _run_in_namespace(

@@ -468,6 +468,16 @@ class RecnixService:
     def session_dirs(self) -> list[Path]:
         return sorted(self.root.glob("s-*"))
 
+    def status(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``recnix status [args]`` against this service (output captured, not checked)."""
+        return subprocess.run(
+            [str(RECNIX_BIN), "status", "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
 
 def recnix_config_text(
     root: Path, host: NixHost, extra: str = "", daemon: Mapping[str, object] | None = None

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from recnix.sandboxproc import SandboxProcess
-from tests.host.conftest import RECNIX_BIN, NixHost, RecnixService
+from tests.host.conftest import NixHost, RecnixService
 from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import BuildOutcome, ScenarioRunner
@@ -58,13 +58,7 @@ def assert_unchanged(host: NixHost, path: str) -> None:
 def status_seconds(service: RecnixService) -> tuple[float, str]:
     """How long `recnix status` takes, and what it prints (fails the test if it errs)."""
     started = time.monotonic()
-    done = subprocess.run(
-        [str(RECNIX_BIN), "status", "--config", str(service.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = service.status()
     assert done.returncode == 0, done.stderr
     return time.monotonic() - started, done.stdout
 

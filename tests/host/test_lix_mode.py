@@ -65,13 +65,7 @@ def test_a_builder_without_its_socket_is_failed_with_a_message(hiding_host, busy
     try:
         # without recnix noticing, this build would succeed after its sleep
         done = build(hiding_host, busybox, nix_bundle, "sleep 60; echo ok > $out")
-        status = subprocess.run(
-            [str(RECNIX_BIN), "status", "--config", str(service.config_path)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
+        status = service.status()
     finally:
         stop_recnix_service(service)
     assert done.returncode != 0, done.stdout

@@ -578,13 +578,9 @@ def test_malformed_input_closes_only_that_connection(
     sessions = json.loads(status.stdout)
     mine = [s for s in sessions if s["drv"] == live.drv_path and s["state"] == "open"]
     assert mine, sessions
-    table = subprocess.run(
-        [str(RECNIX_BIN), "status", "--config", str(recnix_service.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    done = recnix_service.status()
+    assert done.returncode == 0, done.stderr
+    table = done.stdout
     row = next(line.split() for line in table.splitlines() if line.startswith(mine[0]["session"]))
     assert row[1] == live.drv_path.split("-", 1)[1].removesuffix(".drv"), table
     assert row[4] == "open" and row[5] != "?", table  # state, age
