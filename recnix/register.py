@@ -6,7 +6,8 @@ recnix scans every output for the hash parts of the session's paths, re-checks t
 derivation's reference constraints, adds the missing references with
 `nix-store --register-validity --reregister --hash-given` and re-signs. Content-addressed
 outer derivations cannot be fixed up (their path depends on their references, §6.5): such an
-output referencing a session path fails the finalisation.
+output referencing a session path fails the finalisation. A failed finalisation is the
+caller's to undo: the outputs must not stay valid (``recnix.invalidate``).
 """
 
 from __future__ import annotations
@@ -179,6 +180,15 @@ def query_closure(paths: Iterable[str], nix_env: Mapping[str, str]) -> set[str]:
     if not paths:
         return set()
     return set(_run(["nix-store", "-qR", *paths], nix_env).split())
+
+
+def closure_size(closure: Iterable[str], nix_env: Mapping[str, str]) -> int:
+    """The sum of the NAR sizes of the paths of ``closure`` (as maxClosureSize counts)."""
+    paths = sorted(closure)
+    if not paths:
+        return 0
+    sizes = _run(["nix-store", "-q", "--size", *paths], nix_env).split()
+    return sum(int(size) for size in sizes)
 
 
 class StoreQueries(Protocol):
@@ -436,7 +446,11 @@ def _plan_fix_ups(
         if not new:
             continue
         checks = drv.output_checks(name)
-        if checks.allowed_requisites is None and checks.disallowed_requisites is None:
+        if (
+            checks.allowed_requisites is None
+            and checks.disallowed_requisites is None
+            and checks.max_closure_size is None
+        ):
             closure, new_paths = old | new, new  # only reference checks apply
         else:
             old_closure = query_closure([output_path], nix_env)
@@ -445,6 +459,15 @@ def _plan_fix_ups(
         check_output_constraints(
             drv, name, outputs, refs=old | new, closure=closure, new_paths=new_paths
         )
+        if checks.max_closure_size is not None:
+            size = closure_size(closure, nix_env)
+            if size > checks.max_closure_size:
+                raise FinaliseError(
+                    f"output {name!r} ({output_path}) of {drv.name or 'derivation'} violates "
+                    f"maxClosureSize: its closure is {size} bytes with what it refers to "
+                    f"through recnix ({', '.join(sorted(new))}); the limit is "
+                    f"{checks.max_closure_size} bytes"
+                )
         pending[name] = (output_path, registration_record(output_path, info, new), new)
     return FinaliseReport(outputs=outputs), pending
 
@@ -455,6 +478,7 @@ __all__ = [
     "FinaliseReport",
     "add_references",
     "check_output_constraints",
+    "closure_size",
     "ensure_not_ca_referencing",
     "finalise_outputs",
     "local_store_env",
