@@ -27,12 +27,13 @@ from recnix.buildqueue import PLAIN_SUFFIX
 from recnix.config import Config, hook_marks_dir
 from recnix.derivation import DerivationError, read_derivation
 from recnix.gcroots import sweep
+from recnix.invalidate import InvalidateError, invalidate_paths, invalidated_message
 from recnix.journal import SessionRecord, journals, replay
 from recnix.materialise import peer_in_sandbox
 from recnix.nixsettings import build_users, fsync_paths, nix_settings, session_bound
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
-from recnix.register import FinaliseError, StoreQueries, finalise_outputs
+from recnix.register import FinaliseError, StoreQueries, finalise_outputs, outputs_of
 from recnix.remote import Guards, take_remote_mark
 from recnix.session import ClientProtocol, ResumeError, Session
 from recnix.upstream import Upstream, UpstreamError
@@ -197,6 +198,7 @@ class Service:
         # sid -> (server, inode) of each session's socket inside its chroot
         self._sandbox_sockets: dict[str, tuple[asyncio.base_events.Server, int]] = {}
         self.guards = Guards(self.state_dir, self.audit)  # builds without a .drv here
+        self._finalising: dict[str, asyncio.Future[list[str]]] = {}  # sid -> its finalisation
 
     # -- upstream
 
@@ -318,8 +320,15 @@ class Service:
     async def _resume(self, record: SessionRecord) -> str | None:
         """Resume one journaled session; the reason it cannot be resumed, or None."""
         chroot = Path(record.chroot)
+        if record.finalising:
+            # The hook that asked got no answer and invalidates the outputs itself; make
+            # sure of it (never finish here: that could race with the hook's invalidation).
+            error = await self._invalidate(
+                record.drv_path, [], "the recnix service stopped while finalising it", record.sid
+            )
+            return str(error)
         if not chroot.is_dir():
-            return "the build ended while recnix was not running"
+            return await self._finish_ended(record)
         try:
             drv = read_derivation(record.drv_path)
         except (OSError, DerivationError) as e:
@@ -361,6 +370,45 @@ class Service:
             len(session.added),
         )
         return None
+
+    async def _finish_ended(self, record: SessionRecord) -> str:
+        """A journaled session whose build ended while the service was down: its valid
+        outputs may lack references (no post-build hook reached recnix): finalise them
+        with the journaled session paths (GC-rooted until the service has started), or
+        invalidate them. Returns what happened."""
+        ended = "the build ended while recnix was not running"
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(None, outputs_of, record.drv_path, os.environ)
+            upstream = await self.fresh_upstream()
+            try:
+                valid = await upstream.query_valid_paths(sorted(outputs.values()))
+            finally:
+                await upstream.close()
+        except (FinaliseError, UpstreamError, OSError) as e:
+            return f"{ended}; {await self._invalidate(record.drv_path, [], str(e), record.sid)}"
+        if not valid:
+            return ended  # it failed, or the post-build hook invalidated its outputs
+        try:
+            report = await loop.run_in_executor(
+                None,
+                finalise_outputs,
+                record.drv_path,
+                set(record.allowed),
+                list(self.config["signing"]["secret-key-files"]),
+                dict(os.environ),
+            )
+        except FinaliseError as e:
+            return f"{ended}; {await self._invalidate(record.drv_path, [], str(e), record.sid)}"
+        self.audit.write(
+            "finalised",
+            record.sid,
+            drv=record.drv_path,
+            outputs=sorted(report.outputs.values()),
+            added_refs={k: sorted(v) for k, v in report.added_refs.items()},
+        )
+        added = sum(len(refs) for refs in report.added_refs.values())
+        return f"{ended}; its outputs were finalised now ({added} reference(s) added)"
 
     # -- control socket
 
@@ -634,8 +682,12 @@ class Service:
         return found[-1] if found else None
 
     async def finalise(self, drv_path: str, out_paths: list[str]) -> list[str]:
-        """Post-build: add the references the outputs have to session paths; end the session."""
-        started = time.perf_counter()
+        """Post-build: add the references the outputs have to session paths; end the session.
+
+        All or nothing: if that fails for any reason, the outputs are made invalid (the
+        FinaliseError says so). A second call for a session being finalised waits for the
+        first one's outcome.
+        """
         session = self._session_for(drv_path)
         if session is None:
             try:
@@ -646,12 +698,25 @@ class Service:
                 return []
             if take_remote_mark(self.state_dir, drv_path):
                 return [f"{drv_path} was built on a remote builder (recnix build-hook)"]
-            raise FinaliseError(
-                f"recnix has no session for {drv_path} (was the recnix service restarted "
-                "during the build?); its outputs may lack references to what it built "
-                "recursively: rebuild it"
+            raise await self._invalidate(
+                drv_path,
+                out_paths,
+                "recnix has no session for its build (was the recnix service restarted "
+                "during the build?), so the references to what it built recursively cannot "
+                "be added",
             )
+        task = self._finalising.get(session.sid)
+        if task is None:
+            task = asyncio.ensure_future(self._finalise_session(session, out_paths))
+            self._finalising[session.sid] = task
+            task.add_done_callback(lambda _: self._finalising.pop(session.sid, None))
+        return await asyncio.shield(task)
+
+    async def _finalise_session(self, session: Session, out_paths: list[str]) -> list[str]:
+        started = time.perf_counter()
+        drv_path = session.drv_path
         session.state = "finalising"
+        session.journal_change(finalising=True)  # before any output is touched
         nix_env = dict(os.environ)
         loop = asyncio.get_running_loop()
         try:
@@ -665,9 +730,13 @@ class Service:
                 DaemonQueries(self, loop),
                 session.take_registrar(),
             )
-        except FinaliseError as e:
-            await self._end(session, "aborted", f"finalise failed: {e}")
-            raise
+        except Exception as e:
+            if not isinstance(e, FinaliseError):
+                log.exception("session %s: finalisation failed", session.sid)
+            reason = str(e) if isinstance(e, FinaliseError) else f"internal error: {e!r}"
+            error = await self._invalidate(drv_path, out_paths, reason, session.sid)
+            await self._end(session, "aborted", f"finalise failed: {error}")
+            raise error from None
         messages = []
         for out, refs in sorted(report.added_refs.items()):
             if refs:
@@ -689,6 +758,38 @@ class Service:
             sum(len(refs) for refs in report.added_refs.values()),
         )
         return messages
+
+    async def _invalidate(
+        self, drv_path: str, out_paths: list[str], reason: str, sid: str | None = None
+    ) -> FinaliseError:
+        """Make the outputs of ``drv_path`` invalid because ``reason``; the error that
+        says what happened (also when they could not be invalidated)."""
+        loop = asyncio.get_running_loop()
+        outputs = set(out_paths)
+        try:
+            named = await loop.run_in_executor(None, outputs_of, drv_path, os.environ)
+            outputs |= set(named.values())
+            await loop.run_in_executor(None, invalidate_paths, sorted(outputs))
+        except (FinaliseError, InvalidateError) as e:
+            self.audit.write(
+                "invalidation-failed",
+                sid or "",
+                drv=drv_path,
+                outputs=sorted(outputs),
+                error=str(e),
+            )
+            log.error("cannot invalidate the outputs of %s: %s (after: %s)", drv_path, e, reason)
+            return FinaliseError(
+                f"{reason}; and recnix could not invalidate the outputs of {drv_path} ({e}): "
+                "they stay valid and may lack references: delete them with "
+                "`nix-store --delete --ignore-liveness` once the build is over"
+            )
+        self.audit.write(
+            "invalidated", sid or "", drv=drv_path, outputs=sorted(outputs), reason=reason
+        )
+        message = invalidated_message(outputs, reason)
+        log.warning("%s", message)
+        return FinaliseError(message)
 
     async def _end(self, session: Session, audit_event: str | None, reason: str) -> None:
         if audit_event:
@@ -759,7 +860,16 @@ class Service:
         if not succeeded:
             await self._end(session, "aborted", "the build failed or was killed")
         elif now - session.ended_since > FINALISE_GRACE:
-            await self._end(session, "aborted", "the build ended without a post-build hook call")
+            # Its outputs are valid and may lack references: finalise them now, or
+            # (finalise fails) invalidate them.
+            log.warning(
+                "session %s: the build of %s ended without a post-build hook call "
+                "(is recnix's post-build-hook in nix.conf?); finalising its outputs now",
+                session.sid,
+                session.drv_path,
+            )
+            with contextlib.suppress(FinaliseError):  # finalise logged and audited it
+                await self.finalise(session.drv_path, [])
 
     # -- the session's socket inside the build's chroot (see recnix.sandboxsocket)
 
