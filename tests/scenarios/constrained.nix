@@ -1,9 +1,11 @@
 # The outer build builds inner/trivial.nix and links the result into $out under
 # one output constraint (`check`) that the link violates. Nix cannot see the
 # violation (it does not know the inner path when it scans $out); recnix's
-# finalisation must, and then no valid $out may be left.
+# finalisation must, and then no valid $out may be left. With `wait`, the builder
+# then creates ./started in its build directory and waits (up to `wait` s) for
+# ./release there: it calls Nix no more, so a test may stop recnix meanwhile.
 { feature ? "recnix", busybox, nix, system ? builtins.currentSystem, tag ? "", innerTag ? ""
-, check ? "allowedReferences", disallowed ? "" }:
+, check ? "allowedReferences", disallowed ? "", wait ? 0 }:
 let
   lib = import ./inner/lib.nix { inherit busybox nix system; };
   dir = ./inner;
@@ -27,5 +29,8 @@ in lib.mkBuild {
           --argstr content "$innerContent")
     mkdir "$out"
     ln -s "$p" "$out/inner"
+    touch started
+    i=0
+    while [ "$i" -lt ${toString (wait * 10)} ] && [ ! -e release ]; do sleep 0.1; i=$((i + 1)); done
   '';
 }
