@@ -5,7 +5,10 @@ builds whose ``.drv`` does not mention recnix before Python starts; what
 reaches this module is one short control request: the service reads the
 ``.drv``, decides whether the build opted in, and does the work. Only when
 the service is down does the hook parse the ``.drv`` itself, so that a build
-that did not opt in still never fails here. The script also passes the control
+that did not opt in still never fails here. A post-build hook that cannot get
+its build finalised (service down, dying mid-call, or refusing) makes the
+outputs of an opted-in build invalid (``recnix.invalidate``): finalisation is
+all or nothing. The script also passes the control
 socket it read from the config (``--control-socket``), which spares this
 module the TOML parser. Keep the imports light: this runs on the critical path
 of every opted-in build.
