@@ -314,3 +314,39 @@ def test_a_restarted_service_finishes_or_invalidates_half_finalised_sessions(
         assert "stopped while finalising" in service.log_text()
     finally:
         stop_recnix_service(service)
+
+
+def test_a_build_without_a_post_build_hook_call_is_finalised_or_invalidated(
+    busybox, nix_bundle
+) -> None:
+    """A Nix that never calls recnix's post-build hook: Nix reports success, and once
+    the grace for the hook has passed the service finalises the outputs (the reference
+    is added) or, when that fails, invalidates them."""
+    host = start_nix_host(hooks=True, extra_conf="post-build-hook =\n")
+    service = start_recnix_service(host)
+    try:
+        runner = scenario_runner(host, busybox, nix_bundle)
+        tag = fresh_tag()
+        good = runner.build("inner", RECNIX, tag, {"innerTag": tag})
+        assert good.ok, good.describe()
+        inner = runner.readlink(f"{good.out_path}/inner")
+        assert inner not in runner.references(good.out_path), "Nix cannot have seen it"
+        tag = fresh_tag()
+        bad = runner.build("constrained", RECNIX, tag, {"innerTag": tag})
+        assert bad.ok, "without the hook Nix cannot know of the violation"
+
+        def settled() -> bool:
+            return inner in runner.references(good.out_path) and not is_valid(host, bad.out_path)
+
+        deadline = time.monotonic() + 150  # the service's FINALISE_GRACE is 60 s
+        while not settled():
+            assert time.monotonic() < deadline, service.log_text()[-3000:]
+            time.sleep(1)
+        events = service.audit_events()
+        assert any(e["event"] == "finalised" for e in events), events
+        invalidated = [e for e in events if e["event"] == "invalidated"]
+        assert invalidated and invalidated[0]["outputs"] == [bad.out_path], events
+        assert "violates allowedReferences" in invalidated[0]["reason"]
+    finally:
+        stop_recnix_service(service)
+        stop_nix_host(host)
