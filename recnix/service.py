@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -324,7 +325,11 @@ class Service:
             # The hook that asked got no answer and invalidates the outputs itself; make
             # sure of it (never finish here: that could race with the hook's invalidation).
             error = await self._invalidate(
-                record.drv_path, [], "the recnix service stopped while finalising it", record.sid
+                record.drv_path,
+                [],
+                "the recnix service stopped while finalising it",
+                record.sid,
+                set(record.allowed),
             )
             return str(error)
         if not chroot.is_dir():
@@ -399,7 +404,10 @@ class Service:
                 dict(os.environ),
             )
         except FinaliseError as e:
-            return f"{ended}; {await self._invalidate(record.drv_path, [], str(e), record.sid)}"
+            error = await self._invalidate(
+                record.drv_path, [], str(e), record.sid, set(record.allowed)
+            )
+            return f"{ended}; {error}"
         self.audit.write(
             "finalised",
             record.sid,
@@ -734,7 +742,9 @@ class Service:
             if not isinstance(e, FinaliseError):
                 log.exception("session %s: finalisation failed", session.sid)
             reason = str(e) if isinstance(e, FinaliseError) else f"internal error: {e!r}"
-            error = await self._invalidate(drv_path, out_paths, reason, session.sid)
+            error = await self._invalidate(
+                drv_path, out_paths, reason, session.sid, set(session.added)
+            )
             await self._end(session, "aborted", f"finalise failed: {error}")
             raise error from None
         messages = []
@@ -760,10 +770,17 @@ class Service:
         return messages
 
     async def _invalidate(
-        self, drv_path: str, out_paths: list[str], reason: str, sid: str | None = None
+        self,
+        drv_path: str,
+        out_paths: list[str],
+        reason: str,
+        sid: str | None = None,
+        session_paths: set[str] | None = None,
     ) -> FinaliseError:
         """Make the outputs of ``drv_path`` invalid because ``reason``; the error that
-        says what happened (also when they could not be invalidated)."""
+        says what happened. If they cannot be (a valid path outside them refers to one),
+        register their references to ``session_paths`` unchecked instead, so that at
+        least their closure is complete."""
         loop = asyncio.get_running_loop()
         outputs = set(out_paths)
         try:
@@ -779,9 +796,10 @@ class Service:
                 error=str(e),
             )
             log.error("cannot invalidate the outputs of %s: %s (after: %s)", drv_path, e, reason)
+            completed = await self._complete_closure(drv_path, session_paths or set())
             return FinaliseError(
                 f"{reason}; and recnix could not invalidate the outputs of {drv_path} ({e}): "
-                "they stay valid and may lack references: delete them with "
+                f"they stay valid, {completed}; delete them with "
                 "`nix-store --delete --ignore-liveness` once the build is over"
             )
         self.audit.write(
@@ -790,6 +808,30 @@ class Service:
         message = invalidated_message(outputs, reason)
         log.warning("%s", message)
         return FinaliseError(message)
+
+    async def _complete_closure(self, drv_path: str, session_paths: set[str]) -> str:
+        """The fallback when outputs cannot be invalidated: add their references to
+        ``session_paths`` without checking allowedReferences & co.; what happened."""
+        if not session_paths:
+            return "and may lack references"
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(
+                    finalise_outputs,
+                    drv_path,
+                    session_paths,
+                    list(self.config["signing"]["secret-key-files"]),
+                    dict(os.environ),
+                    check=False,
+                ),
+            )
+        except FinaliseError as e:
+            return f"and may lack references (registering them failed too: {e})"
+        return (
+            "with the references recnix found registered unchecked (their closure is "
+            "complete, but they may break the derivation's constraints)"
+        )
 
     async def _end(self, session: Session, audit_event: str | None, reason: str) -> None:
         if audit_event:

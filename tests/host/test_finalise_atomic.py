@@ -350,3 +350,42 @@ def test_a_build_without_a_post_build_hook_call_is_finalised_or_invalidated(
     finally:
         stop_recnix_service(service)
         stop_nix_host(host)
+
+
+USER = r"""
+{ bb, used }:
+derivation {
+  name = "recnix-uses-half-finalised";
+  system = "x86_64-linux";
+  builder = "${bb}/bin/sh";
+  args = [ "-c" "echo ${used} > $out" ];
+}
+"""
+
+
+def test_an_output_in_use_cannot_be_invalidated_but_gets_a_complete_closure(
+    host, busybox, tmp_path
+) -> None:
+    """The fallback: a valid path refers to the half-finalised output (it was used
+    meanwhile), so it cannot be made invalid; its references are registered unchecked,
+    and the log and the audit say so."""
+    service = start_recnix_service(host)
+    stop_recnix_service(service)
+    drv, out, hidden = built_hiding(host, busybox, tmp_path)
+    expr = tmp_path / "user.nix"
+    expr.write_text(USER)
+    user = host.run(
+        ["nix-build", "--no-out-link", str(expr), "--arg", "bb", f'builtins.storePath "{busybox}"']
+        + ["--arg", "used", f'builtins.storePath "{out}"']
+    ).stdout.strip()
+    assert out in host.run(["nix-store", "-q", "--references", user]).stdout
+    sid = journal_session(service, drv, hidden, finalising=True)
+    service = start_recnix_service(host)
+    try:
+        assert is_valid(host, out) and is_valid(host, user)
+        assert hidden in host.run(["nix-store", "-q", "--references", out]).stdout.split()
+        failed = [e for e in service.audit_events() if e["event"] == "invalidation-failed"]
+        assert failed and failed[0]["session"] == sid and user in failed[0]["error"], failed
+        assert "registered unchecked" in service.log_text()
+    finally:
+        stop_recnix_service(service)
