@@ -83,6 +83,7 @@ class OutputChecks:
     disallowed_references: list[str] | None = None
     allowed_requisites: list[str] | None = None
     disallowed_requisites: list[str] | None = None
+    max_closure_size: int | None = None  # bytes (maxClosureSize)
 
 
 @dataclass
@@ -188,6 +189,7 @@ class Derivation:
         sa = self.structured_attrs
         if sa is None:
             values = [self._strings_attr(a) for a in _CHECK_ATTRS]
+            values.append(self._size_attr(self.env.get("maxClosureSize")))
         else:
             checks = sa.get("outputChecks") or {}
             if not isinstance(checks, dict):
@@ -200,7 +202,22 @@ class Derivation:
                     f"derivation {self.name!r}: outputChecks.{output} is not an object"
                 )
             values = [self._strings_attr(a, per_output) for a in _CHECK_ATTRS]
+            values.append(self._size_attr(per_output.get("maxClosureSize")))
         return OutputChecks(*values)
+
+    def _size_attr(self, value: Any) -> int | None:
+        """A size limit in bytes (maxClosureSize): an integer, or its decimal text in the env."""
+        if value is None:
+            return None
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            raise DerivationError(
+                f"derivation {self.name!r}: maxClosureSize {value!r} is not a number of bytes"
+            ) from None
+        if isinstance(value, bool) or size < 0:
+            raise DerivationError(f"derivation {self.name!r}: maxClosureSize {value!r} is invalid")
+        return size
 
     def allowed_references(self, output: str = "out") -> list[str] | None:
         """`allowedReferences` of `output` (None = unrestricted)."""

@@ -5,7 +5,10 @@ builds whose ``.drv`` does not mention recnix before Python starts; what
 reaches this module is one short control request: the service reads the
 ``.drv``, decides whether the build opted in, and does the work. Only when
 the service is down does the hook parse the ``.drv`` itself, so that a build
-that did not opt in still never fails here. The script also passes the control
+that did not opt in still never fails here. A post-build hook that cannot get
+its build finalised (service down, dying mid-call, or refusing) makes the
+outputs of an opted-in build invalid (``recnix.invalidate``): finalisation is
+all or nothing. The script also passes the control
 socket it read from the config (``--control-socket``), which spares this
 module the TOML parser. Keep the imports light: this runs on the critical path
 of every opted-in build.
@@ -190,17 +193,65 @@ def post_build(drv_path: str, out_paths: list[str], control_socket: str | None =
     lines: list[str] = []
     socket_path, chained = _settings("post-build", control_socket)
     if drv_path:
-        reply = _ask_service(
-            socket_path,
-            {"op": "finalise", "drv": drv_path, "out_paths": out_paths},
-            f"recnix could not finalise {drv_path}",
-        )
+        try:
+            reply = _ask_service(
+                socket_path,
+                {"op": "finalise", "drv": drv_path, "out_paths": out_paths},
+                f"recnix could not finalise {drv_path}",
+            )
+        except HookError as e:
+            raise HookError(invalidate_after_failure(drv_path, out_paths, str(e))) from e
         if reply is not None:
             lines.extend(reply.get("messages", []))
             lines.extend(_copy_back_note(lines))
     if chained:
         _run_chained(chained, [], env=dict(os.environ))
     return lines
+
+
+def build_outputs(drv_path: str, out_paths: list[str]) -> list[str]:
+    """The output paths of the build of ``drv_path``: OUT_PATHS (empty on Nix 2.8.0), the
+    paths the .drv names, and for outputs it names none of (floating content-addressed)
+    what ``nix-store -q --outputs`` says."""
+    from recnix.derivation import read_derivation
+
+    outputs = set(out_paths)
+    drv = read_derivation(drv_path)
+    outputs.update(o.path for o in drv.outputs.values() if o.path)
+    if not out_paths and any(not o.path for o in drv.outputs.values()):
+        import subprocess
+
+        env = {**os.environ, "NIX_REMOTE": "local"}  # not the daemon (Lix >= 2.94's auto)
+        queried = subprocess.run(
+            ["nix-store", "-q", "--outputs", drv_path],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        outputs.update(queried.stdout.split())
+    return sorted(outputs)
+
+
+def invalidate_after_failure(drv_path: str, out_paths: list[str], failure: str) -> str:
+    """Finalisation is all or nothing: the build of ``drv_path`` could not be finalised
+    (``failure``: the service's error, or why it could not be asked), so its outputs must
+    not stay valid. Makes them invalid unless the service did; the error for the log."""
+    from recnix.invalidate import invalidate_paths, invalidated_message
+
+    try:
+        if requested_mode(drv_path) is None:
+            return failure  # not a recnix build: its outputs are none of recnix's business
+        done = invalidate_paths(build_outputs(drv_path, out_paths))
+    except Exception as e:  # InvalidateError, an unreadable .drv, nix-store failing
+        return (
+            f"{failure}; and recnix could not invalidate the outputs of {drv_path} ({e}): "
+            "they stay valid and may lack references: delete them with "
+            "`nix-store --delete --ignore-liveness` once the build is over"
+        )
+    if not done:
+        return failure  # the service invalidated them already, and its error says so
+    return invalidated_message(done, failure)
 
 
 def _split_socket_option(args: list[str]) -> tuple[str | None, list[str]]:

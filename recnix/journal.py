@@ -35,6 +35,9 @@ class SessionRecord:
     realisations: set[str] = field(default_factory=set)
     builds: int = 0
     added_bytes: int = 0
+    # finalisation began (recorded before any output is touched): a restarted service
+    # invalidates the outputs of such a session rather than resuming it
+    finalising: bool = False
 
 
 class SessionJournal:
@@ -68,7 +71,7 @@ class SessionJournal:
     def record(self, **change: Any) -> None:
         """Append one change: ``allowed``/``build_requests``/``realisations`` (lists, added
         to the sets), ``materialised`` (dict, merged), ``builds``/``added_bytes`` (ints,
-        replacing)."""
+        replacing), ``finalising`` (True once finalisation begins)."""
         self._append({k: sorted(v) if isinstance(v, set) else v for k, v in change.items()})
 
     def remove(self) -> None:
@@ -115,6 +118,7 @@ def replay(path: Path) -> SessionRecord:
         record.materialised.update(change.get("materialised", {}))
         record.builds = int(change.get("builds", record.builds))
         record.added_bytes = int(change.get("added_bytes", record.added_bytes))
+        record.finalising = record.finalising or bool(change.get("finalising", False))
     return record
 
 

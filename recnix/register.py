@@ -6,7 +6,8 @@ recnix scans every output for the hash parts of the session's paths, re-checks t
 derivation's reference constraints, adds the missing references with
 `nix-store --register-validity --reregister --hash-given` and re-signs. Content-addressed
 outer derivations cannot be fixed up (their path depends on their references, §6.5): such an
-output referencing a session path fails the finalisation.
+output referencing a session path fails the finalisation. A failed finalisation is the
+caller's to undo: the outputs must not stay valid (``recnix.invalidate``).
 """
 
 from __future__ import annotations
@@ -179,6 +180,15 @@ def query_closure(paths: Iterable[str], nix_env: Mapping[str, str]) -> set[str]:
     if not paths:
         return set()
     return set(_run(["nix-store", "-qR", *paths], nix_env).split())
+
+
+def closure_size(closure: Iterable[str], nix_env: Mapping[str, str]) -> int:
+    """The sum of the NAR sizes of the paths of ``closure`` (as maxClosureSize counts)."""
+    paths = sorted(closure)
+    if not paths:
+        return 0
+    sizes = _run(["nix-store", "-q", "--size", *paths], nix_env).split()
+    return sum(int(size) for size in sizes)
 
 
 class StoreQueries(Protocol):
@@ -383,16 +393,19 @@ def finalise_outputs(
     nix_env: dict[str, str],
     queries: StoreQueries | None = None,
     registrar: Registrar | None = None,
+    check: bool = True,
 ) -> FinaliseReport:
     """Add the references Nix missed to every output of `drv_path` (see module docstring).
 
     ``queries``: how to read path infos (default: the Nix CLI, see StoreQueries);
     ``registrar``: one started ahead of time, used or closed here (default: a new one
     when there is something to register). All outputs are re-registered at once.
+    ``check=False``: skip allowedReferences & co. (only to complete the closure of
+    outputs that failed them but cannot be invalidated).
     """
     queries = queries or CliQueries(nix_env)
     try:
-        report, pending = _plan_fix_ups(drv_path, session_paths, nix_env, queries)
+        report, pending = _plan_fix_ups(drv_path, session_paths, nix_env, queries, check)
         if pending:
             using, registrar = registrar or Registrar(nix_env), None
             using.register(record for _, record, _ in pending.values())
@@ -413,9 +426,10 @@ def _plan_fix_ups(
     session_paths: set[str],
     nix_env: dict[str, str],
     queries: StoreQueries,
+    check: bool = True,
 ) -> tuple[FinaliseReport, dict[str, tuple[str, list[str], set[str]]]]:
-    """Scan and check every output; the report so far and, by output name, the
-    re-registrations needed: (output path, record, new references)."""
+    """Scan and (``check``) check every output; the report so far and, by output name,
+    the re-registrations needed: (output path, record, new references)."""
     pending: dict[str, tuple[str, list[str], set[str]]] = {}
     drv = _read_drv(drv_path)
     outputs = outputs_of(drv_path, nix_env)
@@ -435,18 +449,46 @@ def _plan_fix_ups(
         new = found - old
         if not new:
             continue
-        checks = drv.output_checks(name)
-        if checks.allowed_requisites is None and checks.disallowed_requisites is None:
-            closure, new_paths = old | new, new  # only reference checks apply
-        else:
-            old_closure = query_closure([output_path], nix_env)
-            new_closure = query_closure(sorted(new), nix_env)
-            closure, new_paths = old_closure | new_closure, new_closure - old_closure
-        check_output_constraints(
-            drv, name, outputs, refs=old | new, closure=closure, new_paths=new_paths
-        )
+        if check:
+            _check_fix_up(drv, name, outputs, old, new, nix_env)
         pending[name] = (output_path, registration_record(output_path, info, new), new)
     return FinaliseReport(outputs=outputs), pending
+
+
+def _check_fix_up(
+    drv: Derivation,
+    name: str,
+    outputs: Mapping[str, str],
+    old: set[str],
+    new: set[str],
+    nix_env: Mapping[str, str],
+) -> None:
+    """FinaliseError if output ``name`` (references ``old``) breaks a constraint of
+    ``drv`` once it also refers to ``new``."""
+    output_path = outputs[name]
+    checks = drv.output_checks(name)
+    if (
+        checks.allowed_requisites is None
+        and checks.disallowed_requisites is None
+        and checks.max_closure_size is None
+    ):
+        closure, new_paths = old | new, new  # only reference checks apply
+    else:
+        old_closure = query_closure([output_path], nix_env)
+        new_closure = query_closure(sorted(new), nix_env)
+        closure, new_paths = old_closure | new_closure, new_closure - old_closure
+    check_output_constraints(
+        drv, name, outputs, refs=old | new, closure=closure, new_paths=new_paths
+    )
+    if checks.max_closure_size is not None:
+        size = closure_size(closure, nix_env)
+        if size > checks.max_closure_size:
+            raise FinaliseError(
+                f"output {name!r} ({output_path}) of {drv.name or 'derivation'} violates "
+                f"maxClosureSize: its closure is {size} bytes with what it refers to "
+                f"through recnix ({', '.join(sorted(new))}); the limit is "
+                f"{checks.max_closure_size} bytes"
+            )
 
 
 __all__ = [
@@ -455,6 +497,7 @@ __all__ = [
     "FinaliseReport",
     "add_references",
     "check_output_constraints",
+    "closure_size",
     "ensure_not_ca_referencing",
     "finalise_outputs",
     "local_store_env",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -27,12 +28,13 @@ from recnix.buildqueue import PLAIN_SUFFIX
 from recnix.config import Config, hook_marks_dir
 from recnix.derivation import Derivation, DerivationError, read_derivation
 from recnix.gcroots import sweep
+from recnix.invalidate import InvalidateError, invalidate_paths, invalidated_message
 from recnix.journal import SessionRecord, journals, replay
 from recnix.nixsettings import build_users, fsync_paths, nix_settings, session_bound
 from recnix.offloop import DRV_TIMEOUT, PROC_TIMEOUT, OffLoopTimeout, off_loop
 from recnix.policy import Limits, opt_in_mode
 from recnix.protocol import PathInfo
-from recnix.register import FinaliseError, StoreQueries, finalise_outputs
+from recnix.register import FinaliseError, StoreQueries, finalise_outputs, outputs_of
 from recnix.remote import Guards, take_remote_mark
 from recnix.sandboxproc import SandboxProcess, kill_sandbox
 from recnix.session import ClientProtocol, ResumeError, Session
@@ -212,6 +214,7 @@ class Service:
         # sid -> (server, inode) of each session's socket inside its chroot
         self._sandbox_sockets: dict[str, tuple[asyncio.base_events.Server, int]] = {}
         self.guards = Guards(self.state_dir, self.audit)  # builds without a .drv here
+        self._finalising: dict[str, asyncio.Future[list[str]]] = {}  # sid -> its finalisation
 
     # -- upstream
 
@@ -333,8 +336,19 @@ class Service:
     async def _resume(self, record: SessionRecord) -> str | None:
         """Resume one journaled session; the reason it cannot be resumed, or None."""
         chroot = Path(record.chroot)
+        if record.finalising:
+            # The hook that asked got no answer and invalidates the outputs itself; make
+            # sure of it (never finish here: that could race with the hook's invalidation).
+            error = await self._invalidate(
+                record.drv_path,
+                [],
+                "the recnix service stopped while finalising it",
+                record.sid,
+                set(record.allowed),
+            )
+            return str(error)
         if not chroot.is_dir():
-            return "the build ended while recnix was not running"
+            return await self._finish_ended(record)
         try:
             drv = await read_build_derivation(record.drv_path)
         except (OSError, DerivationError) as e:
@@ -376,6 +390,48 @@ class Service:
             len(session.added),
         )
         return None
+
+    async def _finish_ended(self, record: SessionRecord) -> str:
+        """A journaled session whose build ended while the service was down: its valid
+        outputs may lack references (no post-build hook reached recnix): finalise them
+        with the journaled session paths (GC-rooted until the service has started), or
+        invalidate them. Returns what happened."""
+        ended = "the build ended while recnix was not running"
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(None, outputs_of, record.drv_path, os.environ)
+            upstream = await self.fresh_upstream()
+            try:
+                valid = await upstream.query_valid_paths(sorted(outputs.values()))
+            finally:
+                await upstream.close()
+        except (FinaliseError, UpstreamError, OSError) as e:
+            return f"{ended}; {await self._invalidate(record.drv_path, [], str(e), record.sid)}"
+        if not valid:
+            return ended  # it failed, or the post-build hook invalidated its outputs
+        try:
+            report = await loop.run_in_executor(
+                None,
+                finalise_outputs,
+                record.drv_path,
+                set(record.allowed),
+                list(self.config["signing"]["secret-key-files"]),
+                dict(os.environ),
+            )
+        except FinaliseError as e:
+            error = await self._invalidate(
+                record.drv_path, [], str(e), record.sid, set(record.allowed)
+            )
+            return f"{ended}; {error}"
+        self.audit.write(
+            "finalised",
+            record.sid,
+            drv=record.drv_path,
+            outputs=sorted(report.outputs.values()),
+            added_refs={k: sorted(v) for k, v in report.added_refs.items()},
+        )
+        added = sum(len(refs) for refs in report.added_refs.values())
+        return f"{ended}; its outputs were finalised now ({added} reference(s) added)"
 
     # -- control socket
 
@@ -653,8 +709,12 @@ class Service:
         return found[-1] if found else None
 
     async def finalise(self, drv_path: str, out_paths: list[str]) -> list[str]:
-        """Post-build: add the references the outputs have to session paths; end the session."""
-        started = time.perf_counter()
+        """Post-build: add the references the outputs have to session paths; end the session.
+
+        All or nothing: if that fails for any reason, the outputs are made invalid (the
+        FinaliseError says so). A second call for a session being finalised waits for the
+        first one's outcome.
+        """
         session = self._session_for(drv_path)
         if session is None:
             try:
@@ -665,12 +725,25 @@ class Service:
                 return []
             if take_remote_mark(self.state_dir, drv_path):
                 return [f"{drv_path} was built on a remote builder (recnix build-hook)"]
-            raise FinaliseError(
-                f"recnix has no session for {drv_path} (was the recnix service restarted "
-                "during the build?); its outputs may lack references to what it built "
-                "recursively: rebuild it"
+            raise await self._invalidate(
+                drv_path,
+                out_paths,
+                "recnix has no session for its build (was the recnix service restarted "
+                "during the build?), so the references to what it built recursively cannot "
+                "be added",
             )
+        task = self._finalising.get(session.sid)
+        if task is None:
+            task = asyncio.ensure_future(self._finalise_session(session, out_paths))
+            self._finalising[session.sid] = task
+            task.add_done_callback(lambda _: self._finalising.pop(session.sid, None))
+        return await asyncio.shield(task)
+
+    async def _finalise_session(self, session: Session, out_paths: list[str]) -> list[str]:
+        started = time.perf_counter()
+        drv_path = session.drv_path
         session.state = "finalising"
+        session.journal_change(finalising=True)  # before any output is touched
         nix_env = dict(os.environ)
         loop = asyncio.get_running_loop()
         try:
@@ -684,9 +757,15 @@ class Service:
                 DaemonQueries(self, loop),
                 session.take_registrar(),
             )
-        except FinaliseError as e:
-            await self._end(session, "aborted", f"finalise failed: {e}")
-            raise
+        except Exception as e:
+            if not isinstance(e, FinaliseError):
+                log.exception("session %s: finalisation failed", session.sid)
+            reason = str(e) if isinstance(e, FinaliseError) else f"internal error: {e!r}"
+            error = await self._invalidate(
+                drv_path, out_paths, reason, session.sid, set(session.added)
+            )
+            await self._end(session, "aborted", f"finalise failed: {error}")
+            raise error from None
         messages = []
         for out, refs in sorted(report.added_refs.items()):
             if refs:
@@ -708,6 +787,70 @@ class Service:
             sum(len(refs) for refs in report.added_refs.values()),
         )
         return messages
+
+    async def _invalidate(
+        self,
+        drv_path: str,
+        out_paths: list[str],
+        reason: str,
+        sid: str | None = None,
+        session_paths: set[str] | None = None,
+    ) -> FinaliseError:
+        """Make the outputs of ``drv_path`` invalid because ``reason``; the error that
+        says what happened. If they cannot be (a valid path outside them refers to one),
+        register their references to ``session_paths`` unchecked instead, so that at
+        least their closure is complete."""
+        loop = asyncio.get_running_loop()
+        outputs = set(out_paths)
+        try:
+            named = await loop.run_in_executor(None, outputs_of, drv_path, os.environ)
+            outputs |= set(named.values())
+            await loop.run_in_executor(None, invalidate_paths, sorted(outputs))
+        except (FinaliseError, InvalidateError) as e:
+            self.audit.write(
+                "invalidation-failed",
+                sid or "",
+                drv=drv_path,
+                outputs=sorted(outputs),
+                error=str(e),
+            )
+            log.error("cannot invalidate the outputs of %s: %s (after: %s)", drv_path, e, reason)
+            completed = await self._complete_closure(drv_path, session_paths or set())
+            return FinaliseError(
+                f"{reason}; and recnix could not invalidate the outputs of {drv_path} ({e}): "
+                f"they stay valid, {completed}; delete them with "
+                "`nix-store --delete --ignore-liveness` once the build is over"
+            )
+        self.audit.write(
+            "invalidated", sid or "", drv=drv_path, outputs=sorted(outputs), reason=reason
+        )
+        message = invalidated_message(outputs, reason)
+        log.warning("%s", message)
+        return FinaliseError(message)
+
+    async def _complete_closure(self, drv_path: str, session_paths: set[str]) -> str:
+        """The fallback when outputs cannot be invalidated: add their references to
+        ``session_paths`` without checking allowedReferences & co.; what happened."""
+        if not session_paths:
+            return "and may lack references"
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(
+                    finalise_outputs,
+                    drv_path,
+                    session_paths,
+                    list(self.config["signing"]["secret-key-files"]),
+                    dict(os.environ),
+                    check=False,
+                ),
+            )
+        except FinaliseError as e:
+            return f"and may lack references (registering them failed too: {e})"
+        return (
+            "with the references recnix found registered unchecked (their closure is "
+            "complete, but they may break the derivation's constraints)"
+        )
 
     async def _end(self, session: Session, audit_event: str | None, reason: str) -> None:
         if audit_event:
@@ -792,7 +935,16 @@ class Service:
         if not succeeded:
             await self._end(session, "aborted", "the build failed or was killed")
         elif now - session.ended_since > FINALISE_GRACE:
-            await self._end(session, "aborted", "the build ended without a post-build hook call")
+            # Its outputs are valid and may lack references: finalise them now, or
+            # (finalise fails) invalidate them.
+            log.warning(
+                "session %s: the build of %s ended without a post-build hook call "
+                "(is recnix's post-build-hook in nix.conf?); finalising its outputs now",
+                session.sid,
+                session.drv_path,
+            )
+            with contextlib.suppress(FinaliseError):  # finalise logged and audited it
+                await self.finalise(session.drv_path, [])
 
     # -- the session's socket inside the build's chroot (see recnix.sandboxsocket)
 

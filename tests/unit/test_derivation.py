@@ -286,6 +286,18 @@ def test_env_output_checks() -> None:
     assert drv.allowed_requisites() is None
 
 
+def test_max_closure_size() -> None:
+    drv = parse_derivation(_sample(IA_OUT, '("maxClosureSize","4096")'))
+    assert drv.output_checks().max_closure_size == 4096
+    assert parse_derivation(_sample(IA_OUT, "")).output_checks().max_closure_size is None
+    structured = '{\\"outputChecks\\":{\\"out\\":{\\"maxClosureSize\\":100}}}'
+    drv = parse_derivation(_sample(IA_OUT, f'("__json","{structured}")'))
+    assert drv.output_checks().max_closure_size == 100
+    bad = parse_derivation(_sample(IA_OUT, '("maxClosureSize","lots")'))
+    with pytest.raises(DerivationError, match="maxClosureSize"):
+        bad.output_checks()
+
+
 def test_impure_and_deferred_outputs() -> None:
     drv = parse_derivation(_sample('("a","","",""),("b","","r:sha256","impure")', ""))
     assert drv.outputs["a"].kind == "deferred"

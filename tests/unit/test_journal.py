@@ -73,3 +73,14 @@ def test_a_session_id_is_journaled_once(tmp_path: Path) -> None:
     SessionJournal.create(tmp_path, header())
     with pytest.raises(FileExistsError):
         SessionJournal.create(tmp_path, header())
+
+
+def test_finalising_is_replayed(tmp_path: Path) -> None:
+    """A session whose finalisation began says so after a restart (and only then)."""
+    journal = SessionJournal.create(tmp_path, header())
+    journal.record(allowed={A})
+    (path,) = journals(tmp_path)
+    assert replay(path).finalising is False
+    journal.record(finalising=True)
+    journal.record(added_bytes=3)
+    assert replay(path).finalising is True
