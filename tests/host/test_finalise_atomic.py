@@ -58,10 +58,12 @@ def assert_invalid(host: NixHost, path: str) -> None:
 def assert_says_invalidated(outcome: BuildOutcome, outputs: list[str], why: str) -> None:
     """The build failed, and its log names each output, the reason, and what happens."""
     assert outcome.rc != 0, outcome.describe()
-    said = [line for line in outcome.stderr.splitlines() if " invalidated: " in line]
-    assert said, outcome.describe()
-    assert all(out in said[0] for out in outputs), outcome.describe()
-    assert why in said[0] and "the next nix-build rebuilds" in said[0], outcome.describe()
+    # the message starts on a line of its own and may span several (a quoted Nix error)
+    start = outcome.stderr.find(" invalidated: ")
+    assert start >= 0, outcome.describe()
+    said = outcome.stderr[outcome.stderr.rfind("\n", 0, start) + 1 :]
+    assert all(out in said for out in outputs), outcome.describe()
+    assert why in said and "the next nix-build rebuilds" in said, outcome.describe()
 
 
 @contextmanager
