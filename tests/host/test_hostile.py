@@ -36,8 +36,10 @@ STATUS_BOUND = 1.0  # seconds the control socket may take while builds misbehave
 
 
 @pytest.fixture
-def victim(nix_host_recnix: NixHost) -> Iterator[str]:
-    """A fresh host store path (a directory with `file`) given to the attack as an input."""
+def victim(nix_host_recnix: NixHost, busybox: str, nix_bundle: str) -> Iterator[str]:
+    """A fresh host store path (a directory with `file`) given to the attack as an input.
+    Afterwards it, and every other input of the attacks (the shell and the Nix every
+    build uses, with their closures), must verify against the recorded hashes."""
     with tempfile.TemporaryDirectory() as d:
         root = Path(d) / "victim"
         root.mkdir()
@@ -45,6 +47,9 @@ def victim(nix_host_recnix: NixHost) -> Iterator[str]:
         path = nix_host_recnix.run(["nix-store", "--add", str(root)]).stdout.strip()
     yield path
     assert_unchanged(nix_host_recnix, path)
+    closure = nix_host_recnix.run(["nix-store", "-qR", busybox, nix_bundle]).stdout.split()
+    done = nix_host_recnix.run(["nix-store", "--verify-path", *closure], check=False)
+    assert done.returncode == 0, f"an input every build uses was modified: {done.stderr}"
 
 
 def assert_unchanged(host: NixHost, path: str) -> None:
