@@ -111,6 +111,17 @@ def no_builtin_reason() -> str:
     )
 
 
+def auto_store_takes_any_socket() -> bool:
+    """Whether the ``auto`` store is the daemon whenever its socket file exists, for root
+    too, even a dead one (Lix >= 2.94); Nix falls back to the local store for root."""
+    return is_lix() and version()[:2] >= (2, 94)
+
+
+def drops_pre_build_hook_output() -> bool:
+    """Whether the pre-build hook's output (extra-sandbox-paths) is dropped (Lix 2.93-2.95)."""
+    return is_lix() and (2, 93) <= version()[:2] <= (2, 95)
+
+
 def uses_recnix_build_hook() -> bool:
     """Whether recnix's ``build-hook`` is configured (not on Lix: Cap'n Proto since 2.94)."""
     return not is_lix()
@@ -348,6 +359,6 @@ def not_in_store_message(path: str) -> str:
 
 def unbuildable_message(path: str) -> str:
     """What the daemon says when asked to build a missing ``path`` nothing can make."""
-    if is_lix() or at_least(2, 34):
+    if _nix_at_least(2, 34):
         return f"path '{path}' is required, but there is no substituter that can build it"
     return f"build of '{path}' failed"

@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from recnix.bundle import bundle_nix, busybox_store_path
+from tests import nixversion
 from tests.nixversion import (
     build_dir_conf,
     daemon_build_root,
@@ -453,6 +454,31 @@ def oracle_runner(nix_host: NixHost, busybox: str, nix_bundle: str) -> ScenarioR
     return scenario_runner(nix_host, busybox, nix_bundle)
 
 
+def require_recnix_build_hook() -> None:
+    """Skip the calling test, saying why, where recnix's build-hook is not used (Lix)."""
+    if not uses_recnix_build_hook():
+        pytest.skip(
+            f"{nixversion.label()} keeps its own build hook (Cap'n Proto since Lix 2.94), so "
+            "recnix's build-hook and its build queue are not used: recursive builds wait "
+            "for a session in the pre-build hook (README, Lix)"
+        )
+
+
+def other_build_hook(tmp_path: Path) -> str | None:
+    """A build hook other than recnix's, as Lix has: on Lix its own (None: nix.conf
+    leaves build-hook out), on Nix one that declines every build (NO_QUEUE_HOOK)."""
+    if not uses_recnix_build_hook():
+        return None
+    hook = tmp_path / "no-queue-build-hook"
+    hook.write_text(NO_QUEUE_HOOK)
+    hook.chmod(0o755)
+    return str(hook)
+
+
+# A Nix build hook that never builds anything remotely (and never queues).
+NO_QUEUE_HOOK = "#!/bin/sh\nprintf '# decline-permanently\\n' >&2\nexec cat > /dev/null\n"
+
+
 def require_builtin_recursive_nix() -> None:
     """Skip the calling test, saying why, where Nix has no built-in recursive-nix (Lix)."""
     if not has_builtin_recursive_nix():
@@ -518,13 +544,17 @@ def recnix_config_text(
 
 
 def start_recnix_service(
-    host: NixHost, extra_config: str = "", daemon: Mapping[str, object] | None = None
+    host: NixHost,
+    extra_config: str = "",
+    daemon: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> RecnixService:
-    """Write ``host.recnix_config`` and start ``recnix daemon`` on it."""
+    """Write ``host.recnix_config`` and start ``recnix daemon`` on it (``env``: changes to
+    its environment, the daemon's)."""
     root = host.root / "recnix"
     root.mkdir(mode=0o700, exist_ok=True)
     host.recnix_config.write_text(recnix_config_text(root, host, extra_config, daemon))
-    service = launch_recnix_service(host)
+    service = launch_recnix_service(host, env)
     try:
         wait_until_ready(service, timeout=20, poll=0.05)
     except RuntimeError as e:
@@ -532,10 +562,10 @@ def start_recnix_service(
     return service
 
 
-def launch_recnix_service(host: NixHost) -> RecnixService:
+def launch_recnix_service(host: NixHost, env: Mapping[str, str] | None = None) -> RecnixService:
     """Start ``recnix daemon`` on ``host.recnix_config`` (already written); do not wait."""
     root = host.root / "recnix"
-    env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config)}
+    env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config), **(env or {})}
     env.pop("TMPDIR", None)
     log = open(root / "service.log", "ab")  # noqa: SIM115 - handed to the service
     process = subprocess.Popen(
