@@ -93,6 +93,12 @@ class Suite:
     mirrors: tuple[str, ...]
     extra_packages: tuple[str, ...] = ()
     extra_options: tuple[str, ...] = ()
+    release: str = ""  # the Debian release mmdebstrap installs (default: ``name``)
+
+    @property
+    def debian(self) -> str:
+        """The Debian release (codename) this suite is made from."""
+        return self.release or self.name
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -139,13 +145,28 @@ SUITES = {
 }
 
 
+# Lix 2.95 (a prebuilt tarball, recnix_vm.lix) on trixie: made from trixie's base
+# rootfs (the same mmdebstrap tarball); a root-filesystem suite only, no guest image yet.
+LIX_SUITE = Suite(
+    name="lix",
+    nix="Lix 2.95",
+    mirrors=SUITES["trixie"].mirrors,
+    extra_packages=SUITES["trixie"].extra_packages,
+    extra_options=SUITES["trixie"].extra_options,
+    release="trixie",
+)
+ROOTFS_SUITES = {**SUITES, "lix": LIX_SUITE}
+
+
 def get_suite(name: str | None) -> Suite:
     """The suite called ``name`` (``None``: bookworm); a clear error for unknown names."""
     name = name or DEFAULT_SUITE
     try:
-        return SUITES[name]
+        return ROOTFS_SUITES[name]
     except KeyError:
-        raise ImageError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}") from None
+        raise ImageError(
+            f"unknown suite {name!r}: choose one of {', '.join(ROOTFS_SUITES)}"
+        ) from None
 
 
 KEEP_IMAGES = 3  # older disk images in the cache are deleted after a new one is built
@@ -231,7 +252,7 @@ def base_key(suite: Suite | None = None) -> str:
     suite = suite or get_suite(None)
     spec = json.dumps(
         {
-            "suite": suite.name,
+            "suite": suite.debian,
             "mirrors": suite.mirrors,
             "packages": suite.packages,
             "opts": suite.options,
@@ -253,7 +274,7 @@ def build_base(cache: Path, suite: Suite | None = None) -> Path:
         "mmdebstrap",
         *suite.options,
         "--include=" + ",".join(suite.packages),
-        suite.name,
+        suite.debian,
         str(partial),
         *suite.mirrors,
     ]
