@@ -334,8 +334,11 @@ def _demo(args: argparse.Namespace) -> int:
             wait_for_recnix(machine)
         if args.discard_hook_output:
             discard_hook_output(machine)
-        version = machine.succeed("nix --version").strip()
-        print(f"guest: Debian {machine.image.suite}, {version}")
+        version = machine.succeed("nix --version").strip().splitlines()[0]  # Lix: more lines
+        suite = machine.image.suite
+        print(
+            f"guest: {'Debian trixie with Lix' if suite == 'lix' else 'Debian ' + suite}, {version}"
+        )
         busybox, nix = bundle_nix_in_guest(machine)
         runner = scenario_runner(machine, busybox, nix)
         with machine.nested(f"nix-build {GUEST_SCENARIOS_DIR}/inner.nix (feature {args.feature})"):
