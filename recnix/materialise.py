@@ -66,19 +66,32 @@ def peer_in_sandbox(pid: int, chroot_root: Path) -> bool:
 
 
 def find_sandbox_pid(chroot_root: Path) -> int | None:
-    """Any live process inside the sandbox rooted at `chroot_root` (lowest pid), or None."""
+    """A live process inside the sandbox rooted at `chroot_root`, or None: the one that
+    started first (the builder, which outlives its children), not the lowest pid: pids
+    wrap (pid_max may be 32768), and a short-lived child of the builder can have a lower
+    pid than the builder and be gone by the time its namespace is entered."""
     try:
         want = os.stat(chroot_root)
     except OSError:
         return None
-    pids = sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
-    for pid in pids:
+    found: list[tuple[int, int]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
         try:
             if _same_file(os.stat(f"/proc/{pid}/root"), want):
-                return pid
-        except OSError:
+                found.append((_start_time(pid), pid))
+        except (OSError, ValueError):
             continue
-    return None
+    return min(found)[1] if found else None
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[19])
 
 
 def _open_tree(path: str) -> int:
