@@ -29,6 +29,12 @@ NixOS module sets it, and recnix's build hook (``recnix nix-conf``'s
 ``build-hook``), which queues recursive builds before they take a build user.
 The daemons build as the machine's ``nixbld`` users (10 on Debian). Prints a
 table and writes it to bench/results-service.txt.
+
+``--suite lix``: Lix has no built-in to compare with, so recnix on Lix is put
+beside recnix on Nix 2.34: the recnix side alone of ``qpi`` and ``many`` and the
+hook share (``hookcpu``) run in the lix root filesystem, then in sid's
+(``--recnix-only``), and the two are printed side by side (Lix ÷ 2.34) into
+bench/results-service-lix.txt.
 Run as root: .venv/bin/python bench/service_bench.py [--quick] [--only SCENARIO]
 """
 
@@ -80,7 +86,7 @@ from tests.host.conftest import (  # noqa: E402
     stop_recnix_service,
     wait_until_ready,
 )
-from tests.nixversion import build_top_glob, sandbox_root  # noqa: E402
+from tests.nixversion import build_top_glob, is_lix, sandbox_root  # noqa: E402
 
 RESULTS = REPO / "bench" / "results-service.txt"
 START_TIMEOUT = 120.0
@@ -957,6 +963,76 @@ def _hook_cpu_row(b: Bench, drv: Path, title: str) -> Row:
     )
 
 
+def scenario_qpi_recnix(b: Bench) -> list[Row]:
+    """QueryPathInfo round trips against recnix's session alone (no built-in: Lix)."""
+    n, rounds = b.opts.qpi, b.opts.qpi_rounds
+    build = WaitingBuild(b.hooked, b.expr("wait.nix", WAIT_NIX), b.busybox, "recnix")
+    try:
+        status = control.request(b.service.control_socket, {"op": "status"})
+        sessions = [s for s in status["sessions"] if s["drv"] == build.drv]
+        if len(sessions) != 1:
+            raise RuntimeError(f"no recnix session for {build.drv}: {status}")
+        sock = Path(sessions[0]["socket"])
+        args = (sessions[0]["chroot"], str(sock.parent), sock.name)
+        cpu: list[float] = []
+        measure = with_cpu(
+            lambda: qpi_from_sandbox(*args, b.busybox, n), b.service.process.pid, (), cpu
+        )
+        runs = [measure() * 1e6 for _ in range(rounds)]
+    finally:
+        build.release()
+    return [
+        Row(
+            f"QueryPathInfo round trip in the sandbox ({rounds} rounds of {n})",
+            runs,
+            [],
+            "µs",
+            None,
+            f"rounds {spread(runs, 0)} µs; service CPU per round trip "
+            f"{sum(cpu) / (n * rounds) * 1e6:.1f} µs",
+            absolute="median",
+        )
+    ]
+
+
+def scenario_many_recnix(b: Bench) -> list[Row]:
+    """many.nix through recnix alone (no built-in: Lix)."""
+    n, reps = b.opts.nested, b.opts.many_reps
+    run = timed(many_runner(b.hooked, b.busybox, b.nix, "recnix", n))
+    runs = [run() for _ in range(reps)]
+    return [
+        Row(
+            f"many.nix: {n} nested nix-build, wall ({reps} runs)",
+            runs,
+            [],
+            "s",
+            None,
+            f"runs {spread(runs)} s",
+            absolute="median",
+        )
+    ]
+
+
+# Without a built-in (Lix, or --recnix-only): recnix's side alone; the hook share as is.
+RECNIX_ONLY: dict[str, Callable[[Bench], list[Row]]] = {
+    "qpi": scenario_qpi_recnix,
+    "many": scenario_many_recnix,
+    "hookcpu": lambda b: scenario_hookcpu_unhinted(b),
+}
+
+
+def scenario_hookcpu_unhinted(b: Bench) -> list[Row]:
+    """The hooks' CPU share of a build that does not opt in, without recnix's build hook's
+    hint (as on Lix): the pre-build hook reads the .drv."""
+    marks = Path(b.hooked.daemon_env["RECNIX_HOOK_MARKS"])
+    marks.mkdir(mode=0o700, exist_ok=True)
+    small = _write_drv(b.scratch / "plain.drv", b.busybox)
+    (marks / f"{small.name}.plain").unlink(missing_ok=True)
+    row = _hook_cpu_row(b, small, "hooks' CPU share of a build that does not opt in (no hint)")
+    row.target = None
+    return [row]
+
+
 SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "hookcpu": scenario_hookcpu,
     "qpi": scenario_qpi,
@@ -1042,10 +1118,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     parser.add_argument(
         "--suite",
-        choices=("trixie", "sid"),
-        help="measure that Debian suite's Nix (2.26, 2.34): run inside its root filesystem "
-        "(recnix_vm.rootfs; results in bench/results-service-SUITE.txt)",
+        choices=("trixie", "sid", "lix"),
+        help="measure that Debian suite's Nix (2.26, 2.34) or Lix 2.95: run inside its root "
+        "filesystem (recnix_vm.rootfs; results in bench/results-service-SUITE.txt); lix: "
+        "recnix on Lix beside recnix on 2.34 (no built-in on Lix)",
     )
+    parser.add_argument(
+        "--recnix-only",
+        action="store_true",
+        help="measure recnix's side alone (qpi, many, hookcpu), as on Lix",
+    )
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     opts = parser.parse_args()
     if opts.quick:
         for key, value in QUICK.items():
@@ -1054,8 +1137,56 @@ def parse_args() -> argparse.Namespace:
     return opts
 
 
+def lix_side_by_side(opts: argparse.Namespace) -> int:
+    """recnix on Lix (lix rootfs) beside recnix on Nix 2.34 (sid rootfs): the recnix-only
+    rows of each, side by side, into bench/results-service-lix.txt."""
+    import json
+
+    from recnix_vm import rootfs
+
+    script = os.path.abspath(sys.argv[0])
+    args = [a for a in sys.argv[1:] if a not in ("--suite", "lix")]
+    sides = {}
+    for suite in ("lix", "sid"):
+        out = f"/tmp/recnix-bench-{suite}.json"  # inside the suite's root filesystem
+        inner = ["python3", script, *args, "--recnix-only", "--no-write", "--json", out]
+        root = rootfs.prepare(suite)
+        inside = root / out.lstrip("/")
+        inside.unlink(missing_ok=True)
+        rc = subprocess.call(rootfs.command(root, inner))
+        if rc != 0 or not inside.exists():
+            print(f"service_bench: the {suite} side failed (exit {rc})", file=sys.stderr)
+            return 1
+        sides[suite] = json.loads(inside.read_text())
+    lix, sid = sides["lix"], sides["sid"]
+    lines = [
+        f"recnix on Lix beside recnix on Nix 2.34 — {time.strftime('%Y-%m-%d %H:%M:%S')}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {lix['nix']} | "
+        f"{sid['nix']}; each suite's side runs alone (not interleaved: one root "
+        "filesystem at a time), so compare on a quiet machine"
+        + (" (--quick)" if opts.quick else ""),
+        "",
+        f"{'scenario':<66} {'Lix':>10} {'Nix 2.34':>10} {'Lix÷2.34':>9}",
+    ]
+    for a, b in zip(lix["rows"], sid["rows"], strict=True):
+        ratio = a["value"] / b["value"] if b["value"] else float("nan")
+        lines.append(
+            f"{a['scenario'][:66]:<66} {a['value']:>10.2f} {b['value']:>10.2f} {ratio:>9.2f}"
+            f"  {a['unit']}"
+        )
+        lines.append(f"    Lix: {a['note']}")
+        lines.append(f"    2.34: {b['note']}")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not opts.no_write:
+        RESULTS.with_name("results-service-lix.txt").write_text(text)
+    return 0
+
+
 def main() -> int:
     opts = parse_args()
+    if opts.suite == "lix" and os.environ.get("RECNIX_SUITE") != "lix":
+        return lix_side_by_side(opts)
     if opts.suite and os.environ.get("RECNIX_SUITE") != opts.suite:
         from recnix_vm import rootfs
 
@@ -1063,15 +1194,16 @@ def main() -> int:
         inner = rootfs.command(rootfs.prepare(opts.suite), ["python3", script, *sys.argv[1:]])
         return subprocess.call(inner)
     results = RESULTS.with_name(f"results-service-{opts.suite}.txt") if opts.suite else RESULTS
-    only = opts.only or list(SCENARIOS)
+    scenarios = RECNIX_ONLY if (opts.recnix_only or is_lix()) else SCENARIOS
+    only = [name for name in (opts.only or list(scenarios)) if name in scenarios]
 
     # SIGTERM (e.g. `timeout`) must still stop the daemons started below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
-    nix_version = subprocess.run(
+    nix_version = subprocess.run(  # Lix prints more lines: the first names it
         ["nix-store", "--version"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    ).stdout.splitlines()[0]
     scratch = Path(tempfile.mkdtemp(prefix="recnix-bench-"))
     hosts: list[NixHost] = []
     bench: Bench | None = None
@@ -1108,7 +1240,7 @@ def main() -> int:
             opts, scratch, hooked, plain, floor, fallback, service, control_socket, busybox, nix
         )
         for name in only:
-            rows.extend(new := SCENARIOS[name](bench))
+            rows.extend(new := scenarios[name](bench))
             print(render(new, ""), flush=True)
         loops = re.findall(r"event loop: (\w+)", bench.service.log_text())
         event_loop = loops[-1] if loops else "?"
@@ -1130,6 +1262,20 @@ def main() -> int:
     print(text)
     if not opts.no_write:
         results.write_text(text)
+    if opts.json:
+        import json
+
+        opts.json.write_text(
+            json.dumps(
+                {
+                    "nix": nix_version,
+                    "rows": [
+                        {"scenario": r.scenario, "value": r.recnix, "unit": r.unit, "note": r.note}
+                        for r in rows
+                    ],
+                }
+            )
+        )
     return 0 if all(r.verdict != "FAIL" for r in rows) else 1
 
 

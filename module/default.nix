@@ -30,6 +30,7 @@ let
   # Nix 2.25-2.33 read nix.conf, then reset build-hook to their own hook
   # (src/nix/main.cc; recnix.nixversion): there it goes on nix-daemon's command line.
   nixVersion = config.nix.package.version or "";
+  packageIsLix = lib.getName config.nix.package == "lix";
   buildHookOnCommandLine =
     !cfg.lix
     && nixVersion != ""
@@ -86,9 +87,9 @@ in
 
     lix = lib.mkOption {
       type = lib.types.bool;
-      default = lib.getName config.nix.package == "lix";
+      default = packageIsLix;
       defaultText = lib.literalExpression ''lib.getName config.nix.package == "lix"'';
-      description = "Whether the system's Nix is Lix, which has no built-in recursive-nix: `experimental-features = recursive-nix` and the `recursive-nix` system feature are then left out of nix.settings. recnix itself works the same on Lix (it does not need the pre-build hook's output, which Lix 2.93-2.95 drops).";
+      description = "Whether the system's Nix is Lix, which has no built-in recursive-nix: `experimental-features = recursive-nix` and the `recursive-nix` system feature are then left out of nix.settings. recnix itself works the same on Lix (it does not need the pre-build hook's output, which Lix 2.93-2.95 drops). recnix's build-hook is left out too (Lix >= 2.94 speaks Cap'n Proto to its build hook); false with a Lix nix.package fails evaluation.";
     };
 
     preBuildHooks = lib.mkOption {
@@ -182,6 +183,12 @@ in
       {
         assertion = nrmEnabled -> lib.elem nrmHook cfg.preBuildHooks;
         message = "programs.nix-required-mounts is enabled but its hook is not in services.recnix.preBuildHooks: recnix takes nix.settings.pre-build-hook, so nix-required-mounts would silently stop working.";
+      }
+      {
+        # recnix's build-hook cannot serve Lix (>= 2.94: Cap'n Proto); on a Lix daemon
+        # it would fail every build (recnix < issue 20: hang every build for ever).
+        assertion = packageIsLix -> cfg.lix;
+        message = "services.recnix.lix = false, but nix.package is Lix (${config.nix.package.name or "lix"}): recnix would set nix.conf's build-hook, which Lix cannot use (every build would fail). Remove the services.recnix.lix setting (it defaults to true on Lix) or set it to true.";
       }
       {
         assertion = cfg.settings.daemon.upstream != "stdio";

@@ -53,7 +53,15 @@ def control_socket() -> str:
 
 def main(argv: list[str]) -> int:
     """Serve Nix's build hook requests (recnix.buildqueue), with Nix's build-remote
-    (``argv``: Nix passes its verbosity) for the builds that may go to remote machines."""
+    (``argv``: Nix passes its verbosity) for the builds that may go to remote machines.
+
+    Started by Lix >= 2.94 (Cap'n Proto on stdout), it tells Lix why it cannot serve it
+    (recnix.lixhook): the build fails with that message instead of waiting for ever."""
+    from recnix import lixhook
+
+    if lixhook.is_lix_rpc_peer():
+        print(f"recnix build-hook: {lixhook.refuse()}", file=sys.stderr)
+        return 1
     nix = os.environ.get(NIX_ENV) or shutil.which("nix")
     if not nix:
         print(

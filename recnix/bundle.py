@@ -98,10 +98,12 @@ def _run(argv: list[str], env: dict[str, str] | None) -> str:
     return result.stdout
 
 
-def _client_env(nix_env: dict[str, str] | None) -> dict[str, str] | None:
-    if nix_env is None:
-        return None
-    env = dict(nix_env)
+def _client_env(nix_env: dict[str, str] | None) -> dict[str, str]:
+    """``nix_env`` (default: this process's), the local store instead of a dead daemon
+    socket (recnix.storeenv)."""
+    from recnix.storeenv import client_env
+
+    env = client_env(nix_env)
     env.setdefault("PATH", os.environ.get("PATH", "/usr/bin:/bin"))
     return env
 

@@ -133,11 +133,14 @@ def _cmd_tree(args: argparse.Namespace) -> int:
         return 1
     target = args.path
     if not target.endswith(".drv"):
+        from recnix.storeenv import client_env
+
         proc = subprocess.run(
             ["nix-store", "--query", "--deriver", target],
             capture_output=True,
             text=True,
             check=False,
+            env=client_env(),
         )
         deriver = proc.stdout.strip()
         if proc.returncode != 0 or not deriver or deriver == "unknown-deriver":
@@ -158,8 +161,14 @@ def _read_build_log(drv: str) -> str | None:
     """``nix-store --read-log``: the stored build log of ``drv``, None if there is none."""
     import subprocess
 
+    from recnix.storeenv import client_env
+
     proc = subprocess.run(
-        ["nix-store", "--read-log", drv], capture_output=True, text=True, check=False
+        ["nix-store", "--read-log", drv],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=client_env(),
     )
     return proc.stdout if proc.returncode == 0 else None
 

@@ -40,6 +40,7 @@ from recnix.nixversion import NixVersion, NixVersionError, parse_nix_version
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 # Nix releases recnix's tests run against (major.minor); others may work.
 TESTED_NIX = ("2.8", "2.26", "2.34")
+TESTED_LIX = ("2.95",)  # Lix releases the tests run against (the lix suite)
 MIN_NIX = (2, 8)
 MIN_MINOR, MAX_MINOR = 10, 38  # worker-protocol minors the codec speaks
 PRE_HOOK_NAME = "recnix-pre-build-hook"
@@ -89,6 +90,10 @@ class Facts:
     which: dict[str, str | None] = field(default_factory=dict)
     paths: dict[str, os.stat_result | None] = field(default_factory=dict)
     daemon_cmdlines: list[list[str]] = field(default_factory=list)  # running nix-daemons
+    # the system daemon socket (/nix/var/nix/daemon-socket/socket): None if there is no
+    # such file, else whether something accepts connections on it
+    socket_answers: bool | None = None
+    socket_path: str = ""
 
 
 # -- the checks (pure)
@@ -114,11 +119,13 @@ def check_nix_version(f: Facts) -> Result:
     where = "the nix-daemon" if daemon_version else "`nix --version`"
     numbers = NixVersion("nix", version).release
     if (cli is not None and cli.is_lix) or "lix" in version.lower():
+        if ".".join(map(str, numbers[:2])) in TESTED_LIX:
+            return Result("nix-version", OK, f"Lix {version} ({where}), a tested version")
         return Result(
             "nix-version",
             WARN,
-            f"Lix {version} ({where}): known, but untested (recnix's tests run on Nix)",
-            f"tested: Nix {', '.join(TESTED_NIX)}",
+            f"Lix {version} ({where}) is not one recnix's tests run against",
+            f"tested: Lix {', '.join(TESTED_LIX)}, Nix {', '.join(TESTED_NIX)}",
         )
     if not numbers or numbers[:2] < MIN_NIX:
         return Result(
@@ -194,6 +201,13 @@ def check_post_build_hook(f: Facts) -> Result:
     return _check_hook(f, "post-build-hook", POST_HOOK_NAME)
 
 
+def _hook_value(f: Facts, setting: str) -> str:
+    value = f.settings.get(setting)
+    if isinstance(value, list):  # build-hook is a list of words since Nix 2.19
+        value = " ".join(str(v) for v in value)
+    return value.strip() if isinstance(value, str) else ""
+
+
 def _is_lix(f: Facts) -> bool:
     try:
         return bool(f.nix_cli_version) and parse_nix_version(f.nix_cli_version).is_lix
@@ -205,6 +219,34 @@ def check_build_hook(f: Facts) -> Result:
     """nix.conf's build-hook is recnix's (not on Lix): recursive builds then wait for a
     session before Nix takes a build user, and ssh-ng:// builders send closures back."""
     if _is_lix(f):
+        configured = _hook_value(f, "build-hook")
+        on_cmdline = [
+            args[i + 2]
+            for args in f.daemon_cmdlines
+            for i in range(len(args) - 2)
+            if args[i] == "--option" and args[i + 1] == "build-hook"
+        ]
+        recnix_hook = [
+            v
+            for v in [configured, *on_cmdline]
+            if v and BUILD_HOOK_NAME in os.path.basename(v.split()[0])
+        ]
+        if recnix_hook:
+            where = (
+                f"in {f.nix_conf_file}"
+                if configured in recnix_hook
+                else "on nix-daemon's command line"
+            )
+            return Result(
+                "build-hook",
+                FAIL,
+                f"build-hook = {recnix_hook[0]} ({where}): recnix's build-hook cannot serve Lix "
+                "(Cap'n Proto since 2.94): every build that Lix asks it about fails (older "
+                "recnix: hangs for ever)",
+                f"remove the build-hook line from {f.nix_conf_file} (or --option build-hook "
+                "from nix-daemon's command line) and restart nix-daemon; `recnix nix-conf` "
+                "prints the lines for Lix (NixOS: services.recnix.lix = true)",
+            )
         return Result(
             "build-hook",
             OK,
@@ -350,6 +392,28 @@ def check_service(f: Facts) -> Result:
     )
 
 
+def check_daemon_socket(f: Facts) -> Result:
+    """No daemon socket file that nobody answers on (a killed daemon leaves it behind,
+    and Lix >= 2.94 then sends every root command to it)."""
+    if f.socket_answers is None:
+        return Result("daemon-socket", OK, f"no daemon socket at {f.socket_path}")
+    if f.socket_answers:
+        return Result("daemon-socket", OK, f"a nix-daemon answers on {f.socket_path}")
+    lix = _is_lix(f)
+    return Result(
+        "daemon-socket",
+        FAIL if lix else WARN,
+        f"{f.socket_path} exists but nobody answers on it (a nix-daemon that was killed "
+        "left it behind)"
+        + (
+            ": Lix sends every command, root's too, to that socket, and they all fail"
+            if lix
+            else ""
+        ),
+        f"start the nix-daemon (`systemctl start nix-daemon`), or remove {f.socket_path}",
+    )
+
+
 def check_user_namespaces(f: Facts) -> Result:
     """Nix's sandbox runs builds in a user namespace."""
     if f.userns.ok:
@@ -444,6 +508,7 @@ CHECKS: tuple[Callable[[Facts], Result], ...] = (
     check_system_features,
     check_build_users,
     check_service,
+    check_daemon_socket,
     check_user_namespaces,
     check_mount_syscalls,
     check_state_dir,
@@ -646,6 +711,24 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
+def probe_socket_file(path: str) -> bool | None:
+    """None if there is no socket at ``path``, else whether a connect() there succeeds."""
+    import socket
+
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(PROBE_TIMEOUT)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def running_daemon_cmdlines() -> list[list[str]]:
     """The command lines of the nix-daemon processes running on this machine."""
     found = []
@@ -692,7 +775,17 @@ def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
         which=which,
         daemon_cmdlines=running_daemon_cmdlines(),
         paths={p: _stat(p) for p in paths if p},
+        socket_answers=probe_socket_file(system_socket(env)),
+        socket_path=system_socket(env),
     )
+
+
+def system_socket(env: Mapping[str, str]) -> str:
+    """The daemon socket Nix's ``auto`` store looks at (``NIX_DAEMON_SOCKET_PATH``, else
+    ``/nix/var/nix/daemon-socket/socket``)."""
+    from recnix.upstream import DEFAULT_SOCKET
+
+    return env.get("NIX_DAEMON_SOCKET_PATH") or DEFAULT_SOCKET
 
 
 # -- the build check (I/O: a real build)

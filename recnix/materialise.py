@@ -81,7 +81,8 @@ def peer_in_sandbox(pid: int, chroot_root: Path) -> bool:
 
 
 def find_sandbox_pid(chroot_root: Path) -> int | None:
-    """Any live process inside the sandbox rooted at `chroot_root` (lowest pid), or None."""
+    """A live process inside the sandbox rooted at `chroot_root` (the one that started
+    first: see `sandbox_pids`), or None."""
     pids = sandbox_pids(chroot_root)
     return pids[0] if pids else None
 

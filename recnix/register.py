@@ -55,8 +55,9 @@ def local_store_env(nix_env: Mapping[str, str]) -> dict[str, str]:
     (``auto``) is the daemon whenever its socket exists, even for root, and the
     daemon refuses `--register-validity` ("you don't have sufficient rights").
     """
-    env = dict(nix_env)
-    env["NIX_REMOTE"] = "local"
+    from recnix.storeenv import local_env
+
+    env = local_env(nix_env)
     env.setdefault("NIX_PAGER", "cat")
     return env
 

@@ -135,22 +135,31 @@ class SandboxProcess:
 
 
 def sandbox_pids(chroot_root: Path) -> list[int]:
-    """Pids whose root is the sandbox's chroot, lowest first (unverified: hold one with
+    """Pids whose root is the sandbox's chroot, the one that started first (the builder,
+    which outlives its children) first: not by pid, since pids wrap and a short-lived child
+    can have a lower pid than the builder (unverified: hold one with
     :meth:`SandboxProcess.from_pid` before acting on it)."""
     try:
         want = os.stat(chroot_root)
     except OSError:
         return []
-    found = []
+    found: list[tuple[int, int]] = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             if _same_file(os.stat(f"/proc/{name}/root"), want):
-                found.append(int(name))
-        except OSError:
+                found.append((_start_time(name), int(name)))
+        except (OSError, ValueError, IndexError):
             continue
-    return sorted(found)
+    return [pid for _, pid in sorted(found)]
+
+
+def _start_time(pid: str) -> int:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[19])
 
 
 def kill_sandbox(chroot_root: Path) -> int:

@@ -147,9 +147,14 @@ class Upstream(LocalStoreFiles):
         process = None
         try:
             if target == "stdio":
+                from recnix.storeenv import local_env
+
+                # the local store, never a daemon (Lix >= 2.94 would forward to any
+                # socket file there, even a dead one): recnix.storeenv
                 process = await asyncio.create_subprocess_exec(
                     "nix-daemon",
                     "--stdio",
+                    env=local_env(),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     limit=READ_CHUNK * 4,

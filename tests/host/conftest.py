@@ -38,7 +38,16 @@ from pathlib import Path
 import pytest
 
 from recnix.bundle import bundle_nix, busybox_store_path
-from tests.nixversion import build_dir_conf, daemon_build_root, ignores_conf_build_hook
+from tests import nixversion
+from tests.nixversion import (
+    build_dir_conf,
+    daemon_build_root,
+    has_builtin_recursive_nix,
+    ignores_conf_build_hook,
+    is_lix,
+    no_builtin_reason,
+    uses_recnix_build_hook,
+)
 from tests.scenarios.runner import ScenarioRunner
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
@@ -57,8 +66,11 @@ HOOK_OUTPUT_MODES = ("honoured", "discarded")
 
 
 def hook_output_modes() -> list[str]:
-    """The modes selected by RECNIX_TEST_HOOK_OUTPUT (comma-separated; default: all)."""
-    wanted = os.environ.get("RECNIX_TEST_HOOK_OUTPUT", ",".join(HOOK_OUTPUT_MODES))
+    """The modes selected by RECNIX_TEST_HOOK_OUTPUT (comma-separated; default: all, and
+    on Lix "honoured" only: there nix.conf names recnix's hook as a Lix user's does, and
+    Lix itself drops its output, so the emulating wrapper would add nothing)."""
+    default = "honoured" if is_lix() else ",".join(HOOK_OUTPUT_MODES)
+    wanted = os.environ.get("RECNIX_TEST_HOOK_OUTPUT", default)
     modes = [m.strip() for m in wanted.split(",") if m.strip()]
     unknown = [m for m in modes if m not in HOOK_OUTPUT_MODES]
     if unknown or not modes:
@@ -111,13 +123,16 @@ def nix_conf_text(
     pre_build_hook: Path = PRE_BUILD_HOOK,
     build_hook: str | None = None,
 ) -> str:
-    """The private nix.conf of a test daemon (``build_hook``: instead of recnix's)."""
+    """The private nix.conf of a test daemon (``build_hook``: instead of recnix's, which
+    is left out on Lix, as ``recnix nix-conf`` leaves it out; so is the built-in
+    recursive-nix, which Lix no longer has)."""
+    features = "nix-command recursive-nix" if has_builtin_recursive_nix() else "nix-command"
     lines = [
         "build-users-group = nixbld",
         "sandbox = true",
         "sandbox-fallback = false",
         "substituters =",
-        "experimental-features = nix-command recursive-nix",
+        f"experimental-features = {features}",
         "extra-system-features = recnix recnix-readonly",
         "keep-failed = false",
         "max-jobs = 4",
@@ -126,7 +141,10 @@ def nix_conf_text(
     ]
     if hooks:  # as `recnix nix-conf` prints them
         lines += [f"pre-build-hook = {pre_build_hook}", f"post-build-hook = {POST_BUILD_HOOK}"]
-        lines += [f"build-hook = {build_hook or BUILD_HOOK}", "build-poll-interval = 1"]
+        if build_hook or uses_recnix_build_hook():
+            lines += [f"build-hook = {build_hook or BUILD_HOOK}", "build-poll-interval = 1"]
+    elif build_hook:
+        lines += [f"build-hook = {build_hook}"]
     return "\n".join(lines) + "\n" + extra
 
 
@@ -430,8 +448,41 @@ def concurrent_builds(
 
 @pytest.fixture(scope="session")
 def oracle_runner(nix_host: NixHost, busybox: str, nix_bundle: str) -> ScenarioRunner:
-    """Scenarios against the daemon without hooks (for Nix's built-in recursive-nix)."""
+    """Scenarios against the daemon without hooks (for Nix's built-in recursive-nix);
+    skipped, with the reason, where there is no built-in (Lix)."""
+    require_builtin_recursive_nix()
     return scenario_runner(nix_host, busybox, nix_bundle)
+
+
+def require_recnix_build_hook() -> None:
+    """Skip the calling test, saying why, where recnix's build-hook is not used (Lix)."""
+    if not uses_recnix_build_hook():
+        pytest.skip(
+            f"{nixversion.label()} keeps its own build hook (Cap'n Proto since Lix 2.94), so "
+            "recnix's build-hook and its build queue are not used: recursive builds wait "
+            "for a session in the pre-build hook (README, Lix)"
+        )
+
+
+def other_build_hook(tmp_path: Path) -> str | None:
+    """A build hook other than recnix's, as Lix has: on Lix its own (None: nix.conf
+    leaves build-hook out), on Nix one that declines every build (NO_QUEUE_HOOK)."""
+    if not uses_recnix_build_hook():
+        return None
+    hook = tmp_path / "no-queue-build-hook"
+    hook.write_text(NO_QUEUE_HOOK)
+    hook.chmod(0o755)
+    return str(hook)
+
+
+# A Nix build hook that never builds anything remotely (and never queues).
+NO_QUEUE_HOOK = "#!/bin/sh\nprintf '# decline-permanently\\n' >&2\nexec cat > /dev/null\n"
+
+
+def require_builtin_recursive_nix() -> None:
+    """Skip the calling test, saying why, where Nix has no built-in recursive-nix (Lix)."""
+    if not has_builtin_recursive_nix():
+        pytest.skip(no_builtin_reason())
 
 
 @dataclass
@@ -503,13 +554,17 @@ def recnix_config_text(
 
 
 def start_recnix_service(
-    host: NixHost, extra_config: str = "", daemon: Mapping[str, object] | None = None
+    host: NixHost,
+    extra_config: str = "",
+    daemon: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> RecnixService:
-    """Write ``host.recnix_config`` and start ``recnix daemon`` on it."""
+    """Write ``host.recnix_config`` and start ``recnix daemon`` on it (``env``: changes to
+    its environment, the daemon's)."""
     root = host.root / "recnix"
     root.mkdir(mode=0o700, exist_ok=True)
     host.recnix_config.write_text(recnix_config_text(root, host, extra_config, daemon))
-    service = launch_recnix_service(host)
+    service = launch_recnix_service(host, env)
     try:
         wait_until_ready(service, timeout=20, poll=0.05)
     except RuntimeError as e:
@@ -517,10 +572,10 @@ def start_recnix_service(
     return service
 
 
-def launch_recnix_service(host: NixHost) -> RecnixService:
+def launch_recnix_service(host: NixHost, env: Mapping[str, str] | None = None) -> RecnixService:
     """Start ``recnix daemon`` on ``host.recnix_config`` (already written); do not wait."""
     root = host.root / "recnix"
-    env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config)}
+    env = {**host.daemon_env, "RECNIX_CONFIG": str(host.recnix_config), **(env or {})}
     env.pop("TMPDIR", None)
     log = open(root / "service.log", "ab")  # noqa: SIM115 - handed to the service
     process = subprocess.Popen(

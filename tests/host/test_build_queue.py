@@ -20,6 +20,7 @@ from tests.host.conftest import (
     NixHost,
     RecnixService,
     concurrent_builds,
+    require_recnix_build_hook,
     start_nix_host,
     start_recnix_service,
     stop_recnix_service,
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.host
 
 
 def test_more_outer_builds_than_build_users_all_finish(busybox: str, nix_bundle: str) -> None:
+    require_recnix_build_hook()
     host: NixHost = start_nix_host(hooks=True)  # with recnix's build-hook, as nix-conf prints it
     service = start_recnix_service(host)
     try:

@@ -19,6 +19,7 @@ import pytest
 
 from tests import nixversion
 from tests.host.conftest import (
+    BUILD_HOOK,
     POST_BUILD_HOOK,
     PRE_BUILD_HOOK,
     RECNIX_BIN,
@@ -161,6 +162,11 @@ def test_post_build_hook_not_recnix(setup: RecnixService, tmp_path: Path) -> Non
 
 
 def test_build_hook_not_recnix_is_a_warning(setup: RecnixService, tmp_path: Path) -> None:
+    if nixversion.is_lix():
+        pytest.skip(
+            f"{nixversion.label()} keeps its own build-hook (nix.conf has none of recnix's): "
+            "test_recnix_build_hook_on_lix_fails checks this check there"
+        )
     conf = nix_conf_with(setup.host, tmp_path, drop="build-hook", add="build-hook = /bin/false\n")
     rc, checks = doctor_json(setup.host, setup.config_path, conf_dir=conf)
     assert rc == 0 and failing(checks) == [], checks
@@ -171,6 +177,18 @@ def test_build_hook_not_recnix_is_a_warning(setup: RecnixService, tmp_path: Path
         return
     assert hook["status"] == "warn" and "/bin/false is not recnix's" in hook["summary"], hook
     assert "Nix #7297" in hook["summary"] and "recnix-build-hook" in hook["fix"], hook
+
+
+def test_recnix_build_hook_on_lix_fails(setup: RecnixService, tmp_path: Path) -> None:
+    """Issue 20: the real doctor on a Lix whose nix.conf names recnix's build-hook."""
+    if not nixversion.is_lix():
+        pytest.skip(f"{nixversion.label()} is served by recnix's build-hook: Lix only")
+    conf = nix_conf_with(setup.host, tmp_path, add=f"build-hook = {BUILD_HOOK}\n")
+    rc, checks = doctor_json(setup.host, setup.config_path, conf_dir=conf)
+    assert rc == 1 and failing(checks) == ["build-hook"], checks
+    hook = checks["build-hook"]
+    assert f"build-hook = {BUILD_HOOK} (in {conf / 'nix.conf'})" in hook["summary"], hook
+    assert f"remove the build-hook line from {conf / 'nix.conf'}" in hook["fix"], hook
 
 
 def test_hook_file_missing(setup: RecnixService, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ the builder, and the CLI parts (bundle-nix --nix, nix-conf) on the real Nix here
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 
@@ -15,8 +16,10 @@ import pytest
 from recnix.bundle import bundle_nix, find_nix_binary
 from recnix.nixversion import nix_version
 from recnix.sandboxsocket import SANDBOX_SOCKET
+from tests import nixversion
 from tests.host.conftest import (
     RECNIX_BIN,
+    SYSTEM_PATH,
     NixHost,
     recnix_config_text,
     start_nix_host,
@@ -100,16 +103,21 @@ def test_a_hook_error_reaches_the_build_without_the_hook_output(
     assert "/nix/var" not in done.stderr, done.stderr
 
 
+# The system's nix (Debian's /usr/bin/nix; in the lix suite Lix's /usr/local/bin/nix).
+SYSTEM_NIX = shutil.which("nix", path=SYSTEM_PATH) or "/usr/bin/nix"
+
+
 def test_bundle_nix_takes_the_given_nix(nix_host, nix_bundle):
-    assert find_nix_binary("/usr/bin/nix") == find_nix_binary()  # the one on PATH here
-    assert bundle_nix(nix_host.env, nix_binary="/usr/bin/nix") == nix_bundle
-    version = nix_version("/usr/bin/nix").version
-    assert nix_bundle.endswith(f"-nix-{version}-bundle")
+    assert find_nix_binary(SYSTEM_NIX) == find_nix_binary()  # the one on PATH here
+    assert bundle_nix(nix_host.env, nix_binary=SYSTEM_NIX) == nix_bundle
+    version = nix_version(SYSTEM_NIX).version
+    kind = "lix-" if nixversion.is_lix() else ""  # bundles of Lix say so in their name
+    assert nix_bundle.endswith(f"-nix-{kind}{version}-bundle")
 
 
 def test_bundle_nix_command_with_nix_option(nix_host, nix_bundle):
     done = subprocess.run(
-        [str(RECNIX_BIN), "bundle-nix", "--nix", "/usr/bin/nix"],
+        [str(RECNIX_BIN), "bundle-nix", "--nix", SYSTEM_NIX],
         env=nix_host.env,
         capture_output=True,
         text=True,
@@ -131,10 +139,16 @@ def test_bundle_nix_command_names_a_missing_nix(nix_host):
 
 
 def test_nix_conf_on_this_nix_keeps_the_builtin():
+    """On Nix: the built-in's lines and recnix's build-hook; on Lix (detected from this
+    nix): neither."""
     done = subprocess.run(
-        [str(RECNIX_BIN), "nix-conf", "--nix", "/usr/bin/nix", "--config", "/dev/null"],
+        [str(RECNIX_BIN), "nix-conf", "--nix", SYSTEM_NIX, "--config", "/dev/null"],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert "experimental-features = recursive-nix" in done.stdout
+    lines = done.stdout.splitlines()
+    lix = nixversion.is_lix()
+    assert ("experimental-features = recursive-nix" in lines) is not lix, done.stdout
+    assert any(line.startswith("build-hook = ") for line in lines) is not lix, done.stdout
+    assert any(line.startswith("pre-build-hook = ") for line in lines), done.stdout

@@ -117,9 +117,32 @@ def test_lix_leaves_out_the_builtin_recursive_nix(module: str) -> None:
     assert settings["extra-system-features"].split() == ["recnix", "recnix-readonly"]
 
 
-def test_lix_option_overrides_the_detection() -> None:
-    settings = nix_eval("nixSettings", [LIX_PACKAGE, "{ services.recnix.lix = false; }"])
-    assert settings["experimental-features"] == "recursive-nix"
+def test_lix_option_forced_off_on_a_lix_package_fails_evaluation() -> None:
+    """services.recnix.lix = false on Lix would put recnix's build-hook into a Lix
+    nix.conf (every build then fails: issue 20): evaluation stops with a clear message."""
+    for attr in ("nixSettings", "nixConf", "nixDaemonExecStart"):
+        with pytest.raises(
+            EvalError, match=r"services\.recnix\.lix = false, but nix\.package is Lix"
+        ):
+            nix_eval(attr, [LIX_PACKAGE, "{ services.recnix.lix = false; }"])
+
+
+@pytest.mark.parametrize("version", ["2.93.0", "2.94.2", "2.95.3"])
+def test_no_build_hook_anywhere_on_lix(version: str) -> None:
+    """Whatever the Lix version, neither nix.conf nor nix-daemon's command line names
+    recnix's build-hook."""
+    lix = nix_package(version, "lix")
+    conf = nix_eval("nixConf", [lix])
+    assert "recnix-pre-build-hook" in conf  # the hooks recnix does use are there
+    assert "recnix-build-hook" not in conf
+    assert not [line for line in conf.splitlines() if line.startswith("build-hook")]
+    assert nix_eval("nixDaemonExecStart", [lix]) is None
+
+
+def test_lix_option_on_a_nix_package_leaves_out_the_builtin() -> None:
+    """services.recnix.lix = true on a Nix package (e.g. a Lix under another name)."""
+    settings = nix_eval("nixSettings", ["{ services.recnix.lix = true; }"])
+    assert "build-hook" not in settings and "experimental-features" not in settings
 
 
 def test_disabled_module_sets_nothing() -> None:

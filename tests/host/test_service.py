@@ -17,6 +17,7 @@ import pytest
 from tests.host.conftest import (
     NixHost,
     RecnixService,
+    require_builtin_recursive_nix,
     scenario_runner,
     start_nix_host,
     start_recnix_service,
@@ -151,6 +152,7 @@ def test_fixed_output_allowed_when_configured(fod_host) -> None:
 
 @pytest.mark.parametrize("scenario", ["inner", "add", "deep"])
 def test_differential_against_builtin(recnix_runner: ScenarioRunner, scenario: str) -> None:
+    require_builtin_recursive_nix()
     checks.check_differential(recnix_runner, scenario)
 
 

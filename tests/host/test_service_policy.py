@@ -20,11 +20,14 @@ import pytest
 
 from recnix.nixsettings import nix_settings
 from recnix.protocol import Op
+from tests import nixversion
 from tests.host.conftest import (
     PRE_BUILD_HOOK,
     RECNIX_BIN,
     NixHost,
     RecnixService,
+    other_build_hook,
+    require_recnix_build_hook,
     scenario_runner,
     start_nix_host,
     start_recnix_service,
@@ -43,7 +46,6 @@ LIB = Path(__file__).resolve().parents[1] / "scenarios" / "inner" / "lib.nix"
 
 # A build hook that never queues anything (Nix's own, without remote machines, answers
 # the same): opted-in builds then wait for a slot in the pre-build hook.
-NO_QUEUE_HOOK = "#!/bin/sh\nprintf '# decline-permanently\\n' >&2\nexec cat > /dev/null\n"
 
 
 @contextlib.contextmanager
@@ -273,12 +275,20 @@ in lib.mkBuild {{
 
 
 def test_hooks_are_chained(busybox, nix_bundle):
+    """recnix runs the hooks of [hooks] after its own; a chained pre-build hook's
+    extra-sandbox-paths reach Nix (not on Lix 2.93-2.95, which drops every pre-build
+    hook's output: there the chained hook runs and nothing is mounted)."""
+    mounts = not nixversion.drops_pre_build_hook_output()
     with host_with_service(busybox, nix_bundle, "") as (host, _, runner):
         shared = host.root / "chained.txt"
         shared.write_text("mounted by a chained hook\n")
         marker = host.root / "post-hook-ran"
+        pre_marker = host.root / "pre-hook-ran"
         pre = host.root / "pre-hook.sh"
-        pre.write_text(f"#!/bin/sh\necho extra-sandbox-paths\necho /chained.txt={shared}\necho\n")
+        pre.write_text(
+            f'#!/bin/sh\necho "$1" >> {pre_marker}\n'
+            f"echo extra-sandbox-paths\necho /chained.txt={shared}\necho\n"
+        )
         post = host.root / "post-hook.sh"
         post.write_text(f'#!/bin/sh\necho "$DRV_PATH" >> {marker}\n')
         for hook in (pre, post):
@@ -288,19 +298,18 @@ def test_hooks_are_chained(busybox, nix_bundle):
         host.recnix_config.write_text(config)
         tag = fresh_tag()
         # a plain build sees the chained hook's mount; a recnix build gets both
-        plain = write_expr(
-            host, "plain.nix", plain_build_expr(busybox, [], 'cat /chained.txt > "$out"', tag)
-        )
+        cat = '{ cat /chained.txt || echo "not mounted"; } > "$out"'
+        plain = write_expr(host, "plain.nix", plain_build_expr(busybox, [], cat, tag))
         out = host.run(["nix-build", "--no-out-link", plain]).stdout.strip()
-        assert runner.read(out) == "mounted by a chained hook\n"
-        script = (
-            'cat /chained.txt > "$out"; test -S /nix/var/nix/daemon-socket/socket '
-            '&& echo socket >> "$out"'
-        )
+        seen = "mounted by a chained hook\n" if mounts else "not mounted\n"
+        assert runner.read(out) == seen
+        script = cat + '; test -S /nix/var/nix/daemon-socket/socket && echo socket >> "$out"'
         both = write_expr(host, "both.nix", plain_build_expr(busybox, [RECNIX], script, tag))
         out = host.run(["nix-build", "--no-out-link", both]).stdout.strip()
-        assert runner.read(out) == "mounted by a chained hook\nsocket\n"
+        assert runner.read(out) == seen + "socket\n"
         drvs = marker.read_text().split()
+        assert len(drvs) == 2 and all(d.endswith("-policy-probe.drv") for d in drvs), drvs
+        drvs = pre_marker.read_text().split()
         assert len(drvs) == 2 and all(d.endswith("-policy-probe.drv") for d in drvs), drvs
 
 
@@ -310,11 +319,10 @@ def test_sessions_beyond_the_limit_wait(busybox, nix_bundle, tmp_path, queue):
     build hook (before it takes a build user), or, with another build hook (Lix),
     in the pre-build hook."""
     build_hook = None
-    if not queue:
-        hook = tmp_path / "no-queue-build-hook"
-        hook.write_text(NO_QUEUE_HOOK)
-        hook.chmod(0o755)
-        build_hook = str(hook)
+    if queue:
+        require_recnix_build_hook()
+    else:
+        build_hook = other_build_hook(tmp_path)
     with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}, build_hook=build_hook) as (
         host,
         service,
@@ -385,6 +393,7 @@ def test_one_nix_process_with_more_recursive_builds_than_slots_queues_them(busyb
     """recnix's build hook makes the second of two opted-in builds of one nix-build wait
     (Nix's "postpone") while the first holds the only slot (max-sessions = 1): both
     succeed, one after the other."""
+    require_recnix_build_hook()
     with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}) as (
         host,
         service,
@@ -409,10 +418,8 @@ def test_one_nix_process_is_never_made_to_wait_for_its_own_slots(busybox, nix_bu
     first build's post-build hook, which frees the slot, can never run while the second
     build's hook waits). The second is refused with a message that says why; nothing
     hangs and no session stays open."""
-    hook = tmp_path / "no-queue-build-hook"
-    hook.write_text(NO_QUEUE_HOOK)
-    hook.chmod(0o755)
-    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}, build_hook=str(hook)) as (
+    build_hook = other_build_hook(tmp_path)
+    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}, build_hook=build_hook) as (
         host,
         service,
         runner,
@@ -426,9 +433,20 @@ def test_one_nix_process_is_never_made_to_wait_for_its_own_slots(busybox, nix_bu
             text=True,
             timeout=300,
         )
-        assert proc.returncode != 0, "both builds ran with max-sessions = 1"
-        assert "held by other builds of the same Nix process" in proc.stderr, proc.stderr
-        assert "daemon.max-sessions" in proc.stderr, proc.stderr
+        if nixversion.is_lix():
+            # Lix runs the pre-build hook without stopping its other goals: the second
+            # build either waits there for the slot (the first build's post-build hook
+            # frees it) or, by timing, meets the same-process rule and is refused; it
+            # then runs without a session (its builder calls no Nix; Lix dropped the
+            # hook's message) and recnix's post-build hook fails it. Nothing hangs.
+            if proc.returncode == 0:
+                assert len(proc.stdout.split()) == 2, proc.stdout
+            else:
+                assert "recnix has no session for" in proc.stderr, proc.stderr
+        else:
+            assert proc.returncode != 0, "both builds ran with max-sessions = 1"
+            assert "held by other builds of the same Nix process" in proc.stderr, proc.stderr
+            assert "daemon.max-sessions" in proc.stderr, proc.stderr
         # Nix 2.8 then stops the whole nix-build; the first build's session is ended too.
         deadline = time.monotonic() + 60
         while service.session_dirs():

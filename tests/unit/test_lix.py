@@ -199,3 +199,86 @@ def test_sandbox_socket_does_not_follow_a_symlink(tmp_path):
 def test_which_nix_ignores_nix_confs_build_hook(text, ignores):
     """src/nix/main.cc of 2.25-2.33 sets build-hook's default after reading nix.conf."""
     assert parse_nix_version(text).ignores_conf_build_hook is ignores
+
+
+# -- issue 20: recnix's build hook started by Lix >= 2.94 (Cap'n Proto on stdout)
+
+
+def capnp_abort_reason(message: bytes) -> str:
+    """The reason of a framed one-segment RPC Message(abort = Exception) (checks each word)."""
+    import struct
+
+    segments, words = struct.unpack_from("<II", message, 0)
+    assert segments == 0 and len(message) == 8 + 8 * words
+    seg = message[8:]
+    word = [int.from_bytes(seg[i : i + 8], "little") for i in range(0, len(seg), 8)]
+    # root: struct pointer, offset 0, 1 data word, 1 pointer (Message)
+    assert word[0] == (1 << 32) | (1 << 48)
+    assert word[1] & 0xFFFF == 1  # Message.which = abort
+    assert word[2] == (1 << 32) | (1 << 48)  # -> Exception
+    assert word[3] == 0  # Exception.type = failed
+    assert word[4] & 3 == 1 and (word[4] >> 32) & 7 == 2  # a byte list (Text)
+    count = word[4] >> 35
+    text = seg[40 : 40 + count]
+    assert text.endswith(b"\0")
+    return text[:-1].decode()
+
+
+def test_abort_message_carries_the_reason() -> None:
+    from recnix.lixhook import abort_message
+
+    assert capnp_abort_reason(abort_message("why")) == "why"
+    long = "x" * 1000 + " — ünïcode"
+    assert capnp_abort_reason(abort_message(long)) == long
+
+
+def test_lix_peer_is_recognised_by_its_descriptors() -> None:
+    from recnix.lixhook import is_lix_rpc_peer
+
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        assert is_lix_rpc_peer(stdin=null, stdout=a.fileno())  # Lix >= 2.94
+        assert not is_lix_rpc_peer(stdin=r, stdout=w)  # Nix: settings pipe, log pipe
+        assert not is_lix_rpc_peer(stdin=r, stdout=a.fileno())
+        assert not is_lix_rpc_peer(stdin=null, stdout=w)
+    finally:
+        for fd in (r, w, null):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_build_hook_started_the_lix_way_refuses_with_the_nix_conf_line() -> None:
+    """The hook script, given Lix >= 2.94's descriptors, answers with a Cap'n Proto abort
+    naming the nix.conf to fix, says the same on stderr, and exits 1 (no hang)."""
+    hook = Path(__file__).resolve().parents[2] / "bin" / "recnix-build-hook"
+    hookentry = Path(__file__).resolve().parents[2] / "recnix" / "hookentry.py"
+    ours, theirs = socket.socketpair()
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "NIX_CONF_DIR": "/etc/lix-test",
+        "RECNIX_HOOK_PYTHON": sys.executable,
+        "RECNIX_HOOK_ENTRY": str(hookentry),
+    }
+    with open(os.devnull) as null:
+        done = subprocess.run(
+            [str(hook), "1"],
+            stdin=null,
+            stdout=theirs.fileno(),
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+            timeout=60,
+        )
+    theirs.close()
+    received = b""
+    while chunk := ours.recv(65536):
+        received += chunk
+    ours.close()
+    assert done.returncode == 1
+    reason = capnp_abort_reason(received)
+    assert "recnix's build-hook cannot serve Lix" in reason
+    assert "build-hook = …recnix-build-hook` line from /etc/lix-test/nix.conf" in reason
+    assert reason in done.stderr

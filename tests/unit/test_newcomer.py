@@ -94,7 +94,10 @@ def test_versions() -> None:
         "nix (Lix, like Nix) 2.93.0\nSystem type: x86_64-linux\nStore directory: /nix/store\n"
     )
     lix = version_check(lix_text, "2.93.0")
-    assert lix.status == doctor.WARN and "Lix" in lix.summary and "untested" in lix.summary
+    assert lix.status == doctor.WARN and "Lix 2.93.0" in lix.summary, lix
+    assert "not one recnix's tests run against" in lix.summary and "Lix 2.95" in lix.fix, lix
+    tested = version_check(lix_text.replace("2.93.0", "2.95.3"), "2.95.3")
+    assert tested.status == doctor.OK and "Lix 2.95.3" in tested.summary, tested
     assert version_check("nix (Nix) 2.3.16", None).status == doctor.FAIL
     assert (
         "Lix 2.94.2 (`nix --version`)"
@@ -118,6 +121,64 @@ def test_build_hook() -> None:
         statuses(facts(nix_cli_version="nix (Nix) 2.26.3", daemon_cmdlines=given))["build-hook"]
         == "ok"
     )
+
+
+LIX = "nix (Lix, like Nix) 2.95.3\nSystem type: x86_64-linux\n"
+
+
+def test_build_hook_of_recnix_fails_on_lix() -> None:
+    """Issue 20: recnix's build-hook in a Lix nix.conf (or on its daemon's command line)
+    fails every build: doctor FAILs and says which line to remove."""
+    result = doctor.check_build_hook(facts(nix_cli_version=LIX))
+    assert result.status == doctor.FAIL, result
+    assert BUILD in result.summary and "in /etc/nix/nix.conf" in result.summary, result
+    assert "remove the build-hook line from /etc/nix/nix.conf" in result.fix, result
+    own = {k: v for k, v in facts().settings.items() if k != "build-hook"}
+    on_cmdline = facts(
+        nix_cli_version=LIX,
+        settings=own,
+        daemon_cmdlines=[["nix-daemon", "--option", "build-hook", BUILD]],
+    )
+    result = doctor.check_build_hook(on_cmdline)
+    assert result.status == doctor.FAIL and "command line" in result.summary, result
+    lix_own = {**own, "build-hook": ["/usr/local/libexec/lix/build-remote"]}
+    assert doctor.check_build_hook(facts(nix_cli_version=LIX, settings=lix_own)).status == "ok"
+    assert doctor.check_build_hook(facts(nix_cli_version=LIX, settings=own)).status == "ok"
+
+
+@pytest.mark.parametrize(
+    ("cli", "answers", "status"),
+    [
+        ("nix (Nix) 2.8.0", None, doctor.OK),
+        ("nix (Nix) 2.8.0", True, doctor.OK),
+        ("nix (Nix) 2.8.0", False, doctor.WARN),
+        (LIX, None, doctor.OK),
+        (LIX, True, doctor.OK),
+        (LIX, False, doctor.FAIL),
+    ],
+)
+def test_daemon_socket_nobody_answers_on(cli: str, answers: bool | None, status: str) -> None:
+    f = facts(nix_cli_version=cli, socket_answers=answers, socket_path="/s/socket")
+    result = doctor.check_daemon_socket(f)
+    assert result.status == status, result
+    if answers is False:
+        assert "/s/socket exists but nobody answers on it" in result.summary, result
+        assert "remove /s/socket" in result.fix, result
+        assert ("root's too" in result.summary) == (status == doctor.FAIL), result
+
+
+def test_probe_socket_file(tmp_path: Path) -> None:
+    import socket
+
+    path = str(tmp_path / "socket")
+    assert doctor.probe_socket_file(path) is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(path)
+        s.listen(1)
+        assert doctor.probe_socket_file(path) is True
+    assert doctor.probe_socket_file(path) is False  # the file stays; nobody listens
+    (tmp_path / "plain").write_text("")
+    assert doctor.probe_socket_file(str(tmp_path / "plain")) is None
 
 
 def test_build_users() -> None:

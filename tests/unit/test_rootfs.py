@@ -69,3 +69,28 @@ def test_command_enters_with_pivot_root_not_chroot(tmp_path):
     assert f"mount -t proc proc {root}/proc" in script
     assert argv[-2:] == ["nix", "--version"]
     assert f"{rootfs.SUITE_ENV}=sid" in argv and "X=1" in argv
+
+
+def test_no_lix_tarball_says_how_to_build_one(tmp_path, monkeypatch):
+    from recnix_vm import lix
+
+    monkeypatch.setenv(lix.LIX_DIR_ENV, str(tmp_path))
+    with pytest.raises(lix.LixUnavailable) as e:
+        lix.find_tarball(rootfs.source_tree())
+    assert f"scripts/build-lix-tarball.sh LIX_SOURCE_DIR {tmp_path}" in str(e.value)
+    assert (rootfs.source_tree() / lix.BUILD_SCRIPT).is_file()
+    # the other suites' roots are listed without it
+    assert "lix" not in rootfs.version_roots(None)
+
+
+def test_lix_tarball_found_with_its_packages(tmp_path, monkeypatch):
+    from recnix_vm import lix
+
+    (tmp_path / "lix-2.95.3-trixie-x86_64.tar.xz").write_bytes(b"not really xz")
+    (tmp_path / "runtime-packages.txt").write_text("libc6\nbusybox-static\n")
+    monkeypatch.setenv(lix.LIX_DIR_ENV, str(tmp_path))
+    found = lix.find_tarball(rootfs.source_tree())
+    assert found.version == "2.95.3"
+    assert found.runtime_packages == ("libc6", "busybox-static")
+    assert len(found.key()) == 12
+    assert rootfs.rootfs_dir(rootfs.get_suite("lix")).name.endswith("-" + found.key())

@@ -1,4 +1,5 @@
-"""The unit and host tiers against Nix 2.26 (trixie) and 2.34 (sid), at native speed.
+"""The unit and host tiers against Nix 2.26 (trixie), 2.34 (sid) and Lix 2.95 (lix), at
+native speed.
 
 Each suite's root filesystem (``recnix_vm.rootfs``: the suite's own nix-bin,
 Python and /nix store, build users on uids of their own, entered with its own
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from recnix_vm import rootfs
-from recnix_vm.image import SUITES, ImageError
+from recnix_vm import lix, rootfs
+from recnix_vm.image import ROOTFS_SUITES, ImageError
 
 pytestmark = pytest.mark.versions
 
@@ -60,10 +61,21 @@ def read_junit(path: Path, run: InnerRun) -> None:
             run.passed += 1
 
 
-@pytest.mark.parametrize("suite", sorted(rootfs.UID_BASES))
+# Lix last: its cross-version test uses the other suites' root filesystems.
+SUITE_ORDER = sorted(rootfs.UID_BASES, key=lambda s: (s == "lix", s))
+
+
+@pytest.mark.parametrize("suite", SUITE_ORDER)
 def test_unit_and_host_tiers(suite: str) -> None:
     try:
+        if suite == "lix":
+            lix.find_tarball(rootfs.source_tree())
+            for other in SUITE_ORDER:
+                if other != "lix":  # for tests/host/test_cross_version.py
+                    rootfs.prepare(other)
         root = rootfs.prepare(suite)
+    except lix.LixUnavailable as e:
+        pytest.skip(f"lix suite: {e}")
     except ImageError as e:
         pytest.fail(f"cannot make the {suite} root filesystem: {e}", pytrace=False)
     junit = f"/tmp/recnix-{suite}-junit.xml"
@@ -78,7 +90,11 @@ def test_unit_and_host_tiers(suite: str) -> None:
     version = subprocess.run(
         rootfs.command(root, ["nix", "--version"]), capture_output=True, text=True
     ).stdout.strip()
-    run = InnerRun(suite, version or SUITES[suite].nix, time.monotonic() - start)
+    run = InnerRun(
+        suite,
+        version.splitlines()[0] if version else ROOTFS_SUITES[suite].nix,
+        time.monotonic() - start,
+    )
     report = root / junit.lstrip("/")
     if not report.exists():
         pytest.fail(

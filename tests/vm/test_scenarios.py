@@ -35,9 +35,10 @@ RESULT_ROOT = "/root/results"
 RECNIX_CONFIG = "/etc/recnix/config.toml"
 
 
-def boot(machine: Machine) -> tuple[str, str]:
-    """Wait for the guest's services; put busybox and the nix bundle in its store."""
-    machine.wait_for_unit("nix-daemon.socket")
+def boot(machine: Machine, daemon_unit: str = "nix-daemon.socket") -> tuple[str, str]:
+    """Wait for the guest's services (``daemon_unit``: the lix guest's daemon is
+    ``nix-daemon.service``); put busybox and the nix bundle in its store."""
+    machine.wait_for_unit(daemon_unit)
     machine.wait_for_unit("recnix.service")
     machine.wait_until_succeeds("test -S /run/recnix/control.sock", timeout=60)
     return bundle_nix_in_guest(machine)

@@ -13,7 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .image import DEFAULT_SUITE, GUEST_SCENARIOS_DIR, SUITES, ImageError, build_image, cache_dir
+from .image import (
+    DEFAULT_SUITE,
+    GUEST_SCENARIOS_DIR,
+    ROOTFS_SUITES,
+    ImageError,
+    build_image,
+    cache_dir,
+)
 from .log import log
 from .machine import (
     DEFAULT_MEMORY_MB,
@@ -26,7 +33,8 @@ from .machine import (
 
 DESCRIPTION = """\
 QEMU harness for recnix: a Debian guest (Nix from Debian: bookworm 2.8, the
-default; trixie 2.26; sid 2.34; systemd, nix-daemon, recnix installed from
+default; trixie 2.26; sid 2.34; lix: Lix 2.95 on trixie, from a prebuilt Lix
+tarball, see the README's "Lix"; systemd, nix-daemon, recnix installed from
 this working tree as a systemd service), booted with its own kernel under TCG
 (KVM only if a probe boot works).
 
@@ -48,6 +56,7 @@ examples:
   recnix-vm demo --feature recursive-nix   the same with Nix's built-in feature
   recnix-vm demo --discard-hook-output     the same with the hook's output dropped (as Lix)
   recnix-vm demo --suite trixie    the demo on Debian 13's Nix 2.26
+  recnix-vm demo --suite lix       the demo on Lix 2.95 (trixie; ../shared/lix's tarball)
   recnix-vm demo --remote-builder  the outer build dispatched to a second guest
   recnix-vm probe-kvm              re-run the KVM probe boot and show the verdict
 """
@@ -56,10 +65,13 @@ examples:
 def _add_suite_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite",
-        choices=tuple(SUITES),
+        choices=tuple(ROOTFS_SUITES),
         default=DEFAULT_SUITE,
         help="the guest's Debian release, i.e. its Nix: "
-        + ", ".join(f"{s.name} (Nix {s.nix})" for s in SUITES.values())
+        + ", ".join(
+            f"{s.name} ({s.nix if s.nix.startswith('Lix') else 'Nix ' + s.nix})"
+            for s in ROOTFS_SUITES.values()
+        )
         + f"; default {DEFAULT_SUITE}",
     )
 
@@ -322,8 +334,11 @@ def _demo(args: argparse.Namespace) -> int:
             wait_for_recnix(machine)
         if args.discard_hook_output:
             discard_hook_output(machine)
-        version = machine.succeed("nix --version").strip()
-        print(f"guest: Debian {machine.image.suite}, {version}")
+        version = machine.succeed("nix --version").strip().splitlines()[0]  # Lix: more lines
+        suite = machine.image.suite
+        print(
+            f"guest: {'Debian trixie with Lix' if suite == 'lix' else 'Debian ' + suite}, {version}"
+        )
         busybox, nix = bundle_nix_in_guest(machine)
         runner = scenario_runner(machine, busybox, nix)
         with machine.nested(f"nix-build {GUEST_SCENARIOS_DIR}/inner.nix (feature {args.feature})"):

@@ -33,7 +33,7 @@ print(bundle_nix(gc_root={BUNDLE_GC_ROOT!r}))
 
 def bundle_nix_in_guest(machine: Machine, timeout: float = 300.0) -> tuple[str, str]:
     """Put busybox and the nix bundle into the guest's store; return their store paths."""
-    with machine.nested("bundling Debian's nix into the guest's store (recnix.bundle)"):
+    with machine.nested("bundling the guest's nix into its store (recnix.bundle)"):
         out = machine.succeed(f"python3 -c {shlex.quote(_BUNDLE_SNIPPET)}", timeout=timeout)
     paths = [line for line in out.split() if line.startswith("/nix/store/")]
     if len(paths) != 2:

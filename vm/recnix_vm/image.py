@@ -1,7 +1,9 @@
 """The guest disk image: Debian from Debian's packages, recnix from the working tree.
 
 One image per suite (:data:`SUITES`): bookworm (Debian 12, Nix 2.8, the
-default), trixie (Debian 13, Nix 2.26), sid (Nix 2.34).
+default), trixie (Debian 13, Nix 2.26), sid (Nix 2.34); and lix (:data:`LIX_SUITE`:
+trixie with Lix from a prebuilt tarball as the system Nix, Debian's nix-bin purged,
+Lix's ``nix-daemon --daemon`` as nix-daemon.service; ``recnix_vm.lix``).
 
 Two cached layers under the cache directory (``$RECNIX_VM_CACHE`` or
 ``/var/cache/recnix-vm``):
@@ -94,6 +96,12 @@ class Suite:
     mirrors: tuple[str, ...]
     extra_packages: tuple[str, ...] = ()
     extra_options: tuple[str, ...] = ()
+    release: str = ""  # the Debian release mmdebstrap installs (default: ``name``)
+
+    @property
+    def debian(self) -> str:
+        """The Debian release (codename) this suite is made from."""
+        return self.release or self.name
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -140,13 +148,28 @@ SUITES = {
 }
 
 
+# Lix 2.95 (a prebuilt tarball, recnix_vm.lix) on trixie: made from trixie's base
+# rootfs (the same mmdebstrap tarball); a root-filesystem suite and a guest image.
+LIX_SUITE = Suite(
+    name="lix",
+    nix="Lix 2.95",
+    mirrors=SUITES["trixie"].mirrors,
+    extra_packages=SUITES["trixie"].extra_packages,
+    extra_options=SUITES["trixie"].extra_options,
+    release="trixie",
+)
+ROOTFS_SUITES = {**SUITES, "lix": LIX_SUITE}
+
+
 def get_suite(name: str | None) -> Suite:
     """The suite called ``name`` (``None``: bookworm); a clear error for unknown names."""
     name = name or DEFAULT_SUITE
     try:
-        return SUITES[name]
+        return ROOTFS_SUITES[name]
     except KeyError:
-        raise ImageError(f"unknown suite {name!r}: choose one of {', '.join(SUITES)}") from None
+        raise ImageError(
+            f"unknown suite {name!r}: choose one of {', '.join(ROOTFS_SUITES)}"
+        ) from None
 
 
 KEEP_IMAGES = 3  # older disk images in the cache are deleted after a new one is built
@@ -232,7 +255,7 @@ def base_key(suite: Suite | None = None) -> str:
     suite = suite or get_suite(None)
     spec = json.dumps(
         {
-            "suite": suite.name,
+            "suite": suite.debian,
             "mirrors": suite.mirrors,
             "packages": suite.packages,
             "opts": suite.options,
@@ -254,7 +277,7 @@ def build_base(cache: Path, suite: Suite | None = None) -> Path:
         "mmdebstrap",
         *suite.options,
         "--include=" + ",".join(suite.packages),
-        suite.name,
+        suite.debian,
         str(partial),
         *suite.mirrors,
     ]
@@ -316,10 +339,12 @@ def _hash_tree(h: hashlib._Hash, label: str, root: Path) -> None:
         h.update(b"\0")
 
 
-def image_key(base: Path, recnix_dir: Path, scenarios_dir: Path) -> str:
-    """Hash of every input of the disk image."""
+def image_key(base: Path, recnix_dir: Path, scenarios_dir: Path, extra: str = "") -> str:
+    """Hash of every input of the disk image (``extra``: the lix suite's tarball key)."""
     h = hashlib.sha256()
     h.update(base.name.encode())
+    if extra:
+        h.update(f"\0{extra}\0".encode())
     _hash_tree(h, "recnix", recnix_dir)
     _hash_tree(h, "scenarios", scenarios_dir)
     _hash_tree(h, "templates", TEMPLATES_DIR)
@@ -330,22 +355,27 @@ def image_key(base: Path, recnix_dir: Path, scenarios_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def render_nix_conf() -> str:
-    """The guest's /etc/nix/nix.conf: recnix's lines plus the guest-only lines."""
+def render_nix_conf(lix: bool = False) -> str:
+    """The guest's /etc/nix/nix.conf: recnix's lines (as `recnix nix-conf` prints them on
+    Nix or Lix) plus the guest-only lines."""
     from recnix.config import load_defaults
     from recnix.config import render_nix_conf as recnix_lines
 
     raw = load_defaults()
-    features = list(raw["nix"].get("experimental-features", []))
+    features = [
+        f for f in raw["nix"].get("experimental-features", []) if not lix or f != "recursive-nix"
+    ]
     features += [f for f in GUEST_EXTRA_EXPERIMENTAL_FEATURES if f not in features]
-    raw["nix"]["experimental-features"] = features
+    lines = recnix_lines(raw, PRE_BUILD_HOOK, POST_BUILD_HOOK, lix=lix, build_hook=BUILD_HOOK)
+    if lix:
+        lines += f"experimental-features = {' '.join(features)}\n"
+    else:
+        raw["nix"]["experimental-features"] = features
+        lines = recnix_lines(raw, PRE_BUILD_HOOK, POST_BUILD_HOOK, build_hook=BUILD_HOOK)
     return (
         _templates()
         .get_template("nix.conf.j2")
-        .render(
-            recnix_lines=recnix_lines(raw, PRE_BUILD_HOOK, POST_BUILD_HOOK, build_hook=BUILD_HOOK),
-            guest_settings=GUEST_NIX_SETTINGS,
-        )
+        .render(recnix_lines=lines, guest_settings=GUEST_NIX_SETTINGS)
     )
 
 
@@ -422,8 +452,41 @@ def _wrapper(import_line: str, call: str) -> str:
     )
 
 
-def customise_rootfs(root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub: str) -> None:
-    """Install recnix, the scenarios and the guest configuration into an unpacked rootfs."""
+# Lix's daemon does socket activation only with one instance per connection (Accept=yes,
+# `--for-socket-activation`); nix-setup-systemd's nix-daemon.socket is Accept=no, for
+# Debian's Nix. The lix guest runs Lix's nix-daemon as Lix's own nix-daemon.service does
+# (`nix-daemon --daemon`, which makes the socket itself) and masks that socket unit.
+LIX_DAEMON_DROPIN = """[Service]
+ExecStart=
+ExecStart=@/usr/local/bin/nix-daemon nix-daemon --daemon
+"""
+
+
+def install_lix(root: Path) -> None:
+    """Make Lix (the tarball of ``recnix_vm.lix``) the system Nix of an unpacked rootfs:
+    Debian's nix-bin purged (no other Nix on PATH), nix-setup-systemd's build users
+    kept and its nix-daemon.service pointed at Lix's nix-daemon (its socket unit is
+    masked in :func:`customise_rootfs`)."""
+    from . import lix
+
+    tarball = lix.find_tarball(Path(__file__).resolve().parents[2])
+    _run(["tar", "--numeric-owner", "-xJf", str(tarball.tarball), "-C", str(root)])
+    _run(["chroot", str(root), "dpkg", "--purge", "--force-depends", "nix-bin"])
+    _run(["ldconfig", "-r", str(root)])
+    _write(root, "/etc/systemd/system/nix-daemon.service.d/lix.conf", LIX_DAEMON_DROPIN)
+    version = _run(["chroot", str(root), "/usr/local/bin/nix", "--version"]).stdout.splitlines()[0]
+    if "Lix" not in version:
+        raise ImageError(f"after installing Lix, the guest's nix --version says {version!r}")
+    log(version)
+
+
+def customise_rootfs(
+    root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub: str, lix: bool = False
+) -> None:
+    """Install recnix, the scenarios and the guest configuration into an unpacked rootfs
+    (``lix``: with Lix as the system Nix)."""
+    if lix:
+        install_lix(root)
     env = _templates()
     shutil.copytree(
         recnix_dir,
@@ -441,7 +504,7 @@ def customise_rootfs(root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub:
     for hook in HOOK_SCRIPTS:  # the sh fast paths, exactly as pip installs them
         _write(root, f"/usr/local/bin/{hook.name}", hook.read_text(), 0o755)
 
-    _write(root, "/etc/nix/nix.conf", render_nix_conf())
+    _write(root, "/etc/nix/nix.conf", render_nix_conf(lix=lix))
     _write(root, "/etc/recnix/config.toml", render_recnix_config())
     _write(
         root,
@@ -476,7 +539,14 @@ def customise_rootfs(root: Path, recnix_dir: Path, scenarios_dir: Path, ssh_pub:
     _enable(root, "recnix-vm-ready.service", "multi-user.target")
     _enable(root, "systemd-networkd.service", "multi-user.target", "/lib/systemd/system")
     _enable(root, "systemd-networkd.socket", "sockets.target", "/lib/systemd/system")
-    _enable(root, "nix-daemon.socket", "sockets.target", "/lib/systemd/system")
+    if lix:
+        _enable(root, "nix-daemon.service", "multi-user.target", "/lib/systemd/system")
+        socket_link = root / "etc/systemd/system/sockets.target.wants/nix-daemon.socket"
+        if socket_link.is_symlink():
+            socket_link.unlink()
+        _mask(root, "nix-daemon.socket")
+    else:
+        _enable(root, "nix-daemon.socket", "sockets.target", "/lib/systemd/system")
     _enable(root, "ssh.service", "multi-user.target", "/lib/systemd/system")
     for unit in (
         "apt-daily.timer",
@@ -495,11 +565,17 @@ def build_image(
     cache = cache_dir(cache_path)
     cache.mkdir(parents=True, exist_ok=True)
     chosen = get_suite(suite)
-    with nested(f"{chosen.name} guest image, Nix {chosen.nix} (cache: {cache})"):
+    label = chosen.nix if chosen.nix.startswith("Lix") else f"Nix {chosen.nix}"
+    with nested(f"{chosen.name} guest image, {label} (cache: {cache})"):
         base = build_base(cache, chosen)
         ssh_key = ensure_ssh_key(cache)
         recnix_dir, scenarios_dir = source_dirs()
-        key = image_key(base, recnix_dir, scenarios_dir)
+        extra = ""
+        if chosen.name == "lix":
+            from . import lix
+
+            extra = "lix-" + lix.find_tarball(Path(__file__).resolve().parents[2]).key()
+        key = image_key(base, recnix_dir, scenarios_dir, extra)
         final = cache / "images" / key
         if (final / "image.json").exists():
             log(f"disk image: reusing {final}")
@@ -557,7 +633,13 @@ def _assemble(
     with nested("unpacking base rootfs"):
         _run(["tar", "--numeric-owner", "-xpf", str(base), "-C", str(root)])
     with nested("installing recnix, scenarios and guest configuration"):
-        customise_rootfs(root, recnix_dir, scenarios_dir, key.with_suffix(".pub").read_text())
+        customise_rootfs(
+            root,
+            recnix_dir,
+            scenarios_dir,
+            key.with_suffix(".pub").read_text(),
+            lix=suite == "lix",
+        )
         kernel, initrd = _find_boot_files(root)
         shutil.copyfile(kernel, work / "vmlinuz")
         shutil.copyfile(initrd, work / "initrd.img")

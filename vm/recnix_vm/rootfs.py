@@ -34,12 +34,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import lix
 from .image import ImageError, Suite, base_key, build_base, cache_dir, get_suite
 from .log import log, nested
 
 # First uid (and the gid) of each suite's build users: far from Debian's
-# system range (the host's nixbld users) and from each other.
-UID_BASES = {"trixie": 31000, "sid": 32000}
+# system range (the host's nixbld users) and from each other (the Lix tarball's
+# own checks used 34001.. and 34101..).
+UID_BASES = {"trixie": 31000, "sid": 32000, "lix": 33000}
 VENV = "/opt/recnix-venv"
 OLD_ROOT = "/.oldroot"
 HOST_ROOT = "/.host"  # the host's root filesystem, read-only, inside every rootfs
@@ -67,8 +69,12 @@ def git_common_dir(src: Path) -> Path | None:
 
 
 def rootfs_dir(suite: Suite, cache: Path | None = None) -> Path:
-    """Where ``suite``'s root filesystem is (or will be) unpacked."""
-    return cache_dir(cache) / "rootfs" / f"{suite.name}-{base_key(suite)}"
+    """Where ``suite``'s root filesystem is (or will be) unpacked (the lix suite's name
+    has the Lix tarball's hash too; LixUnavailable when there is no tarball)."""
+    name = f"{suite.name}-{base_key(suite)}"
+    if suite.name == "lix":
+        name += "-" + lix.find_tarball(source_tree()).key()
+    return cache_dir(cache) / "rootfs" / name
 
 
 def prepare(suite_name: str, cache: Path | None = None) -> Path:
@@ -91,6 +97,8 @@ def prepare(suite_name: str, cache: Path | None = None) -> Path:
             _move_build_users(partial, UID_BASES[suite.name])
             for d in (OLD_ROOT, HOST_ROOT):
                 (partial / d.lstrip("/")).mkdir(exist_ok=True)
+            if suite.name == "lix":
+                _install_lix(partial, lix.find_tarball(source_tree()))
             (partial / _STAMP).write_text(base.name + "\n")
         shutil.rmtree(root, ignore_errors=True)
         partial.rename(root)
@@ -106,6 +114,31 @@ def _run(argv: list[str], **kwargs: object) -> str:
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
     return result.stdout
+
+
+def _install_lix(root: Path, tarball: lix.LixTarball) -> None:
+    """Replace Debian's Nix in ``root`` by Lix from ``tarball`` (no other Nix on PATH)."""
+    with nested(f"installing Lix {tarball.version} from {tarball.tarball}"):
+        _run(["tar", "--numeric-owner", "-xJf", str(tarball.tarball), "-C", str(root)])
+        installed = _run(
+            command(root, ["dpkg-query", "-W", "-f", "${Package} ${Status}\\n"])
+        ).splitlines()
+        present = {line.split()[0] for line in installed if line.endswith(" installed")}
+        missing = [p for p in tarball.runtime_packages if p not in present]
+        if missing:
+            env = {"DEBIAN_FRONTEND": "noninteractive"}
+            apt = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+            _run(command(root, apt, env=env))
+        # Debian's nix-bin goes (its libraries and nix-setup-systemd's users stay)
+        _run(command(root, ["dpkg", "--purge", "--force-depends", "nix-bin"]))
+        _run(command(root, ["ldconfig"]))
+        shutil.rmtree(root / "nix/var/nix/db", ignore_errors=True)
+        (root / "etc/nix").mkdir(parents=True, exist_ok=True)
+        (root / "etc/nix/nix.conf").write_text(lix.NIX_CONF)
+        version = _run(command(root, ["nix", "--version"])).splitlines()[0]
+        if "Lix" not in version:
+            raise ImageError(f"after installing Lix, `nix --version` printed {version!r}")
+        log(version)
 
 
 def _move_build_users(root: Path, uid_base: int) -> None:
@@ -180,7 +213,10 @@ def version_roots(inside: str | None) -> dict[str, str]:
     prefix = HOST_ROOT if inside else ""
     roots = {"bookworm": prefix or "/"}
     for name in UID_BASES:
-        path = rootfs_dir(get_suite(name))
+        try:
+            path = rootfs_dir(get_suite(name))
+        except lix.LixUnavailable:
+            continue
         if (path / _STAMP).exists():
             roots[name] = prefix + str(path)
     return roots
