@@ -713,20 +713,9 @@ def _stat(path: str) -> os.stat_result | None:
 
 def probe_socket_file(path: str) -> bool | None:
     """None if there is no socket at ``path``, else whether a connect() there succeeds."""
-    import socket
+    from recnix.storeenv import probe_socket
 
-    try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return None
-    except OSError:
-        return None
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(PROBE_TIMEOUT)
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
+    return probe_socket(path, PROBE_TIMEOUT)
 
 
 def running_daemon_cmdlines() -> list[list[str]]:

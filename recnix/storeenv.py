@@ -32,20 +32,25 @@ def socket_path(env: Mapping[str, str]) -> str:
     return env.get("NIX_DAEMON_SOCKET_PATH") or DEFAULT_SOCKET
 
 
-def dead_socket(path: str) -> bool:
-    """Whether ``path`` is a socket file on which nobody accepts connections."""
+def probe_socket(path: str, timeout: float = CONNECT_TIMEOUT) -> bool | None:
+    """None if there is no socket file at ``path``, else whether a connect() there succeeds."""
     try:
         if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return False
+            return None
     except OSError:
-        return False
+        return None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(CONNECT_TIMEOUT)
+        s.settimeout(timeout)
         try:
             s.connect(path)
         except OSError:
-            return True
-    return False
+            return False
+    return True
+
+
+def dead_socket(path: str) -> bool:
+    """Whether ``path`` is a socket file on which nobody accepts connections."""
+    return probe_socket(path) is False
 
 
 def local_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -16,9 +16,13 @@ from recnix_vm.guestnix import discard_hook_output
 from recnix_vm.machine import Machine
 
 from tests.scenarios import checks
-from tests.scenarios.checks import RECNIX, fresh_tag
+from tests.scenarios.checks import RECNIX
 from tests.scenarios.runner import ScenarioRunner
-from tests.vm.test_scenarios import boot, build_top_glob, runner_for, start_in_background
+from tests.vm.test_scenarios import (
+    boot,
+    restart_mid_build,
+    runner_for,
+)
 
 pytestmark = [
     pytest.mark.vm,
@@ -47,16 +51,4 @@ def test_main_scenarios(guest) -> None:
 def test_restart_mid_build_resumes_the_session(guest) -> None:
     """The chroot's socket is replaced by the restarted service's (atomic rename)."""
     machine, runner = guest
-    tag = fresh_tag()
-    log = f"/root/restart-{tag}"
-    start_in_background(machine, runner.build_argv("restart", RECNIX, tag, {"innerTag": tag}), log)
-    build_dir = build_top_glob(machine, "scenario-restart")
-    machine.wait_until_succeeds(f"ls -d {build_dir}/started", timeout=300)
-    machine.succeed("systemctl restart recnix.service")
-    machine.wait_for_unit("recnix.service")
-    rc, _, _ = machine.execute(f"for d in {build_dir}; do touch $d/release; done")
-    assert rc == 0, machine.execute(f"cat {log}.err")[1]
-    machine.wait_until_fails(f"kill -0 $(cat {log}.pid)", timeout=300)
-    out = machine.execute(f"tail -n1 {log}.out")[1].strip()
-    assert out.startswith("/nix/store/"), machine.execute(f"cat {log}.err")[1]
-    checks.check_restart_result(runner, out, tag)
+    restart_mid_build(machine, runner)

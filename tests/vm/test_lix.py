@@ -26,7 +26,11 @@ from tests import nixversion
 from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
-from tests.vm.test_scenarios import boot, build_top_glob, runner_for, start_in_background
+from tests.vm.test_scenarios import (
+    boot,
+    restart_mid_build,
+    runner_for,
+)
 
 pytestmark = [
     pytest.mark.vm,
@@ -112,16 +116,4 @@ def test_restart_mid_build_resumes_the_session(guest) -> None:
     """systemctl restart while an outer build waits between nested builds: the socket
     in the chroot is replaced by the restarted service's, and the build finishes."""
     machine, runner, _ = guest
-    tag = fresh_tag()
-    log = f"/root/restart-{tag}"
-    start_in_background(machine, runner.build_argv("restart", RECNIX, tag, {"innerTag": tag}), log)
-    build_dir = build_top_glob(machine, "scenario-restart")
-    machine.wait_until_succeeds(f"ls -d {build_dir}/started", timeout=300)
-    machine.succeed("systemctl restart recnix.service")
-    machine.wait_for_unit("recnix.service")
-    rc, _, _ = machine.execute(f"for d in {build_dir}; do touch $d/release; done")
-    assert rc == 0, machine.execute(f"cat {log}.err")[1]
-    machine.wait_until_fails(f"kill -0 $(cat {log}.pid)", timeout=300)
-    out = machine.execute(f"tail -n1 {log}.out")[1].strip()
-    assert out.startswith("/nix/store/"), machine.execute(f"cat {log}.err")[1]
-    checks.check_restart_result(runner, out, tag)
+    restart_mid_build(machine, runner)

@@ -181,10 +181,9 @@ def test_fixed_output_allowed_after_config_change(guest) -> None:
         machine.wait_for_unit("recnix.service")
 
 
-def test_restart_mid_build_resumes_the_session(guest) -> None:
-    """systemctl restart while an outer build waits between nested builds: it succeeds
-    (the session is journaled in /run/recnix, which the unit keeps across restarts)."""
-    machine, runner = guest
+def restart_mid_build(machine: Machine, runner: ScenarioRunner) -> None:
+    """restart.nix in the background; `systemctl restart recnix` while it waits between
+    nested builds; release it: it must finish with both builds in its closure."""
     tag = fresh_tag()
     argv = runner.build_argv("restart", RECNIX, tag, {"innerTag": tag})
     log = f"/root/restart-{tag}"
@@ -203,6 +202,13 @@ def test_restart_mid_build_resumes_the_session(guest) -> None:
     out = machine.execute(f"tail -n1 {log}.out")[1].strip()
     assert out.startswith("/nix/store/"), machine.execute(f"cat {log}.err")[1]
     checks.check_restart_result(runner, out, tag)
+
+
+def test_restart_mid_build_resumes_the_session(guest) -> None:
+    """systemctl restart while an outer build waits between nested builds: it succeeds
+    (the session is journaled in /run/recnix, which the unit keeps across restarts)."""
+    machine, runner = guest
+    restart_mid_build(machine, runner)
     assert "resumed" in machine.succeed("journalctl -u recnix.service --no-pager")
 
 
