@@ -221,7 +221,9 @@ def build_outputs(drv_path: str, out_paths: list[str]) -> list[str]:
     if not out_paths and any(not o.path for o in drv.outputs.values()):
         import subprocess
 
-        env = {**os.environ, "NIX_REMOTE": "local"}  # not the daemon (Lix >= 2.94's auto)
+        from recnix.storeenv import local_env
+
+        env = local_env()  # not the daemon (Lix >= 2.94's auto)
         queried = subprocess.run(
             ["nix-store", "-q", "--outputs", drv_path],
             env=env,
