@@ -137,6 +137,9 @@ in
             log-level =
               setting "daemon" "log-level" lib.types.str
                 ''Daemon log level ("debug", "info", "warning", "error").'';
+            finalise-grace =
+              setting "daemon" "finalise-grace" lib.types.ints.positive
+                "Seconds a build that ended with valid outputs but without a call of recnix's post-build hook waits before the service finalises its outputs itself (or, when that fails, makes them invalid).";
           };
           policy = {
             readonly-only =

@@ -37,6 +37,9 @@ Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
                    fsync-store-paths), "always", "never"           nix
   audit-log        JSON lines, one per session event ("" = none)   /var/log/recnix/audit.jsonl
   log-level        debug, info, warning, error                     info
+  finalise-grace   seconds a build that ended without a call of
+                   recnix's post-build hook waits before the
+                   service finalises (or invalidates) its outputs  60
 [policy]
   readonly-only          every opted-in build gets the read-only
                          view (queries over its inputs only)       false

@@ -137,6 +137,8 @@ def _validate(raw: dict[str, Any]) -> None:
     daemon, policy = raw["daemon"], raw["policy"]
     if daemon["max-sessions"] < 1:
         raise ConfigError("'daemon.max-sessions' must be at least 1")
+    if daemon["finalise-grace"] < 1:
+        raise ConfigError("'daemon.finalise-grace' must be at least 1 (seconds)")
     if not daemon["gc-roots-dir"].startswith("/"):
         raise ConfigError("'daemon.gc-roots-dir' must be an absolute path (under Nix's gcroots)")
     up = daemon["upstream"]

@@ -43,7 +43,6 @@ from recnix.upstream import Upstream, UpstreamError
 log = logging.getLogger("recnix.service")
 
 WATCH_INTERVAL = 1.0
-FINALISE_GRACE = 60.0  # seconds a finished build's session waits for the post-build hook
 CHROOT_GRACE = 3600.0  # seconds a chroot without builder may stay (output registration)
 # seconds a slot reserved by `admit` waits for its build's pre-build hook (Nix takes a
 # build user and sets up the sandbox in between; longer if it waits for a build user)
@@ -193,6 +192,8 @@ class Service:
         )
         # Sessions fsync what they add or build before the build sees it.
         self.fsync_paths = fsync_paths(config["daemon"]["fsync-paths"], settings)
+        # seconds a finished build's session waits for the post-build hook
+        self.finalise_grace = float(config["daemon"]["finalise-grace"])
         if bound_reason:
             log.warning("%s", bound_reason)
         # Nested builds that open no session may skip nix.conf's hooks, unless
@@ -891,7 +892,7 @@ class Service:
         While the chroot exists the build is starting, running, or Nix is
         registering its outputs (slow for big outputs): wait. Once Nix has
         removed the chroot, a build whose outputs are not valid failed; one
-        whose outputs are valid gets FINALISE_GRACE seconds for its hook.
+        whose outputs are valid gets ``daemon.finalise-grace`` seconds for its hook.
         """
         now = time.monotonic()
         if session.chroot.is_dir():
@@ -934,7 +935,7 @@ class Service:
             succeeded = len(valid) == len(outputs)
         if not succeeded:
             await self._end(session, "aborted", "the build failed or was killed")
-        elif now - session.ended_since > FINALISE_GRACE:
+        elif now - session.ended_since > self.finalise_grace:
             # Its outputs are valid and may lack references: finalise them now, or
             # (finalise fails) invalidate them.
             log.warning(

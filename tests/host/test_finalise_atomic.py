@@ -318,6 +318,9 @@ def test_a_restarted_service_finishes_or_invalidates_half_finalised_sessions(
         stop_recnix_service(service)
 
 
+GRACE = 3  # daemon.finalise-grace for the test below (default 60 s)
+
+
 def test_a_build_without_a_post_build_hook_call_is_finalised_or_invalidated(
     busybox, nix_bundle
 ) -> None:
@@ -325,7 +328,7 @@ def test_a_build_without_a_post_build_hook_call_is_finalised_or_invalidated(
     the grace for the hook has passed the service finalises the outputs (the reference
     is added) or, when that fails, invalidates them."""
     host = start_nix_host(hooks=True, extra_conf="post-build-hook =\n")
-    service = start_recnix_service(host)
+    service = start_recnix_service(host, daemon={"finalise-grace": GRACE})
     try:
         runner = scenario_runner(host, busybox, nix_bundle)
         tag = fresh_tag()
@@ -340,7 +343,7 @@ def test_a_build_without_a_post_build_hook_call_is_finalised_or_invalidated(
         def settled() -> bool:
             return inner in runner.references(good.out_path) and not is_valid(host, bad.out_path)
 
-        deadline = time.monotonic() + 150  # the service's FINALISE_GRACE is 60 s
+        deadline = time.monotonic() + GRACE + 60
         while not settled():
             assert time.monotonic() < deadline, service.log_text()[-3000:]
             time.sleep(1)

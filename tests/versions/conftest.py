@@ -1,5 +1,6 @@
 """Tier ``versions``: every test here is marked ``versions`` (deselect with
-``-m "not versions"``); the summary lists each suite's inner counts and skips."""
+``-m "not versions"``); the summary of each suite's inner counts and skips is
+printed by tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -13,15 +14,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.versions)
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests.versions.test_tiers_per_version import RUNS
-
-    if not RUNS:
-        return
-    terminalreporter.section("unit and host tiers per Nix version")
-    for run in RUNS:
-        terminalreporter.write_line(run.summary())
-        for name, reason in run.skipped:
-            terminalreporter.write_line(f"  SKIPPED {name}: {reason}")

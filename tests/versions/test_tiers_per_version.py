@@ -21,6 +21,8 @@ import pytest
 from recnix_vm import lix, rootfs
 from recnix_vm.image import ROOTFS_SUITES, ImageError
 
+from tests.conftest import INNER_RUN_PROPERTY
+
 pytestmark = pytest.mark.versions
 
 INNER_TIERS = ("tests/unit", "tests/host")
@@ -44,8 +46,9 @@ class InnerRun:
             f"{len(self.skipped)} skipped in {self.seconds:.0f} s"
         )
 
-
-RUNS: list[InnerRun] = []  # read by the terminal summary (tests/versions/conftest.py)
+    def summary_lines(self) -> list[str]:
+        """The summary, then one line per inner skip with its reason."""
+        return [self.summary()] + [f"  SKIPPED {n}: {why}" for n, why in self.skipped]
 
 
 def read_junit(path: Path, run: InnerRun) -> None:
@@ -66,7 +69,7 @@ SUITE_ORDER = sorted(rootfs.UID_BASES, key=lambda s: (s == "lix", s))
 
 
 @pytest.mark.parametrize("suite", SUITE_ORDER)
-def test_unit_and_host_tiers(suite: str) -> None:
+def test_unit_and_host_tiers(suite: str, record_property) -> None:
     try:
         if suite == "lix":
             lix.find_tarball(rootfs.source_tree())
@@ -82,8 +85,8 @@ def test_unit_and_host_tiers(suite: str) -> None:
     (root / junit.lstrip("/")).unlink(missing_ok=True)
     argv = rootfs.command(
         root,
-        ["pytest", "-p", "no:cacheprovider", "-q", "-ra", "-m", "not vm", f"--junitxml={junit}"]
-        + list(INNER_TIERS),
+        ["pytest", "-p", "no:cacheprovider", "-n", "0", "-q", "-ra", "-m", "not vm"]
+        + [f"--junitxml={junit}", *INNER_TIERS],
     )
     start = time.monotonic()
     result = subprocess.run(argv, capture_output=True, text=True, timeout=INNER_TIMEOUT)
@@ -103,7 +106,7 @@ def test_unit_and_host_tiers(suite: str) -> None:
             pytrace=False,
         )
     read_junit(report, run)
-    RUNS.append(run)
+    record_property(INNER_RUN_PROPERTY, run.summary_lines())
     print(run.summary())
     tail = "\n".join(result.stdout.splitlines()[-60:])
     assert not run.failed and result.returncode == 0, (

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jinja2
 
+from .cachelock import cache_lock
 from .log import log, nested
 
 CACHE_ENV = "RECNIX_VM_CACHE"
@@ -59,6 +60,7 @@ BASE_PACKAGES = (
 # (recnix_vm.rootfs): pytest and the test libraries from that suite's Python.
 ROOTFS_TEST_PACKAGES = (
     "python3-pytest",
+    "python3-pytest-xdist",  # pyproject.toml's addopts name its options (the inner runs pass -n 0)
     "python3-hypothesis",
     "python3-pexpect",
     "python3-jinja2",
@@ -267,10 +269,19 @@ def base_key(suite: Suite | None = None) -> str:
 def build_base(cache: Path, suite: Suite | None = None) -> Path:
     """Return the cached base rootfs tarball of ``suite``, running mmdebstrap if it is missing."""
     suite = suite or get_suite(None)
-    target = cache / "base" / f"{base_key(suite)}.tar"
+    key = base_key(suite)
+    target = cache / "base" / f"{key}.tar"
     if target.exists():
         log(f"base rootfs: reusing {target}")
         return target
+    with cache_lock(cache, f"base-{key}"):
+        if target.exists():  # built while this process waited for the lock
+            return target
+        return _mmdebstrap(suite, target)
+
+
+def _mmdebstrap(suite: Suite, target: Path) -> Path:
+    """Run mmdebstrap for ``suite`` into the tarball ``target`` (via a partial file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".tar.partial-{os.getpid()}")
     argv = [
@@ -308,9 +319,11 @@ def _follow(proc: subprocess.Popen[str], log_path: Path) -> None:
 def ensure_ssh_key(cache: Path) -> Path:
     """The per-cache-dir SSH key for root in the guests (generated once)."""
     key = cache / "ssh" / "id_ed25519"
-    if not key.exists():
-        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "recnix-vm", "-f", str(key)])
+    with cache_lock(cache, "ssh-key"):
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            argv = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "recnix-vm", "-f"]
+            _run([*argv, str(key)])
     return key
 
 
@@ -577,21 +590,19 @@ def build_image(
             extra = "lix-" + lix.find_tarball(Path(__file__).resolve().parents[2]).key()
         key = image_key(base, recnix_dir, scenarios_dir, extra)
         final = cache / "images" / key
-        if (final / "image.json").exists():
-            log(f"disk image: reusing {final}")
-            os.utime(final)  # mark as recently used for prune_images
-            return Image.load(final, ssh_key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=final.parent))
-        try:
-            _assemble(work, base, recnix_dir, scenarios_dir, ssh_key, chosen.name)
-            if final.exists():  # built concurrently by someone else
-                shutil.rmtree(work)
-            else:
+        with cache_lock(cache, f"image-{key}"):
+            if (final / "image.json").exists():
+                log(f"disk image: reusing {final}")
+                os.utime(final)  # mark as recently used for prune_images
+                return Image.load(final, ssh_key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=final.parent))
+            try:
+                _assemble(work, base, recnix_dir, scenarios_dir, ssh_key, chosen.name)
                 work.rename(final)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
         prune_images(final.parent, keep=final)
         return Image.load(final, ssh_key)
 

@@ -693,5 +693,7 @@ def resolve_accel(accel: str, image: Image) -> str:
     with nested(f"probing KVM (short boot, {KVM_PROBE_TIMEOUT:.0f} s timeout)"):
         works, reason = probe_kvm(image)
         log(f"KVM probe: {reason} -> using {'kvm' if works else 'tcg'}")
-    cache_file.write_text(json.dumps({"key": key, "works": works, "reason": reason}))
+    partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")  # readers never see half
+    partial.write_text(json.dumps({"key": key, "works": works, "reason": reason}))
+    partial.replace(cache_file)
     return "kvm" if works else "tcg"

@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from . import lix
+from .cachelock import cache_lock
 from .image import ImageError, Suite, base_key, build_base, cache_dir, get_suite
 from .log import log, nested
 
@@ -87,6 +88,14 @@ def prepare(suite_name: str, cache: Path | None = None) -> Path:
         )
     cache = cache_dir(cache)
     root = rootfs_dir(suite, cache)
+    with cache_lock(cache, f"rootfs-{root.name}"):
+        _unpack(suite, root, cache)
+        _install_venv(root)
+    return root
+
+
+def _unpack(suite: Suite, root: Path, cache: Path) -> None:
+    """Unpack ``suite``'s base tarball into ``root`` and adjust it, unless done before."""
     if not (root / _STAMP).exists():
         base = build_base(cache, suite)
         partial = root.with_name(root.name + ".partial")
@@ -102,8 +111,6 @@ def prepare(suite_name: str, cache: Path | None = None) -> Path:
             (partial / _STAMP).write_text(base.name + "\n")
         shutil.rmtree(root, ignore_errors=True)
         partial.rename(root)
-    _install_venv(root)
-    return root
 
 
 def _run(argv: list[str], **kwargs: object) -> str:
