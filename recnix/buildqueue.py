@@ -30,6 +30,7 @@ import select
 import sys
 
 from recnix import control
+from recnix.names import OPT_IN_FEATURES
 
 # Not typing.TypeVar at run time: importing typing costs every start ~3 ms.
 TYPE_CHECKING = False
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
     T = TypeVar("T")
 
-FEATURES = ("recnix", "recnix-readonly")
 MAX_STRING = 1 << 20
 
 
@@ -304,7 +304,7 @@ def serve(
             return 0
         drv_path, features, local_now = request
         raw = reader.take_raw()
-        recursive = any(f in FEATURES for f in features)
+        recursive = any(f in OPT_IN_FEATURES for f in features)
         if not recursive and marks_dir:
             mark_plain(marks_dir, drv_path)
         # Only a build Nix would start now takes a slot (at max-jobs, a declined build

@@ -15,10 +15,8 @@ DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 SYSTEM_CONFIG_FILE = Path("/etc/recnix/config.toml")
 CONFIG_ENV = "RECNIX_CONFIG"
 
-FEATURE = "recnix"
 # daemon.fsync-paths: follow nix.conf's fsync-store-paths, or always, or never
 FSYNC_PATHS = ("nix", "always", "never")
-FEATURE_READONLY = "recnix-readonly"
 
 
 class ConfigError(Exception):

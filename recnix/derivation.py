@@ -604,9 +604,6 @@ def to_aterm_bytes(drv: Derivation) -> bytes:
     return to_aterm(drv).encode("utf-8", "surrogateescape")
 
 
-unparse = to_aterm
-
-
 # --- output paths (Nix's hashDerivationModulo) ---------------------------------------------
 
 

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from recnix import control
-from recnix.config import FEATURE, FEATURE_READONLY, Config
+from recnix.config import Config
+from recnix.names import FEATURE, FEATURE_READONLY
 from recnix.nixsettings import build_users, nix_settings, session_bound
 from recnix.nixversion import NixVersion, NixVersionError, parse_nix_version
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
-from recnix import control
+from recnix import control, names
+from recnix.names import SANDBOX_SOCKET_DIR
 
 # Not typing.TYPE_CHECKING: importing typing costs every hook call ~3 ms.
 TYPE_CHECKING = False
@@ -34,8 +35,7 @@ SOCKET_OPTION = "--control-socket"
 # restarted service too; clients connect to <dir>/socket. The service also puts
 # a socket of the session at this path under the chroot itself (Lix drops the
 # hook's output; see recnix.sandboxsocket).
-SANDBOX_SOCKET_DIR = "/nix/var/nix/daemon-socket"
-FEATURE = b"recnix"
+FEATURE = names.FEATURE.encode()
 
 
 class HookError(Exception):

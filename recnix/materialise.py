@@ -301,11 +301,6 @@ class SandboxView:
 
     # --- the sandbox's mount namespace ----------------------------------------------------
 
-    @property
-    def namespace_id(self) -> NamespaceId | None:
-        """The identity of the pinned mount namespace (None until a process was seen)."""
-        return self._namespace[1] if self._namespace is not None else None
-
     def pin(self, proc: SandboxProcess) -> bool:
         """Pin the mount namespace of ``proc`` (a process verified to be in the sandbox) if
         none is pinned yet; True if ``proc`` is in the pinned namespace. A client whose

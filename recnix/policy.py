@@ -32,8 +32,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from recnix.config import FEATURE, FEATURE_READONLY
 from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.names import FEATURE, FEATURE_READONLY
 from recnix.storepath import InvalidStorePath, validate_store_path
 
 
@@ -82,11 +82,6 @@ def checked_path(path: str) -> str:
         return validate_store_path(path)
     except InvalidStorePath as e:
         raise Denied(str(e)) from e
-
-
-def path_part(derived_path: str) -> str:
-    """The store path part of a DerivedPath string (``drv!out`` -> ``drv``)."""
-    return derived_path.split("!", 1)[0]
 
 
 def drv_closure(

@@ -260,26 +260,6 @@ def parse_path_info(path: str, text: str) -> dict:
     return info
 
 
-def add_references(
-    output_path: str,
-    new_refs: Iterable[str],
-    nix_env: Mapping[str, str],
-    info: dict | None = None,
-    queries: StoreQueries | None = None,
-) -> None:
-    """Re-register `output_path` with its references ∪ `new_refs` (deriver and hash kept).
-
-    ``info``: its `path_info` if already at hand; ``queries``: how to read the store
-    (default: the Nix CLI). Needs root and direct local-store access; drops `ultimate` and
-    all signatures (re-sign).
-    """
-    queries = queries or CliQueries(nix_env)
-    info = info or queries.path_info(output_path)
-    record = registration_record(output_path, info, new_refs)
-    Registrar(nix_env).register([record])
-    verify_references(output_path, record, queries)
-
-
 def registration_record(output_path: str, info: dict, new_refs: Iterable[str]) -> list[str]:
     """The `--register-validity --hash-given` lines that give ``output_path`` (whose
     path info is ``info``) its references ∪ ``new_refs``, deriver and hash kept."""
@@ -496,7 +476,6 @@ __all__ = [
     "CliQueries",
     "FinaliseError",
     "FinaliseReport",
-    "add_references",
     "check_output_constraints",
     "closure_size",
     "ensure_not_ca_referencing",

@@ -28,7 +28,7 @@ import os
 import shutil
 from pathlib import Path
 
-from recnix.protocol import ProtocolError
+from recnix.protocol import NOT_TRUSTED, ProtocolError
 from recnix.protocol.connection import NEED_DATA, ConnectionClosed, Request, ServerConnection
 from recnix.protocol.handshake import HandshakeDone
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 GUARD_PREFIX = "g-"
 SWEEP_INTERVAL = 5.0
-NOT_TRUSTED = 2
 
 
 def absent_drv_message(drv_path: str, host: str | None = None) -> str:

@@ -37,6 +37,7 @@ from typing import Any, Protocol, TypeVar
 
 from recnix.aio import READ_CHUNK
 from recnix.derivation import Derivation
+from recnix.names import OPT_IN_FEATURES
 from recnix.offloop import DRV_TIMEOUT, OffLoopTimeout, off_loop
 from recnix.policy import (
     BuildPlan,
@@ -63,6 +64,7 @@ from recnix.protocol import (
     ProtocolError,
     StderrMessage,
     ValidPathInfo,
+    build_succeeded,
 )
 from recnix.store import Store
 from recnix.storepath import nix32_to_base16
@@ -629,7 +631,7 @@ class RestrictedStore:
         for drv_path in drv_paths:
             if not drv_path.endswith(".drv"):
                 continue
-            if requested_features(drv_path) & {"recnix", "recnix-readonly"}:
+            if requested_features(drv_path) & OPT_IN_FEATURES:
                 raise Denied(
                     f"cannot build '{drv_path}': it requires recnix and would be recursive "
                     f"build level {s.depth + 1}, above policy.max-depth = {s.limits.max_depth}; "
@@ -677,7 +679,7 @@ class RestrictedStore:
             raise
         ok_targets = targets
         if op is Op.BUILD_PATHS_WITH_RESULTS:
-            ok_targets = [r.path for r in value if r.result.status in (0, 1, 2, 13)]
+            ok_targets = [r.path for r in value if build_succeeded(r.result.status)]
             for r in value:
                 s.realisations.update(r.result.built_outputs)
             s.journal_change(realisations=s.realisations)

@@ -25,7 +25,8 @@ import socket
 import stat
 from pathlib import Path
 
-SANDBOX_SOCKET_DIR = "/nix/var/nix/daemon-socket"
+from recnix.names import SANDBOX_SOCKET_DIR
+
 SOCKET_NAME = "socket"
 SANDBOX_SOCKET = f"{SANDBOX_SOCKET_DIR}/{SOCKET_NAME}"
 _DIR_PARTS = ("nix", "var", "nix", "daemon-socket")

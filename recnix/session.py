@@ -65,9 +65,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("recnix.session")
 
-NAR_CHUNK = 1 << 16
-# Bytes queued to a client before the handler waits for them to drain.
-WRITE_HIGH_WATER = 1 << 18
 # Bytes received from a client and not yet consumed: above the high mark the
 # handler stops reading its socket (the client then blocks in write), below the
 # low mark it reads again. A 256 MiB add thus streams through a few MiB.
@@ -364,9 +361,6 @@ class Session:
         self.service.audit.write(event, self.sid, drv=self.drv_path, **fields)
 
     # -- the allowed set
-
-    def is_allowed(self, path: str) -> bool:
-        return path in self.allowed
 
     def requested_directly(self, drv_path: str) -> bool:
         """Whether this session asked to build ``drv_path`` itself."""

@@ -45,6 +45,7 @@ from typing import Any
 
 from recnix.aio import READ_CHUNK, next_event
 from recnix.derivation import DerivationError, read_derivation
+from recnix.names import OPT_IN_FEATURES
 from recnix.nar import Contents, File, FileEnd, NarParser
 from recnix.protocol import (
     NEED_DATA,
@@ -65,6 +66,7 @@ from recnix.protocol import (
     ServerConnection,
     StreamKind,
     ValidPathInfo,
+    build_succeeded,
     op_spec,
 )
 from recnix.protocol.connection import Event
@@ -80,11 +82,9 @@ from recnix.remotetrust import (
 from recnix.upstream import Upstream, UpstreamError
 
 REAL_SSH_ENV = "RECNIX_REAL_SSH"
-OPT_IN_FEATURES = frozenset({"recnix", "recnix-readonly"})
 BUILD_OPS = (Op.BUILD_DERIVATION, Op.BUILD_PATHS, Op.BUILD_PATHS_WITH_RESULTS)
 # BuildResult statuses with valid outputs: Built, Substituted, AlreadyValid,
 # ResolvesToAlreadyValid.
-SUCCESS = (0, 1, 2, 13)
 
 
 class ProxyError(Exception):
@@ -441,7 +441,7 @@ class Proxy:
                 13,
             )  # Built, Substituted, AlreadyValid, ResolvesToAlreadyValid
         if op == Op.BUILD_PATHS_WITH_RESULTS:
-            return all(r.result.status in SUCCESS for r in value)
+            return all(build_succeeded(r.result.status) for r in value)
         return True
 
     # -- the builder's store, by our own requests between build-remote's

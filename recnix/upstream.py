@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,13 @@ from recnix.protocol import (
     PathInfo,
     ProtocolError,
     Reply,
-    StderrMessage,
     ValidPathInfo,
 )
 from recnix.protocol.connection import Event
+from recnix.store import LogCallback
 
 DEFAULT_SOCKET = "/nix/var/nix/daemon-socket/socket"
 log = logging.getLogger("recnix.upstream")
-
-LogCallback = Callable[[StderrMessage], Awaitable[None] | None]
 
 
 class UpstreamError(Exception):

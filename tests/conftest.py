@@ -1,7 +1,7 @@
 """Shared pytest configuration: tier markers are declared in pyproject.toml.
 
-The suite runs on parallel workers (pytest-xdist, ``-n auto --dist loadgroup``
-in pyproject.toml; ``-n 0`` runs it in one process). A worker runs a whole
+The suite runs on parallel workers (pytest-xdist, ``-n auto --dist loadscope``
+in pyproject.toml, the scopes being our groups; ``-n 0``: one process). A worker runs a whole
 *group* of tests in order, and no two workers share a group:
 
 - ``unit``; ``host`` (every host test drives Nix builds with the machine's one
@@ -54,15 +54,20 @@ EXPECTED_MINUTES = {
 }
 
 
-def group_of(item: pytest.Item) -> str:
-    """The xdist group ``item`` belongs to (see the module docstring)."""
-    tier = Path(item.fspath).relative_to(TESTS_DIR).parts[0]
-    params = getattr(item, "callspec", None)
-    params = params.params if params is not None else {}
+SUITES = ("bookworm", "trixie", "sid", "lix")  # the suites a test id may name
+
+
+def group_of(nodeid: str) -> str:
+    """The group of the test ``nodeid`` (see the module docstring)."""
+    path, _, rest = nodeid.partition("::")
+    parts = Path(path).parts
+    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else "other"
+    params = rest.partition("[")[2].rstrip("]").split("-")
+    suite = next((p for p in params if p in SUITES), None)
     if tier == "vm":
-        return f"vm-{Path(item.fspath).stem}-{params.get('vm_suite', 'bookworm')}"
+        return f"vm-{Path(path).stem}-{suite or 'bookworm'}"
     if tier == "versions":
-        return f"versions-{params.get('suite', 'all')}"
+        return f"versions-{suite or 'all'}"
     return tier
 
 
@@ -72,16 +77,24 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.loadscopereorder = False
 
 
-def pytest_itemcollected(item: pytest.Item) -> None:
-    item.add_marker(pytest.mark.xdist_group(group_of(item)))
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Order the groups longest first, keeping each group's own order (pytest has
     already ordered the items of module-scoped parametrized fixtures)."""
-    weight = {g: -EXPECTED_MINUTES.get(g, 1) for g in map(group_of, items)}
-    items.sort(key=lambda item: weight[group_of(item)])
+    weight = {g: -EXPECTED_MINUTES.get(g, 1) for g in (group_of(i.nodeid) for i in items)}
+    items.sort(key=lambda item: weight[group_of(item.nodeid)])
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's scope scheduling, with our groups as the scopes (taken from the
+    test ids: xdist_group marks do not reach the scheduler under pytest 9)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 # -- the versions tier's summary ----------------------------------------------

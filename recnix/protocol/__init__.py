@@ -35,11 +35,11 @@ from .stderr import (
     Write,
 )
 from .types import (
-    BUILD_STATUS,
     NOT_TRUSTED,
     TRUSTED,
     BasicDerivation,
     BuildResult,
+    BuildStatus,
     ClientHandshakeInfo,
     ClientOptions,
     DerivationOutput,
@@ -54,6 +54,7 @@ from .types import (
     SubstitutablePathInfo,
     UnkeyedRealisation,
     ValidPathInfo,
+    build_succeeded,
 )
 from .wire import (
     FEATURE_DELETE_REFERRERS,
@@ -67,7 +68,8 @@ from .wire import (
 )
 
 __all__ = [
-    "BUILD_STATUS",
+    "BuildStatus",
+    "build_succeeded",
     "FEATURE_DELETE_REFERRERS",
     "FEATURE_REALISATION_WITH_PATH",
     "MAX_MINOR",

@@ -6,6 +6,7 @@ hashes, signatures and content addresses are kept in their wire spelling.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 
@@ -200,23 +201,40 @@ class ClientHandshakeInfo:
     trust: int | None = None  # minor >= 35: None unknown, 1 trusted, 2 not trusted
 
 
-# BuildResult status codes (2.8 build-result.hh)
-BUILD_STATUS = {
-    "Built": 0,
-    "Substituted": 1,
-    "AlreadyValid": 2,
-    "PermanentFailure": 3,
-    "InputRejected": 4,
-    "OutputRejected": 5,
-    "TransientFailure": 6,
-    "CachedFailure": 7,
-    "TimedOut": 8,
-    "MiscFailure": 9,
-    "DependencyFailed": 10,
-    "LogLimitExceeded": 11,
-    "NotDeterministic": 12,
-    "ResolvesToAlreadyValid": 13,
-    "NoSubstituters": 14,
-}
+class BuildStatus(enum.IntEnum):
+    """BuildResult status codes (Nix 2.8's build-result.hh; later Nix adds none we use)."""
+
+    Built = 0
+    Substituted = 1
+    AlreadyValid = 2
+    PermanentFailure = 3
+    InputRejected = 4
+    OutputRejected = 5
+    TransientFailure = 6
+    CachedFailure = 7
+    TimedOut = 8
+    MiscFailure = 9
+    DependencyFailed = 10
+    LogLimitExceeded = 11
+    NotDeterministic = 12
+    ResolvesToAlreadyValid = 13
+    NoSubstituters = 14
+
+
+_SUCCESSES = frozenset(
+    {
+        BuildStatus.Built,
+        BuildStatus.Substituted,
+        BuildStatus.AlreadyValid,
+        BuildStatus.ResolvesToAlreadyValid,
+    }
+)
+
+
+def build_succeeded(status: int) -> bool:
+    """Whether a BuildResult ``status`` (any int off the wire) means the outputs exist."""
+    return status in _SUCCESSES
+
+
 TRUSTED = 1
 NOT_TRUSTED = 2

@@ -98,11 +98,6 @@ def make_version(minor: int) -> int:
     return 0x100 | minor
 
 
-def version_minor(version: int) -> int:
-    """Minor of a protocol version number."""
-    return version & 0xFF
-
-
 @dataclass(frozen=True, slots=True)
 class Ctx:
     """Negotiated parameters every codec is given: minor, features and input limits."""

@@ -23,7 +23,7 @@ import pytest
 
 from recnix.nar import dump_path, nar_hash
 from recnix.protocol import (
-    BUILD_STATUS,
+    BuildStatus,
     DerivedPath,
     Op,
     PathInfo,
@@ -386,7 +386,7 @@ def test_build_ops(nix_host: NixHost, busybox: str) -> None:
 
     (first,) = got["first"]
     assert first.path == target
-    assert first.result.status == BUILD_STATUS["Built"], first.result.error_msg
+    assert first.result.status == BuildStatus.Built, first.result.error_msg
     if nixversion.daemon_reports_times_built():
         assert first.result.times_built == 1
         assert 0 < first.result.start_time <= first.result.stop_time
@@ -405,7 +405,7 @@ def test_build_ops(nix_host: NixHost, busybox: str) -> None:
 
     assert got["again"] is None  # BuildPaths answered (u64 1) without an error
     (second,) = got["second"]
-    assert second.result.status == BUILD_STATUS["AlreadyValid"]
+    assert second.result.status == BuildStatus.AlreadyValid
     assert got["info"] is not None and got["info"].deriver == drv
     assert_info_matches_cli(nix_host, expected_out, got["info"])
 
@@ -425,7 +425,7 @@ def test_failing_build_raises_with_daemon_message(nix_host: NixHost, busybox: st
     message = plain(message)
     assert nixversion.builder_failed_message(drv, 3) in message
     (result,) = results
-    assert result.result.status == BUILD_STATUS["PermanentFailure"]
+    assert result.result.status == BuildStatus.PermanentFailure
     assert "failed with exit code 3" in result.result.error_msg
 
 

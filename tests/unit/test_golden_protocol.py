@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from recnix.protocol import (
-    BUILD_STATUS,
     FEATURE_REALISATION_WITH_PATH,
     BuildResult,
+    BuildStatus,
     ClientConnection,
     ClientHandshakeInfo,
     DerivedPath,
@@ -106,7 +106,7 @@ def realisation_from_json(j: dict[str, Any]) -> Realisation:
 def build_result_from_json(j: dict[str, Any]) -> dict[str, Any]:
     """Semantic form of a BuildResult twin, compared with :func:`build_result_norm`."""
     return {
-        "status": BUILD_STATUS[j["status"]],
+        "status": BuildStatus[j["status"]],
         "error_msg": j.get("errorMsg", ""),
         "times_built": j["timesBuilt"],
         "is_non_deterministic": j.get("isNonDeterministic", False),

@@ -1,0 +1,10 @@
+"""Names the hooks, the service and the tools share: the system features a derivation
+opts in with, and where a build finds its socket. Import-free (the hooks load it
+before every build)."""
+
+FEATURE = "recnix"  # requiredSystemFeatures: the full view (adds, nested builds)
+FEATURE_READONLY = "recnix-readonly"  # queries over the build's own inputs only
+OPT_IN_FEATURES = frozenset({FEATURE, FEATURE_READONLY})
+
+# The directory of the nix-daemon socket an unmodified Nix client in a build looks for.
+SANDBOX_SOCKET_DIR = "/nix/var/nix/daemon-socket"
