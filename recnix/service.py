@@ -37,7 +37,7 @@ from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs, outputs_of
 from recnix.remote import Guards, take_remote_mark
 from recnix.sandboxproc import SandboxProcess, kill_sandbox
-from recnix.session import ClientProtocol, ResumeError, Session
+from recnix.session import ClientProtocol, ResumeError, Session, SessionContext
 from recnix.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("recnix.service")
@@ -216,6 +216,15 @@ class Service:
         self._sandbox_sockets: dict[str, tuple[asyncio.base_events.Server, int]] = {}
         self.guards = Guards(self.state_dir, self.audit)  # builds without a .drv here
         self._finalising: dict[str, asyncio.Future[list[str]]] = {}  # sid -> its finalisation
+        self.session_context = SessionContext(
+            state_dir=self.state_dir,
+            gc_roots_dir=self.gc_roots_dir,
+            audit=self.audit,
+            fsync_paths=self.fsync_paths,
+            hooks_optional=self.hooks_optional,
+            fresh_upstream=self.fresh_upstream,
+            connect_upstream=self.connect_upstream,
+        )
 
     # -- upstream
 
@@ -356,7 +365,7 @@ class Service:
             return f"cannot read {record.drv_path}: {e}"
         parent = self.sessions.get(record.parent) if record.parent else None
         session = Session(
-            self,
+            self.session_context,
             record.sid,
             record.drv_path,
             drv,
@@ -659,7 +668,9 @@ class Service:
             else:
                 await self._slots.acquire()
         sid = secrets.token_hex(8)
-        session = Session(self, sid, drv_path, drv, chroot, readonly, depth, parent, self.limits)
+        session = Session(
+            self.session_context, sid, drv_path, drv, chroot, readonly, depth, parent, self.limits
+        )
         session.holds_slot = parent is None
         session.worker = worker
         try:

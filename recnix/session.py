@@ -23,12 +23,13 @@ import shutil
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from recnix.aio import stream_data
+from recnix.audit import AuditLog
 from recnix.derivation import Derivation
 from recnix.durable import fsync_paths
 from recnix.gcroots import SessionRoots
@@ -60,9 +61,6 @@ from recnix.store import Data as StoreData
 from recnix.store import LogCallback
 from recnix.upstream import LocalStoreFiles, Upstream, UpstreamClosed, UpstreamError
 
-if TYPE_CHECKING:
-    from recnix.service import Service
-
 log = logging.getLogger("recnix.session")
 
 # Bytes received from a client and not yet consumed: above the high mark the
@@ -93,12 +91,29 @@ class ResumeError(Exception):
     """A journaled session cannot be resumed (the message says why)."""
 
 
+@dataclass(frozen=True)
+class SessionContext:
+    """What every session gets from the service that opened it: where its files go,
+    the settings it obeys, the audit log, and how it reaches the real nix-daemon.
+    (A session never sees the service itself.)"""
+
+    state_dir: Path  # daemon.state-dir: the session's socket directory and journal
+    gc_roots_dir: Path  # daemon.gc-roots-dir: its GC roots
+    audit: AuditLog
+    fsync_paths: bool  # fsync what it adds or builds before the build sees it
+    hooks_optional: bool  # nested builds that open no session may skip nix.conf's hooks
+    # a connection whose daemon worker has answered nothing yet (no stale path infos)
+    fresh_upstream: Callable[[], Awaitable[Upstream]]
+    # a new connection; hooks=False: builds on it skip nix.conf's hooks
+    connect_upstream: Callable[..., Awaitable[Upstream]]
+
+
 class Session:
     """State of one opted-in build: its allowed set, its sandbox, its socket."""
 
     def __init__(
         self,
-        service: Service,
+        context: SessionContext,
         sid: str,
         drv_path: str,
         drv: Derivation,
@@ -108,7 +123,7 @@ class Session:
         parent: Session | None,
         limits: Limits,
     ) -> None:
-        self.service = service
+        self.context = context
         self.sid = sid
         self.drv_path = drv_path
         self.drv = drv
@@ -131,7 +146,7 @@ class Session:
         self.keeper: Upstream | None = None
         # idle upstream connections by whether builds on them run nix.conf's hooks
         self.idle_upstreams: dict[bool, list[Upstream]] = {True: [], False: []}
-        self.socket_dir = service.state_dir / f"s-{sid}"
+        self.socket_dir = context.state_dir / f"s-{sid}"
         self.socket_path = self.socket_dir / "socket"
         self.server: asyncio.base_events.Server | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -149,7 +164,7 @@ class Session:
         self.refused_connections = 0  # refused for exceeding limits.max_connections
         self.journal: SessionJournal | None = None  # lets a restarted service resume it
         # what it added or built, rooted also while the service restarts
-        self.roots = SessionRoots(service.gc_roots_dir, sid)
+        self.roots = SessionRoots(context.gc_roots_dir, sid)
         self.registrar: Registrar | None = None  # finalisation's nix-store, started early
         # parsed .drv files (store paths do not change) and the derivations known to pass
         # rule 1 of recnix.policy (it depends only on the allowed set, which only grows)
@@ -168,7 +183,7 @@ class Session:
 
     async def start(self) -> None:
         """Connect the keeper, compute the input closure, listen on the session socket."""
-        self.keeper = await self.service.fresh_upstream()
+        self.keeper = await self.context.fresh_upstream()
         self.inputs = await self._input_closure()
         self.allowed = set(self.inputs)
         self.view = SandboxView(self.chroot, known_present=self.inputs)
@@ -177,7 +192,7 @@ class Session:
         self.socket_dir.mkdir(mode=0o711, parents=True, exist_ok=False)
         os.chmod(self.socket_dir, 0o711)
         await self._listen()
-        self.journal = SessionJournal.create(self.service.state_dir, self.record())
+        self.journal = SessionJournal.create(self.context.state_dir, self.record())
         self.state = "open"
 
     async def resume(self, record: SessionRecord) -> None:
@@ -187,7 +202,7 @@ class Session:
         and listens again on the same socket path, which the sandbox sees through its
         bind-mounted directory.
         """
-        self.keeper = await self.service.connect_upstream()
+        self.keeper = await self.context.connect_upstream()
         self.inputs = await self._input_closure()
         ours = sorted(record.allowed - self.inputs)
         valid = set(await self.keeper.query_valid_paths(ours)) if ours else set()
@@ -213,7 +228,7 @@ class Session:
         self.seen_process = True
         self.socket_path.unlink(missing_ok=True)  # the dead socket of the previous run
         await self._listen()
-        self.journal = SessionJournal.of(self.service.state_dir, self.sid)
+        self.journal = SessionJournal.of(self.context.state_dir, self.sid)
         self.state = "open"
 
     async def _listen(self) -> None:
@@ -346,7 +361,7 @@ class Session:
             if up.reusable:
                 return up
             await up.close()
-        return await self.service.connect_upstream(hooks=hooks)
+        return await self.context.connect_upstream(hooks=hooks)
 
     async def release_upstream(self, up: Upstream) -> None:
         """Give a connection back when its client is done (closed if out of sync)."""
@@ -358,7 +373,7 @@ class Session:
 
     def audit(self, event: str, **fields: Any) -> None:
         """Write one audit event of this session."""
-        self.service.audit.write(event, self.sid, drv=self.drv_path, **fields)
+        self.context.audit.write(event, self.sid, drv=self.drv_path, **fields)
 
     # -- the allowed set
 
@@ -418,7 +433,7 @@ class Session:
                 added_bytes=self.added_bytes,
             )
             for path in new:
-                self.service.audit.write(event, self.sid, drv=self.drv_path, path=path)
+                self.context.audit.write(event, self.sid, drv=self.drv_path, path=path)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "session %s: %s %d path(s) in %.1f ms: temp roots %.1f, gc roots %.1f, "
@@ -438,7 +453,7 @@ class Session:
         """Durable first if so configured (``daemon.fsync-paths``: the build relies on them
         from now on), then in the sandbox; returns the seconds the fsyncs took."""
         started = time.perf_counter()
-        if self.service.fsync_paths:
+        if self.context.fsync_paths:
             fsync_paths(paths)
         synced = time.perf_counter() - started
         self.view.materialise_many(paths)
@@ -470,7 +485,7 @@ class Session:
                 peer.uid,
                 reason,
             )
-            self.service.audit.write(
+            self.context.audit.write(
                 "refused", self.sid, drv=self.drv_path, op="connect", reason=reason
             )
             transport.close()
@@ -529,7 +544,7 @@ class Session:
             log.warning(
                 "session %s: refused connection from pid %d: %s", self.sid, peer.pid, reason
             )
-            self.service.audit.write(
+            self.context.audit.write(
                 "refused", self.sid, drv=self.drv_path, op="connect", reason=reason
             )
         transport.close()
@@ -581,7 +596,7 @@ class ConnectionUpstreams(LocalStoreFiles):
     async def up(self, hooks: bool = False) -> Upstream:
         """The upstream connection; ``hooks``: builds on it must run nix.conf's hooks
         (always so unless ``Service.hooks_optional``)."""
-        hooks = hooks or not self.session.service.hooks_optional
+        hooks = hooks or not self.session.context.hooks_optional
         up = self.upstreams.get(hooks)
         if up is None or up.closed:
             up = self.upstreams[hooks] = await self.session.take_upstream(hooks)
