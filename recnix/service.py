@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,18 @@ def write_sandbox_nix_conf(chroot: Path) -> None:
     conf_dir.mkdir(parents=True, exist_ok=True)
     conf.write_text(SANDBOX_NIX_CONF)
     conf.chmod(0o444)
+
+
+# The control socket's ops: op -> the Service method that serves it (a request is one
+# JSON line, recnix.control; docs/architecture.md lists the fields).
+CONTROL_OPS = {
+    "open": "_op_open",  # pre-build hook: a session (socket) for this build
+    "admit": "_op_admit",  # recnix.buildqueue: may this build start now?
+    "unadmit": "_op_unadmit",  # recnix.buildqueue: it went to a remote machine after all
+    "finalise": "_op_finalise",  # post-build hook: register the outputs' references
+    "guard": "_op_guard",  # recnix.remote: a build whose .drv is not in this store
+    "status": "_op_status",  # `recnix status`
+}
 
 
 class Service:
@@ -471,41 +484,51 @@ class Service:
 
     async def _dispatch(self, message: dict[str, Any]) -> dict[str, Any]:
         op = message["op"]
-        if op == "open":
-            chroot = message.get("chroot")
-            worker = message.get("worker")
-            session = await self.open_session(
-                str(message["drv"]),
-                Path(str(chroot)) if chroot else None,
-                worker if isinstance(worker, int) else None,
-            )
-            if session is None:
-                return {"ok": True, "socket": None}
-            return {
-                "ok": True,
-                "socket": str(session.socket_path),
-                "socket_dir": str(session.socket_dir),
-                "session": session.sid,
-                "sandbox_socket": f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET}",
-            }
-        if op == "admit":  # recnix.buildqueue: may this build start now?
-            return {"ok": True, "admit": await self.admit(str(message["drv"]))}
-        if op == "unadmit":  # recnix.buildqueue: it went to a remote machine after all
-            self.unadmit(str(message["drv"]))
-            return {"ok": True}
-        if op == "finalise":
-            messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
-            return {"ok": True, "messages": messages}
-        if op == "guard":  # recnix.remote: a build whose .drv is not in this store
-            guard = await self.guards.open(str(message["drv"]), Path(str(message["chroot"])))
-            return {"ok": True, "socket_dir": str(guard.directory)}
-        if op == "status":
-            return {
-                "ok": True,
-                "sessions": [self._describe(s) for s in self.sessions.values()],
-                "failures": self.failures,
-            }
-        raise ValueError(f"unknown control op {op!r}")
+        if op not in CONTROL_OPS:
+            raise ValueError(f"unknown control op {op!r} (known: {', '.join(CONTROL_OPS)})")
+        handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+        handler = getattr(self, CONTROL_OPS[op])
+        return await handler(message)
+
+    async def _op_open(self, message: dict[str, Any]) -> dict[str, Any]:
+        chroot = message.get("chroot")
+        worker = message.get("worker")
+        session = await self.open_session(
+            str(message["drv"]),
+            Path(str(chroot)) if chroot else None,
+            worker if isinstance(worker, int) else None,
+        )
+        if session is None:
+            return {"ok": True, "socket": None}
+        return {
+            "ok": True,
+            "socket": str(session.socket_path),
+            "socket_dir": str(session.socket_dir),
+            "session": session.sid,
+            "sandbox_socket": f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET}",
+        }
+
+    async def _op_admit(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "admit": await self.admit(str(message["drv"]))}
+
+    async def _op_unadmit(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.unadmit(str(message["drv"]))
+        return {"ok": True}
+
+    async def _op_finalise(self, message: dict[str, Any]) -> dict[str, Any]:
+        messages = await self.finalise(str(message["drv"]), list(message.get("out_paths", [])))
+        return {"ok": True, "messages": messages}
+
+    async def _op_guard(self, message: dict[str, Any]) -> dict[str, Any]:
+        guard = await self.guards.open(str(message["drv"]), Path(str(message["chroot"])))
+        return {"ok": True, "socket_dir": str(guard.directory)}
+
+    async def _op_status(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "sessions": [self._describe(s) for s in self.sessions.values()],
+            "failures": self.failures,
+        }
 
     def _refuse_self_blocking_wait(self, drv_path: str, worker: int | None) -> None:
         """OpenRefused when every session slot is held by builds of ``worker``: Nix runs
