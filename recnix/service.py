@@ -38,7 +38,7 @@ from recnix.protocol import PathInfo
 from recnix.register import FinaliseError, StoreQueries, finalise_outputs, outputs_of
 from recnix.remote import Guards, take_remote_mark
 from recnix.sandboxproc import SandboxProcess, kill_sandbox
-from recnix.session import ClientProtocol, ResumeError, Session, SessionContext
+from recnix.session import ClientProtocol, ResumeError, Session, SessionContext, SessionState
 from recnix.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("recnix.service")
@@ -555,7 +555,7 @@ class Service:
             "chroot": str(s.chroot),
             "depth": s.depth,
             "readonly": s.readonly,
-            "state": s.state,
+            "state": s.state.value,
             "added": len(s.added),
             "builds": s.builds,
             "added_bytes": s.added_bytes,
@@ -569,7 +569,7 @@ class Service:
         """The open session whose build request builds ``drv_path`` (the deepest if several):
         the target itself, else a dependency of a target. A session that only added
         the .drv is not its parent: the build may come from outside."""
-        open_sessions = [s for s in self.sessions.values() if s.state == "open"]
+        open_sessions = [s for s in self.sessions.values() if s.state is SessionState.OPEN]
         parents = [s for s in open_sessions if s.requested_directly(drv_path)]
         if not parents:
             loop = asyncio.get_running_loop()
@@ -739,7 +739,9 @@ class Service:
 
     def _session_for(self, drv_path: str) -> Session | None:
         found = [
-            s for s in self.sessions.values() if s.drv_path == drv_path and s.state != "closed"
+            s
+            for s in self.sessions.values()
+            if s.drv_path == drv_path and s.state is not SessionState.CLOSED
         ]
         return found[-1] if found else None
 
@@ -777,8 +779,7 @@ class Service:
     async def _finalise_session(self, session: Session, out_paths: list[str]) -> list[str]:
         started = time.perf_counter()
         drv_path = session.drv_path
-        session.state = "finalising"
-        session.journal_change(finalising=True)  # before any output is touched
+        session.begin_finalising()
         nix_env = dict(os.environ)
         loop = asyncio.get_running_loop()
         try:
@@ -913,7 +914,7 @@ class Service:
                 swept = time.monotonic()
                 await asyncio.get_running_loop().run_in_executor(None, self._sweep_plain_marks)
             for session in list(self.sessions.values()):
-                if session.state != "open":
+                if session.state is not SessionState.OPEN:
                     continue
                 try:
                     await self._check_alive(session)

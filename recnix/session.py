@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import inspect
 import logging
 import os
@@ -91,6 +92,15 @@ class ResumeError(Exception):
     """A journaled session cannot be resumed (the message says why)."""
 
 
+class SessionState(enum.StrEnum):
+    """Where a session is in its life; changed only by Session's own methods."""
+
+    STARTING = "starting"  # opening or resuming: no client served yet
+    OPEN = "open"  # serving the build's clients
+    FINALISING = "finalising"  # the build ended; its outputs are being finalised
+    CLOSED = "closed"  # disconnected (ended, or detached because the service stops)
+
+
 @dataclass(frozen=True)
 class SessionContext:
     """What every session gets from the service that opened it: where its files go,
@@ -150,7 +160,7 @@ class Session:
         self.socket_path = self.socket_dir / "socket"
         self.server: asyncio.base_events.Server | None = None
         self.tasks: set[asyncio.Task] = set()
-        self.state = "starting"
+        self.state = SessionState.STARTING
         self.ended_since: float | None = None
         self.seen_process = False  # a process was seen in the sandbox (the build started)
         self.holds_slot = False  # counts against daemon.max-sessions
@@ -193,7 +203,7 @@ class Session:
         os.chmod(self.socket_dir, 0o711)
         await self._listen()
         self.journal = SessionJournal.create(self.context.state_dir, self.record())
-        self.state = "open"
+        self.state = SessionState.OPEN
 
     async def resume(self, record: SessionRecord) -> None:
         """Take over a session a previous run of the service journaled (``record``).
@@ -229,7 +239,7 @@ class Session:
         self.socket_path.unlink(missing_ok=True)  # the dead socket of the previous run
         await self._listen()
         self.journal = SessionJournal.of(self.context.state_dir, self.sid)
-        self.state = "open"
+        self.state = SessionState.OPEN
 
     async def _listen(self) -> None:
         self.server = await asyncio.get_running_loop().create_unix_server(
@@ -285,12 +295,18 @@ class Session:
             stack.extend(r for r in info.references if r not in seen and r not in known)
         return seen
 
+    def begin_finalising(self) -> None:
+        """The build ended: from now on its outputs are being finalised (journaled
+        before any output is touched, so a restarted service knows)."""
+        self.state = SessionState.FINALISING
+        self.journal_change(finalising=True)
+
     async def _disconnect(self) -> bool:
         """Stop listening; close client and upstream connections (the keeper's temp roots
         go with it). False if the session was already closed."""
-        if self.state == "closed":
+        if self.state is SessionState.CLOSED:
             return False
-        self.state = "closed"
+        self.state = SessionState.CLOSED
         if self.server is not None:
             self.server.close()
         for task in list(self.tasks):
@@ -312,7 +328,7 @@ class Session:
         so that its start-up is not on the post-build hook's critical path; called once
         the session has added or built something. A read-only session adds and builds
         nothing, so finalising it registers nothing."""
-        if self.readonly or self.state != "open" or self.registrar is not None:
+        if self.readonly or self.state is not SessionState.OPEN or self.registrar is not None:
             return
         try:
             self.registrar = Registrar(os.environ)
@@ -366,7 +382,7 @@ class Session:
     async def release_upstream(self, up: Upstream) -> None:
         """Give a connection back when its client is done (closed if out of sync)."""
         pool = self.idle_upstreams[up.runs_hooks]
-        if up.reusable and self.state == "open" and len(pool) < IDLE_UPSTREAMS:
+        if up.reusable and self.state is SessionState.OPEN and len(pool) < IDLE_UPSTREAMS:
             pool.append(up)
         else:
             await up.close()
@@ -470,7 +486,7 @@ class Session:
             log.warning("session %s: no peer credentials (%s): closing", self.sid, e)
             transport.close()
             return None
-        if self.state != "open":
+        if self.state is not SessionState.OPEN:
             log.info(
                 "session %s: connection from pid %d after the session ended", self.sid, peer.pid
             )
