@@ -4,8 +4,8 @@
 #   services.recnix.enable = true;
 #
 # Builds opt in with `requiredSystemFeatures = [ "recnix" ]` (or
-# "recnix-readonly"). Every default below is read from ../recnix/defaults.toml,
-# the file the recnix daemon itself and the VM images read: one source of truth.
+# "recnix-readonly"). Every setting's option below (type, default, description)
+# comes from ../recnix/config-keys.toml, where the daemon reads them too.
 {
   config,
   lib,
@@ -15,7 +15,10 @@
 
 let
   cfg = config.services.recnix;
-  defaults = builtins.fromTOML (builtins.readFile ../recnix/defaults.toml);
+  # Every recnix setting, declared once (type, default, doc): ../recnix/config-keys.toml,
+  # the file the daemon itself reads.
+  keys = builtins.fromTOML (builtins.readFile ../recnix/config-keys.toml);
+  defaults = builtins.mapAttrs (section: builtins.mapAttrs (name: spec: spec.default)) keys;
   unit = builtins.fromTOML (builtins.readFile ./unit.toml);
   format = pkgs.formats.toml { };
 
@@ -67,12 +70,41 @@ let
     );
   nixSettings = if cfg.lix then withoutBuiltin defaults.nix else defaults.nix;
 
-  setting =
-    section: key: type: description:
-    lib.mkOption {
-      inherit type description;
-      default = defaults.${section}.${key};
-    };
+  # The option type of a key's declared type (recnix/config.py validates the same).
+  nixType =
+    spec:
+    if spec.type == "enum" then
+      lib.types.enum spec.choices
+    else
+      {
+        str = lib.types.str;
+        path = lib.types.str;
+        upstream = lib.types.str;
+        bool = lib.types.bool;
+        positive = lib.types.ints.positive;
+        unsigned = lib.types.ints.unsigned;
+        str-list = lib.types.listOf lib.types.str;
+        host-list = lib.types.listOf lib.types.str;
+      }
+      .${spec.type};
+  # services.recnix.settings.<section>.<key> for every key but those declared
+  # `nixos = false` ([hooks]: preBuildHooks/postBuildHooks; [nix]: nix.settings below).
+  nixosKeys = builtins.mapAttrs (
+    section: specs:
+    builtins.removeAttrs specs (
+      builtins.filter (name: !(specs.${name}.nixos or true)) (builtins.attrNames specs)
+    )
+  ) keys;
+  settingOptions = builtins.mapAttrs (
+    section: builtins.mapAttrs (
+      name: spec:
+      lib.mkOption {
+        type = nixType spec;
+        inherit (spec) default;
+        description = spec.doc;
+      }
+    )
+  ) (builtins.removeAttrs nixosKeys (builtins.filter (s: nixosKeys.${s} == { }) (builtins.attrNames nixosKeys)));
 in
 {
   options.services.recnix = {
@@ -108,75 +140,10 @@ in
 
     settings = lib.mkOption {
       default = { };
-      description = "recnix configuration, written to /etc/recnix/config.toml (same layout as recnix/defaults.toml). Keys not listed here are passed through; the daemon rejects unknown ones.";
+      description = "recnix configuration, written to /etc/recnix/config.toml (the layout of recnix/defaults.toml). Keys not listed here are passed through; the daemon rejects unknown ones.";
       type = lib.types.submodule {
         freeformType = format.type;
-        options = {
-          daemon = {
-            upstream =
-              setting "daemon" "upstream" lib.types.str
-                ''Where sessions forward allowed operations: "daemon" (the system nix-daemon socket) or "unix:///path/to/socket".'';
-            max-sessions =
-              setting "daemon" "max-sessions" lib.types.ints.positive
-                "Concurrent recursive sessions (builds using recnix at once). It must stay below the number of build users (nix.nrBuildUsers), or nested builds wait for a free user forever: the service lowers it to nrBuildUsers - 1, with a warning.";
-            audit-log =
-              setting "daemon" "audit-log" lib.types.str
-                "JSON-lines audit log, one line per session event (read it with `recnix tree`). Empty: no audit log.";
-            control-socket =
-              setting "daemon" "control-socket" lib.types.str
-                "Root-only socket the pre-/post-build hooks talk to.";
-            state-dir =
-              setting "daemon" "state-dir" lib.types.str
-                "Root-only directory holding each session's socket and journal; a restarted service resumes the sessions of running builds from it.";
-            gc-roots-dir =
-              setting "daemon" "gc-roots-dir" lib.types.str
-                "Directory under Nix's gcroots where each session roots what its build added or built (removed when the session ends), so that a garbage collection while the service restarts cannot delete it.";
-            fsync-paths =
-              setting "daemon" "fsync-paths" (lib.types.enum [ "nix" "always" "never" ])
-                ''Whether what a session adds or builds is fsynced before the build sees it: "nix" does what nix.settings.fsync-store-paths says (Nix >= 2.25; off when unset, as Nix itself registers paths without syncing their files), "always" (about 10 ms per nested build on a typical disk), "never".'';
-            log-level =
-              setting "daemon" "log-level" lib.types.str
-                ''Daemon log level ("debug", "info", "warning", "error").'';
-            finalise-grace =
-              setting "daemon" "finalise-grace" lib.types.ints.positive
-                "Seconds a build that ended with valid outputs but without a call of recnix's post-build hook waits before the service finalises its outputs itself (or, when that fails, makes them invalid).";
-          };
-          policy = {
-            readonly-only =
-              setting "policy" "readonly-only" lib.types.bool
-                "Give every opted-in build the read-only view (queries over its own input closure only), even builds asking for `recnix`.";
-            allow-fixed-output =
-              setting "policy" "allow-fixed-output" lib.types.bool
-                "Allow nested fixed-output derivations (they have network access).";
-            existing-fixed-outputs =
-              setting "policy" "existing-fixed-outputs" (lib.types.enum [ "allow" "deny" ])
-                ''A nested fixed-output derivation whose outputs already exist runs nothing: "allow" hands its outputs out (audited as `existing-fixed-output`; building nixpkgs packages inside needs it), "deny" refuses the build. It lets a build learn whether content of a hash it knows exists on the host.'';
-            max-depth =
-              setting "policy" "max-depth" lib.types.ints.unsigned
-                "Maximum nesting depth (the outer build is depth 1).";
-            max-builds-per-session =
-              setting "policy" "max-builds-per-session" lib.types.ints.unsigned
-                "Nested build requests one session may make.";
-            max-connections-per-session =
-              setting "policy" "max-connections-per-session" lib.types.ints.positive
-                "Concurrent connections to one build's socket; further ones are closed.";
-            max-added-bytes =
-              setting "policy" "max-added-bytes" lib.types.ints.unsigned
-                "Bytes (NAR size) one session may add to the store.";
-            forward-build-logs =
-              setting "policy" "forward-build-logs" lib.types.bool
-                "Forward nested build logs into the outer build's log.";
-            nested-builds-skip-hooks =
-              setting "policy" "nested-builds-skip-hooks" lib.types.bool
-                "Run nested builds that open no recnix session without nix.conf's pre- and post-build hooks (two process starts fewer per derivation). Ignored while `hooks` chains further hooks. Set to false if nix.conf's hooks are not recnix's own.";
-          };
-          remote.trusted-builders =
-            setting "remote" "trusted-builders" (lib.types.listOf lib.types.str)
-              ''ssh-ng:// builders (host names as in nix.buildMachines, e.g. "builder" or "ssh-ng://user@builder") trusted with every path they send back. Otherwise a path of an output's closure that this machine did not send is imported only if it is content-addressed, signed by a key in nix.settings.trusted-public-keys, or the recomputed output of a derivation whose .drv the builder has too; anything else fails the build.'';
-          signing.secret-key-files =
-            setting "signing" "secret-key-files" (lib.types.listOf lib.types.str)
-              "Secret key files used to re-sign outputs after recnix adds their references (re-registration drops signatures). Usually the same as nix.settings.secret-key-files.";
-        };
+        options = settingOptions;
       };
     };
   };
@@ -206,7 +173,7 @@ in
 
     environment.etc."recnix/config.toml".source = configFile;
 
-    # Everything in defaults.toml's [nix] table (extra-system-features,
+    # Every [nix] key of config-keys.toml (extra-system-features,
     # experimental-features, sandbox, sandbox-fallback; without Nix's built-in
     # recursive-nix on Lix), plus the hooks (build-hook: for builds this machine
     # dispatches to ssh-ng:// builders, see the README's "Distributed builds").

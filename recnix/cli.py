@@ -12,70 +12,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 
-DAEMON_HELP = """\
-Run the recnix service: a root-only control socket for the hooks and one
-restricted Nix daemon socket per opted-in build.
-
-Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
-/etc/recnix/config.toml, over the built-in defaults (recnix/defaults.toml).
-
-[daemon]
-  control-socket   path of the hooks' control socket (0600)       /run/recnix/control.sock
-  state-dir        root-only directory for session sockets and
-                   journals (a restarted service resumes sessions) /run/recnix
-  gc-roots-dir     per-session GC roots that outlive a restart of
-                   the service (under Nix's gcroots)   /nix/var/nix/gcroots/recnix
-  upstream         "daemon" (system socket), "unix:///path",
-                   or "stdio" (spawn `nix-daemon --stdio`)         daemon
-  max-sessions     concurrent top-level recursive builds; lowered
-                   to one less than the build users (Nix #7297).
-                   Further builds wait, with a log line, in
-                   recnix's build-hook before they take a build
-                   user (without it: in the pre-build hook).       4
-  fsync-paths      fsync what a session adds or builds before the
-                   build sees it: "nix" (as nix.conf's
-                   fsync-store-paths), "always", "never"           nix
-  audit-log        JSON lines, one per session event ("" = none)   /var/log/recnix/audit.jsonl
-  log-level        debug, info, warning, error                     info
-  finalise-grace   seconds a build that ended without a call of
-                   recnix's post-build hook waits before the
-                   service finalises (or invalidates) its outputs  60
-[policy]
-  readonly-only          every opted-in build gets the read-only
-                         view (queries over its inputs only)       false
-  allow-fixed-output     allow nested fixed-output derivations
-                         (they have network access)                false
-  existing-fixed-outputs "allow": hand out the existing outputs of
-                         nested fixed-output derivations (audited);
-                         "deny": refuse such builds                "allow"
-  max-depth              deepest nesting level (outer build = 1)   4
-  max-builds-per-session nested build requests per build           256
-  max-connections-per-session
-                         concurrent connections to one build's
-                         socket; further ones are closed            64
-  max-added-bytes        NAR bytes a build may add                 4294967296
-  forward-build-logs     nested build logs go into the outer
-                         build's log (Nix #7276)                   true
-  nested-builds-skip-hooks
-                         nested builds that open no session run
-                         without nix.conf's hooks (ignored while
-                         [hooks] chains hooks; false if nix.conf's
-                         hooks are not recnix's own)               true
-[signing]
-  secret-key-files       keys to re-sign outputs after recnix adds
-                         references (re-registration drops sigs)   []
-[remote]
-  trusted-builders       ssh-ng:// builders trusted with every path
-                         they send back (else only outputs sent,
-                         content-addressed, signed, or proven
-                         outputs of a .drv are imported)           []
-[hooks]
-  pre-build, post-build  further hooks to chain after recnix's own []
-[nix]
-  nix.conf settings the host needs (see `recnix nix-conf`).
-"""
-
-
 CONTROL_SOCKET_HELP = (
     "talk to the service at PATH without reading the configuration (then no further "
     "hooks are chained); the hook scripts pass it when they found it in the config file"
@@ -312,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of ``recnix``."""
     import argparse  # not at module level: the hooks' fast path in main() skips it
 
+    from recnix.configdocs import render_daemon_help
+
     parser = argparse.ArgumentParser(
         prog="recnix",
         description="Recursive Nix as an add-on: Nix builds that call Nix inside their "
@@ -326,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "daemon",
         help="run the recnix service",
-        description=DAEMON_HELP,
+        description=render_daemon_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)

@@ -1,7 +1,9 @@
-"""recnix configuration: defaults from ``defaults.toml`` overlaid with a site TOML file.
+"""recnix configuration: the declared keys (``config-keys.toml``: type, default, doc)
+overlaid with a site TOML file, validated against their declarations.
 
-The defaults file is the single source of truth for settings; the NixOS module
-(``module/``) and the VM templates (``vm/``) read the same file.
+``config-keys.toml`` is the single source of truth for settings; the NixOS
+module (``module/``) reads it too, and ``scripts/gen-config.py`` writes
+``defaults.toml`` and the README's table from it.
 """
 
 from __future__ import annotations
@@ -11,22 +13,34 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
+KEYS_FILE = Path(__file__).with_name("config-keys.toml")
+DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")  # generated from KEYS_FILE
 SYSTEM_CONFIG_FILE = Path("/etc/recnix/config.toml")
 CONFIG_ENV = "RECNIX_CONFIG"
-
-# daemon.fsync-paths: follow nix.conf's fsync-store-paths, or always, or never
-FSYNC_PATHS = ("nix", "always", "never")
 
 
 class ConfigError(Exception):
     """A configuration file is unreadable or has a bad key or value."""
 
 
+_keys: dict[str, dict[str, dict[str, Any]]] | None = None
+
+
+def load_keys() -> dict[str, dict[str, dict[str, Any]]]:
+    """Every key's declaration (type, default, doc, ...) by section and name."""
+    global _keys
+    if _keys is None:
+        with KEYS_FILE.open("rb") as f:
+            _keys = tomllib.load(f)
+    return _keys
+
+
 def load_defaults() -> dict[str, Any]:
-    """Return the defaults as nested dicts (sections of ``defaults.toml``)."""
-    with DEFAULTS_FILE.open("rb") as f:
-        return tomllib.load(f)
+    """Return the defaults as nested dicts (sections of ``config-keys.toml``)."""
+    return {
+        section: {name: spec["default"] for name, spec in keys.items()}
+        for section, keys in load_keys().items()
+    }
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", str: "a string", list: "a list"}
@@ -132,39 +146,32 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
 
 
 def _validate(raw: dict[str, Any]) -> None:
-    daemon, policy = raw["daemon"], raw["policy"]
-    if daemon["max-sessions"] < 1:
-        raise ConfigError("'daemon.max-sessions' must be at least 1")
-    if daemon["finalise-grace"] < 1:
-        raise ConfigError("'daemon.finalise-grace' must be at least 1 (seconds)")
-    if not daemon["gc-roots-dir"].startswith("/"):
-        raise ConfigError("'daemon.gc-roots-dir' must be an absolute path (under Nix's gcroots)")
-    up = daemon["upstream"]
-    if up not in ("daemon", "stdio") and not up.startswith("unix://"):
-        raise ConfigError(
-            f'\'daemon.upstream\' is {up!r}: use "daemon", "stdio" or "unix:///path/to/socket"'
-        )
-    if daemon["fsync-paths"] not in FSYNC_PATHS:
-        raise ConfigError(
-            f"'daemon.fsync-paths' is {daemon['fsync-paths']!r}: use "
-            + ", ".join(f'"{v}"' for v in FSYNC_PATHS)
-        )
-    for key in ("max-depth", "max-builds-per-session", "max-added-bytes"):
-        if policy[key] < 0:
-            raise ConfigError(f"'policy.{key}' must not be negative")
-    if policy["max-connections-per-session"] < 1:
-        raise ConfigError("'policy.max-connections-per-session' must be at least 1")
-    trusted = raw["remote"]["trusted-builders"]
-    if not all(isinstance(b, str) and b.strip() for b in trusted):
-        raise ConfigError(
-            "'remote.trusted-builders' must be a list of builder host names "
-            '(e.g. ["builder", "ssh-ng://user@builder"])'
-        )
-    if policy["existing-fixed-outputs"] not in ("allow", "deny"):
-        raise ConfigError(
-            f"'policy.existing-fixed-outputs' is {policy['existing-fixed-outputs']!r}: "
-            'use "allow" or "deny"'
-        )
+    """ConfigError for the first value its key's declared type does not admit."""
+    for section, keys in load_keys().items():
+        for name, spec in keys.items():
+            problem = _type_problem(spec, raw[section][name])
+            if problem:
+                raise ConfigError(f"'{section}.{name}' {problem}")
+
+
+def _type_problem(spec: dict[str, Any], value: Any) -> str | None:
+    """What is wrong with ``value`` for a key declared as ``spec`` (None: nothing)."""
+    kind = spec["type"]
+    if kind == "positive" and value < 1:
+        return "must be at least 1"
+    if kind == "unsigned" and value < 0:
+        return "must not be negative"
+    if kind == "path" and not value.startswith("/"):
+        return f"must be an absolute path, not {value!r}"
+    if kind == "enum" and value not in spec["choices"]:
+        return f"is {value!r}: use " + ", ".join(f'"{c}"' for c in spec["choices"])
+    if kind == "upstream" and value not in ("daemon", "stdio") and not value.startswith("unix://"):
+        return f'is {value!r}: use "daemon", "stdio" or "unix:///path/to/socket"'
+    if kind == "str-list" and not all(isinstance(v, str) for v in value):
+        return "must be a list of strings"
+    if kind == "host-list" and not all(isinstance(v, str) and v.strip() for v in value):
+        return 'must be a list of builder host names (e.g. ["builder", "ssh-ng://user@builder"])'
+    return None
 
 
 def _conf_value(value: Any) -> str:

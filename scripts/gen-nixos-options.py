@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from recnix import configdocs  # noqa: E402
+
 EVAL_FILE = REPO / "module" / "eval" / "eval.nix"
 TARGETS = (REPO / "README.md", REPO / "docs" / "nixos.md")
 BEGIN = "<!-- nixos-options:begin -->"
@@ -78,13 +82,6 @@ def render_table(options: list[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def replace_block(text: str, table: str) -> str:
-    """``text`` with the marked block's content replaced by ``table``."""
-    start = text.index(BEGIN) + len(BEGIN)
-    end = text.index(END, start)
-    return text[:start] + "\n" + table + text[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if a block is stale")
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for target in targets:
         old = target.read_text()
-        new = replace_block(old, table)
+        new = configdocs.replace_block(old, BEGIN, END, table)
         if new == old:
             continue
         if args.check:

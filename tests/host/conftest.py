@@ -533,7 +533,7 @@ class RecnixService:
 def recnix_config_text(
     root: Path, host: NixHost, extra: str = "", daemon: Mapping[str, object] | None = None
 ) -> str:
-    """The service's config for the host tier (sections of recnix/defaults.toml).
+    """The service's config for the host tier (sections of recnix/config-keys.toml).
 
     ``daemon`` overrides keys of the ``[daemon]`` table; ``extra`` appends other tables.
     """

@@ -1,0 +1,121 @@
+"""What the key declarations (``config-keys.toml``) are rendered into: ``recnix daemon
+--help``, ``defaults.toml`` (the defaults, commented, in a site config file's layout)
+and the README's table. ``scripts/gen-config.py`` writes the files; a unit test
+fails when one is stale."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+from recnix.config import load_keys
+
+DAEMON_HELP_HEAD = """\
+Run the recnix service: a root-only control socket for the hooks and one
+restricted Nix daemon socket per opted-in build.
+
+Configuration: TOML, read from --config, else $RECNIX_CONFIG, else
+/etc/recnix/config.toml, over the built-in defaults (recnix/defaults.toml).
+"""
+
+DEFAULTS_HEAD = """\
+# recnix's defaults, in the layout of a site config file (/etc/recnix/config.toml,
+# $RECNIX_CONFIG or --config), which overrides any key. GENERATED from
+# recnix/config-keys.toml (where each key is declared) by scripts/gen-config.py:
+# edit that file, not this one.
+"""
+
+SECTION_NOTES = {
+    "hooks": "Further hooks to chain after recnix's own.",
+    "nix": "nix.conf settings a host needs for recnix (hook paths are added by whoever "
+    "renders them: `recnix nix-conf`, `recnix setup`, the NixOS module, the VM images).",
+}
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def plain(doc: str) -> str:
+    """A doc paragraph without Markdown's backticks (for comments and --help)."""
+    return doc.replace("`", "")
+
+
+def render_defaults_toml() -> str:
+    """``defaults.toml``: every section and key with its default, the doc as a comment."""
+    out = [DEFAULTS_HEAD]
+    for section, keys in load_keys().items():
+        out.append(f"\n[{section}]\n")
+        if section in SECTION_NOTES:
+            out.extend(
+                f"# {line}\n"
+                for line in textwrap.wrap(SECTION_NOTES[section], 78, break_on_hyphens=False)
+            )
+        for name, spec in keys.items():
+            out.extend(
+                f"# {line}\n"
+                for line in textwrap.wrap(plain(spec["doc"]), 78, break_on_hyphens=False)
+            )
+            out.append(f"{name} = {toml_value(spec['default'])}\n")
+    return "".join(out)
+
+
+def render_daemon_help() -> str:
+    """``recnix daemon --help``'s description: every key, what it means, its default."""
+    out = [DAEMON_HELP_HEAD]
+    for section, keys in load_keys().items():
+        out.append(f"\n[{section}]\n")
+        if section == "nix":
+            out.append("  nix.conf settings the host needs (see `recnix nix-conf`).\n")
+            continue
+        for name, spec in keys.items():
+            text = plain(spec.get("help", spec["doc"]))
+            out.append(f"  {name} (default: {toml_value(spec['default'])})\n")
+            out.extend(
+                f"      {line}\n" for line in textwrap.wrap(text, 72, break_on_hyphens=False)
+            )
+    return "".join(out)
+
+
+def _type_words(spec: dict[str, Any]) -> str:
+    kind = spec["type"]
+    if kind == "enum":
+        return " \\| ".join(f'`"{c}"`' for c in spec["choices"])
+    return {
+        "str": "string",
+        "path": "absolute path",
+        "bool": "boolean",
+        "positive": "integer ≥ 1",
+        "unsigned": "integer ≥ 0",
+        "upstream": '`"daemon"` \\| `"stdio"` \\| `"unix://…"`',
+        "str-list": "list of strings",
+        "host-list": "list of host names",
+        "nix": "nix.conf value",
+    }[kind]
+
+
+def render_readme_table() -> str:
+    """The README's table of every key but [nix]'s: key, type, default, meaning."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for section, keys in load_keys().items():
+        if section == "nix":
+            continue
+        for name, spec in keys.items():
+            default = toml_value(spec["default"]).replace("|", "\\|")
+            doc = spec["doc"].replace("|", "\\|")
+            rows.append(f"| `{section}.{name}` | {_type_words(spec)} | `{default}` | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_block(text: str, begin: str, end: str, content: str) -> str:
+    """``text`` with what stands between the markers ``begin`` and ``end`` replaced."""
+    start = text.index(begin) + len(begin)
+    stop = text.index(end, start)
+    return text[:start] + "\n" + content + text[stop:]
