@@ -18,7 +18,7 @@ from recnix_vm.machine import Machine
 from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX
 from tests.scenarios.runner import ScenarioRunner
-from tests.vm.test_scenarios import (
+from tests.vm.guest import (
     boot,
     restart_mid_build,
     runner_for,

@@ -26,7 +26,7 @@ from tests import nixversion
 from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
-from tests.vm.test_scenarios import (
+from tests.vm.guest import (
     boot,
     restart_mid_build,
     runner_for,
