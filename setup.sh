@@ -30,12 +30,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.recnix-installed
 stale=false
-for f in setup.sh pyproject.toml bin/*; do  # bin/ scripts are copied into .venv/bin
+for f in setup.sh pyproject.toml vm/pyproject.toml bin/*; do  # bin/ scripts are copied into .venv/bin
   [ "$f" -nt "$stamp" ] && stale=true
 done
 if [ ! -f "$stamp" ] || $stale; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test,fast]'
+  # pip's output only when it fails (it is in .venv/pip.log either way)
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q -e '.[test,fast]' -e ./vm; } > .venv/pip.log 2>&1; then
+    cat .venv/pip.log >&2
+    echo "setup.sh: pip failed (log: .venv/pip.log)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 echo "setup.sh: ready (.venv/bin/recnix, .venv/bin/recnix-vm, .venv/bin/pytest)"

@@ -19,7 +19,7 @@ let
   # the file the daemon itself reads.
   keys = builtins.fromTOML (builtins.readFile ../recnix/config-keys.toml);
   defaults = builtins.mapAttrs (section: builtins.mapAttrs (name: spec: spec.default)) keys;
-  unit = builtins.fromTOML (builtins.readFile ./unit.toml);
+  unit = builtins.fromTOML (builtins.readFile ../recnix/unit.toml);
   format = pkgs.formats.toml { };
 
   configPath = "/etc/recnix/config.toml";

@@ -35,6 +35,8 @@ python3Packages.buildPythonApplication {
 
   nativeCheckInputs = with python3Packages; [
     pytestCheckHook
+    pytest-xdist # pyproject.toml's addopts run the tests on parallel workers
+    cryptography # tests/unit/test_signatures.py checks recnix's Ed25519 against it
     hypothesis
     pexpect
     paramiko
@@ -49,12 +51,8 @@ python3Packages.buildPythonApplication {
     "not host and not vm"
   ];
 
-  # The VM harness (recnix-vm) drives Debian guests from a development
-  # checkout; it is not part of what a NixOS host runs.
-  # The hooks' sh fast path uses shell builtins only (no grep on PATH needed).
-  postInstall = ''
-    rm -f $out/bin/recnix-vm
-  '';
+  # The VM harness (vm/, a package of its own) is not part of what a NixOS host
+  # runs; the unit tests that use it find it in the source tree (tests/conftest.py).
 
   pythonImportsCheck = [
     "recnix"

@@ -12,6 +12,27 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 
+SETUP_HELP = """\
+Set up this host for recursive builds: Nix or Lix 2.8+, systemd, not NixOS (use
+the NixOS module there). As root:
+
+  - /etc/nix/recnix.conf: recnix's nix.conf lines (recnix nix-conf), and one
+    `!include /etc/nix/recnix.conf` appended to /etc/nix/nix.conf;
+  - /etc/recnix/hooks.env and a nix-daemon drop-in that reads it (on Nix
+    2.25-2.33 also `--option build-hook` on nix-daemon's command line);
+  - /etc/systemd/system/recnix.service, hardened as the NixOS module's unit;
+  - then systemctl daemon-reload, enable and (re)start recnix.service, restart
+    nix-daemon, and run recnix doctor.
+
+A second run changes nothing when nothing differs. Every original file is kept
+in /var/lib/recnix/setup first: --undo puts each back byte for byte and stops
+recnix.service. Refused (with the reason) on NixOS, with an unparsable
+nix.conf, with the sandbox off on nix-daemon's command line, with a pre- or
+post-build hook of someone else's, or with Nix older than 2.8. A nix.conf
+`sandbox = false` (Debian's default) is overridden, with a note. Without
+systemd it prints the steps and exits 1.
+"""
+
 CONTROL_SOCKET_HELP = (
     "talk to the service at PATH without reading the configuration (then no further "
     "hooks are chained); the hook scripts pass it when they found it in the config file"
@@ -174,6 +195,58 @@ def _host_is_lix(nix: str | None) -> bool:
     except (NixVersionError, OSError) as e:
         print(f"recnix nix-conf: {e}; assuming Nix, not Lix (use --lix)", file=sys.stderr)
         return False
+
+
+def _cmd_setup(args: argparse.Namespace) -> int:
+    import argparse
+    import os
+    from pathlib import Path
+
+    from recnix import setup
+    from recnix.config import load_config
+
+    config = load_config(args.config)
+    root = Path("/")
+    if not args.dry_run and os.geteuid() != 0:
+        print(
+            "recnix setup: run it as root (it writes /etc and restarts services)", file=sys.stderr
+        )
+        return 1
+    try:
+        if args.undo:
+            setup.undo(root)
+            return 0
+        host = setup.gather(config, root)
+        nix_conf = host.path(setup.NIX_CONF)
+        wanted = setup.plan(host, nix_conf.read_text() if nix_conf.exists() else "")
+    except setup.SetupRefused as e:
+        print(f"recnix setup: refused: {e}", file=sys.stderr)
+        return 1
+    for note in wanted.notes:
+        print(f"recnix setup: note: {note}")
+    if args.dry_run:
+        print("recnix setup --dry-run: nothing is changed; setup would write:\n")
+        print(setup.describe(wanted))
+        return 0
+    if not host.systemd:
+        print(
+            "recnix setup: this host does not run systemd, so nothing was changed; "
+            "these are the files and commands to adapt by hand:\n",
+            file=sys.stderr,
+        )
+        print(setup.describe(wanted), file=sys.stderr)
+        return 1
+    try:
+        setup.apply(host, wanted)
+    except setup.SetupRefused as e:
+        print(f"recnix setup: {e}", file=sys.stderr)
+        return 1
+    print("recnix setup: recnix doctor says:")
+    doctor_args = argparse.Namespace(
+        config=args.config, json=False, no_build=args.no_build, nix=None, busybox=None,
+        timeout=600.0,
+    )  # fmt: skip
+    return _cmd_doctor(doctor_args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -372,6 +445,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_nix_conf)
+
+    p = sub.add_parser(
+        "setup",
+        help="set up this (non-NixOS, systemd) host for recursive builds; --undo takes it back",
+        description=SETUP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dry-run", action="store_true", help="print every file and command only")
+    p.add_argument(
+        "--undo",
+        action="store_true",
+        help="put back every file setup changed, byte for byte, and stop recnix.service",
+    )
+    p.add_argument("--no-build", action="store_true", help="skip recnix doctor's test build")
+    p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_setup)
 
     p = sub.add_parser(
         "status",

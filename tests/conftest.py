@@ -1,75 +1,34 @@
 """Shared pytest configuration: tier markers are declared in pyproject.toml.
 
-The suite runs on parallel workers (pytest-xdist, ``-n auto --dist loadscope``
-in pyproject.toml, the scopes being our groups; ``-n 0``: one process). A worker runs a whole
-*group* of tests in order, and no two workers share a group:
-
-- ``unit``; ``host`` (every host test drives Nix builds with the machine's one
-  set of build users, and Nix kills the processes of a build user it takes, so
-  two host tests must never build at once);
-- ``versions-<suite>``: one root filesystem's inner run each (build users on
-  uids of their own, a mount namespace of its own);
-- ``vm-<module>-<suite>``: one test module's guests of one suite (module-scoped
-  guests stay on one worker).
-
-Groups start longest first (``EXPECTED_MINUTES``), so the long VM groups do not
-end up last on one worker while the other idles. Cache entries that two groups
-need (base tarballs, disk images, root filesystems) are built once, under a
-lock (recnix_vm.cachelock).
+The suite runs on parallel workers (pytest-xdist: ``-n auto --dist loadscope`` in
+pyproject.toml, with tests/scheduling.py's groups as the scopes and its load
+budget; ``-n 0`` runs everything in one process). Cache entries that two groups
+need (base tarballs, disk images, root filesystems) are built once, under a lock
+(recnix_vm.cachelock).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
+
+# The VM harness (vm/recnix_vm, a package of its own) from the tree, also where only
+# recnix is installed (the Nix package's check phase, a root filesystem's run).
+_VM_DIR = str(Path(__file__).resolve().parents[1] / "vm")
+if _VM_DIR not in sys.path:
+    sys.path.insert(0, _VM_DIR)
+
+from tests.scheduling import group_of, longest_first, make_scheduler  # noqa: E402
 
 # Hypothesis switches to its "ci" profile when $CI is set. Under any profile
 # but "default", the settings of the parametrized property tests fall back
 # through a chain that grows with every case until it overflows the stack
 # (Hypothesis 6.170), so the suite runs with the same profile everywhere.
 settings.load_profile("default")
-
-TESTS_DIR = Path(__file__).parent
-
-# Minutes each group took on the CI machine (2 cores, TCG, warm caches): used only
-# to start the longest groups first. A group not listed counts as one minute.
-EXPECTED_MINUTES = {
-    "vm-test_remote-bookworm": 12,
-    "vm-test_remote-sid": 12,
-    "vm-test_scenarios-bookworm": 10,
-    "vm-test_service_life-bookworm": 9,
-    "vm-test_service_life-trixie": 9,
-    "vm-test_service_life-sid": 9,
-    "vm-test_lix-lix": 8,
-    "versions-trixie": 7,
-    "versions-sid": 7,
-    "versions-lix": 7,
-    "host": 7,
-    "vm-test_harness-bookworm": 6,
-    "vm-test_hook_output_discarded-bookworm": 4,
-    "vm-test_hook_output_discarded-sid": 4,
-    "vm-test_run-bookworm": 2,
-    "unit": 2,
-}
-
-
-SUITES = ("bookworm", "trixie", "sid", "lix")  # the suites a test id may name
-
-
-def group_of(nodeid: str) -> str:
-    """The group of the test ``nodeid`` (see the module docstring)."""
-    path, _, rest = nodeid.partition("::")
-    parts = Path(path).parts
-    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else "other"
-    params = rest.partition("[")[2].rstrip("]").split("-")
-    suite = next((p for p in params if p in SUITES), None)
-    if tier == "vm":
-        return f"vm-{Path(path).stem}-{suite or 'bookworm'}"
-    if tier == "versions":
-        return f"versions-{suite or 'all'}"
-    return tier
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -82,20 +41,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Order the groups longest first, keeping each group's own order (pytest has
     already ordered the items of module-scoped parametrized fixtures)."""
-    weight = {g: -EXPECTED_MINUTES.get(g, 1) for g in (group_of(i.nodeid) for i in items)}
-    items.sort(key=lambda item: weight[group_of(item.nodeid)])
+    rank = {g: i for i, g in enumerate(longest_first([group_of(i.nodeid) for i in items]))}
+    items.sort(key=lambda item: rank[group_of(item.nodeid)])
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """pytest-xdist's scope scheduling, with our groups as the scopes (taken from the
-    test ids: xdist_group marks do not reach the scheduler under pytest 9)."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class GroupScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return group_of(nodeid)
-
-    return GroupScheduling(config, log)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    return make_scheduler(config, log)
 
 
 # -- the versions tier's summary ----------------------------------------------

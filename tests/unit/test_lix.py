@@ -156,7 +156,7 @@ def test_sandbox_socket_is_placed_and_replaced_atomically(tmp_path):
 def test_sandbox_socket_directories_are_traversable_whatever_the_umask(tmp_path):
     chroot = tmp_path / "root"
     chroot.mkdir()
-    old = os.umask(0o077)  # recnix.service's unit (module/unit.toml)
+    old = os.umask(0o077)  # recnix.service's unit (recnix/unit.toml)
     try:
         sock, _ = sandboxsocket.place(chroot)
         sock.close()

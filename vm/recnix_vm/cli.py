@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import shutil
@@ -21,7 +22,7 @@ from .image import (
     build_image,
     cache_dir,
 )
-from .log import log
+from .log import held_back, hold_back, log
 from .machine import (
     DEFAULT_MEMORY_MB,
     DEFAULT_SMP,
@@ -188,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         "recnix-readonly or recursive-nix (Nix's built-in, the oracle)",
     )
     demo.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print every step of the harness (booting, commands run in the guest); "
+        "without it they are shown only when something fails",
+    )
+    demo.add_argument(
         "--discard-hook-output",
         action="store_true",
         help="run the guest's pre-build hook through a wrapper that drops its output, "
@@ -312,10 +319,16 @@ def _run_command(machine: Machine, copy_in: list[tuple[Path, str]], argv: list[s
     return rc
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .guestnix import bundle_nix_in_guest, discard_hook_output, scenario_runner
-    from .guestprep import wait_for_recnix
+NEXT_STEPS = """\
+Try next:
+  recnix-vm run                            a root shell in a fresh guest: /root/example.nix
+                                           is a recursive build ready to change and build
+  recnix-vm demo --feature recursive-nix   the same build with Nix's built-in recursive-nix
+  recnix-vm demo --suite lix               the demo on Lix 2.95 (or --suite trixie, sid)
+"""
 
+
+def _demo(args: argparse.Namespace) -> int:
     if args.remote_builder:
         from .remote_demo import demo_remote
 
@@ -327,41 +340,98 @@ def _demo(args: argparse.Namespace) -> int:
             keep=args.keep,
             state_dir=args.state_dir,
         )
+    if not args.verbose:
+        hold_back()  # the harness's own steps: shown only if something fails
+    try:
+        status = _demo_story(args)
+    except BaseException:
+        _show_held_back()
+        raise
+    if status != 0:
+        _show_held_back()
+    return status
+
+
+def _show_held_back() -> None:
+    lines = held_back()
+    if lines:
+        print("\nwhat the harness did (last 60 steps):", file=sys.stderr)
+        print("\n".join(lines[-60:]), file=sys.stderr)
+
+
+def _demo_story(args: argparse.Namespace) -> int:
+    from .guestnix import bundle_nix_in_guest, discard_hook_output, scenario_runner
+    from .guestprep import wait_for_recnix
+
+    say = functools.partial(print, flush=True)
+    with_recnix = args.feature.startswith("recnix")
+    say(
+        "recnix demo: a Nix build that calls nix-build inside its sandbox.\n\n"
+        "1. A fresh Debian guest under QEMU (its disk image is built once, then cached),\n"
+        "   with its distribution's Nix, nix-daemon under systemd, and recnix set up as\n"
+        "   `recnix setup` sets up a host: recnix.service beside nix-daemon, nix.conf's\n"
+        "   hooks pointing at recnix."
+    )
+    started = time.monotonic()
     machine = _machine(args, "demo", 1800)
     try:
         machine.start()
-        if args.feature.startswith("recnix"):
+        if with_recnix:
             wait_for_recnix(machine)
         if args.discard_hook_output:
             discard_hook_output(machine)
         version = machine.succeed("nix --version").strip().splitlines()[0]  # Lix: more lines
         suite = machine.image.suite
-        print(
-            f"guest: {'Debian trixie with Lix' if suite == 'lix' else 'Debian ' + suite}, {version}"
-        )
+        guest = "Debian trixie with Lix" if suite == "lix" else f"Debian {suite}"
+        say(f"   Up in {time.monotonic() - started:.0f} s: {guest}, {version}.\n")
         busybox, nix = bundle_nix_in_guest(machine)
         runner = scenario_runner(machine, busybox, nix)
-        with machine.nested(f"nix-build {GUEST_SCENARIOS_DIR}/inner.nix (feature {args.feature})"):
-            start = time.monotonic()
-            outcome = runner.build("inner", feature=args.feature, tag=f"demo-{time.time_ns()}")
-            elapsed = time.monotonic() - start
+        say(
+            f"2. The outer build ({GUEST_SCENARIOS_DIR}/inner.nix) requires the system feature\n"
+            f'   "{args.feature}". '
+            + (
+                "recnix's pre-build hook gives its sandbox a nix-daemon socket of its\n"
+                "   own, restricted to the build's inputs and what it adds or builds itself.\n"
+                if with_recnix
+                else "Nix's built-in recursive-nix gives its sandbox a socket.\n"
+            )
+            + "   Inside, the builder writes generated.nix and runs `nix-build generated.nix`:\n"
+            "   a nested build, whose output the outer output refers to. Building (a minute\n"
+            "   or two under TCG)..."
+        )
+        start = time.monotonic()
+        outcome = runner.build("inner", feature=args.feature, tag=f"demo-{time.time_ns()}")
+        elapsed = time.monotonic() - start
+        say("   What nix-build printed (the nested build's log is part of the outer one's):")
+        for line in outcome.stderr.strip().splitlines():
+            say(f"   | {line}")
         if not outcome.ok:
-            print(f"the outer build failed ({elapsed:.1f} s):\n{outcome.describe()}")
+            say(f"\nThe outer build failed ({elapsed:.1f} s):\n{outcome.describe()}")
             _, status, _ = machine.execute("systemctl status --no-pager -l recnix.service 2>&1")
-            print(f"recnix.service:\n{status}")
+            say(f"recnix.service:\n{status}")
             return 1
         out = outcome.out_path
-        print(f"\nouter output ({elapsed:.1f} s): {out}")
-        print(f"inner output: {runner.read(f'{out}/inner-path').strip()}")
-        print(f"inner content: {runner.read(f'{out}/inner-content').strip()}")
-        print(f"\nclosure (nix-store -qR {out}):")
+        say(
+            f"\n3. Built in {elapsed:.1f} s.\n"
+            f"   outer output:  {out}\n"
+            f"   inner output:  {runner.read(f'{out}/inner-path').strip()}\n"
+            f"   inner content: {runner.read(f'{out}/inner-content').strip()}\n"
+        )
+        say(
+            f"4. Its closure (nix-store -qR {out}): the inner output is in it, although Nix\n"
+            "   itself never saw the nested build: recnix's post-build hook registered the\n"
+            "   reference before the build counted as done."
+        )
         for path in sorted(runner.closure(out)):
-            print(f"  {path}")
-        if args.feature.startswith("recnix"):
+            say(f"   {path}")
+        if with_recnix:
             rc, tree, err = machine.execute(f"recnix tree {out}")
-            print(f"\nrecnix tree {out}:\n{tree}{err}")
+            say(f"\n5. recnix tree {out}: the builds behind it, from recnix's audit log.")
+            for line in (tree + err).rstrip().splitlines():
+                say(f"   {line}")
             if rc != 0:
                 return rc
+        say("\n" + NEXT_STEPS)
         return 0
     finally:
         _finish(machine, args.keep)

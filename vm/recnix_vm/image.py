@@ -194,7 +194,6 @@ GUEST_NIX_SETTINGS = {
 GUEST_EXTRA_EXPERIMENTAL_FEATURES = ("nix-command",)
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
-UNIT_SETTINGS_FILE = Path(__file__).resolve().parents[2] / "module" / "unit.toml"
 HOOK_SCRIPTS = tuple(
     Path(__file__).resolve().parents[2] / "bin" / name
     for name in ("recnix-pre-build-hook", "recnix-post-build-hook", "recnix-build-hook")
@@ -361,7 +360,6 @@ def image_key(base: Path, recnix_dir: Path, scenarios_dir: Path, extra: str = ""
     _hash_tree(h, "recnix", recnix_dir)
     _hash_tree(h, "scenarios", scenarios_dir)
     _hash_tree(h, "templates", TEMPLATES_DIR)
-    h.update(UNIT_SETTINGS_FILE.read_bytes())
     for hook in HOOK_SCRIPTS:
         h.update(hook.read_bytes())
     h.update(Path(__file__).read_bytes())
@@ -392,29 +390,11 @@ def render_nix_conf(lix: bool = False) -> str:
     )
 
 
-def unit_service_settings() -> list[tuple[str, str]]:
-    """The [Service] privilege and hardening settings the NixOS module uses (module/unit.toml)."""
-    import tomllib
-
-    with UNIT_SETTINGS_FILE.open("rb") as f:
-        service = tomllib.load(f)["Service"]
-    rendered = []
-    for key, value in service.items():
-        if isinstance(value, bool):
-            value = "yes" if value else "no"
-        elif isinstance(value, list):
-            value = " ".join(str(v) for v in value)
-        rendered.append((key, str(value)))
-    return rendered
-
-
 def render_recnix_unit() -> str:
-    """The guest's recnix.service: the module's hardening plus how Debian starts it."""
-    return (
-        _templates()
-        .get_template("recnix.service.j2")
-        .render(exec_start="/usr/local/bin/recnix daemon", service=unit_service_settings())
-    )
+    """The guest's recnix.service: the unit `recnix setup` installs (recnix.systemdunit)."""
+    from recnix.systemdunit import render_unit
+
+    return render_unit("/usr/local/bin/recnix daemon")
 
 
 def render_recnix_config() -> str:

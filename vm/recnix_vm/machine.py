@@ -39,7 +39,7 @@ from .log import log, nested
 ACCEL_ENV = "RECNIX_VM_ACCEL"
 DEFAULT_MEMORY_MB = 2048
 DEFAULT_SMP = 2
-DEFAULT_BOOT_TIMEOUT = 240.0
+DEFAULT_BOOT_TIMEOUT = 600.0  # TCG, and other guests booting beside it
 DEFAULT_COMMAND_TIMEOUT = 900.0
 KVM_PROBE_TIMEOUT = 20.0
 # The user-mode NIC (SSH from the host); the guest's networkd matches it by this.

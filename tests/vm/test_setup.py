@@ -1,0 +1,118 @@
+"""`recnix setup` for real, in a bookworm guest (Nix 2.8, systemd) taken back to what a
+Debian host has before recnix: Debian's nix.conf (with a few site lines), no recnix
+unit, no nix-daemon drop-in, recnix installed but not set up.
+
+setup → doctor all ok → the README's example builds with its inner output in the
+closure → setup again changes nothing → setup --undo → every file as before (by
+hash) and recnix's unit gone.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+
+import pytest
+from recnix_vm.machine import Machine
+
+from tests.host.test_readme import readme_block
+from tests.vm.guest import boot
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.parametrize("vm_suite", ["bookworm"], indirect=True, scope="module"),
+]
+
+# Debian 12's /etc/nix/nix.conf (nix-setup-systemd's conffile), then lines a site adds.
+DEBIAN_NIX_CONF = """\
+# see https://nixos.org/nix/manual/#sec-conf-file
+
+# So far the sandbox feature does not seem to work on Debian:
+# https://github.com/NixOS/nixpkgs/pull/47794#issuecomment-429575989
+sandbox = false
+build-users-group = nixbld
+substituters =
+"""
+# Every file setup may touch, and the unit it starts.
+TOUCHED = (
+    "/etc/nix/nix.conf",
+    "/etc/nix/recnix.conf",
+    "/etc/recnix/hooks.env",
+    "/etc/systemd/system/nix-daemon.service.d/recnix.conf",
+    "/etc/systemd/system/recnix.service",
+)
+
+
+def fingerprint(machine: Machine) -> str:
+    """sha256 and mode of each file setup may touch ("absent" where there is none)."""
+    lines = [
+        f"{p}: " + machine.succeed(
+            f"if [ -e {p} ]; then sha256sum < {p} | cut -d' ' -f1; stat -c %a {p}; "
+            "else echo absent; fi"
+        ).replace("\n", " ").strip()
+        for p in TOUCHED
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def debian_host(module_machine_factory) -> Iterator[tuple[Machine, str, str]]:
+    """The guest, recnix's setup taken away; yields (machine, busybox, nix bundle)."""
+    machine = module_machine_factory("setup")
+    busybox, nix = boot(machine)
+    machine.succeed(
+        "systemctl disable --now recnix.service && rm /etc/systemd/system/recnix.service "
+        "&& rm -rf /etc/systemd/system/nix-daemon.service.d /etc/recnix/hooks.env "
+        f"&& printf %s {shlex.quote(DEBIAN_NIX_CONF)} > /etc/nix/nix.conf "
+        "&& chmod 644 /etc/nix/nix.conf "
+        "&& systemctl daemon-reload && systemctl restart nix-daemon.service"
+    )
+    yield machine, busybox, nix
+
+
+def test_setup_doctor_example_again_and_undo(debian_host) -> None:
+    machine, busybox, nix = debian_host
+    before = fingerprint(machine)
+    assert "recnix.service: absent" not in before  # (sanity: the format)
+    rc, out, err = machine.execute("recnix setup 2>&1", timeout=900)
+    assert rc == 0, out + err
+    assert "wrote /etc/nix/recnix.conf" in out
+    assert "sets sandbox = false (Debian's nix.conf does)" in out
+    assert "recnix doctor: everything a recursive build needs is in place" in out, out
+    assert "FAIL" not in out, out
+    machine.succeed("systemctl is-active recnix.service && systemctl is-enabled recnix.service")
+
+    example = readme_block("# outer.nix")
+    command = example.splitlines()[0].split("—", 1)[1].strip()
+    machine.succeed(
+        f"mkdir -p /root/readme && printf %s {shlex.quote(example)} > /root/readme/outer.nix"
+    )
+    result = machine.succeed(
+        f"cd /root/readme && nix={nix} bb={busybox} NIX_REMOTE=daemon {command} 2>&1 "
+        "&& NIX_REMOTE=daemon nix-store -qR result",
+        timeout=900,
+    )
+    assert any(line.endswith("-inner") for line in result.splitlines()), result
+
+    again = machine.succeed("recnix setup --no-build 2>&1")
+    assert "nothing to change" in again and "wrote" not in again, again
+
+    undone = machine.succeed("recnix setup --undo 2>&1")
+    assert "restored /etc/nix/nix.conf" in undone, undone
+    assert fingerprint(machine) == before
+    rc, _, _ = machine.execute("systemctl is-enabled recnix.service")
+    assert rc != 0, "recnix.service is still enabled after --undo"
+    machine.fail("systemctl is-active recnix.service")
+
+
+def test_refused_on_a_nix_conf_with_a_foreign_pre_build_hook(debian_host) -> None:
+    machine, _, _ = debian_host
+    original = machine.succeed("cat /etc/nix/nix.conf")
+    machine.succeed("echo 'pre-build-hook = /opt/site-hook' >> /etc/nix/nix.conf")
+    try:
+        rc, out, err = machine.execute("recnix setup")
+        assert rc == 1, out + err
+        assert '[hooks] pre-build = ["/opt/site-hook"]' in err, err
+        machine.fail("test -e /etc/nix/recnix.conf")
+    finally:
+        machine.succeed(f"printf %s {shlex.quote(original)} > /etc/nix/nix.conf")
