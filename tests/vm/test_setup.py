@@ -73,7 +73,8 @@ def debian_host(module_machine_factory) -> Iterator[tuple[Machine, str, str]]:
 def test_setup_doctor_example_again_and_undo(debian_host) -> None:
     machine, busybox, nix = debian_host
     before = fingerprint(machine)
-    assert "recnix.service: absent" not in before  # (sanity: the format)
+    assert "/etc/systemd/system/recnix.service: absent" in before  # taken away above
+    assert "/etc/nix/nix.conf: absent" not in before
     rc, out, err = machine.execute("recnix setup 2>&1", timeout=900)
     assert rc == 0, out + err
     assert "wrote /etc/nix/recnix.conf" in out
@@ -88,7 +89,7 @@ def test_setup_doctor_example_again_and_undo(debian_host) -> None:
         f"mkdir -p /root/readme && printf %s {shlex.quote(example)} > /root/readme/outer.nix"
     )
     result = machine.succeed(
-        f"cd /root/readme && nix={nix} bb={busybox} NIX_REMOTE=daemon {command} 2>&1 "
+        f"cd /root/readme && export nix={nix} bb={busybox} NIX_REMOTE=daemon && {command} 2>&1 "
         "&& NIX_REMOTE=daemon nix-store -qR result",
         timeout=900,
     )
