@@ -64,7 +64,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _inner_runs:
-        terminalreporter.section("unit and host tiers per Nix version")
+        terminalreporter.section("the tiers per Nix version")
         for lines in _inner_runs:
             for line in lines:
                 terminalreporter.write_line(line)

@@ -1,7 +1,9 @@
-"""What only a whole machine shows, on every suite's guest (bookworm: Nix 2.8, trixie:
-2.26, sid: 2.34): recnix's systemd unit restarted between builds and mid-build,
-its config changed, the service killed mid-build, a reboot, a hard reset during a
-nested build. One guest per suite; the reboot and the hard reset come last, in it.
+"""What only a whole machine shows, on the oldest and the newest Debian guest
+(bookworm: Nix 2.8, sid: 2.34): recnix's systemd unit restarted between builds and
+mid-build, its config changed, the service killed mid-build, a reboot, a hard reset
+during a nested build. One guest per suite; the reboot and the hard reset come
+last, in it. (Nix 2.26 runs the service's restarts natively in the versions tier,
+and trixie's systemd runs them in the Lix guest: tests/vm/test_lix.py.)
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from recnix_vm.image import SUITES
 from recnix_vm.machine import Machine
 
 from tests.scenarios import checks
@@ -30,7 +31,7 @@ from tests.vm.guest import (
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.parametrize("vm_suite", list(SUITES), indirect=True, scope="module"),
+    pytest.mark.parametrize("vm_suite", ["bookworm", "sid"], indirect=True, scope="module"),
 ]
 
 
