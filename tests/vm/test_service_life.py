@@ -3,7 +3,7 @@
 mid-build, its config changed, the service killed mid-build, a reboot, a hard reset
 during a nested build. One guest per suite; the reboot and the hard reset come
 last, in it. (Nix 2.26 runs the service's restarts natively in the versions tier,
-and trixie's systemd runs them in the Lix guest: tests/vm/test_lix.py.)
+and the Lix guest, on trixie's systemd, restarts recnix mid-build: test_lix.py.)
 """
 
 from __future__ import annotations
