@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
-# pip builds the wheel; a root filesystem of the versions tier has no pip (and the
-# wheel does not depend on the Nix version): there this module is skipped, saying so.
-pytest.importorskip("pip", reason="no pip for this Python: the wheel is built where pip is")
-
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = ("recnix-pre-build-hook", "recnix-post-build-hook", "recnix-build-hook")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # pip builds the wheel; a root filesystem of the versions tier has no pip (and the
+    # wheel does not depend on the Nix version): there these tests skip, saying so.
+    pytest.importorskip("pip", reason="no pip for this Python: the wheel is built where pip is")
     out = tmp_path_factory.mktemp("wheel")
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)],
