@@ -418,9 +418,10 @@ def _demo_story(args: argparse.Namespace) -> int:
             f"   inner content: {runner.read(f'{out}/inner-content').strip()}\n"
         )
         say(
-            f"4. Its closure (nix-store -qR {out}): the inner output is in it, although Nix\n"
-            "   itself never saw the nested build: recnix's post-build hook registered the\n"
-            "   reference before the build counted as done."
+            f"4. Its closure (nix-store -qR {out}):\n"
+            "   the inner output is in it. Nix looks in an output only for the paths the build\n"
+            "   had as inputs, and the inner output was not one of them: recnix's post-build\n"
+            "   hook registered the reference before the build counted as done."
         )
         for path in sorted(runner.closure(out)):
             say(f"   {path}")
