@@ -46,12 +46,15 @@ def load_defaults() -> dict[str, Any]:
 _TYPE_WORDS = {bool: "true or false", int: "an integer", str: "a string", list: "a list"}
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML literal."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value + '"'
-    return repr(value)
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[str, Any]:
@@ -76,7 +79,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[s
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ConfigError(
                     f"'{where}{key}' must be {_TYPE_WORDS.get(expected, expected.__name__)}, "
-                    f"not {_toml_value(value)} (e.g. {key} = {_toml_value(base[key])})"
+                    f"not {toml_value(value)} (e.g. {key} = {toml_value(base[key])})"
                 )
             merged[key] = value
     return merged

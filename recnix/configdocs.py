@@ -8,7 +8,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from recnix.config import load_keys
+from recnix.config import load_keys, toml_value
 
 DAEMON_HELP_HEAD = """\
 Run the recnix service: a root-only control socket for the hooks and one
@@ -30,17 +30,6 @@ SECTION_NOTES = {
     "nix": "nix.conf settings a host needs for recnix (hook paths are added by whoever "
     "renders them: `recnix nix-conf`, `recnix setup`, the NixOS module, the VM images).",
 }
-
-
-def toml_value(value: Any) -> str:
-    """``value`` as a TOML literal."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return str(value)
 
 
 def plain(doc: str) -> str:
