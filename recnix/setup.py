@@ -123,7 +123,9 @@ def parse_nix_conf(text: str, where: str = NIX_CONF) -> dict[str, str]:
 
 def plan(host: Host, nix_conf: str) -> Plan:
     """What setup writes and runs on ``host`` whose nix.conf reads ``nix_conf``."""
-    _refuse_unsafe(host, nix_conf)
+    _refuse_host(host)
+    settings = parse_nix_conf(nix_conf)
+    _refuse_settings(host, settings)
     assert host.nix is not None
     lix = host.nix.is_lix
     build_hook = None if lix else host.hooks["recnix-build-hook"]
@@ -164,7 +166,7 @@ def plan(host: Host, nix_conf: str) -> Plan:
         FileChange(RECNIX_UNIT, render_unit(f"{host.recnix} daemon"), "the recnix service"),
     ]
     notes = []
-    sandbox = parse_nix_conf(nix_conf).get("sandbox", "true")
+    sandbox = settings.get("sandbox", "true")
     if sandbox != "true":
         notes.append(
             f"{NIX_CONF} sets sandbox = {sandbox} (Debian's nix.conf does); {RECNIX_NIX_CONF} "
@@ -200,7 +202,7 @@ def _append(nix_conf: str) -> str:
     return f"{nix_conf}{sep}{MARK}\n{INCLUDE_LINE}\n"
 
 
-def _refuse_unsafe(host: Host, nix_conf: str) -> None:
+def _refuse_host(host: Host) -> None:
     if host.nixos:
         raise SetupRefused(
             "this is NixOS: use the NixOS module instead (imports = "
@@ -214,7 +216,9 @@ def _refuse_unsafe(host: Host, nix_conf: str) -> None:
             f"Nix {host.nix.version} is older than 2.8, the oldest recnix supports; "
             "upgrade Nix first"
         )
-    settings = parse_nix_conf(nix_conf)
+
+
+def _refuse_settings(host: Host, settings: dict[str, str]) -> None:
     off = _daemon_sandbox_off((host.daemon_exec_start or [])[1:])
     if off:
         raise SetupRefused(
@@ -336,21 +340,25 @@ def read_record(root: Path) -> dict[str, dict]:
         return {}
 
 
+def _replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Make ``path`` hold ``data`` with ``mode``, all at once (a partial file renamed over
+    it): a crash leaves the old file or the new one, never half of either."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.recnix-setup")
+    partial.write_bytes(data)
+    os.chmod(partial, mode)
+    partial.replace(path)
+
+
 def _write_record(root: Path, files: dict[str, dict]) -> None:
     path = _record_path(root)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
-    os.chmod(partial, 0o600)
-    partial.replace(path)
+    text = json.dumps({"files": files}, indent=1, sort_keys=True) + "\n"
+    _replace_file(path, text.encode(), 0o600)
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.recnix-setup")
-    partial.write_text(text)
-    os.chmod(partial, mode)
-    partial.replace(path)
+    _replace_file(path, text.encode(), mode)
 
 
 def apply(
@@ -413,12 +421,7 @@ def undo(root: Path, run: Run = run_command, out: Callable[[str], None] = print)
         if current is not None and wrote and hashlib.sha256(current).hexdigest() != wrote:
             out(f"recnix setup --undo: {host_path} changed since setup wrote it; restoring anyway")
         if original["existed"]:
-            data = base64.b64decode(original["data"])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.recnix-setup")
-            partial.write_bytes(data)
-            os.chmod(partial, original["mode"])
-            partial.replace(path)
+            _replace_file(path, base64.b64decode(original["data"]), original["mode"])
         else:
             path.unlink(missing_ok=True)
             _remove_empty_parents(path.parent, root)
