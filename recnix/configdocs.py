@@ -1,11 +1,14 @@
 """What the key declarations (``config-keys.toml``) are rendered into: ``recnix daemon
 --help``, ``defaults.toml`` (the defaults, commented, in a site config file's layout)
-and the README's table. ``scripts/gen-config.py`` writes the files; a unit test
+and the README's table. ``scripts/gen-config.py`` writes the files (and
+``scripts/gen-nixos-options.py`` its table) with ``update_files``; a unit test
 fails when one is stale."""
 
 from __future__ import annotations
 
+import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 from recnix.config import load_keys, toml_value
@@ -108,3 +111,22 @@ def replace_block(text: str, begin: str, end: str, content: str) -> str:
     start = text.index(begin) + len(begin)
     stop = text.index(end, start)
     return text[:start] + "\n" + content + text[stop:]
+
+
+def update_files(files: dict[Path, str], check: bool, tool: str, repo: Path) -> int:
+    """Write each of ``files`` (path -> the text it must have) that differs, or with
+    ``check`` write nothing and return 1 if one differs (naming it and ``tool``, the
+    script that writes them); 0 when all are current."""
+    stale = []
+    for path, text in files.items():
+        if path.read_text() == text:
+            continue
+        if check:
+            stale.append(str(path.relative_to(repo)))
+        else:
+            path.write_text(text)
+            print(f"{tool}: updated {path.relative_to(repo)}")
+    if stale:
+        print(f"{tool}: stale: {', '.join(stale)}; run scripts/{tool}.py", file=sys.stderr)
+        return 1
+    return 0

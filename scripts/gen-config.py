@@ -40,19 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if a file is stale")
     args = parser.parse_args(argv)
-    stale = []
-    for path, text in generated().items():
-        if path.read_text() == text:
-            continue
-        if args.check:
-            stale.append(str(path.relative_to(REPO)))
-        else:
-            path.write_text(text)
-            print(f"gen-config: updated {path.relative_to(REPO)}")
-    if stale:
-        print(f"gen-config: stale: {', '.join(stale)}; run scripts/gen-config.py", file=sys.stderr)
-        return 1
-    return 0
+    return configdocs.update_files(generated(), args.check, "gen-config", REPO)
 
 
 if __name__ == "__main__":

@@ -94,25 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gen-nixos-options: no {BEGIN} ... {END} block in {names}", file=sys.stderr)
         return 2
     table = render_table(option_docs(args.lib))
-    stale = []
-    for target in targets:
-        old = target.read_text()
-        new = configdocs.replace_block(old, BEGIN, END, table)
-        if new == old:
-            continue
-        if args.check:
-            stale.append(str(target.relative_to(REPO)))
-        else:
-            target.write_text(new)
-            print(f"gen-nixos-options: updated {target.relative_to(REPO)}")
-    if stale:
-        print(
-            f"gen-nixos-options: options table stale in {', '.join(stale)}; "
-            "run scripts/gen-nixos-options.py",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    files = {t: configdocs.replace_block(t.read_text(), BEGIN, END, table) for t in targets}
+    return configdocs.update_files(files, args.check, "gen-nixos-options", REPO)
 
 
 if __name__ == "__main__":
