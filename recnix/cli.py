@@ -33,6 +33,8 @@ post-build hook of someone else's, or with Nix older than 2.8. A nix.conf
 systemd it prints the steps and exits 1.
 """
 
+DOCTOR_BUILD_TIMEOUT = 600.0  # seconds `recnix doctor` (and setup's run of it) gives its build
+
 CONTROL_SOCKET_HELP = (
     "talk to the service at PATH without reading the configuration (then no further "
     "hooks are chained); the hook scripts pass it when they found it in the config file"
@@ -244,7 +246,7 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     print("recnix setup: recnix doctor says:")
     doctor_args = argparse.Namespace(
         config=args.config, json=False, no_build=args.no_build, nix=None, busybox=None,
-        timeout=600.0,
+        timeout=DOCTOR_BUILD_TIMEOUT,
     )  # fmt: skip
     return _cmd_doctor(doctor_args)
 
@@ -483,7 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nix", metavar="STORE-PATH", help="Nix for the test build (bin/nix-store)")
     p.add_argument("--busybox", metavar="STORE-PATH", help="busybox for the test build (bin/sh)")
     p.add_argument(
-        "--timeout", type=float, default=600.0, metavar="SECONDS", help="test build limit"
+        "--timeout",
+        type=float,
+        default=DOCTOR_BUILD_TIMEOUT,
+        metavar="SECONDS",
+        help="test build limit",
     )
     p.add_argument("--config", help="configuration file (TOML)", default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_doctor)
