@@ -318,6 +318,8 @@ def _follow(proc: subprocess.Popen[str], log_path: Path) -> None:
 def ensure_ssh_key(cache: Path) -> Path:
     """The per-cache-dir SSH key for root in the guests (generated once)."""
     key = cache / "ssh" / "id_ed25519"
+    if key.exists():  # as build_base: no lock once it is made
+        return key
     with cache_lock(cache, "ssh-key"):
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
