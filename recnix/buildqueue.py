@@ -261,7 +261,7 @@ def mark_plain(marks_dir: str, drv_path: str) -> None:
     """Tell the pre-build hook that ``drv_path`` does not require recnix (a file
     ``<marks>/<drv name>.plain``), so that it need not read the ``.drv`` (a system call
     per byte in sh). Only a hint: without it the hook reads the ``.drv``. The service
-    sweeps old ones (Service._sweep_plain_marks)."""
+    sweeps old ones (Admission.sweep_plain_marks)."""
     try:
         fd = os.open(
             f"{marks_dir}/{drv_path.rpartition('/')[2]}{PLAIN_SUFFIX}",

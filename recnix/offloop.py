@@ -15,6 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from recnix.derivation import Derivation, DerivationError, read_derivation
+
 T = TypeVar("T")
 
 WORKERS = 8
@@ -38,3 +40,14 @@ async def off_loop(fn: Callable[..., T], *args: object, timeout: float, what: st
         return await asyncio.wait_for(future, timeout)
     except TimeoutError:
         raise OffLoopTimeout(f"{what} took longer than {timeout:.0f} s") from None
+
+
+async def read_build_derivation(drv_path: str) -> Derivation:
+    """``read_derivation`` off the event loop: a nested build's .drv is the build's text,
+    of any size (DerivationError also when it takes longer than DRV_TIMEOUT)."""
+    try:
+        return await off_loop(
+            read_derivation, drv_path, timeout=DRV_TIMEOUT, what=f"reading {drv_path}"
+        )
+    except OffLoopTimeout as e:
+        raise DerivationError(str(e)) from None

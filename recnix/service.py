@@ -1,178 +1,58 @@
-"""The recnix daemon: control socket for the hooks, one session per opted-in build.
+"""The recnix daemon: wiring. Serves the control socket for the hooks and opens one
+session per opted-in build.
 
-Control requests (see ``recnix.control``): ``open`` (pre-build hook), ``finalise``
-(post-build hook), ``status``. A watcher ends sessions whose build died. Sessions
-are journaled (``recnix.journal``), so a restarted service resumes those of builds
-that still run.
+Each concern lives in its own module; the service holds the sessions and passes
+each build's data one way through them:
+
+- ``recnix.controlserver`` decodes control requests; ``CONTROL_OPS`` below says which
+  method serves each op: ``open`` (pre-build hook), ``admit``/``unadmit`` (build hook),
+  ``finalise`` (post-build hook), ``guard`` (remote builds), ``status``;
+- ``recnix.admission`` holds the ``daemon.max-sessions`` slots;
+- ``recnix.session`` serves one build's clients; ``recnix.chroot`` puts its socket
+  into the build's chroot;
+- ``recnix.finalisation`` registers the outputs' references (or invalidates them);
+- ``recnix.watcher`` looks at the builds and says which sessions end;
+- ``recnix.upstreampool`` connects to the real nix-daemon.
+
+Sessions are journaled (``recnix.journal``), so a restarted service resumes those of
+builds that still run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
-import resource
 import secrets
 import shutil
 import signal
-import socket
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from recnix import control, sandboxsocket
+from recnix import sandboxsocket
+from recnix.admission import PLAIN_MARK_TTL, Admission, OpenRefused
 from recnix.audit import AuditLog
-from recnix.buildqueue import PLAIN_SUFFIX
+from recnix.chroot import ChrootSockets, write_sandbox_nix_conf
 from recnix.config import Config, hook_marks_dir
-from recnix.derivation import Derivation, DerivationError, read_derivation
+from recnix.controlserver import ControlServer
+from recnix.daemonenv import notify_systemd, raise_fd_limit
+from recnix.derivation import DerivationError
+from recnix.finalisation import Finaliser
 from recnix.gcroots import sweep
-from recnix.invalidate import InvalidateError, invalidate_paths, invalidated_message
 from recnix.journal import SessionRecord, journals, replay
 from recnix.nixsettings import build_users, fsync_paths, nix_settings, session_bound
-from recnix.offloop import DRV_TIMEOUT, PROC_TIMEOUT, OffLoopTimeout, off_loop
+from recnix.offloop import read_build_derivation
 from recnix.policy import Limits, opt_in_mode
-from recnix.protocol import PathInfo
-from recnix.register import FinaliseError, StoreQueries, finalise_outputs, outputs_of
+from recnix.register import FinaliseError
 from recnix.remote import Guards, take_remote_mark
-from recnix.sandboxproc import SandboxProcess, kill_sandbox
-from recnix.session import ClientProtocol, ResumeError, Session, SessionContext, SessionState
-from recnix.upstream import Upstream, UpstreamError
+from recnix.session import ResumeError, Session, SessionContext, SessionState
+from recnix.upstream import UpstreamError
+from recnix.upstreampool import UpstreamPool
+from recnix.watcher import WATCH_INTERVAL, Action, Watcher
 
 log = logging.getLogger("recnix.service")
-
-WATCH_INTERVAL = 1.0
-CHROOT_GRACE = 3600.0  # seconds a chroot without builder may stay (output registration)
-# seconds a slot reserved by `admit` waits for its build's pre-build hook (Nix takes a
-# build user and sets up the sandbox in between; longer if it waits for a build user)
-RESERVATION_TTL = 300.0
-# The build hook's <drv>.plain hints to the pre-build hook (recnix.buildqueue) are
-# swept this many seconds after they were made (a pre-build hook without one reads
-# the .drv instead).
-PLAIN_MARK_TTL = 600.0
-
-
-FAILURES_KEPT = 50  # builds recnix failed itself, kept for `recnix status`
-
-FD_LIMIT_WANTED = 1 << 16
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft open-files limit towards the hard one (sessions hold many sockets)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_WANTED)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as e:
-            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, e)
-
-
-def notify_systemd(message: bytes) -> None:
-    """sd_notify: tell systemd (Type=notify units) about our state; no-op without it."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message, address)
-    except OSError as e:
-        log.warning("cannot notify systemd at %s: %s", address, e)
-
-
-# Written into the sandbox so `nix` (new CLI) works there and never tries the
-# network (Nix issues #3275, #8698).
-SANDBOX_NIX_CONF = """\
-# written by recnix for the Nix client inside this build
-experimental-features = nix-command
-substituters =
-"""
-
-
-QUERY_TIMEOUT = 120.0  # seconds for one path-info query during finalisation
-# Fresh daemon connections kept ready: every session's keeper and each of
-# finalisation's path-info queries needs one (see Service.fresh_upstream).
-SPARE_UPSTREAMS = 2
-
-
-class DaemonQueries(StoreQueries):
-    """Finalisation's store queries over the worker protocol, each on a fresh connection.
-
-    Cheaper than a `nix` process per query; a fresh connection means a fresh daemon
-    worker, whose cache cannot predate a re-registration. Called from the executor
-    thread that runs ``finalise_outputs``; the queries run on the service's loop.
-    """
-
-    def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
-        self.service = service
-        self.loop = loop
-
-    async def _query(self, path: str) -> PathInfo:
-        try:
-            upstream = await self.service.fresh_upstream()
-            try:
-                info = await upstream.query_path_info(path)
-            finally:
-                await upstream.close()
-        except (UpstreamError, OSError) as e:
-            raise FinaliseError(f"cannot query the path info of {path}: {e}") from None
-        if info is None:
-            raise FinaliseError(f"{path} is not valid")
-        return info
-
-    def _info(self, path: str) -> PathInfo:
-        future = asyncio.run_coroutine_threadsafe(self._query(path), self.loop)
-        try:
-            return future.result(QUERY_TIMEOUT)
-        except TimeoutError:
-            future.cancel()
-            raise FinaliseError(
-                f"the nix-daemon did not answer a path-info query for {path} "
-                f"within {QUERY_TIMEOUT:.0f} s"
-            ) from None
-
-    def path_info(self, path: str) -> dict:
-        info = self._info(path)
-        return {
-            "narHash": f"sha256:{info.nar_hash}",
-            "narSize": info.nar_size,
-            "references": list(info.references),
-            "deriver": info.deriver or "",
-        }
-
-    def references(self, path: str) -> set[str]:
-        return set(self._info(path).references)
-
-
-async def read_build_derivation(drv_path: str) -> Derivation:
-    """``read_derivation`` off the event loop: a nested build's .drv is the build's text,
-    of any size (DerivationError also when it takes longer than offloop.DRV_TIMEOUT)."""
-    try:
-        return await off_loop(
-            read_derivation, drv_path, timeout=DRV_TIMEOUT, what=f"reading {drv_path}"
-        )
-    except OffLoopTimeout as e:
-        raise DerivationError(str(e)) from None
-
-
-class OpenRefused(Exception):
-    """A session cannot be opened (the message goes to the build's log)."""
-
-
-def write_sandbox_nix_conf(chroot: Path) -> None:
-    """Give the sandbox an /etc/nix/nix.conf for the Nix inside, unless Nix put one there."""
-    conf_dir = chroot / "etc" / "nix"
-    conf = conf_dir / "nix.conf"
-    if conf.exists() or conf.is_symlink():
-        return
-    conf_dir.mkdir(parents=True, exist_ok=True)
-    conf.write_text(SANDBOX_NIX_CONF)
-    conf.chmod(0o444)
-
 
 # The control socket's ops: op -> the Service method that serves it (a request is one
 # JSON line, recnix.control; docs/architecture.md lists the fields).
@@ -184,6 +64,8 @@ CONTROL_OPS = {
     "guard": "_op_guard",  # recnix.remote: a build whose .drv is not in this store
     "status": "_op_status",  # `recnix status`
 }
+# What a control request's handler may answer with instead of a reply.
+REFUSALS = (OpenRefused, FinaliseError, UpstreamError)
 
 
 class Service:
@@ -194,90 +76,54 @@ class Service:
         self.state_dir = config.state_dir
         self.gc_roots_dir = Path(config["daemon"]["gc-roots-dir"])
         self.sessions: dict[str, Session] = {}
-        self.opened_at: dict[str, float] = {}  # sid -> when this service opened/resumed it
-        self.failures: list[dict[str, Any]] = []  # builds recnix failed itself (newest last)
         audit_path = config["daemon"]["audit-log"]
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
         settings = nix_settings()
-        self.max_sessions, bound_reason = session_bound(
+        max_sessions, bound_reason = session_bound(
             config["daemon"]["max-sessions"], build_users(settings)
         )
-        # Sessions fsync what they add or build before the build sees it.
-        self.fsync_paths = fsync_paths(config["daemon"]["fsync-paths"], settings)
-        # seconds a finished build's session waits for the post-build hook
-        self.finalise_grace = float(config["daemon"]["finalise-grace"])
         if bound_reason:
             log.warning("%s", bound_reason)
+        self.marks_dir = hook_marks_dir(config.raw)
+        self.admission = Admission(max_sessions, self.marks_dir)
+        self.pool = UpstreamPool(config["daemon"]["upstream"])
+        self.finaliser = Finaliser(
+            self.pool, self.audit, list(config["signing"]["secret-key-files"])
+        )
+        self.watcher = Watcher(float(config["daemon"]["finalise-grace"]))
+        self.chroot_sockets = ChrootSockets()
+        self.guards = Guards(self.state_dir, self.audit)  # builds without a .drv here
+        self.control = ControlServer(
+            {op: getattr(self, method) for op, method in CONTROL_OPS.items()}, REFUSALS
+        )
+        self._stopping = asyncio.Event()
+        self._finalising: dict[str, asyncio.Future[list[str]]] = {}  # sid -> its finalisation
         # Nested builds that open no session may skip nix.conf's hooks, unless
         # recnix chains further hooks (which must see every build).
         hooks = config["hooks"]
-        self.hooks_optional = bool(
-            config.policy["nested-builds-skip-hooks"]
-            and not hooks["pre-build"]
-            and not hooks["post-build"]
-        )
-        self._slots = asyncio.Semaphore(self.max_sessions)
-        self._waiting = 0
-        # drv path -> when the slot reserved for it by `admit` goes back (monotonic)
-        self._reserved: dict[str, float] = {}
-        self._server: asyncio.base_events.Server | None = None
-        self._stopping = asyncio.Event()
-        self._spares: list[Upstream] = []
-        self._filling: asyncio.Task | None = None
-        # sid -> (server, inode) of each session's socket inside its chroot
-        self._sandbox_sockets: dict[str, tuple[asyncio.base_events.Server, int]] = {}
-        self.guards = Guards(self.state_dir, self.audit)  # builds without a .drv here
-        self._finalising: dict[str, asyncio.Future[list[str]]] = {}  # sid -> its finalisation
         self.session_context = SessionContext(
             state_dir=self.state_dir,
             gc_roots_dir=self.gc_roots_dir,
             audit=self.audit,
-            fsync_paths=self.fsync_paths,
-            hooks_optional=self.hooks_optional,
-            fresh_upstream=self.fresh_upstream,
-            connect_upstream=self.connect_upstream,
+            # sessions fsync what they add or build before the build sees it
+            fsync_paths=fsync_paths(config["daemon"]["fsync-paths"], settings),
+            hooks_optional=bool(
+                config.policy["nested-builds-skip-hooks"]
+                and not hooks["pre-build"]
+                and not hooks["post-build"]
+            ),
+            fresh_upstream=self.pool.fresh,
+            connect_upstream=self.pool.connect,
         )
-
-    # -- upstream
-
-    async def connect_upstream(self, hooks: bool = True) -> Upstream:
-        """A new connection to the real nix-daemon, as configured; ``hooks=False``:
-        builds on it skip nix.conf's pre- and post-build hooks."""
-        return await Upstream.connect(self.config["daemon"]["upstream"], hooks=hooks)
-
-    async def fresh_upstream(self) -> Upstream:
-        """A connection whose daemon worker has answered nothing yet, so it holds no
-        cached path info from before a re-registration.
-
-        Taken from the spares kept ready (saving a daemon fork and handshake on
-        the critical path of opening and finalising a session), else made now.
-        """
-        up = None
-        while self._spares and up is None:
-            spare = self._spares.pop(0)
-            if spare.reusable:
-                up = spare
-            else:
-                await spare.close()
-        if self._filling is None or self._filling.done():
-            self._filling = asyncio.ensure_future(self._fill_spares())
-        return up or await self.connect_upstream()
-
-    async def _fill_spares(self) -> None:
-        while len(self._spares) < SPARE_UPSTREAMS and not self._stopping.is_set():
-            try:
-                self._spares.append(await self.connect_upstream())
-            except (UpstreamError, OSError) as e:
-                log.debug("cannot open a spare nix-daemon connection: %s", e)
-                return
 
     # -- lifecycle
 
     async def run(self) -> None:
         """Resume journaled sessions, serve until SIGTERM/SIGINT, then detach from the
         sessions (the next run resumes those whose build still runs)."""
-        self._prepare_dirs()
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
         raise_fd_limit()
         await self._resume_sessions()
         self._remove_stale_dirs()
@@ -290,7 +136,7 @@ class Service:
             control_path.unlink()
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._control, path=str(control_path))
+            server = await asyncio.start_unix_server(self.control.serve, path=str(control_path))
         finally:
             os.umask(old_umask)
         os.chmod(control_path, 0o600)
@@ -301,9 +147,9 @@ class Service:
             "recnix service listening on %s (upstream %s, max %d concurrent sessions, "
             "fsync of session paths %s)",
             control_path,
-            self.config["daemon"]["upstream"],
-            self.max_sessions,
-            "on" if self.fsync_paths else "off",
+            self.pool.address,
+            self.admission.max_sessions,
+            "on" if self.session_context.fsync_paths else "off",
         )
         notify_systemd(b"READY=1")
         watcher = asyncio.ensure_future(self._watch())
@@ -311,16 +157,13 @@ class Service:
             await self._stopping.wait()
         finally:
             watcher.cancel()
-            self._server.close()
-            if self._filling is not None:
-                self._filling.cancel()
-            for spare in self._spares:
-                await spare.close()
+            server.close()
+            await self.pool.close()
             await self.guards.close()
             # Running builds keep their sessions: the next run of the service resumes them.
             for session in list(self.sessions.values()):
                 await session.detach()
-                self._drop_sandbox_socket(session, unlink=False)
+                self.chroot_sockets.drop(session, unlink=False)
             if control_path.exists():
                 control_path.unlink()
             log.info("recnix service stopped")
@@ -328,10 +171,6 @@ class Service:
     def stop(self) -> None:
         """Ask :meth:`run` to return."""
         self._stopping.set()
-
-    def _prepare_dirs(self) -> None:
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
 
     def _remove_stale_dirs(self) -> None:
         """Socket directories of a previous run that no resumed session owns."""
@@ -362,7 +201,7 @@ class Service:
         if record.finalising:
             # The hook that asked got no answer and invalidates the outputs itself; make
             # sure of it (never finish here: that could race with the hook's invalidation).
-            error = await self._invalidate(
+            error = await self.finaliser.invalidate(
                 record.drv_path,
                 [],
                 "the recnix service stopped while finalising it",
@@ -371,7 +210,7 @@ class Service:
             )
             return str(error)
         if not chroot.is_dir():
-            return await self._finish_ended(record)
+            return await self.finaliser.finish_ended(record)
         try:
             drv = await read_build_derivation(record.drv_path)
         except (OSError, DerivationError) as e:
@@ -390,18 +229,14 @@ class Service:
         )
         try:
             await session.resume(record)
-            await self._place_sandbox_socket(session)
+            await self.chroot_sockets.place(session)
         except (ResumeError, UpstreamError, OSError, sandboxsocket.PlacementError) as e:
-            self._drop_sandbox_socket(session)
+            self.chroot_sockets.drop(session)
             await session.close("not resumed")
             return str(e)
-        if session.holds_slot:
-            if self._slots.locked():  # daemon.max-sessions was lowered meanwhile
-                session.holds_slot = False
-            else:
-                await self._slots.acquire()
-        self.sessions[record.sid] = session
-        self.opened_at[record.sid] = time.time()
+        if session.holds_slot:  # none left if daemon.max-sessions was lowered meanwhile
+            session.holds_slot = await self.admission.take_for_resume()
+        self._add(session)
         if session.added:
             session.start_registrar()
         self.audit.write("resumed", record.sid, drv=record.drv_path, paths=len(session.added))
@@ -414,81 +249,7 @@ class Service:
         )
         return None
 
-    async def _finish_ended(self, record: SessionRecord) -> str:
-        """A journaled session whose build ended while the service was down: its valid
-        outputs may lack references (no post-build hook reached recnix): finalise them
-        with the journaled session paths (GC-rooted until the service has started), or
-        invalidate them. Returns what happened."""
-        ended = "the build ended while recnix was not running"
-        loop = asyncio.get_running_loop()
-        try:
-            outputs = await loop.run_in_executor(None, outputs_of, record.drv_path, os.environ)
-            upstream = await self.fresh_upstream()
-            try:
-                valid = await upstream.query_valid_paths(sorted(outputs.values()))
-            finally:
-                await upstream.close()
-        except (FinaliseError, UpstreamError, OSError) as e:
-            return f"{ended}; {await self._invalidate(record.drv_path, [], str(e), record.sid)}"
-        if not valid:
-            return ended  # it failed, or the post-build hook invalidated its outputs
-        try:
-            report = await loop.run_in_executor(
-                None,
-                finalise_outputs,
-                record.drv_path,
-                set(record.allowed),
-                list(self.config["signing"]["secret-key-files"]),
-                dict(os.environ),
-            )
-        except FinaliseError as e:
-            error = await self._invalidate(
-                record.drv_path, [], str(e), record.sid, set(record.allowed)
-            )
-            return f"{ended}; {error}"
-        self.audit.write(
-            "finalised",
-            record.sid,
-            drv=record.drv_path,
-            outputs=sorted(report.outputs.values()),
-            added_refs={k: sorted(v) for k, v in report.added_refs.items()},
-        )
-        added = sum(len(refs) for refs in report.added_refs.values())
-        return f"{ended}; its outputs were finalised now ({added} reference(s) added)"
-
-    # -- control socket
-
-    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await reader.readline()
-            try:
-                message = control.decode_request(line)
-                reply = await self._dispatch(message)
-            except (ValueError, KeyError, TypeError) as e:
-                reply = {"ok": False, "error": f"bad control request: {e}"}
-            except (OpenRefused, FinaliseError, UpstreamError) as e:
-                reply = {"ok": False, "error": str(e)}
-            writer.write(control.encode_reply(reply))
-            await writer.drain()
-        except (ConnectionError, OSError) as e:
-            log.info("control connection lost: %s", e)
-        except Exception:
-            log.exception("control request failed")
-            try:
-                writer.write(control.encode_reply({"ok": False, "error": "internal error"}))
-                await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-        finally:
-            writer.close()
-
-    async def _dispatch(self, message: dict[str, Any]) -> dict[str, Any]:
-        op = message["op"]
-        if op not in CONTROL_OPS:
-            raise ValueError(f"unknown control op {op!r} (known: {', '.join(CONTROL_OPS)})")
-        handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-        handler = getattr(self, CONTROL_OPS[op])
-        return await handler(message)
+    # -- control ops (CONTROL_OPS)
 
     async def _op_open(self, message: dict[str, Any]) -> dict[str, Any]:
         chroot = message.get("chroot")
@@ -512,7 +273,7 @@ class Service:
         return {"ok": True, "admit": await self.admit(str(message["drv"]))}
 
     async def _op_unadmit(self, message: dict[str, Any]) -> dict[str, Any]:
-        self.unadmit(str(message["drv"]))
+        self.admission.unreserve(str(message["drv"]))
         return {"ok": True}
 
     async def _op_finalise(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -526,41 +287,8 @@ class Service:
     async def _op_status(self, message: dict[str, Any]) -> dict[str, Any]:
         return {
             "ok": True,
-            "sessions": [self._describe(s) for s in self.sessions.values()],
-            "failures": self.failures,
-        }
-
-    def _refuse_self_blocking_wait(self, drv_path: str, worker: int | None) -> None:
-        """OpenRefused when every session slot is held by builds of ``worker``: Nix runs
-        pre-build hooks synchronously, so that process could never run the post-build
-        hooks that free a slot, and waiting would hang it for good."""
-        holders = [s for s in self.sessions.values() if s.holds_slot]
-        if worker is None or not holders:
-            return
-        if all(s.worker == worker for s in holders):
-            raise OpenRefused(
-                f"{drv_path} needs a recnix session, but all daemon.max-sessions = "
-                f"{self.max_sessions} slots are held by other builds of the same Nix process "
-                f"(pid {worker}), which runs one pre-build hook at a time and could never "
-                "free a slot while this one waits; build fewer opted-in derivations at once "
-                "(--max-jobs / max-jobs in nix.conf at most daemon.max-sessions) or raise "
-                "daemon.max-sessions (it needs more build users)"
-            )
-
-    def _describe(self, s: Session) -> dict[str, Any]:
-        return {
-            "session": s.sid,
-            "drv": s.drv_path,
-            "socket": str(s.socket_path),
-            "chroot": str(s.chroot),
-            "depth": s.depth,
-            "readonly": s.readonly,
-            "state": s.state.value,
-            "added": len(s.added),
-            "builds": s.builds,
-            "added_bytes": s.added_bytes,
-            "connections": s.connections,
-            "opened": self.opened_at.get(s.sid),
+            "sessions": [s.summary() for s in self.sessions.values()],
+            "failures": self.watcher.failures,
         }
 
     # -- sessions
@@ -581,10 +309,9 @@ class Service:
     async def admit(self, drv_path: str) -> bool:
         """Whether the build of ``drv_path`` may start now (recnix.buildqueue asks before
         Nix takes a build user for it): a top-level recursive build is admitted with a
-        session slot reserved for it (for RESERVATION_TTL seconds), or not while all are
-        taken; builds that do not opt in and nested ones always are."""
-        if drv_path in self._reserved:
-            self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
+        session slot reserved for it, or not while all are taken; builds that do not
+        opt in and nested ones always are."""
+        if self.admission.renew(drv_path):
             return True
         try:
             if opt_in_mode(await read_build_derivation(drv_path)) is None:
@@ -593,44 +320,7 @@ class Service:
             return True  # the pre-build hook reports it
         if await self._parent_of(drv_path) is not None:
             return True
-        if self._slots.locked():
-            log.info(
-                "%s waits for a free recnix session slot before it takes a build user "
-                "(daemon.max-sessions = %d in use or reserved)",
-                drv_path,
-                self.max_sessions,
-            )
-            return False
-        await self._slots.acquire()
-        self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
-        return True
-
-    def _sweep_plain_marks(self) -> None:
-        """Remove the build hook's ``<drv>.plain`` hints older than PLAIN_MARK_TTL."""
-        too_old = time.time() - PLAIN_MARK_TTL
-        try:
-            entries = list(os.scandir(hook_marks_dir(self.config.raw)))
-        except OSError:
-            return
-        for entry in entries:
-            if entry.name.endswith(PLAIN_SUFFIX):
-                with contextlib.suppress(OSError):
-                    if entry.stat(follow_symlinks=False).st_mtime < too_old:
-                        os.unlink(entry.path)
-
-    def unadmit(self, drv_path: str) -> None:
-        """Give back the slot reserved for ``drv_path`` (it is built elsewhere)."""
-        if self._reserved.pop(drv_path, None) is not None:
-            self._slots.release()
-
-    def _expire_reservations(self) -> None:
-        """Give back the slots of admitted builds that never opened their session."""
-        now = time.monotonic()
-        for drv_path, until in list(self._reserved.items()):
-            if until <= now:
-                del self._reserved[drv_path]
-                self._slots.release()
-                log.info("%s was admitted but did not start: its session slot is free", drv_path)
+        return await self.admission.reserve(drv_path)
 
     async def open_session(
         self, drv_path: str, chroot: Path | None, worker: int | None = None
@@ -670,26 +360,9 @@ class Service:
             raise OpenRefused(f"{drv_path} was started from a read-only session")
         # Only top-level sessions take a slot: a nested build's parent already
         # holds one and waits for it, so making it wait too would deadlock.
-        if parent is None and self._reserved.pop(drv_path, None) is not None:
-            pass  # admitted by the build hook with a slot reserved (admit)
-        elif parent is None:
-            if self._slots.locked():
-                self._refuse_self_blocking_wait(drv_path, worker)
-                self._waiting += 1
-                log.info(
-                    "%s waits for a free recnix session slot (%d in use, %d waiting; "
-                    "daemon.max-sessions = %d)",
-                    drv_path,
-                    self.max_sessions,
-                    self._waiting,
-                    self.max_sessions,
-                )
-                try:
-                    await self._slots.acquire()
-                finally:
-                    self._waiting -= 1
-            else:
-                await self._slots.acquire()
+        if parent is None:
+            holders = (s.worker for s in self.sessions.values() if s.holds_slot)
+            await self.admission.take(drv_path, worker, holders)
         sid = secrets.token_hex(8)
         session = Session(
             self.session_context, sid, drv_path, drv, chroot, readonly, depth, parent, self.limits
@@ -700,7 +373,7 @@ class Service:
             await session.start()
         except Exception as e:
             if session.holds_slot:
-                self._slots.release()
+                self.admission.release()
             await session.close("failed to start")
             raise OpenRefused(f"cannot open a recnix session for {drv_path}: {e}") from e
         try:
@@ -709,12 +382,11 @@ class Service:
             await self._end(session, None, "failed to start")
             raise OpenRefused(f"cannot write /etc/nix/nix.conf into {chroot}: {e}") from e
         try:
-            await self._place_sandbox_socket(session)
+            await self.chroot_sockets.place(session)
         except sandboxsocket.PlacementError as e:
             await self._end(session, None, "failed to start")
             raise OpenRefused(f"cannot give {drv_path} its recnix socket: {e}") from e
-        self.sessions[sid] = session
-        self.opened_at[sid] = time.time()
+        self._add(session)
         self.audit.write(
             "opened",
             sid,
@@ -736,6 +408,10 @@ class Service:
         # The registrar starts with the session's first added or built path (Session.allow):
         # a build that adds nothing registers nothing.
         return session
+
+    def _add(self, session: Session) -> None:
+        session.opened_at = time.time()
+        self.sessions[session.sid] = session
 
     def _session_for(self, drv_path: str) -> Session | None:
         found = [
@@ -762,7 +438,7 @@ class Service:
                 return []
             if take_remote_mark(self.state_dir, drv_path):
                 return [f"{drv_path} was built on a remote builder (recnix build-hook)"]
-            raise await self._invalidate(
+            raise await self.finaliser.invalidate(
                 drv_path,
                 out_paths,
                 "recnix has no session for its build (was the recnix service restarted "
@@ -771,137 +447,35 @@ class Service:
             )
         task = self._finalising.get(session.sid)
         if task is None:
-            task = asyncio.ensure_future(self._finalise_session(session, out_paths))
+            task = asyncio.ensure_future(self._finalise_and_end(session, out_paths))
             self._finalising[session.sid] = task
             task.add_done_callback(lambda _: self._finalising.pop(session.sid, None))
         return await asyncio.shield(task)
 
-    async def _finalise_session(self, session: Session, out_paths: list[str]) -> list[str]:
-        started = time.perf_counter()
-        drv_path = session.drv_path
-        session.begin_finalising()
-        nix_env = dict(os.environ)
-        loop = asyncio.get_running_loop()
+    async def _finalise_and_end(self, session: Session, out_paths: list[str]) -> list[str]:
         try:
-            report = await loop.run_in_executor(
-                None,
-                finalise_outputs,
-                drv_path,
-                set(session.added),
-                list(self.config["signing"]["secret-key-files"]),
-                nix_env,
-                DaemonQueries(self, loop),
-                session.take_registrar(),
-            )
-        except Exception as e:
-            if not isinstance(e, FinaliseError):
-                log.exception("session %s: finalisation failed", session.sid)
-            reason = str(e) if isinstance(e, FinaliseError) else f"internal error: {e!r}"
-            error = await self._invalidate(
-                drv_path, out_paths, reason, session.sid, set(session.added)
-            )
+            messages = await self.finaliser.finalise(session, out_paths)
+        except FinaliseError as error:
             await self._end(session, "aborted", f"finalise failed: {error}")
-            raise error from None
-        messages = []
-        for out, refs in sorted(report.added_refs.items()):
-            if refs:
-                messages.append(
-                    f"added {len(refs)} reference(s) to {out}: {' '.join(sorted(refs))}"
-                )
-        self.audit.write(
-            "finalised",
-            session.sid,
-            drv=drv_path,
-            outputs=sorted(report.outputs.values()),
-            added_refs={k: sorted(v) for k, v in report.added_refs.items()},
-        )
+            raise
         await self._end(session, None, "finalised")
-        log.info(
-            "session %s finalised in %.1f ms (%d reference(s) added)",
-            session.sid,
-            1e3 * (time.perf_counter() - started),
-            sum(len(refs) for refs in report.added_refs.values()),
-        )
         return messages
-
-    async def _invalidate(
-        self,
-        drv_path: str,
-        out_paths: list[str],
-        reason: str,
-        sid: str | None = None,
-        session_paths: set[str] | None = None,
-    ) -> FinaliseError:
-        """Make the outputs of ``drv_path`` invalid because ``reason``; the error that
-        says what happened. If they cannot be (a valid path outside them refers to one),
-        register their references to ``session_paths`` unchecked instead, so that at
-        least their closure is complete."""
-        loop = asyncio.get_running_loop()
-        outputs = set(out_paths)
-        try:
-            named = await loop.run_in_executor(None, outputs_of, drv_path, os.environ)
-            outputs |= set(named.values())
-            await loop.run_in_executor(None, invalidate_paths, sorted(outputs))
-        except (FinaliseError, InvalidateError) as e:
-            self.audit.write(
-                "invalidation-failed",
-                sid or "",
-                drv=drv_path,
-                outputs=sorted(outputs),
-                error=str(e),
-            )
-            log.error("cannot invalidate the outputs of %s: %s (after: %s)", drv_path, e, reason)
-            completed = await self._complete_closure(drv_path, session_paths or set())
-            return FinaliseError(
-                f"{reason}; and recnix could not invalidate the outputs of {drv_path} ({e}): "
-                f"they stay valid, {completed}; delete them with "
-                "`nix-store --delete --ignore-liveness` once the build is over"
-            )
-        self.audit.write(
-            "invalidated", sid or "", drv=drv_path, outputs=sorted(outputs), reason=reason
-        )
-        message = invalidated_message(outputs, reason)
-        log.warning("%s", message)
-        return FinaliseError(message)
-
-    async def _complete_closure(self, drv_path: str, session_paths: set[str]) -> str:
-        """The fallback when outputs cannot be invalidated: add their references to
-        ``session_paths`` without checking allowedReferences & co.; what happened."""
-        if not session_paths:
-            return "and may lack references"
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                None,
-                functools.partial(
-                    finalise_outputs,
-                    drv_path,
-                    session_paths,
-                    list(self.config["signing"]["secret-key-files"]),
-                    dict(os.environ),
-                    check=False,
-                ),
-            )
-        except FinaliseError as e:
-            return f"and may lack references (registering them failed too: {e})"
-        return (
-            "with the references recnix found registered unchecked (their closure is "
-            "complete, but they may break the derivation's constraints)"
-        )
 
     async def _end(self, session: Session, audit_event: str | None, reason: str) -> None:
         if audit_event:
             self.audit.write(audit_event, session.sid, drv=session.drv_path, reason=reason)
         self.sessions.pop(session.sid, None)
-        self._drop_sandbox_socket(session)
-        self.opened_at.pop(session.sid, None)
+        self.chroot_sockets.drop(session)
         if reason != "finalised":
             # no post-build hook will come to remove its hook mark (RECNIX_HOOK_MARKS)
             with contextlib.suppress(OSError):
-                os.unlink(hook_marks_dir(self.config.raw) / os.path.basename(session.drv_path))
+                os.unlink(self.marks_dir / os.path.basename(session.drv_path))
         await session.close(reason)
-        if getattr(session, "holds_slot", False):
+        if session.holds_slot:
             session.holds_slot = False
-            self._slots.release()
+            self.admission.release()
+
+    # -- liveness (recnix.watcher decides, the service acts)
 
     async def _watch(self) -> None:
         """End sessions whose build is gone (failed, killed) without a post-build hook;
@@ -909,169 +483,30 @@ class Service:
         swept = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            self._expire_reservations()
+            self.admission.expire()
             if time.monotonic() - swept > PLAIN_MARK_TTL / 10:
                 swept = time.monotonic()
-                await asyncio.get_running_loop().run_in_executor(None, self._sweep_plain_marks)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.admission.sweep_plain_marks
+                )
             for session in list(self.sessions.values()):
                 if session.state is not SessionState.OPEN:
                     continue
                 try:
-                    await self._check_alive(session)
+                    await self._act_on_liveness(session)
                 except Exception:
                     log.exception("session %s: liveness check failed", session.sid)
 
-    async def _check_alive(self, session: Session) -> None:
-        """End the session of a build that is over without a post-build hook call.
-
-        While the chroot exists the build is starting, running, or Nix is
-        registering its outputs (slow for big outputs): wait. Once Nix has
-        removed the chroot, a build whose outputs are not valid failed; one
-        whose outputs are valid gets ``daemon.finalise-grace`` seconds for its hook.
-        """
-        now = time.monotonic()
-        if session.chroot.is_dir():
-            try:
-                pid = await off_loop(
-                    session.view.sandbox_pid,
-                    timeout=PROC_TIMEOUT,
-                    what=f"looking for the builder of {session.drv_path}",
-                )
-                if pid is not None and not session.seen_process:
-                    reason = await off_loop(
-                        self._builder_misses_socket,
-                        session,
-                        pid,
-                        timeout=PROC_TIMEOUT,
-                        what=f"looking at the sandbox socket of {session.drv_path}",
-                    )
-                    if reason is not None:
-                        await self._fail_builder(session, reason)
-                        return
-            except OffLoopTimeout as e:
-                log.warning("session %s: %s; trying again later", session.sid, e)
-                return
-            if pid is not None or not session.seen_process:
-                session.seen_process = session.seen_process or pid is not None
-                session.ended_since = None
-                return
-            # the builder is gone but Nix still holds the chroot
-            if session.ended_since is None:
-                session.ended_since = now
-            if now - session.ended_since > CHROOT_GRACE:
-                await self._end(session, "aborted", "the builder is gone and Nix kept its chroot")
-            return
-        if session.ended_since is None or session.ended_since < 0:
-            session.ended_since = now
-        outputs = [o.path for o in session.drv.outputs.values() if o.path]
-        succeeded = False
-        if outputs and session.keeper is not None and not session.keeper.closed:
-            valid = await session.keeper.query_valid_paths(outputs)
-            succeeded = len(valid) == len(outputs)
-        if not succeeded:
-            await self._end(session, "aborted", "the build failed or was killed")
-        elif now - session.ended_since > self.finalise_grace:
+    async def _act_on_liveness(self, session: Session) -> None:
+        verdict = await self.watcher.check(session)
+        if verdict.action is Action.END:
+            await self._end(session, "aborted", verdict.reason)
+        elif verdict.action is Action.FAIL:
+            await self.watcher.fail(session, verdict.reason)
+            await self._end(session, "aborted", verdict.reason)
+        elif verdict.action is Action.FINALISE:
             # Its outputs are valid and may lack references: finalise them now, or
             # (finalise fails) invalidate them.
-            log.warning(
-                "session %s: the build of %s ended without a post-build hook call "
-                "(is recnix's post-build-hook in nix.conf?); finalising its outputs now",
-                session.sid,
-                session.drv_path,
-            )
+            log.warning("session %s: %s", session.sid, verdict.reason)
             with contextlib.suppress(FinaliseError):  # finalise logged and audited it
                 await self.finalise(session.drv_path, [])
-
-    # -- the session's socket inside the build's chroot (see recnix.sandboxsocket)
-
-    async def _place_sandbox_socket(self, session: Session) -> None:
-        """Listen for ``session`` also at <chroot>/nix/var/nix/daemon-socket/socket, which
-        the builder sees whether or not Nix honours the pre-build hook's output (Lix
-        drops it); replaces the socket of a previous run. PlacementError if it is not in
-        place afterwards."""
-        self._drop_sandbox_socket(session, unlink=False)
-        sock, inode = sandboxsocket.place(session.chroot)
-        try:
-            server = await asyncio.get_running_loop().create_unix_server(
-                lambda: ClientProtocol(session), sock=sock
-            )
-        except OSError as e:
-            sock.close()
-            raise sandboxsocket.PlacementError(f"cannot serve the chroot socket: {e}") from e
-        self._sandbox_sockets[session.sid] = (server, inode)
-        if not sandboxsocket.in_place(session.chroot, inode):
-            raise sandboxsocket.PlacementError(
-                f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET} is not the session's socket "
-                "right after it was made there"
-            )
-
-    def _drop_sandbox_socket(self, session: Session, unlink: bool = True) -> None:
-        """Stop serving the chroot socket of ``session``; with ``unlink``, remove its name
-        too (if it is still ours; Nix may have deleted the chroot already)."""
-        entry = self._sandbox_sockets.pop(session.sid, None)
-        if entry is None:
-            return
-        server, inode = entry
-        server.close()
-        if unlink and sandboxsocket.in_place(session.chroot, inode):
-            try:
-                os.unlink(f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET}")
-            except OSError as e:
-                log.debug("session %s: cannot remove its chroot socket: %s", session.sid, e)
-
-    def _builder_misses_socket(self, session: Session, pid: int) -> str | None:
-        """Why the builder ``pid`` (first seen) cannot reach its session, or None if the
-        socket it finds at the sandbox socket path is one of the session's.
-
-        Runs off the loop: it looks through the builder's own view (``/proc/<pid>/root``),
-        which the builder controls. So the answer can only be wrong to the builder's own
-        cost (its build is failed); nothing is written or opened through that view."""
-        ours = set()
-        for path in (
-            str(session.socket_path),
-            f"{session.chroot}{sandboxsocket.SANDBOX_SOCKET}",
-        ):
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            ours.add((st.st_dev, st.st_ino))
-        proc = SandboxProcess.from_pid(pid, session.view.chroot_root)
-        if proc is None:
-            return None  # gone, or not in the sandbox: it proves nothing
-        with proc:
-            seen = sandboxsocket.seen_by(pid)
-            if seen is not None and seen in ours:
-                return None
-            # Conclude only about a process still in the sandbox *after* the look: one that
-            # exited meanwhile (a zombie, e.g. a `sleep` of the builder's, has no root to
-            # look through) proves nothing, and failing on it would abort a healthy build.
-            if not proc.in_sandbox(session.view.chroot_root):
-                return None
-        what = "no socket" if seen is None else "a socket that is not its session's"
-        return (
-            f"{session.drv_path} requires recnix, but its builder finds {what} at "
-            f"{sandboxsocket.SANDBOX_SOCKET}: this Nix made the sandbox from neither the "
-            "pre-build hook's extra-sandbox-paths nor the chroot recnix prepared"
-        )
-
-    async def _fail_builder(self, session: Session, reason: str) -> None:
-        """Fail the build of ``session``: kill every process of its sandbox through pidfds
-        verified to be in it (never a pid read earlier) and end the session. The reason
-        goes to the service's log, the audit log and ``recnix status`` (``failures``):
-        channels the builder cannot redirect. Nothing is written through the builder's
-        descriptors (``/proc/<pid>/fd/*`` would reopen whatever the builder put there)."""
-        log.error("session %s: %s; failing the build", session.sid, reason)
-        self.failures.append({"drv": session.drv_path, "reason": reason, "at": time.time()})
-        del self.failures[:-FAILURES_KEPT]
-        try:
-            killed = await off_loop(
-                kill_sandbox,
-                session.view.chroot_root,
-                timeout=PROC_TIMEOUT,
-                what=f"killing the sandbox of {session.drv_path}",
-            )
-            log.info("session %s: killed %d process(es) of its sandbox", session.sid, killed)
-        except OffLoopTimeout as e:
-            log.warning("session %s: %s", session.sid, e)
-        await self._end(session, "aborted", reason)

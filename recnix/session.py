@@ -165,6 +165,7 @@ class Session:
         self.seen_process = False  # a process was seen in the sandbox (the build started)
         self.holds_slot = False  # counts against daemon.max-sessions
         self.worker: int | None = None  # pid of the Nix process whose pre-build hook opened it
+        self.opened_at: float | None = None  # when the service opened or resumed it (time.time)
         self._allow_lock = asyncio.Lock()
         # Censored infos of paths met by closure(): valid, rooted paths whose infos no longer
         # change (nested outputs are final once their post-build hook ran), so QueryPathInfo
@@ -295,6 +296,23 @@ class Session:
             stack.extend(r for r in info.references if r not in seen and r not in known)
         return seen
 
+    def summary(self) -> dict[str, Any]:
+        """What ``recnix status`` shows of this session (JSON-ready)."""
+        return {
+            "session": self.sid,
+            "drv": self.drv_path,
+            "socket": str(self.socket_path),
+            "chroot": str(self.chroot),
+            "depth": self.depth,
+            "readonly": self.readonly,
+            "state": self.state.value,
+            "added": len(self.added),
+            "builds": self.builds,
+            "added_bytes": self.added_bytes,
+            "connections": self.connections,
+            "opened": self.opened_at,
+        }
+
     def begin_finalising(self) -> None:
         """The build ended: from now on its outputs are being finalised (journaled
         before any output is touched, so a restarted service knows)."""
@@ -367,7 +385,7 @@ class Session:
         """An idle upstream connection of this session, or a new one.
 
         ``hooks``: builds on it run nix.conf's pre- and post-build hooks (see
-        ``Service.connect_upstream``). Reusing connections saves a nix-daemon
+        ``UpstreamPool.connect``). Reusing connections saves a nix-daemon
         worker fork and handshake per in-sandbox client (a nested `nix-build`
         opens several connections).
         """

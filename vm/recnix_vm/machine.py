@@ -115,6 +115,8 @@ class Machine:
         self.overlay = self.state_dir / "overlay.qcow2"
         self.console_log = self.state_dir / "console.log"
         self.qmp_path = self.state_dir / "qmp.sock"
+        # the guest's ttyS1: its ready unit writes READY_MARKER there once per boot
+        self.ready_channel = self.state_dir / "ready-channel"
         self.memory_mb, self.smp, self.boot_timeout = memory_mb, smp, boot_timeout
         self.accel = accel or os.environ.get(ACCEL_ENV) or "auto"
         self.ssh_port: int | None = None
@@ -166,6 +168,7 @@ class Machine:
             "-display", "none",
             "-monitor", "none",
             "-serial", "stdio",
+            "-serial", f"file:{self.ready_channel}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-kernel", str(self.image.kernel),
             "-initrd", str(self.image.initrd),
@@ -187,9 +190,9 @@ class Machine:
             if not self.overlay.exists():
                 create_overlay(self.image, self.overlay)
             self.qmp_path.unlink(missing_ok=True)
+            self.ready_channel.unlink(missing_ok=True)  # QEMU makes it anew
             argv = self.qemu_argv(accel)
             (self.state_dir / "qemu-cmdline").write_text(shlex.join(argv) + "\n")
-            self._console_offset_at_boot = len(self._console)
             self._process = pexpect.spawn(argv[0], argv[1:], echo=False, timeout=None)
             self._reader_stop.clear()
             self._reader = threading.Thread(target=self._read_console, daemon=True)
@@ -197,7 +200,7 @@ class Machine:
             self._connect_qmp()
             self.log(f"SSH on 127.0.0.1:{self.ssh_port}, console log {self.console_log}")
         if wait:
-            self.wait_for_boot(since=self._console_offset_at_boot)
+            self.wait_for_boot(since=0)
 
     def _connect_qmp(self) -> None:
         deadline = time.monotonic() + 30
@@ -220,16 +223,60 @@ class Machine:
                     raise MachineError(f"cannot connect to QEMU's QMP socket: {e!r}") from e
                 time.sleep(0.2)
 
-    def wait_for_boot(self, since: int | None = None, timeout: float | None = None) -> float:
-        """Wait for the guest's ready marker on the console, then for SSH; return seconds."""
+    def wait_for_boot(self, since: int = 0, timeout: float | None = None) -> float:
+        """Wait for the guest's ready marker on its ready channel (ttyS1) after byte
+        ``since`` of it, then for SSH; return seconds. On a timeout the error holds what
+        the guest's systemd still waits for, if SSH answers."""
         start = time.monotonic()
         timeout = timeout or self.boot_timeout
         with self.nested("waiting for the guest to boot"):
-            self.wait_for_console_text(re.escape(READY_MARKER), timeout, since=since)
+            self._wait_ready_marker(since, timeout)
             self._connect_ssh(max(5.0, timeout - (time.monotonic() - start)))
         elapsed = time.monotonic() - start
         self.log(f"up after {elapsed:.1f} s")
         return elapsed
+
+    def _ready_channel_size(self) -> int:
+        try:
+            return self.ready_channel.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _wait_ready_marker(self, since: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        marker = READY_MARKER.encode()
+        while True:
+            self._check_expired()
+            with contextlib.suppress(FileNotFoundError), self.ready_channel.open("rb") as f:
+                f.seek(since)
+                if marker in f.read():
+                    return
+            if self._process is None or not self._process.isalive():
+                raise MachineError(
+                    f"QEMU exited while the guest booted (log: {self.console_log}):\n"
+                    f"{self.console_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the guest did not report ready ({READY_MARKER} on ttyS1) within "
+                    f"{timeout:.0f} s (log: {self.console_log}); {self._boot_diagnosis()}; "
+                    f"last console lines:\n{self.console_tail()}"
+                )
+            time.sleep(0.5)
+
+    def _boot_diagnosis(self) -> str:
+        """What systemd in a guest that did not report ready still waits for (over SSH)."""
+        try:
+            self._connect_ssh(20)
+        except Exception as e:  # no SSH either: the console tail is all there is
+            return f"SSH does not answer either ({e})"
+        _, out, _ = self.execute(
+            "systemctl list-jobs --no-pager; systemctl status --no-pager recnix-vm-ready; "
+            "systemctl --failed --no-pager",
+            timeout=30,
+        )
+        self._close_ssh()
+        return f"SSH answers; the guest's systemd says:\n{out}"
 
     def _connect_ssh(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -297,7 +344,7 @@ class Machine:
         """Hard reset through QMP (``system_reset``): no shutdown, like pressing reset."""
         with self.nested("hard reset (QMP system_reset)"):
             self._close_ssh()
-            since = len(self._console)
+            since = self._ready_channel_size()
             self.qmp("system_reset")
             self.wait_for_qmp_event("RESET", 30)
         self.wait_for_boot(since=since)
