@@ -467,17 +467,22 @@ def many_runner(host: NixHost, busybox: str, nix: str, feature: str, n: int) -> 
 
 
 def trivial_runner(
-    host: NixHost, expr: Path, busybox: str, n: int, separate: bool = False, opt_in: bool = False
+    host: NixHost,
+    expr: Path,
+    busybox: str,
+    n: int,
+    separate: bool = False,
+    feature: str | None = None,
 ) -> Callable[[], None]:
+    """n trivial builds (one nix-build, or ``separate`` ones) requiring ``feature``."""
+
     def run() -> None:
         args = ["--argstr", "busybox", busybox, "--argstr", "prefix", fresh_tag()]
         args += ["--arg", "n", str(n)]
-        if opt_in:
-            # One build at a time: Nix 2.8's worker runs a pre-build hook synchronously,
-            # so a hook waiting for a session slot (more opted-in builds in flight in one
-            # worker than daemon.max-sessions) would stall the post-build hooks that
-            # free the slots.
-            args += ["--arg", "features", '[ "recnix" ]', "--max-jobs", "1"]
+        if feature:
+            # One build at a time, on both sides (as a user with more opted-in builds
+            # than daemon.max-sessions would on Lix, which has no recnix build hook).
+            args += ["--arg", "features", f'[ "{feature}" ]', "--max-jobs", "1"]
         if separate:
             for i in range(n):
                 host.run(["nix-build", "--no-out-link", str(expr), *args, "-A", str(i)])
@@ -642,6 +647,12 @@ class Bench:
     control_socket: Path
     busybox: str
     nix: str
+
+    @property
+    def service_max_sessions(self) -> int:
+        """The session slots the service allows (its start line says)."""
+        found = re.findall(r"max (\d+) concurrent sessions", self.service.log_text())
+        return int(found[-1]) if found else 0
 
     def expr(self, name: str, text: str) -> Path:
         path = self.scratch / name
@@ -827,14 +838,33 @@ def scenario_start(b: Bench) -> list[Row]:
 def scenario_hook(b: Bench) -> list[Row]:
     n, reps = b.opts.hook_builds, b.opts.trivial_reps
     expr = b.expr("trivial.nix", TRIVIAL_NIX)
+    slots = b.service_max_sessions
+    rows = []
+    for separate, what in ((False, "in one nix-build"), (True, "as separate nix-builds")):
+        a, c = interleaved(
+            reps,
+            timed(trivial_runner(b.hooked, expr, b.busybox, n, separate, "recnix")),
+            timed(trivial_runner(b.plain, expr, b.busybox, n, separate, "recursive-nix")),
+        )
+        rows.append(
+            trivial_row(
+                f"opted-in: {n} trivial builds {what}, recnix ÷ built-in (max-sessions {slots})",
+                a,
+                c,
+                n,
+                "recnix",
+                "built-in",
+                target=1.10,
+            )
+        )
     a, c = interleaved(
         reps,
-        timed(trivial_runner(b.hooked, expr, b.busybox, n, opt_in=True)),
-        timed(trivial_runner(b.plain, expr, b.busybox, n, opt_in=True)),
+        timed(trivial_runner(b.hooked, expr, b.busybox, n, feature="recnix")),
+        timed(trivial_runner(b.plain, expr, b.busybox, n, feature="recnix")),
     )
-    rows = [
+    rows.append(
         trivial_row(f"reference: {n} opted-in trivial builds, recnix ÷ no hooks", a, c, n, "recnix")
-    ]
+    )
     rows[-1].note += " (both hooks' Python, session open, finalise)"
     # The opted-in hook's Python: start, imports and one control round trip, against
     # a control socket that answers every request at once (no session is opened).
@@ -1115,6 +1145,11 @@ def parse_args() -> argparse.Namespace:
         help="the service's event loop (default: uvloop when installed)",
     )
     parser.add_argument("--only", choices=list(SCENARIOS), action="append")
+    parser.add_argument(
+        "--service-log",
+        metavar="PATH",
+        help="copy the recnix service's log there at the end (its per-session timings)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     parser.add_argument(
         "--suite",
@@ -1247,6 +1282,8 @@ def main() -> int:
     finally:
         if bench is not None:
             stop_recnix_service(bench.service)
+            if opts.service_log:
+                shutil.copy(bench.service.log_path, opts.service_log)
         for host in hosts:
             host.stop()
             shutil.rmtree(host.root, ignore_errors=True)

@@ -1,10 +1,10 @@
 """Session slots: ``daemon.max-sessions`` top-level recursive builds at a time.
 
-Two ways in: the build hook's ``admit`` (recnix.buildqueue) reserves a slot
-before Nix takes a build user for the build, so a build that would have to wait
-waits without holding one; a pre-build hook's ``open`` takes a slot (the
-reserved one, or waits for one). Nested builds take none: their parent holds
-one and waits for them.
+Two ways in: the build hook's ``admit`` (recnix.buildqueue), asked before Nix
+takes a build user for the build, reserves a slot, admits the build to wait for
+one, or postpones it (see ``Admission``); a pre-build hook's ``open`` takes a
+slot (the reserved one, or waits for one). Nested builds take none: their parent
+holds one and waits for them.
 """
 
 from __future__ import annotations
@@ -35,15 +35,27 @@ class OpenRefused(Exception):
 
 
 class Admission:
-    """The session slots, the reservations the build hook made, and its hints."""
+    """The session slots, the build hook's reservations and admits, and its hints.
 
-    def __init__(self, max_sessions: int, marks_dir: Path) -> None:
+    A build the build hook asks about gets a slot reserved for it while one is free.
+    When none is, it is still admitted (it will wait for a slot in its pre-build
+    hook, woken the moment one frees) if that wait is safe: its Nix process runs at
+    most ``daemon.max-sessions`` builds at once (``max-jobs``), so it can never be
+    the one holding every slot while it waits; and the outer builds that hold or
+    wait for slots leave a build user free for nested builds. Otherwise it is
+    postponed: Nix asks again after ``build-poll-interval`` seconds, holding nothing.
+    A reservation is its Nix process's: any build of that process may use it.
+    """
+
+    def __init__(self, max_sessions: int, marks_dir: Path, build_users: int | None) -> None:
         self.max_sessions = max_sessions
         self.marks_dir = marks_dir  # the build hook's <drv>.plain hints
+        self.build_users = build_users  # None: unbounded (auto-allocate-uids, no group)
         self._slots = asyncio.Semaphore(max_sessions)
-        self._waiting = 0
-        # drv path -> when the slot reserved for it by `admit` goes back (monotonic)
-        self._reserved: dict[str, float] = {}
+        self._waiting = 0  # pre-build hooks waiting for a slot now
+        # drv path -> (when it lapses (monotonic), the Nix process that asked):
+        self._reserved: dict[str, tuple[float, int | None]] = {}  # a slot reserved
+        self._admitted: dict[str, tuple[float, int | None]] = {}  # admitted to wait
 
     @property
     def full(self) -> bool:
@@ -51,49 +63,86 @@ class Admission:
         return self._slots.locked()
 
     def renew(self, drv_path: str) -> bool:
-        """Whether ``drv_path`` holds a reservation (then renewed for RESERVATION_TTL)."""
-        if drv_path not in self._reserved:
-            return False
-        self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
-        return True
+        """Whether ``drv_path`` was admitted already (its reservation or admission is
+        renewed for RESERVATION_TTL)."""
+        for table in (self._reserved, self._admitted):
+            if drv_path in table:
+                table[drv_path] = (time.monotonic() + RESERVATION_TTL, table[drv_path][1])
+                return True
+        return False
 
-    async def reserve(self, drv_path: str) -> bool:
-        """Reserve a slot for the top-level recursive build ``drv_path``; False (it is
-        postponed) while every slot is taken."""
-        if self.full:
+    async def admit(self, drv_path: str, worker: int | None, max_jobs: int | None) -> bool:
+        """Admit the top-level recursive build ``drv_path`` asked about by the build hook
+        of Nix process ``worker`` (running at most ``max_jobs`` builds): with a slot
+        reserved, or to wait for one; False (it is postponed) when waiting is unsafe."""
+        until = time.monotonic() + RESERVATION_TTL
+        if not self.full:
+            await self._slots.acquire()  # free, so this does not wait
+            self._reserved[drv_path] = (until, worker)
+            return True
+        why_not = self._why_not_wait(worker, max_jobs)
+        if why_not:
             log.info(
                 "%s waits for a free recnix session slot before it takes a build user "
-                "(daemon.max-sessions = %d in use or reserved)",
+                "(daemon.max-sessions = %d in use or reserved; %s)",
                 drv_path,
                 self.max_sessions,
+                why_not,
             )
             return False
-        await self._slots.acquire()
-        self._reserved[drv_path] = time.monotonic() + RESERVATION_TTL
+        self._admitted[drv_path] = (until, worker)
         return True
 
+    def _why_not_wait(self, worker: int | None, max_jobs: int | None) -> str:
+        """Why a build of ``worker`` may not wait for a slot in its pre-build hook ("" if
+        it may)."""
+        if worker is None or max_jobs is None or max_jobs > self.max_sessions:
+            return (
+                "its Nix process may run more builds than there are slots (max-jobs), "
+                "and a wait in its pre-build hook would stop them all"
+            )
+        outer = self.max_sessions + len(self._admitted) + self._waiting
+        if self.build_users is not None and outer + 1 > self.build_users - 1:
+            return (
+                f"{outer} outer builds hold or wait for slots: one more would leave "
+                f"no build user of {self.build_users} for nested builds"
+            )
+        return ""
+
     def unreserve(self, drv_path: str) -> None:
-        """Give back the slot reserved for ``drv_path`` (it is built elsewhere)."""
+        """Forget ``drv_path``'s admission; give back its reserved slot (it is built
+        elsewhere)."""
+        self._admitted.pop(drv_path, None)
         if self._reserved.pop(drv_path, None) is not None:
             self._slots.release()
 
     def expire(self) -> None:
         """Give back the slots of admitted builds that never opened their session."""
         now = time.monotonic()
-        for drv_path, until in list(self._reserved.items()):
+        for drv_path, (until, _) in list(self._admitted.items()):
+            if until <= now:
+                del self._admitted[drv_path]
+        for drv_path, (until, _) in list(self._reserved.items()):
             if until <= now:
                 del self._reserved[drv_path]
                 self._slots.release()
                 log.info("%s was admitted but did not start: its session slot is free", drv_path)
 
     async def take(self, drv_path: str, worker: int | None, holders: Iterable[int | None]) -> None:
-        """Take a slot for the top-level session of ``drv_path``: its reservation, a free
-        slot, or wait for one. ``holders`` are the Nix processes (pre-build hook
-        workers) of the sessions holding slots: OpenRefused when all are ``worker``,
-        since Nix runs pre-build hooks synchronously and that process could never run
-        the post-build hooks that free a slot while this one waits."""
+        """Take a slot for the top-level session of ``drv_path``: its reservation, one its
+        Nix process ``worker`` holds for another of its builds, a free slot, or wait
+        for one. ``holders`` are the Nix processes (pre-build hook workers) of the
+        sessions holding slots: OpenRefused when all are ``worker``, since Nix runs
+        pre-build hooks synchronously and that process could never run the post-build
+        hooks that free a slot while this one waits."""
+        self._admitted.pop(drv_path, None)
         if self._reserved.pop(drv_path, None) is not None:
             return  # admitted by the build hook with a slot reserved
+        if worker is not None:
+            for other, (_, reserved_by) in self._reserved.items():
+                if reserved_by == worker:  # that build, when it starts, takes another
+                    del self._reserved[other]
+                    return
         if not self.full:
             await self._slots.acquire()
             return

@@ -10,8 +10,9 @@ hook first, before any build user is taken, whether it will build a derivation
 remotely, and the hook may answer "postpone": the goal then waits (for
 ``build-poll-interval`` seconds or until another build ends) and asks again,
 holding nothing. So this hook asks the recnix service to *admit* each build that
-requires ``recnix`` (the service reserves it a session slot) and answers
-"postpone" while the slots are full. Everything else goes to Nix's own build
+requires ``recnix`` (the service reserves it a session slot, or lets it wait for
+one in its pre-build hook when that is safe: recnix.admission) and answers
+"postpone" otherwise. Everything else goes to Nix's own build
 hook (``build-remote``), started only when nix.conf lists remote machines.
 
 The protocol (Nix 2.8 to 2.34: ``HookInstance``, ``tryBuildHook``): on stdin,
@@ -243,11 +244,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def admitted(control_socket: str, drv_path: str) -> bool:
-    """Whether the service has a session slot for ``drv_path`` now (reserved for it).
-    An unreachable service admits: the pre-build hook then reports the error."""
+def admitted(
+    control_socket: str, drv_path: str, worker: int | None = None, max_jobs: int | None = None
+) -> bool:
+    """Whether the service admits ``drv_path`` now (a session slot reserved for it, or
+    a safe wait for one in its pre-build hook), asked for Nix process ``worker`` that
+    runs at most ``max_jobs`` builds. An unreachable service admits: the pre-build
+    hook then reports the error."""
+    request = {"op": "admit", "drv": drv_path, "worker": worker, "max_jobs": max_jobs}
     try:
-        reply = control.request(control_socket, {"op": "admit", "drv": drv_path}, timeout=60)
+        reply = control.request(control_socket, request, timeout=60)
     except control.ControlError as e:
         print(f"recnix build-hook: cannot ask the recnix service: {e}", file=sys.stderr)
         return True
@@ -293,6 +299,8 @@ def serve(
             pass  # there already, or no state directory (no service): no hints
     reader = WireReader(0)
     settings = read_settings(reader)
+    worker = control.nix_worker_pid()
+    max_jobs = int(settings["max-jobs"]) if settings.get("max-jobs", "").isdigit() else None
     nix_hook = (
         NixBuildHook(nix_hook_argv, nix_hook_env, reader.take_raw(), argv0)
         if machines_configured(settings)
@@ -309,7 +317,7 @@ def serve(
             mark_plain(marks_dir, drv_path)
         # Only a build Nix would start now takes a slot (at max-jobs, a declined build
         # waits for a build slot and is asked about again).
-        if recursive and local_now and not admitted(control_socket, drv_path):
+        if recursive and local_now and not admitted(control_socket, drv_path, worker, max_jobs):
             answer = "# postpone"
         elif nix_hook is None:
             answer = "# decline"

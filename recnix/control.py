@@ -11,6 +11,7 @@ only, no asyncio, and neither :mod:`json` nor :mod:`socket` on the client side
 from __future__ import annotations
 
 import _socket
+import os
 
 from recnix import hookjson
 
@@ -18,7 +19,6 @@ from recnix import hookjson
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    import os
     from typing import Any
 
 MAX_LINE = 1 << 20
@@ -94,3 +94,28 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
     import json
 
     return json.dumps(reply).encode() + b"\n"
+
+
+def nix_worker_pid() -> int:
+    """The pid of the Nix process that runs this hook (a nix-daemon worker, or a local
+    nix-build), the pre-build hook or the build hook: the parent, or the nearest
+    ancestor named nix* above wrapper shells.
+
+    Nix runs the pre-build hook synchronously: while it waits, that process starts
+    no other hook, so the service must never make it wait for a session slot that
+    only its own builds hold (their post-build hooks could never run)."""
+    pid = os.getppid()
+    candidate = pid
+    for _ in range(4):
+        try:
+            with open(f"/proc/{candidate}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            break
+        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")]
+        if name.startswith(b"nix"):
+            return candidate
+        candidate = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        if candidate <= 1:
+            break
+    return pid

@@ -130,30 +130,6 @@ def _guard_block(control_socket: str | Path, drv_path: str, chroot: str) -> str:
     return f"extra-sandbox-paths\n{SANDBOX_SOCKET_DIR}={reply['socket_dir']}\n\n"
 
 
-def nix_worker_pid() -> int:
-    """The pid of the Nix process that runs this hook (a nix-daemon worker, or a local
-    nix-build): the parent, or the nearest ancestor named nix* above wrapper shells.
-
-    Nix runs the pre-build hook synchronously: while it waits, that process starts
-    no other hook, so the service must never make it wait for a session slot that
-    only its own builds hold (their post-build hooks could never run)."""
-    pid = os.getppid()
-    candidate = pid
-    for _ in range(4):
-        try:
-            with open(f"/proc/{candidate}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            break
-        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")]
-        if name.startswith(b"nix"):
-            return candidate
-        candidate = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        if candidate <= 1:
-            break
-    return pid
-
-
 def pre_build(drv_path: str, chroot: str | None, control_socket: str | None = None) -> str:
     """Open a session for an opted-in build; return the text Nix reads from the hook."""
     socket_path, chained = _settings("pre-build", control_socket)
@@ -162,7 +138,7 @@ def pre_build(drv_path: str, chroot: str | None, control_socket: str | None = No
         return _guard_block(socket_path, drv_path, chroot) + _run_chained(chained, args)
     reply = _ask_service(
         socket_path,
-        {"op": "open", "drv": drv_path, "chroot": chroot, "worker": nix_worker_pid()},
+        {"op": "open", "drv": drv_path, "chroot": chroot, "worker": control.nix_worker_pid()},
         f"cannot open a recnix session for {drv_path}",
     )
     block = ""

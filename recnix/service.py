@@ -80,13 +80,12 @@ class Service:
         self.audit = AuditLog(Path(audit_path) if audit_path else None)
         self.limits = Limits.from_policy(config.policy)
         settings = nix_settings()
-        max_sessions, bound_reason = session_bound(
-            config["daemon"]["max-sessions"], build_users(settings)
-        )
+        users = build_users(settings)
+        max_sessions, bound_reason = session_bound(config["daemon"]["max-sessions"], users)
         if bound_reason:
             log.warning("%s", bound_reason)
         self.marks_dir = hook_marks_dir(config.raw)
-        self.admission = Admission(max_sessions, self.marks_dir)
+        self.admission = Admission(max_sessions, self.marks_dir, users[1] if users else None)
         self.pool = UpstreamPool(config["daemon"]["upstream"])
         self.finaliser = Finaliser(
             self.pool, self.audit, list(config["signing"]["secret-key-files"])
@@ -270,7 +269,13 @@ class Service:
         }
 
     async def _op_admit(self, message: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "admit": await self.admit(str(message["drv"]))}
+        worker, max_jobs = message.get("worker"), message.get("max_jobs")
+        admit = await self.admit(
+            str(message["drv"]),
+            worker if isinstance(worker, int) else None,
+            max_jobs if isinstance(max_jobs, int) else None,
+        )
+        return {"ok": True, "admit": admit}
 
     async def _op_unadmit(self, message: dict[str, Any]) -> dict[str, Any]:
         self.admission.unreserve(str(message["drv"]))
@@ -306,11 +311,13 @@ class Service:
                     parents.append(s)
         return max(parents, key=lambda s: s.depth, default=None)
 
-    async def admit(self, drv_path: str) -> bool:
+    async def admit(
+        self, drv_path: str, worker: int | None = None, max_jobs: int | None = None
+    ) -> bool:
         """Whether the build of ``drv_path`` may start now (recnix.buildqueue asks before
-        Nix takes a build user for it): a top-level recursive build is admitted with a
-        session slot reserved for it, or not while all are taken; builds that do not
-        opt in and nested ones always are."""
+        Nix process ``worker``, running at most ``max_jobs`` builds, takes a build user
+        for it): recnix.admission decides for a top-level recursive build; builds that
+        do not opt in and nested ones always are."""
         if self.admission.renew(drv_path):
             return True
         try:
@@ -320,7 +327,7 @@ class Service:
             return True  # the pre-build hook reports it
         if await self._parent_of(drv_path) is not None:
             return True
-        return await self.admission.reserve(drv_path)
+        return await self.admission.admit(drv_path, worker, max_jobs)
 
     async def open_session(
         self, drv_path: str, chroot: Path | None, worker: int | None = None

@@ -127,10 +127,20 @@ NIX_BUILD_REMOTE = shutil.which("nix") or "nix"  # run as build-remote (Debian's
 
 
 def test_a_recursive_build_waits_while_the_service_has_no_slot(tmp_path: Path) -> None:
-    stdin = settings(builders="") + try_request(DRV, ["recnix"]) + try_request(DRV, ["recnix"])
+    stdin = settings(builders="", **{"max-jobs": "3"})
+    stdin += try_request(DRV, ["recnix"]) + try_request(DRV, ["recnix"])
     code, stderr, seen = run_hook(tmp_path, stdin, admit=False, nix_hook=str(NIX_BUILD_REMOTE))
     assert code == 0 and stderr == "# postpone\n# postpone\n", stderr
-    assert seen == [{"op": "admit", "drv": DRV}] * 2
+    # The service learns which Nix process asks (no nix* ancestor here: the hook's
+    # parent, this test) and how many builds it runs at once (its max-jobs).
+    asked = {"op": "admit", "drv": DRV, "worker": os.getpid(), "max_jobs": 3}
+    assert seen == [asked] * 2
+
+
+def test_max_jobs_the_hook_cannot_read_is_sent_as_unknown(tmp_path: Path) -> None:
+    stdin = settings(builders="", **{"max-jobs": "auto"}) + try_request(DRV, ["recnix"])
+    _, _, seen = run_hook(tmp_path, stdin, admit=False, nix_hook=str(NIX_BUILD_REMOTE))
+    assert seen[0]["max_jobs"] is None
 
 
 def test_builds_go_on_when_admitted_and_nix_keeps_asking(tmp_path: Path) -> None:
@@ -139,7 +149,7 @@ def test_builds_go_on_when_admitted_and_nix_keeps_asking(tmp_path: Path) -> None
     code, stderr, seen = run_hook(tmp_path, stdin, admit=True, nix_hook=str(NIX_BUILD_REMOTE))
     # never decline-permanently: Nix would stop asking about later recursive builds
     assert code == 0 and stderr == "# decline\n# decline\n", stderr
-    assert seen == [{"op": "admit", "drv": DRV}]  # a build without recnix is not asked about
+    assert [(s["op"], s["drv"]) for s in seen] == [("admit", DRV)]  # only the recursive one
 
 
 def test_with_machines_nix_build_remote_answers_and_its_permanent_decline_is_softened(
