@@ -412,6 +412,31 @@ def test_one_nix_process_with_more_recursive_builds_than_slots_queues_them(busyb
         assert "before it takes a build user" in service.log_text()
 
 
+def test_builds_of_a_process_that_runs_them_one_by_one_are_not_postponed(busybox, nix_bundle):
+    """With --max-jobs 1 a Nix process can never hold every slot while its next build
+    waits: that build waits for the slot in its pre-build hook (woken when the slot
+    frees) instead of being postponed for build-poll-interval."""
+    require_recnix_build_hook()
+    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}) as (
+        host,
+        service,
+        runner,
+    ):
+        assert service is not None
+        proc = subprocess.run(
+            ["nix-build", "--no-out-link", "--max-jobs", "1", _two_opted_in_builds(host, busybox)],
+            env=host.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert len(proc.stdout.split()) == 2, proc.stdout
+        log = service.log_text()
+        assert log.count("opened for") == 2, log[-3000:]
+        assert "before it takes a build user" not in log, log[-3000:]
+
+
 def test_one_nix_process_is_never_made_to_wait_for_its_own_slots(busybox, nix_bundle, tmp_path):
     """Without recnix's build hook, Nix runs pre-build hooks synchronously: two opted-in
     builds of one nix-build with max-sessions = 1 would hang that process for good (the
