@@ -50,7 +50,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     logging.basicConfig(
-        level=getattr(logging, str(config["daemon"]["log-level"]).upper(), logging.INFO),
+        level=getattr(logging, config.settings.daemon.log_level.upper(), logging.INFO),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     from recnix.aio import loop_factory
@@ -89,7 +89,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
     from recnix.config import load_config
 
     config = load_config(args.config)
-    audit = args.audit_log or config["daemon"]["audit-log"]
+    audit = args.audit_log or config.settings.daemon.audit_log
     if not audit or not Path(audit).exists():
         print(f"recnix tree: no audit log at {audit!r} (daemon.audit-log)", file=sys.stderr)
         return 1

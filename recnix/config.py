@@ -3,7 +3,8 @@ overlaid with a site TOML file, validated against their declarations.
 
 ``config-keys.toml`` is the single source of truth for settings; the NixOS
 module (``module/``) reads it too, and ``scripts/gen-config.py`` writes
-``defaults.toml`` and the README's table from it.
+``defaults.toml``, the typed settings (``recnix.settings``, as
+``Config.settings``) and the README's table from it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any
+
+from recnix.settings import Settings
 
 KEYS_FILE = Path(__file__).with_name("config-keys.toml")
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")  # generated from KEYS_FILE
@@ -104,11 +107,19 @@ class Config:
     build, and importing ``dataclasses`` costs them milliseconds.
     """
 
-    __slots__ = ("raw", "source")
+    __slots__ = ("raw", "source", "_settings")
 
     def __init__(self, raw: dict[str, Any], source: Path | None = None) -> None:
         self.raw = raw
         self.source = source
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The typed settings (``recnix.settings``, generated from config-keys.toml)."""
+        if self._settings is None:
+            self._settings = Settings(self.raw)
+        return self._settings
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.raw[section]
@@ -120,10 +131,6 @@ class Config:
     @property
     def state_dir(self) -> Path:
         return Path(self.raw["daemon"]["state-dir"])
-
-    @property
-    def policy(self) -> dict[str, Any]:
-        return self.raw["policy"]
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:

@@ -317,7 +317,7 @@ def check_system_features(f: Facts) -> Result:
 
 def check_build_users(f: Facts) -> Result:
     """Enough build users for an outer build plus its nested ones (Nix #7297)."""
-    configured = int(f.config["daemon"]["max-sessions"])
+    configured = f.config.settings.daemon.max_sessions
     if f.settings.get("auto-allocate-uids") is True:
         return Result("build-users", OK, "auto-allocate-uids = true: no build-user bound")
     if f.users is None:
@@ -358,7 +358,7 @@ def check_build_users(f: Facts) -> Result:
 
 def check_daemon(f: Facts) -> Result:
     """The nix-daemon the sessions forward to answers the worker protocol."""
-    upstream = f.config["daemon"]["upstream"]
+    upstream = f.config.settings.daemon.upstream
     if not f.daemon.ok:
         return Result("nix-daemon", FAIL, f.daemon.detail, f.daemon.values.get("fix", ""))
     minor = f.daemon.values.get("minor", 0)
@@ -746,7 +746,7 @@ def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
     }
     hooks = ("pre-build-hook", "post-build-hook", "build-hook")
     paths = [str(settings.get(hook) or "") for hook in hooks]
-    paths += [str(config["daemon"]["state-dir"]), str(config["daemon"]["gc-roots-dir"])]
+    paths += [str(config.state_dir), str(config.settings.daemon.gc_roots_dir)]
     return Facts(
         config=config,
         nix_conf_file=nix_conf_file(env),
@@ -754,7 +754,7 @@ def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
         settings=settings,
         users=build_users(settings),
         daemon=probe_daemon(
-            str(config["daemon"]["upstream"]),
+            config.settings.daemon.upstream,
             env,
             str(config.source or "/etc/recnix/config.toml"),
         ),

@@ -113,7 +113,8 @@ def _settings(kind: str, control_socket: str | None) -> tuple[str | Path, list[s
     from recnix.config import load_config
 
     config = load_config()
-    return config.control_socket, config["hooks"][kind]
+    hooks = config.settings.hooks
+    return config.control_socket, list(hooks.pre_build if kind == "pre-build" else hooks.post_build)
 
 
 def _guard_block(control_socket: str | Path, drv_path: str, chroot: str) -> str:

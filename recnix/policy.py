@@ -34,6 +34,7 @@ from pathlib import Path
 
 from recnix.derivation import Derivation, DerivationError, read_derivation
 from recnix.names import FEATURE, FEATURE_READONLY
+from recnix.settings import PolicySettings
 from recnix.storepath import InvalidStorePath, validate_store_path
 
 
@@ -54,15 +55,16 @@ class Limits:
     forward_build_logs: bool = True
 
     @classmethod
-    def from_policy(cls, policy: dict) -> Limits:
+    def from_policy(cls, policy: PolicySettings) -> Limits:
+        """The limits of ``[policy]`` (``Config.settings.policy``)."""
         return cls(
-            max_depth=policy["max-depth"],
-            max_builds=policy["max-builds-per-session"],
-            max_added_bytes=policy["max-added-bytes"],
-            allow_fixed_output=policy["allow-fixed-output"],
-            max_connections=policy["max-connections-per-session"],
-            existing_fixed_outputs=policy.get("existing-fixed-outputs", "allow"),
-            forward_build_logs=policy.get("forward-build-logs", True),
+            max_depth=policy.max_depth,
+            max_builds=policy.max_builds_per_session,
+            max_added_bytes=policy.max_added_bytes,
+            allow_fixed_output=policy.allow_fixed_output,
+            max_connections=policy.max_connections_per_session,
+            existing_fixed_outputs=policy.existing_fixed_outputs,
+            forward_build_logs=policy.forward_build_logs,
         )
 
 

@@ -74,23 +74,23 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state_dir = config.state_dir
-        self.gc_roots_dir = Path(config["daemon"]["gc-roots-dir"])
+        daemon = config.settings.daemon
+        self.gc_roots_dir = daemon.gc_roots_dir
         self.sessions: dict[str, Session] = {}
-        audit_path = config["daemon"]["audit-log"]
-        self.audit = AuditLog(Path(audit_path) if audit_path else None)
-        self.limits = Limits.from_policy(config.policy)
+        self.audit = AuditLog(Path(daemon.audit_log) if daemon.audit_log else None)
+        self.limits = Limits.from_policy(config.settings.policy)
         settings = nix_settings()
         users = build_users(settings)
-        max_sessions, bound_reason = session_bound(config["daemon"]["max-sessions"], users)
+        max_sessions, bound_reason = session_bound(daemon.max_sessions, users)
         if bound_reason:
             log.warning("%s", bound_reason)
         self.marks_dir = hook_marks_dir(config.raw)
         self.admission = Admission(max_sessions, self.marks_dir, users[1] if users else None)
-        self.pool = UpstreamPool(config["daemon"]["upstream"])
+        self.pool = UpstreamPool(daemon.upstream)
         self.finaliser = Finaliser(
-            self.pool, self.audit, list(config["signing"]["secret-key-files"])
+            self.pool, self.audit, list(config.settings.signing.secret_key_files)
         )
-        self.watcher = Watcher(float(config["daemon"]["finalise-grace"]))
+        self.watcher = Watcher(float(daemon.finalise_grace))
         self.chroot_sockets = ChrootSockets()
         self.guards = Guards(self.state_dir, self.audit)  # builds without a .drv here
         self.control = ControlServer(
@@ -100,17 +100,15 @@ class Service:
         self._finalising: dict[str, asyncio.Future[list[str]]] = {}  # sid -> its finalisation
         # Nested builds that open no session may skip nix.conf's hooks, unless
         # recnix chains further hooks (which must see every build).
-        hooks = config["hooks"]
+        hooks, policy = config.settings.hooks, config.settings.policy
         self.session_context = SessionContext(
             state_dir=self.state_dir,
             gc_roots_dir=self.gc_roots_dir,
             audit=self.audit,
             # sessions fsync what they add or build before the build sees it
-            fsync_paths=fsync_paths(config["daemon"]["fsync-paths"], settings),
+            fsync_paths=fsync_paths(daemon.fsync_paths, settings),
             hooks_optional=bool(
-                config.policy["nested-builds-skip-hooks"]
-                and not hooks["pre-build"]
-                and not hooks["post-build"]
+                policy.nested_builds_skip_hooks and not hooks.pre_build and not hooks.post_build
             ),
             fresh_upstream=self.pool.fresh,
             connect_upstream=self.pool.connect,
@@ -355,7 +353,7 @@ class Service:
                 f"{drv_path} requires recnix but is not built in a sandbox; "
                 "set `sandbox = true` and `sandbox-fallback = false` in nix.conf"
             )
-        readonly = mode == "readonly" or bool(self.config.policy["readonly-only"])
+        readonly = mode == "readonly" or self.config.settings.policy.readonly_only
         parent = await self._parent_of(drv_path)
         depth = 1 if parent is None else parent.depth + 1
         if self.limits.max_depth and depth > self.limits.max_depth:

@@ -568,7 +568,7 @@ class Proxy:
         """How far this session's builder is trusted (recnix.remotetrust)."""
         from recnix.config import load_config
 
-        trusted = load_config()["remote"]["trusted-builders"]
+        trusted = load_config().settings.remote.trusted_builders
         return TrustCheck(
             self.host,
             builder_trusted(self.host, trusted),

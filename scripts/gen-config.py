@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Write what is generated from recnix/config-keys.toml (each key's one declaration):
-recnix/defaults.toml and the table between the markers below in README.md.
+recnix/defaults.toml, recnix/settings.py (the typed settings) and the table between
+the markers below in README.md.
 
     scripts/gen-config.py          # rewrite them
     scripts/gen-config.py --check  # exit 1 if one is stale
@@ -21,6 +22,7 @@ from recnix import configdocs  # noqa: E402
 from recnix.config import DEFAULTS_FILE  # noqa: E402
 
 README = REPO / "README.md"
+SETTINGS_FILE = REPO / "recnix" / "settings.py"
 BEGIN = "<!-- config-keys:begin -->"
 END = "<!-- config-keys:end -->"
 
@@ -32,6 +34,7 @@ def generated() -> dict[Path, str]:
         raise SystemExit(f"gen-config: README.md lacks the {BEGIN} ... {END} markers")
     return {
         DEFAULTS_FILE: configdocs.render_defaults_toml(),
+        SETTINGS_FILE: configdocs.render_settings_module(),
         README: configdocs.replace_block(readme, BEGIN, END, configdocs.render_readme_table()),
     }
 

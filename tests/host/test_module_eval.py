@@ -179,7 +179,7 @@ def test_policy_settings_flow_into_the_config_file(tmp_path: Path) -> None:
     # The daemon accepts the file the module writes.
     path = tmp_path / "config.toml"
     path.write_text(nix_eval("configToml", ["{ services.recnix.settings.policy.max-depth = 7; }"]))
-    assert load_config(path).policy["max-depth"] == 7
+    assert load_config(path).settings.policy.max_depth == 7
 
 
 def test_wrongly_typed_setting_is_rejected() -> None:

@@ -117,3 +117,41 @@ def test_refused_on_a_nix_conf_with_a_foreign_pre_build_hook(debian_host) -> Non
         machine.fail("test -e /etc/nix/recnix.conf")
     finally:
         machine.succeed(f"printf %s {shlex.quote(original)} > /etc/nix/nix.conf")
+
+
+def test_by_hand_setup_from_the_readme(debian_host) -> None:
+    """The README's "By hand" commands, run verbatim on the Debian host, then its
+    bundle-nix/busybox lines and its example: the inner output is in the closure."""
+    machine, _, _ = debian_host
+    by_hand = readme_block("recnix nix-conf > /etc/nix/recnix.conf")
+    tools = readme_block('nix="$(recnix bundle-nix)"')
+    example = readme_block("# outer.nix")
+    command = example.splitlines()[0].split("—", 1)[1].strip()
+    original = machine.succeed("cat /etc/nix/nix.conf")
+    machine.succeed(
+        f"mkdir -p /root/byhand && printf %s {shlex.quote(example)} > /root/byhand/outer.nix"
+    )
+    try:
+        # the daemon the block starts in the background keeps the log file, not SSH's pipes
+        rc, out, err = machine.execute(
+            f"bash -e -c {shlex.quote(by_hand)} > /root/byhand/setup.log 2>&1 < /dev/null; "
+            "rc=$?; cat /root/byhand/setup.log; exit $rc",
+            timeout=300,
+        )
+        assert rc == 0, out + err
+        machine.wait_until_succeeds("recnix status", timeout=60)
+        doctor = machine.execute("recnix doctor --no-build 2>&1")[1]
+        assert "FAIL" not in doctor, doctor
+        result = machine.succeed(
+            f"cd /root/byhand && {tools} && export NIX_REMOTE=daemon && {command} 2>&1 "
+            "&& nix-store -qR result",
+            timeout=900,
+        )
+        assert any(line.endswith("-inner") for line in result.splitlines()), result
+    finally:
+        machine.execute(
+            "pkill -f 'recnix daemon'; rm -rf /etc/nix/recnix.conf /etc/recnix/hooks.env "
+            "/etc/systemd/system/nix-daemon.service.d && "
+            f"printf %s {shlex.quote(original)} > /etc/nix/nix.conf && "
+            "systemctl daemon-reload && systemctl restart nix-daemon.service"
+        )
