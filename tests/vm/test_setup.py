@@ -143,8 +143,8 @@ def test_by_hand_setup_from_the_readme(debian_host) -> None:
         doctor = machine.execute("recnix doctor --no-build 2>&1")[1]
         assert "FAIL" not in doctor, doctor
         result = machine.succeed(
-            f"cd /root/byhand && {tools} && export NIX_REMOTE=daemon && {command} 2>&1 "
-            "&& nix-store -qR result",
+            f"set -e\ncd /root/byhand\n{tools}export NIX_REMOTE=daemon\n{command} 2>&1\n"
+            "nix-store -qR result",
             timeout=900,
         )
         assert any(line.endswith("-inner") for line in result.splitlines()), result
