@@ -50,7 +50,6 @@ from recnix.nar import Contents, File, FileEnd, NarParser
 from recnix.protocol import (
     NEED_DATA,
     BuildResult,
-    ClientConnection,
     ConnectionClosed,
     Data,
     DerivedPath,
@@ -172,50 +171,26 @@ def topo_order(infos: dict[str, PathInfo]) -> list[str]:
     return order
 
 
-class Builder(Upstream):
-    """The worker-protocol connection to the builder, over the real ssh's pipes."""
-
-    @classmethod
-    async def open(cls, ssh: str, args: list[str], client_minor: int) -> Builder:
-        """Start ``ssh ARGS`` and handshake at ``client_minor`` (no SetOptions: build-remote
-        sends its own)."""
-        from recnix.upstream import _PipeWriter
-
-        process = await asyncio.create_subprocess_exec(
-            ssh,
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=READ_CHUNK * 4,
-        )
-        assert process.stdout is not None and process.stdin is not None
-        if announces_start(args):
-            line = await process.stdout.readline()
-            if line != b"started\n":
-                raise UpstreamError(
-                    f"ssh did not report the connection as started (first line: {line!r})"
-                )
-        conn = ClientConnection(client_minor=client_minor)
-        self = cls(process.stdout, _PipeWriter(process.stdin), conn, process)  # type: ignore[arg-type]
-        conn.initiate()
-        await self._flush()
-        ev = await self._next_event()
-        if isinstance(ev, ErrorReply):
-            raise UpstreamError(ev.error.message)
-        if not isinstance(ev, HandshakeDone):
-            raise UpstreamError(f"unexpected handshake event from the builder: {ev!r}")
-        self.handshake = ev
-        return self
-
-    @property
-    def conn(self) -> ClientConnection:
-        return self._conn
-
-    async def flush(self) -> None:
-        await self._flush()
-
-    async def event(self) -> Event:
-        return await self._next_event()
+async def open_builder(ssh: str, args: list[str], client_minor: int) -> Upstream:
+    """Start ``ssh ARGS`` (the real ssh, to the builder's ``nix-daemon --stdio``) and
+    handshake at ``client_minor`` (no SetOptions: build-remote sends its own)."""
+    process = await asyncio.create_subprocess_exec(
+        ssh,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        limit=READ_CHUNK * 4,
+    )
+    assert process.stdout is not None
+    if announces_start(args):
+        line = await process.stdout.readline()
+        if line != b"started\n":
+            process.kill()
+            await process.wait()
+            raise UpstreamError(
+                f"ssh did not report the connection as started (first line: {line!r})"
+            )
+    return await Upstream.over_process(process, client_minor, "the builder")
 
 
 class Proxy:
@@ -225,7 +200,7 @@ class Proxy:
         self.reader = reader
         self.writer = writer
         self.server: ServerConnection | None = None
-        self.builder: Builder | None = None
+        self.builder: Upstream | None = None
         self.host = "the builder"
         self._local: Upstream | None = None
 
@@ -258,7 +233,7 @@ class Proxy:
         unless build-remote is older than the builder (the codec converts)."""
         self.host = ssh_destination(args) or "the builder"
         try:
-            self.builder = await Builder.open(ssh, args, SERVER_MINOR_DEFAULT)
+            self.builder = await open_builder(ssh, args, SERVER_MINOR_DEFAULT)
         except (UpstreamError, ProtocolError, OSError) as e:
             raise ProxyError(
                 f"no worker-protocol session with {self.host} through `{ssh}`: {e} "
@@ -335,7 +310,7 @@ class Proxy:
         server = self.server
         assert builder is not None and server is not None
         while True:
-            ev = await builder.event()
+            ev = await builder.next_event()
             if isinstance(ev, Log):
                 server.send_log(ev.msg)
                 await self.flush_server()
@@ -409,7 +384,7 @@ class Proxy:
         await self.flush_server()
         if op_spec(ev.op).reply_stream is StreamKind.NAR:
             while True:
-                ev2 = await builder.event()
+                ev2 = await builder.next_event()
                 if isinstance(ev2, Data):
                     server.send_raw(ev2.data)
                     await self.flush_server()

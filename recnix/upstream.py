@@ -15,7 +15,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from recnix.aio import READ_CHUNK, next_event, stream_data
+from recnix import aio
+from recnix.aio import READ_CHUNK, stream_data
 from recnix.derivation import Derivation, DerivationError, read_derivation
 from recnix.nar import dump_path
 from recnix.protocol import (
@@ -159,7 +160,7 @@ class Upstream(LocalStoreFiles):
                 )
                 assert process.stdout is not None and process.stdin is not None
                 reader = process.stdout
-                writer = _PipeWriter(process.stdin)
+                writer = PipeWriter(process.stdin)
             else:
                 path = (
                     target[len("unix://") :]
@@ -169,18 +170,8 @@ class Upstream(LocalStoreFiles):
                 reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK * 4)
         except OSError as e:
             raise UpstreamClosed(connect_error_message(target, e)) from e
-        conn = ClientConnection(client_minor=client_minor)
-        self = cls(reader, writer, conn, process)  # type: ignore[arg-type]
-        conn.initiate()
-        await self._flush()
-        ev = await self._next_event()
-        if isinstance(ev, ErrorReply):
-            await self.close()
-            raise UpstreamError(ev.error.message)
-        if not isinstance(ev, HandshakeDone):
-            await self.close()
-            raise UpstreamClosed(f"unexpected handshake event from the nix-daemon: {ev!r}")
-        self.handshake = ev
+        self = cls(reader, writer, ClientConnection(client_minor=client_minor), process)  # type: ignore[arg-type]
+        ev = await self._handshake("the nix-daemon")
         log.debug(
             "nix-daemon %s (%s): protocol 1.%d (it offered 1.%d, recnix asked 1.%d)",
             ev.nix_version or "(version not sent)",
@@ -192,6 +183,39 @@ class Upstream(LocalStoreFiles):
         await self.call(Op.SET_OPTIONS, {"options": default_options(hooks)})
         self.runs_hooks = hooks
         return self
+
+    @classmethod
+    async def over_process(
+        cls, process: asyncio.subprocess.Process, client_minor: int, peer: str
+    ) -> Upstream:
+        """A connection over the pipes of ``process`` (already started, e.g. ``ssh HOST
+        nix-daemon --stdio``), handshaken at ``client_minor``; no SetOptions (the caller
+        sends its own, or relays its client's). ``peer`` names it in errors."""
+        assert process.stdout is not None and process.stdin is not None
+        conn = ClientConnection(client_minor=client_minor)
+        self = cls(process.stdout, PipeWriter(process.stdin), conn, process)  # type: ignore[arg-type]
+        await self._handshake(peer)
+        return self
+
+    async def _handshake(self, peer: str) -> HandshakeDone:
+        """Run the client handshake; UpstreamError (the connection closed) if it fails."""
+        self._conn.initiate()
+        await self.flush()
+        ev = await self.next_event()
+        if isinstance(ev, ErrorReply):
+            await self.close()
+            raise UpstreamError(ev.error.message)
+        if not isinstance(ev, HandshakeDone):
+            await self.close()
+            raise UpstreamClosed(f"unexpected handshake event from {peer}: {ev!r}")
+        self.handshake = ev
+        return ev
+
+    @property
+    def conn(self) -> ClientConnection:
+        """The sans-IO connection, for relaying: queue requests and data on it, then
+        :meth:`flush`; read what comes back with :meth:`next_event`."""
+        return self._conn
 
     @property
     def minor(self) -> int:
@@ -207,14 +231,16 @@ class Upstream(LocalStoreFiles):
 
     # -- plumbing
 
-    async def _flush(self) -> None:
+    async def flush(self) -> None:
+        """Send what the connection has queued."""
         data = self._conn.data_to_send()
         if data and self._writer is not None:
             self._writer.write(data)
             await self._writer.drain()
 
-    async def _next_event(self) -> Event:
-        ev = await next_event(self._conn, self._reader, self._flush)
+    async def next_event(self) -> Event:
+        """The next event from the daemon (UpstreamClosed when it closed the connection)."""
+        ev = await aio.next_event(self._conn, self._reader, self.flush)
         if ev is NEED_DATA or isinstance(ev, ConnectionClosed):
             self.closed = True
             raise UpstreamClosed("the nix-daemon closed the connection")
@@ -222,7 +248,7 @@ class Upstream(LocalStoreFiles):
 
     async def _await_reply(self, on_log: LogCallback | None) -> Any:
         while True:
-            ev = await self._next_event()
+            ev = await self.next_event()
             if isinstance(ev, Log):
                 if on_log is not None:
                     result = on_log(ev.msg)
@@ -257,13 +283,13 @@ class Upstream(LocalStoreFiles):
         if isinstance(data, AsyncIterable):
             async for chunk in data:
                 self._conn.send_data(chunk)
-                await self._flush()
+                await self.flush()
         else:
             for chunk in data:
                 self._conn.send_data(chunk)
-                await self._flush()
+                await self.flush()
         self._conn.send_end_of_data()
-        await self._flush()
+        await self.flush()
 
     # -- operations
 
@@ -310,7 +336,7 @@ class Upstream(LocalStoreFiles):
     ) -> Any:
         try:
             self._conn.send_request(op, args or {})
-            await self._flush()
+            await self.flush()
             if data is None:
                 return await self._await_reply(on_log)
             # Read the daemon's messages while the stream goes out, so a
@@ -343,9 +369,9 @@ class Upstream(LocalStoreFiles):
         async with self._lock:
             self._in_op = True  # until the whole NAR is read
             self._conn.send_request(Op.NAR_FROM_PATH, {"path": path})
-            await self._flush()
+            await self.flush()
             await self._await_reply(None)
-            async for chunk in stream_data(self._next_event, UpstreamClosed):
+            async for chunk in stream_data(self.next_event, UpstreamClosed):
                 yield chunk
             self._in_op = False
 
@@ -477,7 +503,7 @@ class Upstream(LocalStoreFiles):
             self._process.kill()
 
 
-class _PipeWriter:
+class PipeWriter:
     """Adapts a subprocess stdin to the StreamWriter methods Upstream uses."""
 
     def __init__(self, stdin: asyncio.StreamWriter) -> None:

@@ -263,7 +263,7 @@ def plant(store: Path, path: str, text: str, refs: list[str], deriver: str = "")
 
     from recnix.nar import dump_path, nar_hash
     from recnix.protocol import PathInfo, ValidPathInfo
-    from recnix.sshproxy import Builder
+    from recnix.sshproxy import open_builder
 
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "contents"
@@ -278,7 +278,7 @@ def plant(store: Path, path: str, text: str, refs: list[str], deriver: str = "")
         fake = store.parent / "fake-ssh"
 
         async def add() -> None:
-            conn = await Builder.open(str(fake), ["builder", "nix-daemon --stdio"], 35)
+            conn = await open_builder(str(fake), ["builder", "nix-daemon --stdio"], 35)
             try:
                 await conn.add_to_store_nar(
                     ValidPathInfo(path, info), list(dump_path(file)), dont_check_sigs=True
@@ -526,7 +526,7 @@ def test_started_line_of_nix_2_20_on(
     host's Nix being 2.8)."""
     import asyncio
 
-    from recnix.sshproxy import Builder
+    from recnix.sshproxy import open_builder
 
     store, fake = builder_store  # it prints "started" when asked, as ssh does
     for key, value in client_env(nix_host, fake).items():
@@ -535,7 +535,7 @@ def test_started_line_of_nix_2_20_on(
     args += ["--", "nix-daemon", "--stdio"]
 
     async def session() -> list[str]:
-        conn = await Builder.open(str(buildhook.shim_dir() / "ssh"), args, 35)
+        conn = await open_builder(str(buildhook.shim_dir() / "ssh"), args, 35)
         try:
             return await conn.query_valid_paths([busybox, "/nix/store/" + "0" * 32 + "-x"])
         finally:
