@@ -11,6 +11,7 @@ from recnix_vm.image import GUEST_SCENARIOS_DIR
 from recnix_vm.machine import Machine
 
 from tests import nixversion
+from tests.host.test_readme import readme_block
 from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
@@ -91,3 +92,78 @@ bad = [f"{i['path']} -> {r}" for i in infos for r in [i["path"], *i.get("referen
 print(len(infos), "valid paths checked")
 sys.exit("\\n".join(bad) or None)
 """
+
+
+# Every file `recnix setup` may touch, and the unit it starts.
+SETUP_TOUCHED = (
+    "/etc/nix/nix.conf",
+    "/etc/nix/recnix.conf",
+    "/etc/recnix/hooks.env",
+    "/etc/systemd/system/nix-daemon.service.d/recnix.conf",
+    "/etc/systemd/system/recnix.service",
+)
+
+
+def setup_fingerprint(machine: Machine) -> str:
+    """sha256 and mode of each file setup may touch ("absent" where there is none)."""
+    lines = [
+        f"{p}: " + machine.succeed(
+            f"if [ -e {p} ]; then sha256sum < {p} | cut -d' ' -f1; stat -c %a {p}; "
+            "else echo absent; fi"
+        ).replace("\n", " ").strip()
+        for p in SETUP_TOUCHED
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def take_recnix_away(machine: Machine, nix_conf: str) -> None:
+    """Take the guest back to a host before recnix: no recnix unit, no drop-in or
+    environment file of recnix's, ``nix_conf`` as /etc/nix/nix.conf (recnix stays
+    installed)."""
+    machine.succeed(
+        "systemctl disable --now recnix.service && rm /etc/systemd/system/recnix.service "
+        "&& rm -f /etc/systemd/system/nix-daemon.service.d/recnix.conf /etc/recnix/hooks.env "
+        f"&& printf %s {shlex.quote(nix_conf)} > /etc/nix/nix.conf "
+        "&& chmod 644 /etc/nix/nix.conf "
+        "&& systemctl daemon-reload && systemctl restart nix-daemon.service"
+    )
+
+
+def setup_example_again_and_undo(machine: Machine, busybox: str, nix: str) -> tuple[str, str]:
+    """`recnix setup` on a guest recnix was taken away from: doctor all ok, the README's
+    example builds with its inner output in the closure, setup again changes nothing,
+    `--undo` puts every file back (by hash) and takes recnix's unit away. Returns
+    setup's output and the /etc/nix/recnix.conf it wrote."""
+    before = setup_fingerprint(machine)
+    assert "/etc/systemd/system/recnix.service: absent" in before  # taken away
+    assert "/etc/nix/nix.conf: absent" not in before
+    rc, out, err = machine.execute("recnix setup 2>&1", timeout=900)
+    assert rc == 0, out + err
+    assert "wrote /etc/nix/recnix.conf" in out
+    assert "recnix doctor: everything a recursive build needs is in place" in out, out
+    assert "FAIL" not in out, out
+    machine.succeed("systemctl is-active recnix.service && systemctl is-enabled recnix.service")
+    written = machine.succeed("cat /etc/nix/recnix.conf")
+
+    example = readme_block("# outer.nix")
+    command = example.splitlines()[0].split("—", 1)[1].strip()
+    machine.succeed(
+        f"mkdir -p /root/readme && printf %s {shlex.quote(example)} > /root/readme/outer.nix"
+    )
+    result = machine.succeed(
+        f"cd /root/readme && export nix={nix} bb={busybox} NIX_REMOTE=daemon && {command} 2>&1 "
+        "&& NIX_REMOTE=daemon nix-store -qR result",
+        timeout=900,
+    )
+    assert any(line.endswith("-inner") for line in result.splitlines()), result
+
+    again = machine.succeed("recnix setup --no-build 2>&1")
+    assert "nothing to change" in again and "wrote" not in again, again
+
+    undone = machine.succeed("recnix setup --undo 2>&1")
+    assert "restored /etc/nix/nix.conf" in undone, undone
+    assert setup_fingerprint(machine) == before
+    rc, _, _ = machine.execute("systemctl is-enabled recnix.service")
+    assert rc != 0, "recnix.service is still enabled after --undo"
+    machine.fail("systemctl is-active recnix.service")
+    return out, written

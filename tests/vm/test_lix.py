@@ -14,6 +14,7 @@ skipped with the reason (scripts/build-lix-tarball.sh makes one).
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,8 @@ from tests.vm.guest import (
     boot,
     restart_mid_build,
     runner_for,
+    setup_example_again_and_undo,
+    take_recnix_away,
 )
 
 pytestmark = [
@@ -117,3 +120,21 @@ def test_restart_mid_build_resumes_the_session(guest) -> None:
     in the chroot is replaced by the restarted service's, and the build finishes."""
     machine, runner, _ = guest
     restart_mid_build(machine, runner)
+
+
+# A Lix host's nix.conf before recnix (last: the guest is left without recnix).
+LIX_NIX_CONF = """\
+build-users-group = nixbld
+sandbox = true
+substituters =
+"""
+
+
+def test_setup_doctor_example_again_and_undo_on_lix(guest) -> None:
+    """`recnix setup` on a Lix host: no build-hook in what it writes (Lix keeps its own),
+    doctor all ok, the README's example builds, --undo restores every file."""
+    machine, runner, busybox = guest
+    take_recnix_away(machine, LIX_NIX_CONF)
+    _, written = setup_example_again_and_undo(machine, busybox, runner.nix)
+    assert "pre-build-hook = " in written, written
+    assert not re.search(r"^build-hook", written, re.M), written  # Lix keeps its own
