@@ -7,6 +7,7 @@ Feed received bytes with ``receive_data`` (``b""`` = EOF), pull events with
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -144,6 +145,21 @@ Event = (
 )
 
 
+class Phase(enum.Enum):
+    """Where a connection is in its stream; ``next_event`` reads by phase."""
+
+    NEW = "new"  # client: initiate() not called yet
+    HANDSHAKE = "handshake"  # the magic/version exchange
+    IDLE = "idle"  # server: between requests; client: no request in flight
+    REQUEST = "request"  # server: an op's arguments are being read
+    FRAMED = "framed"  # server: the request's framed data stream (minor >= 23)
+    NAR = "nar"  # a NAR as the request's (server) or reply's (client) data
+    TUNNEL = "tunnel"  # server: data pulled from the client with STDERR_READ
+    STDERR = "stderr"  # client: log messages until the reply
+    REPLY = "reply"  # client: the op's reply
+    CLOSED = "closed"  # the peer closed the connection
+
+
 class _Base:
     """Buffers, stream readers and output queue shared by both roles."""
 
@@ -153,7 +169,7 @@ class _Base:
         self._limits = Ctx(0, frozenset(), max_string, max_list)
         self.ctx: Ctx | None = None
         self._dec: Decoder | None = None
-        self._state = "handshake"
+        self._state: Phase = Phase.HANDSHAKE
         self._frame_left = 0
         self._nar: NarParser | None = None
 
@@ -204,7 +220,7 @@ class _Base:
             offset = buf.offset
             n = int.from_bytes(buf.take(8), "little")
             if n == 0:
-                self._state = "idle"
+                self._state = Phase.IDLE
                 return EndOfData()
             if n > MAX_FRAME_LEN:
                 raise ProtocolError(f"frame of {n} bytes is too large", offset)
@@ -217,7 +233,7 @@ class _Base:
 
     def _start_nar(self) -> None:
         self._nar = NarParser()
-        self._state = "nar"
+        self._state = Phase.NAR
 
     def _read_nar(self) -> Event:
         nar = self._nar
@@ -225,7 +241,7 @@ class _Base:
         buf = self._buf
         while True:
             if nar.done:
-                self._state = "idle"
+                self._state = Phase.IDLE
                 self._nar = None
                 return EndOfData()
             if not len(buf):
@@ -263,10 +279,10 @@ class ServerConnection(_Base):
         buf = self._buf
         while True:
             state = self._state
-            if state == "idle":
+            if state is Phase.IDLE:
                 if not len(buf):
                     if buf.eof:
-                        self._state = "closed"
+                        self._state = Phase.CLOSED
                         return ConnectionClosed()
                     return NEED_DATA
                 if len(buf) >= 16:
@@ -285,38 +301,38 @@ class ServerConnection(_Base):
                 self._spec = spec
                 assert self.ctx is not None
                 self._dec = Decoder(spec.request.read(self.ctx), f"{spec.op.name} request")
-                self._state = "request"
-            elif state == "request":
+                self._state = Phase.REQUEST
+            elif state is Phase.REQUEST:
                 assert self._dec is not None and self._spec is not None and self.ctx is not None
                 if not self._dec.step(buf):
                     return NEED_DATA
                 spec = self._spec
                 kind = spec.stream(self.ctx.minor)
                 if kind is StreamKind.FRAMED:
-                    self._state = "framed"
+                    self._state = Phase.FRAMED
                     self._frame_left = 0
                 elif kind is StreamKind.NAR:
                     self._start_nar()
                 elif kind is StreamKind.TUNNEL_NAR:
                     self._start_nar()
-                    self._state = "tunnel"
+                    self._state = Phase.TUNNEL
                     self._tunnel_asked = False
                 else:
                     # NONE, or TUNNEL (ImportPaths): data flows only if we send STDERR_READ
-                    self._state = "idle"
+                    self._state = Phase.IDLE
                 return Request(spec.op, self._dec.value)
-            elif state == "framed":
+            elif state is Phase.FRAMED:
                 return self._read_framed()
-            elif state == "nar":
+            elif state is Phase.NAR:
                 return self._read_nar()
-            elif state == "tunnel":
+            elif state is Phase.TUNNEL:
                 event = self._read_tunnel()
                 if event is not None:
                     return event
-            elif state == "handshake":
+            elif state is Phase.HANDSHAKE:
                 assert self._dec is not None
                 if not len(buf) and buf.eof and buf.offset == 0:
-                    self._state = "closed"
+                    self._state = Phase.CLOSED
                     return ConnectionClosed()
                 if not self._dec.step(buf):
                     return NEED_DATA
@@ -327,7 +343,7 @@ class ServerConnection(_Base):
                     self._limits.max_string,
                     self._limits.max_list,
                 )
-                self._state = "idle"
+                self._state = Phase.IDLE
                 return done
             else:
                 return ConnectionClosed()
@@ -351,7 +367,7 @@ class ServerConnection(_Base):
         well-formed request of SINGLE_PATH_OPS; else None and nothing is consumed
         (call ``receive_data``)."""
         buf = self._buf
-        if self._state != "idle" or len(buf) or buf.eof or len(data) < 16:
+        if self._state is not Phase.IDLE or len(buf) or buf.eof or len(data) < 16:
             return None
         decoded = self._decode_single_path(data, 0)
         if decoded is None or decoded[1] != len(data):
@@ -378,7 +394,7 @@ class ServerConnection(_Base):
         nar = self._nar
         assert nar is not None and self.ctx is not None
         if nar.done:
-            self._state = "idle"
+            self._state = Phase.IDLE
             self._nar = None
             return EndOfData()
         if not self._tunnel_asked:
@@ -448,26 +464,26 @@ class ClientConnection(_Base):
         super().__init__(max_string, max_list)
         self.client_minor = client_minor
         self.features = frozenset(features)
-        self._state = "new"
+        self._state = Phase.NEW
         self._pending: deque[OpSpec | None] = deque()  # None = the handshake's STDERR_LAST
         self._handshake: HandshakeDone | None = None
         self._stream_kind = StreamKind.NONE
 
     def initiate(self) -> None:
         """Queue the magic and our version and start the handshake."""
-        if self._state != "new":
+        if self._state is not Phase.NEW:
             raise RuntimeError("already initiated")
         self._send(client_hello(self.client_minor))
         gen = client_handshake(self._send, self.client_minor, self.features, self._limits)
         self._dec = Decoder(gen, "handshake")
-        self._state = "handshake"
+        self._state = Phase.HANDSHAKE
 
     def next_event(self) -> Event:
         """The next event, or ``NEED_DATA``. Raises ``ProtocolError`` on bad input."""
         buf = self._buf
         while True:
             state = self._state
-            if state == "stderr":
+            if state is Phase.STDERR:
                 assert self._dec is not None and self.ctx is not None
                 if not self._dec.step(buf):
                     return NEED_DATA
@@ -476,40 +492,40 @@ class ClientConnection(_Base):
                 if isinstance(msg, Last):
                     if spec is None:
                         self._pending.popleft()
-                        self._state = "idle"
+                        self._state = Phase.IDLE
                         assert self._handshake is not None
                         return self._handshake
                     if spec.reply is None:
                         return self._finish_reply(None)
                     self._dec = Decoder(spec.reply.read(self.ctx), f"{spec.op.name} reply")
-                    self._state = "reply"
+                    self._state = Phase.REPLY
                 elif isinstance(msg, Error):
                     self._pending.popleft()
-                    self._state = "idle"
+                    self._state = Phase.IDLE
                     return ErrorReply(msg)
                 else:
                     self._dec = Decoder(read_stderr(self.ctx), "log message")
                     return Log(msg)
-            elif state == "reply":
+            elif state is Phase.REPLY:
                 assert self._dec is not None
                 if not self._dec.step(buf):
                     return NEED_DATA
                 return self._finish_reply(self._dec.value)
-            elif state == "idle":
+            elif state is Phase.IDLE:
                 if self._pending:
                     assert self.ctx is not None
                     self._dec = Decoder(read_stderr(self.ctx), "log message")
-                    self._state = "stderr"
+                    self._state = Phase.STDERR
                     continue
                 if len(buf):
                     raise ProtocolError("unexpected data from the daemon", buf.offset)
                 if buf.eof:
-                    self._state = "closed"
+                    self._state = Phase.CLOSED
                     return ConnectionClosed()
                 return NEED_DATA
-            elif state == "nar":
+            elif state is Phase.NAR:
                 return self._read_nar()
-            elif state == "handshake":
+            elif state is Phase.HANDSHAKE:
                 assert self._dec is not None
                 if not self._dec.step(buf):
                     return NEED_DATA
@@ -519,8 +535,8 @@ class ClientConnection(_Base):
                     done.minor, done.features, self._limits.max_string, self._limits.max_list
                 )
                 self._pending.append(None)
-                self._state = "idle"
-            elif state == "new":
+                self._state = Phase.IDLE
+            elif state is Phase.NEW:
                 raise RuntimeError("call initiate() first")
             else:
                 return ConnectionClosed()
@@ -531,14 +547,14 @@ class ClientConnection(_Base):
         if spec.reply_stream is StreamKind.NAR:
             self._start_nar()
         else:
-            self._state = "idle"
+            self._state = Phase.IDLE
         return Reply(spec.op, value)
 
     # -- sending
 
     def send_request(self, op: Op | int, args: dict[str, Any] | None = None) -> None:
         """Queue a request; for ops with a trailing stream follow with ``send_data``..."""
-        if self.ctx is None or self._state in ("handshake", "new"):
+        if self.ctx is None or self._state in (Phase.HANDSHAKE, Phase.NEW):
             raise RuntimeError("handshake not complete")
         spec = op_spec(op)
         self._out += u64(spec.op)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ProtocolError
 from .wire import (
@@ -111,50 +113,81 @@ def _read_fields(ctx: Ctx) -> Gen:
     return fields
 
 
+def _write_next(out: bytearray, msg: Next, ctx: Ctx) -> None:
+    out += u64(Stderr.NEXT)
+    write_bytes(out, encode_str(msg.text))
+
+
+def _write_read(out: bytearray, msg: Read, ctx: Ctx) -> None:
+    out += u64(Stderr.READ) + u64(msg.length)
+
+
+def _write_write(out: bytearray, msg: Write, ctx: Ctx) -> None:
+    out += u64(Stderr.WRITE)
+    write_bytes(out, msg.data)
+
+
+def _write_last(out: bytearray, msg: Last, ctx: Ctx) -> None:
+    out += u64(Stderr.LAST)
+
+
+def _write_error(out: bytearray, msg: Error, ctx: Ctx) -> None:
+    out += u64(Stderr.ERROR)
+    if ctx.minor >= 26:
+        write_bytes(out, b"Error")
+        out += u64(msg.level)
+        write_bytes(out, encode_str(msg.name))
+        write_bytes(out, encode_str(msg.message))
+        out += u64(0) + u64(len(msg.traces))
+        for trace in msg.traces:
+            out += u64(0)
+            write_bytes(out, encode_str(trace))
+    else:
+        write_bytes(out, encode_str(msg.message))
+        out += u64(msg.status)
+
+
+def _write_start_activity(out: bytearray, msg: StartActivity, ctx: Ctx) -> None:
+    if ctx.minor < 20:  # no activities yet: its text as a log line
+        if msg.text:
+            _write_next(out, Next(msg.text + "...\n"), ctx)
+        return
+    out += u64(Stderr.START_ACTIVITY) + u64(msg.id) + u64(msg.level) + u64(msg.type)
+    write_bytes(out, encode_str(msg.text))
+    _write_fields(out, msg.fields)
+    out += u64(msg.parent)
+
+
+def _write_stop_activity(out: bytearray, msg: StopActivity, ctx: Ctx) -> None:
+    if ctx.minor >= 20:
+        out += u64(Stderr.STOP_ACTIVITY) + u64(msg.id)
+
+
+def _write_result(out: bytearray, msg: Result, ctx: Ctx) -> None:
+    if ctx.minor >= 20:
+        out += u64(Stderr.RESULT) + u64(msg.id) + u64(msg.type)
+        _write_fields(out, msg.fields)
+
+
+# Each message type's writer (what a client at ctx.minor gets; nothing where it has none).
+_WRITERS: dict[type, Callable[[bytearray, Any, Ctx], None]] = {
+    Next: _write_next,
+    Read: _write_read,
+    Write: _write_write,
+    Last: _write_last,
+    Error: _write_error,
+    StartActivity: _write_start_activity,
+    StopActivity: _write_stop_activity,
+    Result: _write_result,
+}
+
+
 def write_stderr(out: bytearray, msg: StderrMessage, ctx: Ctx) -> None:
     """Append ``msg`` as the server sends it to a client at ``ctx.minor``."""
-    if isinstance(msg, Next):
-        out += u64(Stderr.NEXT)
-        write_bytes(out, encode_str(msg.text))
-    elif isinstance(msg, Read):
-        out += u64(Stderr.READ) + u64(msg.length)
-    elif isinstance(msg, Write):
-        out += u64(Stderr.WRITE)
-        write_bytes(out, msg.data)
-    elif isinstance(msg, Last):
-        out += u64(Stderr.LAST)
-    elif isinstance(msg, Error):
-        out += u64(Stderr.ERROR)
-        if ctx.minor >= 26:
-            write_bytes(out, b"Error")
-            out += u64(msg.level)
-            write_bytes(out, encode_str(msg.name))
-            write_bytes(out, encode_str(msg.message))
-            out += u64(0) + u64(len(msg.traces))
-            for trace in msg.traces:
-                out += u64(0)
-                write_bytes(out, encode_str(trace))
-        else:
-            write_bytes(out, encode_str(msg.message))
-            out += u64(msg.status)
-    elif isinstance(msg, StartActivity):
-        if ctx.minor < 20:
-            if msg.text:
-                write_stderr(out, Next(msg.text + "...\n"), ctx)
-            return
-        out += u64(Stderr.START_ACTIVITY) + u64(msg.id) + u64(msg.level) + u64(msg.type)
-        write_bytes(out, encode_str(msg.text))
-        _write_fields(out, msg.fields)
-        out += u64(msg.parent)
-    elif isinstance(msg, StopActivity):
-        if ctx.minor >= 20:
-            out += u64(Stderr.STOP_ACTIVITY) + u64(msg.id)
-    elif isinstance(msg, Result):
-        if ctx.minor >= 20:
-            out += u64(Stderr.RESULT) + u64(msg.id) + u64(msg.type)
-            _write_fields(out, msg.fields)
-    else:
+    writer = _WRITERS.get(type(msg))
+    if writer is None:
         raise TypeError(f"not a stderr message: {msg!r}")
+    writer(out, msg, ctx)
 
 
 def encode_stderr(msg: StderrMessage, ctx: Ctx) -> bytes:
@@ -168,44 +201,77 @@ def _read_str(ctx: Ctx) -> Gen:
     return decode_str((yield from read_bytes(ctx.max_string)))
 
 
+def _read_next(ctx: Ctx) -> Gen:
+    return Next((yield from _read_str(ctx)))
+
+
+def _read_read(ctx: Ctx) -> Gen:
+    return Read((yield from read_u64()))
+
+
+def _read_write(ctx: Ctx) -> Gen:
+    return Write((yield from read_bytes(ctx.max_string)))
+
+
+def _read_last(ctx: Ctx) -> Gen:
+    return Last()
+    yield  # a generator, like the others
+
+
+def _read_error(ctx: Ctx) -> Gen:
+    if ctx.minor < 26:
+        message = yield from _read_str(ctx)
+        return Error(message, status=(yield from read_u64()))
+    kind = yield from _read_str(ctx)
+    if kind != "Error":
+        raise ProtocolError(f"error type must be 'Error', got {kind!r}")
+    level = yield from read_u64()
+    name = yield from _read_str(ctx)
+    message = yield from _read_str(ctx)
+    if (yield from read_u64()) != 0:
+        raise ProtocolError("error position is not supported")
+    n = yield from read_count(ctx, "error trace list")
+    traces = []
+    for _ in range(n):
+        if (yield from read_u64()) != 0:
+            raise ProtocolError("error trace position is not supported")
+        traces.append((yield from _read_str(ctx)))
+    return Error(message, 1, level, name, traces)
+
+
+def _read_start_activity(ctx: Ctx) -> Gen:
+    act, level, typ = (yield from read_u64()), (yield from read_u64()), (yield from read_u64())
+    text = yield from _read_str(ctx)
+    fields = yield from _read_fields(ctx)
+    return StartActivity(act, level, typ, text, fields, (yield from read_u64()))
+
+
+def _read_stop_activity(ctx: Ctx) -> Gen:
+    return StopActivity((yield from read_u64()))
+
+
+def _read_result(ctx: Ctx) -> Gen:
+    act, typ = (yield from read_u64()), (yield from read_u64())
+    return Result(act, typ, (yield from _read_fields(ctx)))
+
+
+# Each tag's reader (the message after its tag).
+_READERS: dict[int, Callable[[Ctx], Gen]] = {
+    Stderr.NEXT: _read_next,
+    Stderr.READ: _read_read,
+    Stderr.WRITE: _read_write,
+    Stderr.LAST: _read_last,
+    Stderr.ERROR: _read_error,
+    Stderr.START_ACTIVITY: _read_start_activity,
+    Stderr.STOP_ACTIVITY: _read_stop_activity,
+    Stderr.RESULT: _read_result,
+}
+
+
 def read_stderr(ctx: Ctx) -> Gen:
     """Decoder generator for one stderr message (tag included)."""
     tag = yield from read_u64()
-    if tag == Stderr.NEXT:
-        return Next((yield from _read_str(ctx)))
-    if tag == Stderr.READ:
-        return Read((yield from read_u64()))
-    if tag == Stderr.WRITE:
-        return Write((yield from read_bytes(ctx.max_string)))
-    if tag == Stderr.LAST:
-        return Last()
-    if tag == Stderr.ERROR:
-        if ctx.minor < 26:
-            message = yield from _read_str(ctx)
-            return Error(message, status=(yield from read_u64()))
-        kind = yield from _read_str(ctx)
-        if kind != "Error":
-            raise ProtocolError(f"error type must be 'Error', got {kind!r}")
-        level = yield from read_u64()
-        name = yield from _read_str(ctx)
-        message = yield from _read_str(ctx)
-        if (yield from read_u64()) != 0:
-            raise ProtocolError("error position is not supported")
-        n = yield from read_count(ctx, "error trace list")
-        traces = []
-        for _ in range(n):
-            if (yield from read_u64()) != 0:
-                raise ProtocolError("error trace position is not supported")
-            traces.append((yield from _read_str(ctx)))
-        return Error(message, 1, level, name, traces)
-    if tag == Stderr.START_ACTIVITY:
-        act, level, typ = (yield from read_u64()), (yield from read_u64()), (yield from read_u64())
-        text = yield from _read_str(ctx)
-        fields = yield from _read_fields(ctx)
-        return StartActivity(act, level, typ, text, fields, (yield from read_u64()))
-    if tag == Stderr.STOP_ACTIVITY:
-        return StopActivity((yield from read_u64()))
-    if tag == Stderr.RESULT:
-        act, typ = (yield from read_u64()), (yield from read_u64())
-        return Result(act, typ, (yield from _read_fields(ctx)))
-    raise ProtocolError(f"unknown stderr message tag {tag:#x}")
+    reader = _READERS.get(tag)
+    if reader is None:
+        raise ProtocolError(f"unknown stderr message tag {tag:#x}")
+    return (yield from reader(ctx))
