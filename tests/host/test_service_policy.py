@@ -389,10 +389,9 @@ def _two_opted_in_builds(host: NixHost, busybox: str) -> str:
     return write_expr(host, "two.nix", "[\n" + "\n".join(f"({b})" for b in builds) + "\n]")
 
 
-def test_one_nix_process_with_more_recursive_builds_than_slots_queues_them(busybox, nix_bundle):
-    """recnix's build hook makes the second of two opted-in builds of one nix-build wait
-    (Nix's "postpone") while the first holds the only slot (max-sessions = 1): both
-    succeed, one after the other."""
+def _two_builds_with_one_slot(busybox: str, nix_bundle: str, max_jobs: int) -> str:
+    """Two opted-in builds in one nix-build with ``--max-jobs`` (max-sessions = 1):
+    both must succeed; the service's log."""
     require_recnix_build_hook()
     with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}) as (
         host,
@@ -400,31 +399,9 @@ def test_one_nix_process_with_more_recursive_builds_than_slots_queues_them(busyb
         runner,
     ):
         assert service is not None
+        drvs = _two_opted_in_builds(host, busybox)
         proc = subprocess.run(
-            ["nix-build", "--no-out-link", "--max-jobs", "2", _two_opted_in_builds(host, busybox)],
-            env=host.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert len(proc.stdout.split()) == 2, proc.stdout
-        assert "before it takes a build user" in service.log_text()
-
-
-def test_builds_of_a_process_that_runs_them_one_by_one_are_not_postponed(busybox, nix_bundle):
-    """With --max-jobs 1 a Nix process can never hold every slot while its next build
-    waits: that build waits for the slot in its pre-build hook (woken when the slot
-    frees) instead of being postponed for build-poll-interval."""
-    require_recnix_build_hook()
-    with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}) as (
-        host,
-        service,
-        runner,
-    ):
-        assert service is not None
-        proc = subprocess.run(
-            ["nix-build", "--no-out-link", "--max-jobs", "1", _two_opted_in_builds(host, busybox)],
+            ["nix-build", "--no-out-link", "--max-jobs", str(max_jobs), drvs],
             env=host.env,
             capture_output=True,
             text=True,
@@ -434,7 +411,22 @@ def test_builds_of_a_process_that_runs_them_one_by_one_are_not_postponed(busybox
         assert len(proc.stdout.split()) == 2, proc.stdout
         log = service.log_text()
         assert log.count("opened for") == 2, log[-3000:]
-        assert "before it takes a build user" not in log, log[-3000:]
+        return log
+
+
+def test_one_nix_process_with_more_recursive_builds_than_slots_queues_them(busybox, nix_bundle):
+    """recnix's build hook makes the second of two opted-in builds of one nix-build wait
+    (Nix's "postpone") while the first holds the only slot (max-sessions = 1): both
+    succeed, one after the other."""
+    assert "before it takes a build user" in _two_builds_with_one_slot(busybox, nix_bundle, 2)
+
+
+def test_builds_of_a_process_that_runs_them_one_by_one_are_not_postponed(busybox, nix_bundle):
+    """With --max-jobs 1 a Nix process can never hold every slot while its next build
+    waits: that build waits for the slot in its pre-build hook (woken when the slot
+    frees) instead of being postponed for build-poll-interval."""
+    log = _two_builds_with_one_slot(busybox, nix_bundle, 1)
+    assert "before it takes a build user" not in log, log[-3000:]
 
 
 def test_one_nix_process_is_never_made_to_wait_for_its_own_slots(busybox, nix_bundle, tmp_path):
