@@ -14,7 +14,7 @@ fi
 
 packages=(nix-bin nix-setup-systemd busybox-static qemu-system-x86 qemu-utils
           mmdebstrap e2fsprogs openssh-client python3 python3-venv python3-pip
-          ca-certificates)
+          ca-certificates pipx)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,12 +3,16 @@ a virtualenv of its own (what pipx makes), with nothing from the checkout."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.host.test_readme import readme_block
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = ("recnix-pre-build-hook", "recnix-post-build-hook", "recnix-build-hook")
@@ -47,15 +51,50 @@ def test_installed_in_a_venv_of_its_own_setup_names_that_venv(wheel: Path, tmp_p
         check=True,
         capture_output=True,
     )
+    assert_installed(venv, venv / "bin" / "recnix", tmp_path)
+
+
+def test_the_readmes_install_commands_with_pipx(tmp_path: Path) -> None:
+    """The README's install block as a user runs it, in a copy of the checkout: `pip
+    wheel`, then `pipx install` (pipx from Debian); then its `recnix setup` as
+    ``--dry-run`` (the real one runs in a guest: tests/vm/test_setup.py)."""
+    if shutil.which("pipx") is None:
+        pytest.skip("no pipx here (setup.sh installs Debian's): the install block runs where it is")
+    build, install, setup = [
+        line.split("#", 1)[0].strip()
+        for line in readme_block("pip wheel --no-deps -w dist .").splitlines()
+    ]
+    assert setup == "recnix setup", setup
+    checkout = tmp_path / "checkout"
+    not_sources = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(*not_sources))
+    home = tmp_path / "pipx"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "PIPX_HOME": str(home),
+        "PIPX_BIN_DIR": str(tmp_path / "bin"),
+    }
+    for command in (build, install):
+        done = subprocess.run(
+            ["sh", "-c", command], cwd=checkout, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"[-3000:]
+    assert_installed(home / "venvs" / "recnix", tmp_path / "bin" / "recnix", tmp_path)
+
+
+def assert_installed(venv: Path, recnix: Path, cwd: Path) -> None:
+    """recnix in ``venv`` (its console script at ``recnix``): the hooks' sh fast paths
+    beside its Python, and `recnix setup --dry-run` naming that venv's paths."""
     for hook in HOOKS:  # the sh fast paths beside the console script
         assert (venv / "bin" / hook).read_text().startswith("#!/bin/sh"), hook
     hook = subprocess.run([str(venv / "bin/recnix-pre-build-hook")], capture_output=True, text=True)
     assert hook.returncode == 2 and "Nix runs it for every build" in hook.stderr
     dry = subprocess.run(
-        [str(venv / "bin/recnix"), "setup", "--dry-run"],
+        [str(recnix), "setup", "--dry-run"],
         capture_output=True,
         text=True,
-        cwd=tmp_path,  # nothing from the checkout
+        cwd=cwd,  # nothing from the checkout
     )
     text = dry.stdout + dry.stderr
     assert dry.returncode in (0, 1), text  # 1: refused on this host, with the reason
