@@ -14,23 +14,30 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Iterable
 
 from recnix.audit import AuditLog
 from recnix.invalidate import InvalidateError, invalidate_paths, invalidated_message
 from recnix.journal import SessionRecord
 from recnix.protocol import PathInfo
-from recnix.register import FinaliseError, StoreQueries, finalise_outputs, outputs_of
+from recnix.register import (
+    FinaliseError,
+    RegisteredInfo,
+    StoreQueries,
+    finalise_outputs,
+    outputs_of,
+)
 from recnix.session import Session
 from recnix.upstream import UpstreamError
 from recnix.upstreampool import UpstreamPool
 
 log = logging.getLogger("recnix.finalisation")
 
-QUERY_TIMEOUT = 120.0  # seconds for one path-info query during finalisation
+QUERY_TIMEOUT = 120.0  # seconds for one query (a path, or a closure) during finalisation
 
 
 class DaemonQueries(StoreQueries):
-    """Finalisation's store queries over the worker protocol, each on a fresh connection.
+    """Finalisation's store queries over the worker protocol, on fresh connections.
 
     Cheaper than a `nix` process per query; a fresh connection means a fresh daemon
     worker, whose cache cannot predate a re-registration. Called from the executor
@@ -41,41 +48,58 @@ class DaemonQueries(StoreQueries):
         self.pool = pool
         self.loop = loop
 
-    async def _query(self, path: str) -> PathInfo:
+    async def _infos(self, roots: list[str], closure: bool) -> dict[str, PathInfo]:
+        """The path infos of ``roots`` (with ``closure``: of their closure), on one fresh
+        connection."""
+        infos: dict[str, PathInfo] = {}
         try:
             upstream = await self.pool.fresh()
             try:
-                info = await upstream.query_path_info(path)
+                todo = list(roots)
+                while todo:
+                    path = todo.pop()
+                    if path in infos:
+                        continue
+                    info = await upstream.query_path_info(path)
+                    if info is None:
+                        raise FinaliseError(f"{path} is not valid")
+                    infos[path] = info
+                    if closure:
+                        todo.extend(r for r in info.references if r not in infos)
             finally:
                 await upstream.close()
         except (UpstreamError, OSError) as e:
-            raise FinaliseError(f"cannot query the path info of {path}: {e}") from None
-        if info is None:
-            raise FinaliseError(f"{path} is not valid")
-        return info
+            raise FinaliseError(f"cannot query the path info of {roots[0]}: {e}") from None
+        return infos
 
-    def _info(self, path: str) -> PathInfo:
-        future = asyncio.run_coroutine_threadsafe(self._query(path), self.loop)
+    def _wait(self, roots: list[str], closure: bool = False) -> dict[str, PathInfo]:
+        future = asyncio.run_coroutine_threadsafe(self._infos(roots, closure), self.loop)
         try:
             return future.result(QUERY_TIMEOUT)
         except TimeoutError:
             future.cancel()
             raise FinaliseError(
-                f"the nix-daemon did not answer a path-info query for {path} "
+                f"the nix-daemon did not answer path-info queries for {', '.join(roots)} "
                 f"within {QUERY_TIMEOUT:.0f} s"
             ) from None
 
-    def path_info(self, path: str) -> dict:
-        info = self._info(path)
-        return {
-            "narHash": f"sha256:{info.nar_hash}",
-            "narSize": info.nar_size,
-            "references": list(info.references),
-            "deriver": info.deriver or "",
-        }
+    def path_info(self, path: str) -> RegisteredInfo:
+        info = self._wait([path])[path]
+        return RegisteredInfo(
+            f"sha256:{info.nar_hash}",
+            info.nar_size,
+            frozenset(info.references),
+            info.deriver or "",
+        )
 
     def references(self, path: str) -> set[str]:
-        return set(self._info(path).references)
+        return set(self._wait([path])[path].references)
+
+    def closure(self, paths: Iterable[str]) -> dict[str, int]:
+        roots = list(paths)
+        if not roots:
+            return {}
+        return {path: info.nar_size for path, info in self._wait(roots, closure=True).items()}
 
 
 class Finaliser:
@@ -104,6 +128,8 @@ class Finaliser:
                 dict(os.environ),
                 DaemonQueries(self.pool, loop),
                 session.take_registrar(),
+                True,
+                session.drv,
             )
         except Exception as e:
             if not isinstance(e, FinaliseError):

@@ -17,7 +17,7 @@ import os
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from recnix.derivation import Derivation, DerivationError, read_derivation
 from recnix.nar import scan_for_hashes
@@ -131,6 +131,15 @@ class Registrar:
         self.process.wait()
 
 
+class RegisteredInfo(NamedTuple):
+    """What re-registering a valid path keeps of it."""
+
+    nar_hash: str  # as `nix-store --register-validity --hash-given` reads it
+    nar_size: int
+    references: frozenset[str]
+    deriver: str  # "" if unknown
+
+
 def _read_drv(drv_path: str) -> Derivation:
     try:
         return read_derivation(drv_path)
@@ -138,14 +147,17 @@ def _read_drv(drv_path: str) -> Derivation:
         raise FinaliseError(f"cannot read derivation {drv_path}: {e}") from None
 
 
-def outputs_of(drv_path: str, nix_env: Mapping[str, str]) -> dict[str, str]:
-    """Output name -> output path of a built derivation.
+def outputs_of(
+    drv_path: str, nix_env: Mapping[str, str], drv: Derivation | None = None
+) -> dict[str, str]:
+    """Output name -> output path of a built derivation (``drv``: its parsed .drv, if the
+    caller has it).
 
     Nix 2.8.0's post-build hook gets an empty OUT_PATHS, so the outputs come from the .drv;
     outputs whose path is not in the .drv (floating CA, impure) are matched by name among
     `nix-store -q --outputs`.
     """
-    drv = _read_drv(drv_path)
+    drv = drv or _read_drv(drv_path)
     outputs = {name: out.path for name, out in drv.outputs.items() if out.path}
     missing = [name for name in drv.outputs if name not in outputs]
     if missing:
@@ -183,27 +195,34 @@ def query_closure(paths: Iterable[str], nix_env: Mapping[str, str]) -> set[str]:
     return set(_run(["nix-store", "-qR", *paths], nix_env).split())
 
 
-def closure_size(closure: Iterable[str], nix_env: Mapping[str, str]) -> int:
-    """The sum of the NAR sizes of the paths of ``closure`` (as maxClosureSize counts)."""
-    paths = sorted(closure)
-    if not paths:
-        return 0
-    sizes = _run(["nix-store", "-q", "--size", *paths], nix_env).split()
-    return sum(int(size) for size in sizes)
+def closure_sizes(paths: Iterable[str], nix_env: Mapping[str, str]) -> dict[str, int]:
+    """The closure of ``paths`` (`nix-store -qR`), each path with its NAR size."""
+    closure = sorted(query_closure(paths, nix_env))
+    if not closure:
+        return {}
+    sizes = _run(["nix-store", "-q", "--size", *closure], nix_env).split()
+    if len(sizes) != len(closure):
+        raise FinaliseError(f"nix-store -q --size gave {len(sizes)} sizes for {len(closure)} paths")
+    return {path: int(size) for path, size in zip(closure, sizes, strict=True)}
 
 
 class StoreQueries(Protocol):
-    """How finalisation reads path infos: the Nix CLI here, the worker protocol in the service.
+    """How finalisation reads the store: the Nix CLI here (tests, a service that is
+    down), the worker protocol in the service (recnix.finalisation.DaemonQueries).
 
     Both must read the store's database afresh (no cache from before a re-registration).
     """
 
-    def path_info(self, path: str) -> dict:
-        """``nix path-info --json``'s record of ``path``: narHash, narSize, references, deriver."""
+    def path_info(self, path: str) -> RegisteredInfo:
+        """The registration of the valid path ``path`` (FinaliseError if it is not valid)."""
         ...
 
     def references(self, path: str) -> set[str]:
         """Registered references of ``path``."""
+        ...
+
+    def closure(self, paths: Iterable[str]) -> dict[str, int]:
+        """The closure of ``paths``, each path with its NAR size."""
         ...
 
 
@@ -213,11 +232,20 @@ class CliQueries:
     def __init__(self, nix_env: Mapping[str, str]) -> None:
         self.env = local_store_env(nix_env)
 
-    def path_info(self, path: str) -> dict:
-        return path_info(path, self.env)
+    def path_info(self, path: str) -> RegisteredInfo:
+        info = path_info(path, self.env)
+        return RegisteredInfo(
+            info["narHash"],
+            int(info["narSize"]),
+            frozenset(info.get("references", [])),
+            info.get("deriver") or "",
+        )
 
     def references(self, path: str) -> set[str]:
         return query_references(path, self.env)
+
+    def closure(self, paths: Iterable[str]) -> dict[str, int]:
+        return closure_sizes(paths, self.env)
 
 
 def path_info(path: str, nix_env: Mapping[str, str]) -> dict:
@@ -260,18 +288,17 @@ def parse_path_info(path: str, text: str) -> dict:
     return info
 
 
-def registration_record(output_path: str, info: dict, new_refs: Iterable[str]) -> list[str]:
-    """The `--register-validity --hash-given` lines that give ``output_path`` (whose
-    path info is ``info``) its references ∪ ``new_refs``, deriver and hash kept."""
+def registration_record(
+    output_path: str, info: RegisteredInfo, new_refs: Iterable[str]
+) -> list[str]:
+    """The `--register-validity --hash-given` lines that give ``output_path`` (registered
+    as ``info``) its references ∪ ``new_refs``, deriver and hash kept."""
     new = set(new_refs)
     for ref in new:
         validate_store_path(ref)
-    old = set(info.get("references", []))
-    deriver = info.get("deriver") or ""
-    if not deriver.startswith(STORE_PREFIX):
-        deriver = ""  # "unknown-deriver"
-    refs = sorted(old | new)
-    return [output_path, info["narHash"], str(info["narSize"]), deriver, str(len(refs)), *refs]
+    deriver = info.deriver if info.deriver.startswith(STORE_PREFIX) else ""  # "unknown-deriver"
+    refs = sorted(info.references | new)
+    return [output_path, info.nar_hash, str(info.nar_size), deriver, str(len(refs)), *refs]
 
 
 def verify_references(output_path: str, record: list[str], queries: StoreQueries) -> None:
@@ -375,6 +402,7 @@ def finalise_outputs(
     queries: StoreQueries | None = None,
     registrar: Registrar | None = None,
     check: bool = True,
+    drv: Derivation | None = None,
 ) -> FinaliseReport:
     """Add the references Nix missed to every output of `drv_path` (see module docstring).
 
@@ -382,11 +410,13 @@ def finalise_outputs(
     ``registrar``: one started ahead of time, used or closed here (default: a new one
     when there is something to register). All outputs are re-registered at once.
     ``check=False``: skip allowedReferences & co. (only to complete the closure of
-    outputs that failed them but cannot be invalidated).
+    outputs that failed them but cannot be invalidated). ``drv``: the parsed .drv, if
+    the caller has it (else it is read here).
     """
     queries = queries or CliQueries(nix_env)
     try:
-        report, pending = _plan_fix_ups(drv_path, session_paths, nix_env, queries, check)
+        drv = drv or _read_drv(drv_path)
+        report, pending = _plan_fix_ups(drv_path, drv, session_paths, nix_env, queries, check)
         if pending:
             using, registrar = registrar or Registrar(nix_env), None
             using.register(record for _, record, _ in pending.values())
@@ -404,6 +434,7 @@ def finalise_outputs(
 
 def _plan_fix_ups(
     drv_path: str,
+    drv: Derivation,
     session_paths: set[str],
     nix_env: dict[str, str],
     queries: StoreQueries,
@@ -412,8 +443,7 @@ def _plan_fix_ups(
     """Scan and (``check``) check every output; the report so far and, by output name,
     the re-registrations needed: (output path, record, new references)."""
     pending: dict[str, tuple[str, list[str], set[str]]] = {}
-    drv = _read_drv(drv_path)
-    outputs = outputs_of(drv_path, nix_env)
+    outputs = outputs_of(drv_path, nix_env, drv)
     candidates = set(session_paths) - set(outputs.values())
     for name, output_path in sorted(outputs.items()):
         if not os.path.lexists(output_path):
@@ -426,12 +456,12 @@ def _plan_fix_ups(
         if not found:
             continue
         info = queries.path_info(output_path)
-        old = set(info.get("references", []))
+        old = set(info.references)
         new = found - old
         if not new:
             continue
         if check:
-            _check_fix_up(drv, name, outputs, old, new, nix_env)
+            _check_fix_up(drv, name, outputs, old, new, queries)
         pending[name] = (output_path, registration_record(output_path, info, new), new)
     return FinaliseReport(outputs=outputs), pending
 
@@ -442,7 +472,7 @@ def _check_fix_up(
     outputs: Mapping[str, str],
     old: set[str],
     new: set[str],
-    nix_env: Mapping[str, str],
+    queries: StoreQueries,
 ) -> None:
     """FinaliseError if output ``name`` (references ``old``) breaks a constraint of
     ``drv`` once it also refers to ``new``."""
@@ -454,15 +484,17 @@ def _check_fix_up(
         and checks.max_closure_size is None
     ):
         closure, new_paths = old | new, new  # only reference checks apply
+        sizes: dict[str, int] = {}
     else:
-        old_closure = query_closure([output_path], nix_env)
-        new_closure = query_closure(sorted(new), nix_env)
-        closure, new_paths = old_closure | new_closure, new_closure - old_closure
+        old_closure = queries.closure([output_path])
+        new_closure = queries.closure(sorted(new))
+        sizes = {**old_closure, **new_closure}
+        closure, new_paths = set(sizes), set(new_closure) - set(old_closure)
     check_output_constraints(
         drv, name, outputs, refs=old | new, closure=closure, new_paths=new_paths
     )
     if checks.max_closure_size is not None:
-        size = closure_size(closure, nix_env)
+        size = sum(sizes.values())
         if size > checks.max_closure_size:
             raise FinaliseError(
                 f"output {name!r} ({output_path}) of {drv.name or 'derivation'} violates "
@@ -477,7 +509,7 @@ __all__ = [
     "FinaliseError",
     "FinaliseReport",
     "check_output_constraints",
-    "closure_size",
+    "closure_sizes",
     "ensure_not_ca_referencing",
     "finalise_outputs",
     "local_store_env",
@@ -486,6 +518,7 @@ __all__ = [
     "query_closure",
     "query_references",
     "Registrar",
+    "RegisteredInfo",
     "registration_record",
     "resign",
     "scan_references",
