@@ -37,6 +37,7 @@ EXPECTED_MINUTES = {
     "host": 6,
     "vm-test_hook_output_discarded-sid": 6,
     "vm-test_setup-bookworm": 6,
+    "vm-test_setup-sid": 6,
     "vm-test_harness-bookworm": 5,
     "versions-lix": 5,
     "versions-sid": 4,
