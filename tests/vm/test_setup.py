@@ -10,6 +10,7 @@ hash) and recnix's unit gone.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from collections.abc import Iterator
@@ -18,7 +19,12 @@ import pytest
 from recnix_vm.machine import Machine
 
 from tests.host.test_readme import readme_block
-from tests.vm.guest import boot, setup_example_again_and_undo, take_recnix_away
+from tests.vm.guest import (
+    boot,
+    setup_example_again_and_undo,
+    setup_fingerprint,
+    take_recnix_away,
+)
 
 pytestmark = [
     pytest.mark.vm,
@@ -62,17 +68,65 @@ def test_setup_doctor_example_again_and_undo(debian_host, vm_suite: str) -> None
     assert re.search(r"^build-hook = \S+recnix-build-hook$", written, re.M), written
 
 
-def test_refused_on_a_nix_conf_with_a_foreign_pre_build_hook(debian_host) -> None:
+NO_SANDBOX_DROPIN = "/etc/systemd/system/nix-daemon.service.d/zz-no-sandbox.conf"
+
+# Each refusal a real host can show: (what breaks the host, the command that then runs
+# setup, what puts the host back, what setup must say on stderr). Nix older than 2.8 has
+# no guest to show it: tests/unit/test_setup.py decides it on given facts.
+REFUSALS = {
+    "foreign pre-build-hook": (
+        "echo 'pre-build-hook = /opt/site-hook' >> /etc/nix/nix.conf",
+        "recnix setup",
+        None,
+        '[hooks] pre-build = ["/opt/site-hook"]',
+    ),
+    "unparsable nix.conf": (
+        "echo 'this is not a setting' >> /etc/nix/nix.conf",
+        "recnix setup",
+        None,
+        "cannot parse /etc/nix/nix.conf line",
+    ),
+    "NixOS": (
+        "touch /etc/NIXOS",
+        "recnix setup",
+        "rm /etc/NIXOS",
+        "this is NixOS: use the NixOS module",
+    ),
+    "sandbox off on nix-daemon's command line": (
+        f"mkdir -p {os.path.dirname(NO_SANDBOX_DROPIN)} && printf "
+        "'[Service]\\nExecStart=\\nExecStart=/usr/bin/nix-daemon --option sandbox false\\n' "
+        f"> {NO_SANDBOX_DROPIN} && systemctl daemon-reload",
+        "recnix setup",
+        f"rm {NO_SANDBOX_DROPIN} && systemctl daemon-reload",
+        "runs nix-daemon with --option sandbox false",
+    ),
+    "no systemd": (
+        "true",
+        # a mount namespace of its own in which /run/systemd is empty
+        "unshare -m sh -c 'mount -t tmpfs none /run/systemd && recnix setup'",
+        None,
+        "this host does not run systemd, so nothing was changed",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_say_why_and_change_nothing(debian_host, case: str) -> None:
     machine, _, _ = debian_host
+    breaks, command, restore, says = REFUSALS[case]
     original = machine.succeed("cat /etc/nix/nix.conf")
-    machine.succeed("echo 'pre-build-hook = /opt/site-hook' >> /etc/nix/nix.conf")
+    before = setup_fingerprint(machine)
+    machine.succeed(breaks)
     try:
-        rc, out, err = machine.execute("recnix setup")
+        rc, out, err = machine.execute(command)
         assert rc == 1, out + err
-        assert '[hooks] pre-build = ["/opt/site-hook"]' in err, err
+        assert says in err, err
         machine.fail("test -e /etc/nix/recnix.conf")
     finally:
         machine.succeed(f"printf %s {shlex.quote(original)} > /etc/nix/nix.conf")
+        if restore:
+            machine.succeed(restore)
+    assert setup_fingerprint(machine) == before
 
 
 def test_by_hand_setup_from_the_readme(debian_host) -> None:
