@@ -123,8 +123,10 @@ def parse_nix_conf(text: str, where: str = NIX_CONF) -> dict[str, str]:
 
 def plan(host: Host, nix_conf: str) -> Plan:
     """What setup writes and runs on ``host`` whose nix.conf reads ``nix_conf``."""
-    _refuse_host(host)
+    _refuse_nixos(host)
+    # before Nix's version: a line Nix cannot read makes every nix command fail
     settings = parse_nix_conf(nix_conf)
+    _refuse_nix(host)
     _refuse_settings(host, settings)
     assert host.nix is not None
     lix = host.nix.is_lix
@@ -202,13 +204,16 @@ def _append(nix_conf: str) -> str:
     return f"{nix_conf}{sep}{MARK}\n{INCLUDE_LINE}\n"
 
 
-def _refuse_host(host: Host) -> None:
+def _refuse_nixos(host: Host) -> None:
     if host.nixos:
         raise SetupRefused(
             "this is NixOS: use the NixOS module instead (imports = "
             "[ recnix.nixosModules.default ]; services.recnix.enable = true;), which "
             "configures Nix, the hooks and the service declaratively"
         )
+
+
+def _refuse_nix(host: Host) -> None:
     if host.nix is None:
         raise SetupRefused(f"no usable Nix: {host.nix_problem}; install Nix 2.8 or later")
     if not host.nix.is_lix and host.nix.release[:2] < OLDEST_NIX:

@@ -192,6 +192,16 @@ def test_refusals_of_the_nix_conf(tmp_path: Path, nix_conf: str, message: str) -
     assert host.path(setup.NIX_CONF).read_text() == nix_conf  # nothing touched
 
 
+def test_a_bad_nix_conf_line_is_named_even_though_nix_itself_fails_on_it(tmp_path: Path) -> None:
+    """Nix refuses to start with a line it cannot read: setup names the line, not "no
+    usable Nix" (found in a guest: tests/vm/test_setup.py)."""
+    nix_conf = "this is not a setting\n"
+    problem = "`/usr/bin/nix --version` exited with 1: error: illegal configuration line"
+    host = host_with_nix_conf(tmp_path, nix_conf, nix=None, nix_problem=problem)
+    with pytest.raises(setup.SetupRefused, match="cannot parse /etc/nix/nix.conf line 1"):
+        setup.plan(host, nix_conf)
+
+
 def test_recnix_own_hooks_in_nix_conf_are_not_a_refusal(tmp_path: Path) -> None:
     text = f"pre-build-hook = {BIN}/recnix-pre-build-hook\nsandbox = true\n"
     host = host_with_nix_conf(tmp_path, text)
