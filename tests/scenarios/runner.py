@@ -120,7 +120,11 @@ class ScenarioRunner:
     ) -> BuildOutcome:
         """``nix-build`` a scenario; never raises for a failed build."""
         argv = self.build_argv(scenario, feature, tag, extra_args)
-        rc, stdout, stderr = self.exec(argv, timeout or self.timeout)
+        return self.outcome(*self.exec(argv, timeout or self.timeout))
+
+    @staticmethod
+    def outcome(rc: int, stdout: str, stderr: str) -> BuildOutcome:
+        """The outcome of a ``nix-build`` that exited with ``rc`` and printed these."""
         lines = stdout.split()
         out_path = lines[-1] if rc == 0 and lines and lines[-1].startswith("/") else None
         return BuildOutcome(rc, out_path, stdout, stderr)

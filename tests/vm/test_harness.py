@@ -105,6 +105,26 @@ def test_execute_separates_stdout_stderr_and_status(machine: Machine) -> None:
     assert time.monotonic() - start < 20
 
 
+def test_execute_streams_stderr_lines_as_they_come(machine: Machine) -> None:
+    """The command goes on only once the host has seen its first line (it waits for a
+    file the callback makes): lines kept until the end would time it out."""
+    seen: list[str] = []
+
+    def on_line(line: str) -> None:
+        seen.append(line)
+        if line == "first":
+            machine.succeed("touch /tmp/stream-go")
+
+    rc, out, err = machine.execute(
+        "rm -f /tmp/stream-go; echo first >&2; "
+        "while [ ! -e /tmp/stream-go ]; do sleep 0.1; done; printf 'second\\nlast' >&2",
+        timeout=60,
+        on_stderr=on_line,
+    )
+    assert rc == 0, err
+    assert seen == ["first", "second", "last"] and err == "first\nsecond\nlast"
+
+
 def _tree_digest(root: Path) -> dict[str, tuple[str, int]]:
     result: dict[str, tuple[str, int]] = {}
     for path in sorted(root.rglob("*")):

@@ -511,13 +511,18 @@ class Machine:
         return self._ssh
 
     def execute(
-        self, cmd: str, timeout: float | None = DEFAULT_COMMAND_TIMEOUT
+        self,
+        cmd: str,
+        timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        on_stderr: Callable[[str], None] | None = None,
     ) -> tuple[int, str, str]:
         """Run ``cmd`` with bash as root; return ``(exit status, stdout, stderr)``.
 
         The command runs under ``timeout`` in the guest (exit status 124 when it
         runs out); the host gives up 30 s later if the guest does not answer.
+        ``on_stderr`` gets each line of its stderr as it arrives (a build's log, live).
         """
+        lines = _LineSplitter(on_stderr)
         wrapped = f"bash -c {shlex.quote(cmd)}"
         if timeout is not None:
             wrapped = f"timeout -k 10 {max(1, math.ceil(timeout))} {wrapped}"
@@ -538,14 +543,15 @@ class Machine:
                 while channel.recv_ready():
                     out += channel.recv(65536)
                 while channel.recv_stderr_ready():
-                    err += channel.recv_stderr(65536)
+                    err += lines.feed(channel.recv_stderr(65536))
                 done = channel.exit_status_ready() and channel.eof_received
                 if done or channel.closed:
                     break
             while channel.recv_ready():  # whatever arrived with the exit status
                 out += channel.recv(65536)
             while channel.recv_stderr_ready():
-                err += channel.recv_stderr(65536)
+                err += lines.feed(channel.recv_stderr(65536))
+            lines.finish()
             rc = channel.recv_exit_status()
             return rc, out.decode(errors="replace"), err.decode(errors="replace")
         finally:
@@ -744,3 +750,25 @@ def resolve_accel(accel: str, image: Image) -> str:
     partial.write_text(json.dumps({"key": key, "works": works, "reason": reason}))
     partial.replace(cache_file)
     return "kvm" if works else "tcg"
+
+
+class _LineSplitter:
+    """Passes each complete line of a byte stream to ``on_line`` (if any) as it comes."""
+
+    def __init__(self, on_line: Callable[[str], None] | None) -> None:
+        self.on_line = on_line
+        self._partial = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Take ``data``; return it unchanged (the caller keeps the whole stream)."""
+        if self.on_line is not None:
+            *complete, self._partial = (self._partial + data).split(b"\n")
+            for line in complete:
+                self.on_line(line.decode(errors="replace"))
+        return data
+
+    def finish(self) -> None:
+        """The stream ended: pass on a last line without its newline."""
+        if self.on_line is not None and self._partial:
+            self.on_line(self._partial.decode(errors="replace"))
+        self._partial = b""
