@@ -140,16 +140,24 @@ def plan(host: Host, nix_conf: str) -> Plan:
     )
     env = hook_environment(host.config.raw, host.python, HOOK_ENTRY)
     dropin = "[Service]\n" + f"EnvironmentFile={HOOKS_ENV}\n"
+    notes = []
     if not lix and host.nix.ignores_conf_build_hook:
+        option = ["--option", "build-hook", host.hooks["recnix-build-hook"]]
         argv = host.daemon_exec_start
-        if not argv:
+        if argv:
+            program, *args = [*argv, *option]
+            dropin += f"ExecStart=\nExecStart=@{program} {shlex.join(args)}\n"
+        elif host.systemd:
             raise SetupRefused(
                 f"Nix {host.nix.version} ignores nix.conf's build-hook, so it must go on "
                 "nix-daemon's command line, but nix-daemon.service's ExecStart could not be "
                 "read (`systemctl show -p ExecStart nix-daemon.service`)"
             )
-        program, *args = [*argv, "--option", "build-hook", host.hooks["recnix-build-hook"]]
-        dropin += f"ExecStart=\nExecStart=@{program} {shlex.join(args)}\n"
+        else:  # the steps are printed for a person to adapt
+            notes.append(
+                f"Nix {host.nix.version} ignores nix.conf's build-hook: start nix-daemon "
+                f"with {shlex.join(option)}"
+            )
     include = nix_conf if INCLUDE_LINE in nix_conf.splitlines() else _append(nix_conf)
     files = [
         FileChange(
@@ -167,7 +175,6 @@ def plan(host: Host, nix_conf: str) -> Plan:
         FileChange(DAEMON_DROPIN, dropin, "nix-daemon reads that environment"),
         FileChange(RECNIX_UNIT, render_unit(f"{host.recnix} daemon"), "the recnix service"),
     ]
-    notes = []
     sandbox = settings.get("sandbox", "true")
     if sandbox != "true":
         notes.append(

@@ -34,6 +34,7 @@ EXPECTED_MINUTES = {
     "vm-test_service_life-sid": 12,
     "vm-test_service_life-bookworm": 10,
     "vm-test_scenarios-bookworm": 10,
+    "vm-test_setup-trixie": 8,
     "host": 6,
     "vm-test_hook_output_discarded-sid": 6,
     "vm-test_setup-bookworm": 6,

@@ -114,6 +114,20 @@ def test_nix_2_25_to_2_33_get_the_build_hook_on_nix_daemons_command_line(tmp_pat
     ) in dropin
 
 
+def test_nix_2_26_without_a_readable_exec_start(tmp_path: Path) -> None:
+    """Under systemd an unreadable ExecStart is a refusal; without systemd (the steps are
+    printed for a person) a note says where the build-hook must go."""
+    host = host_with_nix_conf(tmp_path, version="2.26.3", daemon_exec_start=None)
+    with pytest.raises(setup.SetupRefused, match="ExecStart could not be read"):
+        setup.plan(host, DEBIAN_NIX_CONF)
+    host = make_host(tmp_path, version="2.26.3", daemon_exec_start=None, systemd=False)
+    wanted = setup.plan(host, DEBIAN_NIX_CONF)
+    assert any(
+        f"start nix-daemon with --option build-hook {BIN}/recnix-build-hook" in note
+        for note in wanted.notes
+    ), wanted.notes
+
+
 def test_lix_gets_no_build_hook_and_no_builtin_recursive_nix(tmp_path: Path) -> None:
     host = host_with_nix_conf(tmp_path, version="2.95.3", implementation="lix")
     run_setup(host)

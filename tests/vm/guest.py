@@ -129,11 +129,17 @@ def take_recnix_away(machine: Machine, nix_conf: str) -> None:
     )
 
 
-def setup_example_again_and_undo(machine: Machine, busybox: str, nix: str) -> tuple[str, str]:
+SETUP_NIX_CONF = "/etc/nix/recnix.conf"
+SETUP_DAEMON_DROPIN = "/etc/systemd/system/nix-daemon.service.d/recnix.conf"
+
+
+def setup_example_again_and_undo(
+    machine: Machine, busybox: str, nix: str
+) -> tuple[str, dict[str, str]]:
     """`recnix setup` on a guest recnix was taken away from: doctor all ok, the README's
     example builds with its inner output in the closure, setup again changes nothing,
     `--undo` puts every file back (by hash) and takes recnix's unit away. Returns
-    setup's output and the /etc/nix/recnix.conf it wrote."""
+    setup's output and what it wrote into SETUP_NIX_CONF and SETUP_DAEMON_DROPIN."""
     before = setup_fingerprint(machine)
     assert "/etc/systemd/system/recnix.service: absent" in before  # taken away
     assert "/etc/nix/nix.conf: absent" not in before
@@ -143,7 +149,7 @@ def setup_example_again_and_undo(machine: Machine, busybox: str, nix: str) -> tu
     assert "recnix doctor: everything a recursive build needs is in place" in out, out
     assert "FAIL" not in out, out
     machine.succeed("systemctl is-active recnix.service && systemctl is-enabled recnix.service")
-    written = machine.succeed("cat /etc/nix/recnix.conf")
+    written = {p: machine.succeed(f"cat {p}") for p in (SETUP_NIX_CONF, SETUP_DAEMON_DROPIN)}
 
     example = readme_block("# outer.nix")
     command = example.splitlines()[0].split("—", 1)[1].strip()

@@ -28,6 +28,8 @@ from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag
 from tests.scenarios.runner import ScenarioRunner
 from tests.vm.guest import (
+    SETUP_DAEMON_DROPIN,
+    SETUP_NIX_CONF,
     boot,
     restart_mid_build,
     runner_for,
@@ -136,5 +138,7 @@ def test_setup_doctor_example_again_and_undo_on_lix(guest) -> None:
     machine, runner, busybox = guest
     take_recnix_away(machine, LIX_NIX_CONF)
     _, written = setup_example_again_and_undo(machine, busybox, runner.nix)
-    assert "pre-build-hook = " in written, written
-    assert not re.search(r"^build-hook", written, re.M), written  # Lix keeps its own
+    conf = written[SETUP_NIX_CONF]
+    assert "pre-build-hook = " in conf, conf
+    assert not re.search(r"^build-hook", conf, re.M), conf  # Lix keeps its own
+    assert "build-hook" not in written[SETUP_DAEMON_DROPIN], written

@@ -1,4 +1,4 @@
-"""`recnix setup` for real, in bookworm (Nix 2.8) and sid (Nix 2.34) guests taken back
+"""`recnix setup` for real, in bookworm (Nix 2.8), trixie (2.26) and sid (2.34) guests taken back
 to what a Debian host has before recnix: Debian's nix.conf (with a few site lines), no
 recnix unit, no nix-daemon drop-in, recnix installed but not set up. (Lix: the last
 test of test_lix.py.)
@@ -20,6 +20,8 @@ from recnix_vm.machine import Machine
 
 from tests.host.test_readme import readme_block
 from tests.vm.guest import (
+    SETUP_DAEMON_DROPIN,
+    SETUP_NIX_CONF,
     boot,
     setup_example_again_and_undo,
     setup_fingerprint,
@@ -28,7 +30,9 @@ from tests.vm.guest import (
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.parametrize("vm_suite", ["bookworm", "sid"], indirect=True, scope="module"),
+    pytest.mark.parametrize(
+        "vm_suite", ["bookworm", "trixie", "sid"], indirect=True, scope="module"
+    ),
 ]
 
 # Each suite's /etc/nix/nix.conf (nix-setup-systemd's conffile), then lines a site adds.
@@ -42,13 +46,14 @@ DEBIAN_NIX_CONF = {
 sandbox = false
 """
     + SITE_LINES,
-    "sid": """\
+    "trixie": """\
 # see https://nixos.org/manual/nix/stable/command-ref/conf-file
 
 sandbox = true
 """
     + SITE_LINES,
 }
+DEBIAN_NIX_CONF["sid"] = DEBIAN_NIX_CONF["trixie"]  # the same conffile
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,12 @@ def test_setup_doctor_example_again_and_undo(debian_host, vm_suite: str) -> None
     out, written = setup_example_again_and_undo(machine, busybox, nix)
     if "sandbox = false" in DEBIAN_NIX_CONF[vm_suite]:
         assert "sets sandbox = false (Debian's nix.conf does)" in out
-    assert re.search(r"^build-hook = \S+recnix-build-hook$", written, re.M), written
+    conf, dropin = written[SETUP_NIX_CONF], written[SETUP_DAEMON_DROPIN]
+    assert re.search(r"^build-hook = \S+recnix-build-hook$", conf, re.M), conf
+    # Nix 2.25-2.33 ignore nix.conf's build-hook: it goes on nix-daemon's command line
+    build_hook_arg = r"^ExecStart=.* --option build-hook \S+/recnix-build-hook"
+    on_command_line = re.search(build_hook_arg, dropin, re.M)
+    assert bool(on_command_line) == (vm_suite == "trixie"), dropin
 
 
 NO_SANDBOX_DROPIN = "/etc/systemd/system/nix-daemon.service.d/zz-no-sandbox.conf"
