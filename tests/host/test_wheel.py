@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.host.test_readme import readme_block
+from tests.wheel import build_wheel
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = ("recnix-pre-build-hook", "recnix-post-build-hook", "recnix-build-hook")
@@ -23,15 +24,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # pip builds the wheel; a root filesystem of the versions tier has no pip (and the
     # wheel does not depend on the Nix version): there these tests skip, saying so.
     pytest.importorskip("pip", reason="no pip for this Python: the wheel is built where pip is")
-    out = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(REPO)],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (built,) = out.glob("recnix-*.whl")
-    return built
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def test_the_wheel_holds_recnix_and_its_hooks_but_not_the_vm_harness(wheel: Path) -> None:

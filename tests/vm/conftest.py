@@ -136,3 +136,11 @@ def module_machine_factory(
     factory = MachineFactory(vm_image, tmp_path_factory.mktemp(request.module.__name__))
     yield factory
     factory.teardown(_failed(request, request.module.__name__))
+
+
+@pytest.fixture(scope="session")
+def recnix_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """recnix's wheel built from this checkout, for guests that install it as users do."""
+    from tests.wheel import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("wheel"))

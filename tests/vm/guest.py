@@ -5,6 +5,7 @@ tests/vm)."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from recnix_vm.guestnix import bundle_nix_in_guest, guest_exec
 from recnix_vm.image import GUEST_SCENARIOS_DIR
@@ -116,16 +117,30 @@ def setup_fingerprint(machine: Machine) -> str:
     return "\n".join(lines)
 
 
-def take_recnix_away(machine: Machine, nix_conf: str) -> None:
-    """Take the guest back to a host before recnix: no recnix unit, no drop-in or
-    environment file of recnix's, ``nix_conf`` as /etc/nix/nix.conf (recnix stays
-    installed)."""
+# Where the setup tests install the recnix wheel in a guest: a venv of its own, its
+# `recnix` linked into /usr/local/bin (what pipx does with ~/.local/bin).
+WHEEL_VENV = "/opt/recnix-venv"
+
+
+def take_recnix_away(machine: Machine, nix_conf: str, wheel: Path) -> None:
+    """Take the guest back to a host before recnix, with only its distribution's Nix and
+    recnix installed from ``wheel``: no recnix unit, drop-in, environment file or config,
+    the image's own recnix (sources, wrappers, hooks) gone, ``nix_conf`` as
+    /etc/nix/nix.conf."""
     machine.succeed(
         "systemctl disable --now recnix.service && rm /etc/systemd/system/recnix.service "
-        "&& rm -f /etc/systemd/system/nix-daemon.service.d/recnix.conf /etc/recnix/hooks.env "
+        "&& rm -f /etc/systemd/system/nix-daemon.service.d/recnix.conf "
+        "&& rm -rf /etc/recnix /opt/recnix /usr/local/bin/recnix /usr/local/bin/recnix-*hook "
         f"&& printf %s {shlex.quote(nix_conf)} > /etc/nix/nix.conf "
         "&& chmod 644 /etc/nix/nix.conf "
         "&& systemctl daemon-reload && systemctl restart nix-daemon.service"
+    )
+    machine.copy_to(wheel, f"/root/{wheel.name}")
+    machine.succeed(
+        f"python3 -m venv {WHEEL_VENV} "
+        f"&& {WHEEL_VENV}/bin/pip install -q --no-deps --no-index /root/{wheel.name} "
+        f"&& ln -s {WHEEL_VENV}/bin/recnix /usr/local/bin/recnix",
+        timeout=300,
     )
 
 

@@ -132,11 +132,11 @@ substituters =
 """
 
 
-def test_setup_doctor_example_again_and_undo_on_lix(guest) -> None:
+def test_setup_doctor_example_again_and_undo_on_lix(guest, recnix_wheel: Path) -> None:
     """`recnix setup` on a Lix host: no build-hook in what it writes (Lix keeps its own),
     doctor all ok, the README's example builds, --undo restores every file."""
     machine, runner, busybox = guest
-    take_recnix_away(machine, LIX_NIX_CONF)
+    take_recnix_away(machine, LIX_NIX_CONF, recnix_wheel)
     _, written = setup_example_again_and_undo(machine, busybox, runner.nix)
     conf = written[SETUP_NIX_CONF]
     assert "pre-build-hook = " in conf, conf

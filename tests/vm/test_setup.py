@@ -1,7 +1,7 @@
-"""`recnix setup` for real, in bookworm (Nix 2.8), trixie (2.26) and sid (2.34) guests taken back
-to what a Debian host has before recnix: Debian's nix.conf (with a few site lines), no
-recnix unit, no nix-daemon drop-in, recnix installed but not set up. (Lix: the last
-test of test_lix.py.)
+"""`recnix setup` for real, in bookworm (Nix 2.8), trixie (2.26) and sid (2.34) guests
+taken back to what a Debian host has before recnix: Debian's nix.conf (with a few site
+lines), no recnix unit, drop-in or config, and recnix installed from its wheel as pipx
+would (tests/vm/guest.py). (Lix: the last test of test_lix.py.)
 
 setup → doctor all ok → the README's example builds with its inner output in the
 closure → setup again changes nothing → setup --undo → every file as before (by
@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from recnix_vm.machine import Machine
@@ -57,11 +58,14 @@ DEBIAN_NIX_CONF["sid"] = DEBIAN_NIX_CONF["trixie"]  # the same conffile
 
 
 @pytest.fixture(scope="module")
-def debian_host(module_machine_factory, vm_suite: str) -> Iterator[tuple[Machine, str, str]]:
-    """The guest, recnix's setup taken away; yields (machine, busybox, nix bundle)."""
+def debian_host(
+    module_machine_factory, vm_suite: str, recnix_wheel: Path
+) -> Iterator[tuple[Machine, str, str]]:
+    """The guest with only Debian's Nix and the recnix wheel (recnix's setup taken
+    away); yields (machine, busybox, nix bundle)."""
     machine = module_machine_factory("setup")
     busybox, nix = boot(machine)
-    take_recnix_away(machine, DEBIAN_NIX_CONF[vm_suite])
+    take_recnix_away(machine, DEBIAN_NIX_CONF[vm_suite], recnix_wheel)
     yield machine, busybox, nix
 
 

@@ -49,6 +49,7 @@ BASE_PACKAGES = (
     "nix-bin",
     "nix-setup-systemd",
     "python3",
+    "python3-venv",  # the setup tests install the recnix wheel into a venv (tests/vm/guest.py)
     "openssh-server",
     "busybox-static",
     "linux-image-amd64",
