@@ -20,8 +20,11 @@ load     Many concurrent outer builds with nested builds each (more than the
          built-in deadlocks, Nix issue #7297): failures, hangs, wall time, the
          service's peak RSS.
 start    The service's start to ready (control socket accepting).
-hook     Opted-in trivial builds (the hooks' Python, session open and finalise
-         per build), and the hook's Python start: hookentry.py -I -S ÷ console script.
+hook     Opted-in trivial builds, recnix ÷ Nix's built-in recursive-nix on the same
+         derivations (requiredSystemFeatures "recnix" vs "recursive-nix"), in one
+         nix-build and as separate ones, with more builds than daemon.max-sessions
+         (target ≤ 1.10); against no hooks (reference); and the hook's Python
+         start: hookentry.py -I -S ÷ console script.
 
 The daemon with recnix's hooks runs with the environment ``recnix nix-conf
 --daemon-env`` renders (RECNIX_HOOK_SOCKET, _MARKS, _PYTHON, _ENTRY), as the
