@@ -143,7 +143,8 @@ def plan(host: Host, nix_conf: str) -> Plan:
     notes = []
     if not lix and host.nix.ignores_conf_build_hook:
         option = ["--option", "build-hook", host.hooks["recnix-build-hook"]]
-        argv = host.daemon_exec_start
+        # a second run reads the ExecStart its own drop-in made: keep one build-hook
+        argv = _without_build_hook(host.daemon_exec_start)
         if argv:
             program, *args = [*argv, *option]
             dropin += f"ExecStart=\nExecStart=@{program} {shlex.join(args)}\n"
@@ -192,6 +193,21 @@ def plan(host: Host, nix_conf: str) -> Plan:
             ["systemctl", "restart", "nix-daemon.service"],
         ],
     )
+
+
+def _without_build_hook(argv: Sequence[str] | None) -> list[str] | None:
+    """nix-daemon's command line without its ``--option build-hook VALUE``."""
+    if argv is None:
+        return None
+    kept: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--option" and argv[i + 1 : i + 2] == ["build-hook"]:
+            i += 3
+            continue
+        kept.append(argv[i])
+        i += 1
+    return kept
 
 
 def _daemon_sandbox_off(argv: Sequence[str]) -> str | None:

@@ -114,6 +114,26 @@ def test_nix_2_25_to_2_33_get_the_build_hook_on_nix_daemons_command_line(tmp_pat
     ) in dropin
 
 
+def test_nix_2_26_setup_again_keeps_one_build_hook_option(tmp_path: Path) -> None:
+    """A second run reads the ExecStart the first one's drop-in made (found in a trixie
+    guest: it added the option again, so setup was not idempotent)."""
+    ours = ["--option", "build-hook", f"{BIN}/recnix-build-hook"]
+    argv = ["/usr/bin/nix-daemon", "nix-daemon", "--daemon"]
+    first = setup.plan(
+        host_with_nix_conf(tmp_path / "a", version="2.26.3", daemon_exec_start=argv),
+        DEBIAN_NIX_CONF,
+    )
+    again = setup.plan(
+        host_with_nix_conf(tmp_path / "b", version="2.26.3", daemon_exec_start=[*argv, *ours]),
+        DEBIAN_NIX_CONF,
+    )
+    dropins = [
+        next(c.text for c in wanted.files if c.path == setup.DAEMON_DROPIN)
+        for wanted in (first, again)
+    ]
+    assert dropins[0] == dropins[1] and dropins[0].count("--option build-hook") == 1, dropins
+
+
 def test_nix_2_26_without_a_readable_exec_start(tmp_path: Path) -> None:
     """Under systemd an unreadable ExecStart is a refusal; without systemd (the steps are
     printed for a person) a note says where the build-hook must go."""
