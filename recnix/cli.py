@@ -155,15 +155,10 @@ def _cmd_busybox(args: argparse.Namespace) -> int:
 
 def _cmd_nix_conf(args: argparse.Namespace) -> int:
     import os
-    import shutil
 
     from recnix.config import load_config, render_nix_conf
 
     config = load_config(args.config)
-    pre = args.pre_build_hook or shutil.which("recnix-pre-build-hook") or "recnix-pre-build-hook"
-    post = (
-        args.post_build_hook or shutil.which("recnix-post-build-hook") or "recnix-post-build-hook"
-    )
     if args.daemon_env:
         from recnix.config import hook_environment
 
@@ -174,9 +169,29 @@ def _cmd_nix_conf(args: argparse.Namespace) -> int:
     lix = args.lix
     if lix is None:
         lix = _host_is_lix(args.nix)
-    build = args.build_hook or shutil.which("recnix-build-hook") or "recnix-build-hook"
+    try:
+        pre = args.pre_build_hook or _program("recnix-pre-build-hook", "--pre-build-hook")
+        post = args.post_build_hook or _program("recnix-post-build-hook", "--post-build-hook")
+        build = None if lix else args.build_hook or _program("recnix-build-hook", "--build-hook")
+    except LookupError as e:
+        print(f"recnix nix-conf: {e}", file=sys.stderr)
+        return 1
     sys.stdout.write(render_nix_conf(config.raw, pre, post, lix=lix, build_hook=build))
     return 0
+
+
+def _program(name: str, option: str) -> str:
+    """The absolute path of recnix's ``name`` (nix.conf needs one: Nix refuses to start
+    with a relative build-hook); LookupError saying which option gives it."""
+    from recnix.installpaths import installed_program
+
+    found = installed_program(name)
+    if found is None:
+        raise LookupError(
+            f"cannot find {name} beside recnix or on PATH: is recnix installed? "
+            f"(or give its path with {option})"
+        )
+    return found
 
 
 def _host_is_lix(nix: str | None) -> bool:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recnix.config import Config, hook_environment, render_nix_conf
+from recnix.installpaths import installed_program
 from recnix.nixversion import NixVersion
 from recnix.systemdunit import render_unit
 
@@ -302,14 +303,11 @@ def gather(config: Config, root: Path = Path("/")) -> Host:
 
 
 def _executable(name: str) -> str:
-    """The absolute path of ``name``: beside the running recnix, else on PATH."""
-    beside = Path(sys.argv[0]).resolve().parent / name if sys.argv and sys.argv[0] else None
-    if beside is not None and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
+    """The absolute path of recnix's program ``name`` (recnix.installpaths)."""
+    found = installed_program(name)
     if found is None:
         raise SetupRefused(f"cannot find {name} (beside recnix or on PATH): is recnix installed?")
-    return str(Path(found).resolve())
+    return found
 
 
 def _os_id(root: Path) -> str:

@@ -79,6 +79,18 @@ def test_the_readmes_install_commands_with_pipx(tmp_path: Path) -> None:
 def assert_installed(venv: Path, recnix: Path, cwd: Path) -> None:
     """recnix in ``venv`` (its console script at ``recnix``): the hooks' sh fast paths
     beside its Python, and `recnix setup --dry-run` naming that venv's paths."""
+    # `recnix nix-conf` finds the hooks beside itself, not only on PATH (pipx links only
+    # the console script): a bare name in nix.conf would stop Nix from starting
+    conf = subprocess.run(
+        [str(recnix), "nix-conf", "--lix"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert conf.returncode == 0, conf.stderr
+    for hook in ("pre-build-hook", "post-build-hook"):
+        assert f"{hook} = {venv}/bin/recnix-{hook}\n" in conf.stdout, conf.stdout
     for hook in HOOKS:  # the sh fast paths beside the console script
         assert (venv / "bin" / hook).read_text().startswith("#!/bin/sh"), hook
     hook = subprocess.run([str(venv / "bin/recnix-pre-build-hook")], capture_output=True, text=True)

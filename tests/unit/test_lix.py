@@ -84,6 +84,13 @@ def test_nix_conf_for_lix_leaves_out_the_builtin_recursive_nix():
     }
 
 
+HOOK_PATHS = [
+    "--pre-build-hook=/opt/r/pre",
+    "--post-build-hook=/opt/r/post",
+    "--build-hook=/opt/r/build",
+]
+
+
 def _fake_nix(tmp_path: Path, text: str) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -99,7 +106,7 @@ def test_nix_conf_command_detects_lix_from_nix_on_path(tmp_path, text, lix):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RECNIX_CONFIG", None)
     out = subprocess.run(
-        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null"],
+        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null", *HOOK_PATHS],
         env=env,
         capture_output=True,
         text=True,
@@ -116,13 +123,29 @@ def test_nix_conf_command_lix_flag_overrides_detection(tmp_path):
     bin_dir = _fake_nix(tmp_path, LIX_TEXT)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     out = subprocess.run(
-        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null", "--no-lix"],
+        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null", "--no-lix"]
+        + HOOK_PATHS,
         env=env,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     assert "experimental-features = recursive-nix" in out
+
+
+def test_nix_conf_command_never_prints_a_relative_hook(tmp_path):
+    """Nix refuses to start with a relative build-hook: without the hooks beside recnix
+    or on PATH, nix-conf fails naming the option that gives the path."""
+    bin_dir = _fake_nix(tmp_path, "nix (Nix) 2.8.0\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null"],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert "cannot find recnix-pre-build-hook beside recnix or on PATH" in done.stderr
+    assert "--pre-build-hook" in done.stderr
 
 
 def test_sandbox_socket_is_placed_and_replaced_atomically(tmp_path):

@@ -81,7 +81,8 @@ def test_shim_hands_other_commands_to_the_real_ssh(tmp_path) -> None:
 
 
 def test_nix_conf_prints_the_build_hook(capsys) -> None:
-    assert main(["nix-conf", "--config", "/dev/null", "--no-lix", "--build-hook", "/bh"]) == 0
+    hooks = ["--pre-build-hook", "/pre", "--post-build-hook", "/post", "--build-hook", "/bh"]
+    assert main(["nix-conf", "--config", "/dev/null", "--no-lix", *hooks]) == 0
     assert "build-hook = /bh\n" in capsys.readouterr().out
 
 
