@@ -176,6 +176,14 @@ def _cmd_nix_conf(args: argparse.Namespace) -> int:
     except LookupError as e:
         print(f"recnix nix-conf: {e}", file=sys.stderr)
         return 1
+    relative = [path for path in (pre, post, build) if path and not os.path.isabs(path)]
+    if relative:
+        print(
+            f"recnix nix-conf: {relative[0]} is not an absolute path (Nix refuses to start "
+            "with a relative build-hook, and runs hooks from any directory)",
+            file=sys.stderr,
+        )
+        return 1
     sys.stdout.write(render_nix_conf(config.raw, pre, post, lix=lix, build_hook=build))
     return 0
 
@@ -436,11 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
         "nix-conf",
         help="print the nix.conf lines a non-NixOS host needs for recnix",
     )
-    p.add_argument("--pre-build-hook", help="hook path (default: recnix-pre-build-hook on PATH)")
-    p.add_argument("--post-build-hook", help="hook path (default: recnix-post-build-hook on PATH)")
+    where = "beside this recnix, else on PATH; absolute"
+    p.add_argument("--pre-build-hook", help=f"hook path (default: recnix-pre-build-hook {where})")
+    p.add_argument("--post-build-hook", help=f"hook path (default: recnix-post-build-hook {where})")
     p.add_argument(
         "--build-hook",
-        help="build hook path (default: recnix-build-hook on PATH): recursive builds wait "
+        help=f"build hook path (default: recnix-build-hook {where}): recursive builds wait "
         "for a session before they take a build user, and Nix's build-remote gets recnix's "
         "proxy for ssh-ng:// builders (left out on Lix)",
     )

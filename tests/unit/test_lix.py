@@ -146,6 +146,16 @@ def test_nix_conf_command_never_prints_a_relative_hook(tmp_path):
     assert done.returncode == 1 and done.stdout == "", done.stdout
     assert "cannot find recnix-pre-build-hook beside recnix or on PATH" in done.stderr
     assert "--pre-build-hook" in done.stderr
+    relative = subprocess.run(
+        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null"]
+        + [*HOOK_PATHS, "--build-hook=recnix-build-hook"],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+        capture_output=True,
+        text=True,
+    )
+    assert relative.returncode == 1 and "recnix-build-hook is not an absolute path" in (
+        relative.stderr
+    ), relative.stderr
 
 
 def test_sandbox_socket_is_placed_and_replaced_atomically(tmp_path):
