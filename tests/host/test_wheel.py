@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.host.test_readme import readme_block
-from tests.wheel import build_wheel
+from tests.wheel import build_wheel, copy_sources
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKS = ("recnix-pre-build-hook", "recnix-post-build-hook", "recnix-build-hook")
@@ -58,9 +58,7 @@ def test_the_readmes_install_commands_with_pipx(tmp_path: Path) -> None:
         for line in readme_block("pip wheel --no-deps -w dist .").splitlines()
     ]
     assert setup == "recnix setup", setup
-    checkout = tmp_path / "checkout"
-    not_sources = (".venv", ".git", "build", "dist", "*.egg-info", "__pycache__")
-    shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(*not_sources))
+    checkout = copy_sources(tmp_path / "checkout")
     home = tmp_path / "pipx"
     env = {
         **os.environ,
