@@ -126,11 +126,11 @@ class Config:
 
     @property
     def control_socket(self) -> Path:
-        return Path(self.raw["daemon"]["control-socket"])
+        return self.settings.daemon.control_socket
 
     @property
     def state_dir(self) -> Path:
-        return Path(self.raw["daemon"]["state-dir"])
+        return self.settings.daemon.state_dir
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:

@@ -22,6 +22,7 @@ from recnix.journal import SessionRecord
 from recnix.protocol import PathInfo
 from recnix.register import (
     FinaliseError,
+    FinaliseReport,
     RegisteredInfo,
     StoreQueries,
     finalise_outputs,
@@ -138,13 +139,7 @@ class Finaliser:
             raise await self.invalidate(
                 drv_path, out_paths, reason, session.sid, set(session.added)
             ) from None
-        self.audit.write(
-            "finalised",
-            session.sid,
-            drv=drv_path,
-            outputs=sorted(report.outputs.values()),
-            added_refs={k: sorted(v) for k, v in report.added_refs.items()},
-        )
+        self._audit_finalised(session.sid, drv_path, report)
         log.info(
             "session %s finalised in %.1f ms (%d reference(s) added)",
             session.sid,
@@ -189,15 +184,18 @@ class Finaliser:
                 record.drv_path, [], str(e), record.sid, set(record.allowed)
             )
             return f"{ended}; {error}"
+        self._audit_finalised(record.sid, record.drv_path, report)
+        added = sum(len(refs) for refs in report.added_refs.values())
+        return f"{ended}; its outputs were finalised now ({added} reference(s) added)"
+
+    def _audit_finalised(self, sid: str, drv_path: str, report: FinaliseReport) -> None:
         self.audit.write(
             "finalised",
-            record.sid,
-            drv=record.drv_path,
+            sid,
+            drv=drv_path,
             outputs=sorted(report.outputs.values()),
             added_refs={k: sorted(v) for k, v in report.added_refs.items()},
         )
-        added = sum(len(refs) for refs in report.added_refs.values())
-        return f"{ended}; its outputs were finalised now ({added} reference(s) added)"
 
     async def invalidate(
         self,
