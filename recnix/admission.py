@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -52,10 +53,13 @@ class Admission:
         self.marks_dir = marks_dir  # the build hook's <drv>.plain hints
         self.build_users = build_users  # None: unbounded (auto-allocate-uids, no group)
         self._slots = asyncio.Semaphore(max_sessions)
-        self._waiting = 0  # pre-build hooks waiting for a slot now
         # drv path -> (when it lapses (monotonic), the Nix process that asked):
         self._reserved: dict[str, tuple[float, int | None]] = {}  # a slot reserved
         self._admitted: dict[str, tuple[float, int | None]] = {}  # admitted to wait
+        # Nix process (None: unknown, e.g. a resumed session) -> its count of:
+        self._holding: Counter[int | None] = Counter()  # sessions holding a slot
+        self._waiting: Counter[int | None] = Counter()  # pre-build hooks waiting for one
+        self._max_jobs: dict[int, int] = {}  # Nix process -> its max-jobs (build hook)
 
     @property
     def full(self) -> bool:
@@ -76,6 +80,8 @@ class Admission:
         of Nix process ``worker`` (running at most ``max_jobs`` builds): with a slot
         reserved, or to wait for one; False (it is postponed) when waiting is unsafe."""
         until = time.monotonic() + RESERVATION_TTL
+        if worker is not None and max_jobs is not None:
+            self._max_jobs[worker] = max_jobs
         if not self.full:
             await self._slots.acquire()  # free, so this does not wait
             self._reserved[drv_path] = (until, worker)
@@ -101,13 +107,27 @@ class Admission:
                 "its Nix process may run more builds than there are slots (max-jobs), "
                 "and a wait in its pre-build hook would stop them all"
             )
-        outer = self.max_sessions + len(self._admitted) + self._waiting
-        if self.build_users is not None and outer + 1 > self.build_users - 1:
+        outer = self.outer_builds(also=worker)
+        if self.build_users is not None and outer > self.build_users - 1:
             return (
-                f"{outer} outer builds hold or wait for slots: one more would leave "
-                f"no build user of {self.build_users} for nested builds"
+                f"{outer} outer builds could hold build users at once with it: that would "
+                f"leave no build user of {self.build_users} for nested builds"
             )
         return ""
+
+    def outer_builds(self, also: int | None = None) -> int:
+        """How many top-level recursive builds could hold build users at once: those
+        holding or reserving a slot, admitted to wait for one or waiting (and one more
+        of Nix process ``also``), each Nix process counted at most up to its max-jobs."""
+        builds: Counter[int | None] = self._holding + self._waiting
+        for table in (self._reserved, self._admitted):
+            builds.update(worker for _, worker in table.values())
+        if also is not None:
+            builds[also] += 1
+        return sum(
+            min(count, self._max_jobs.get(worker, count)) if worker is not None else count
+            for worker, count in builds.items()
+        )
 
     def unreserve(self, drv_path: str) -> None:
         """Forget ``drv_path``'s admission; give back its reserved slot (it is built
@@ -127,6 +147,12 @@ class Admission:
                 del self._reserved[drv_path]
                 self._slots.release()
                 log.info("%s was admitted but did not start: its session slot is free", drv_path)
+        known = set(self._holding + self._waiting)
+        known.update(
+            worker for table in (self._reserved, self._admitted) for _, worker in table.values()
+        )
+        for worker in set(self._max_jobs) - known:
+            del self._max_jobs[worker]
 
     async def take(self, drv_path: str, worker: int | None, holders: Iterable[int | None]) -> None:
         """Take a slot for the top-level session of ``drv_path``: its reservation, one its
@@ -136,13 +162,25 @@ class Admission:
         pre-build hooks synchronously and that process could never run the post-build
         hooks that free a slot while this one waits."""
         self._admitted.pop(drv_path, None)
-        if self._reserved.pop(drv_path, None) is not None:
-            return  # admitted by the build hook with a slot reserved
-        if worker is not None:
-            for other, (_, reserved_by) in self._reserved.items():
-                if reserved_by == worker:  # that build, when it starts, takes another
-                    del self._reserved[other]
-                    return
+        if self._reserved.pop(drv_path, None) is None and not self._take_reserved_by(worker):
+            await self._acquire(drv_path, worker, holders)
+        self._holding[worker] += 1
+
+    def _take_reserved_by(self, worker: int | None) -> bool:
+        """Take a slot reserved for another build of Nix process ``worker`` (that build,
+        when it starts, takes another)."""
+        if worker is None:
+            return False
+        for other, (_, reserved_by) in self._reserved.items():
+            if reserved_by == worker:
+                del self._reserved[other]
+                return True
+        return False
+
+    async def _acquire(
+        self, drv_path: str, worker: int | None, holders: Iterable[int | None]
+    ) -> None:
+        """A free slot, or wait for one (refused when that wait could never end)."""
         if not self.full:
             await self._slots.acquire()
             return
@@ -156,19 +194,19 @@ class Admission:
                 "(--max-jobs / max-jobs in nix.conf at most daemon.max-sessions) or raise "
                 "daemon.max-sessions (it needs more build users)"
             )
-        self._waiting += 1
+        self._waiting[worker] += 1
         log.info(
             "%s waits for a free recnix session slot (%d in use, %d waiting; "
             "daemon.max-sessions = %d)",
             drv_path,
             self.max_sessions,
-            self._waiting,
+            self._waiting.total(),
             self.max_sessions,
         )
         try:
             await self._slots.acquire()
         finally:
-            self._waiting -= 1
+            self._waiting[worker] -= 1
 
     async def take_for_resume(self) -> bool:
         """A slot for a resumed session that held one; False if none is free
@@ -176,10 +214,12 @@ class Admission:
         if self.full:
             return False
         await self._slots.acquire()  # free, so this does not wait
+        self._holding[None] += 1
         return True
 
-    def release(self) -> None:
-        """Give back a slot a session held."""
+    def release(self, worker: int | None) -> None:
+        """Give back a slot a session of Nix process ``worker`` held."""
+        self._holding[worker] -= 1
         self._slots.release()
 
     def sweep_plain_marks(self) -> None:

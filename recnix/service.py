@@ -378,7 +378,7 @@ class Service:
             await session.start()
         except Exception as e:
             if session.holds_slot:
-                self.admission.release()
+                self.admission.release(worker)
             await session.close("failed to start")
             raise OpenRefused(f"cannot open a recnix session for {drv_path}: {e}") from e
         try:
@@ -478,7 +478,7 @@ class Service:
         await session.close(reason)
         if session.holds_slot:
             session.holds_slot = False
-            self.admission.release()
+            self.admission.release(session.worker)
 
     # -- liveness (recnix.watcher decides, the service acts)
 

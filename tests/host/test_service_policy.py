@@ -381,17 +381,18 @@ def test_sessions_beyond_the_limit_wait(busybox, nix_bundle, tmp_path, queue):
         assert len(released) == 2
 
 
-def _two_opted_in_builds(host: NixHost, busybox: str) -> str:
+def _opted_in_builds(host: NixHost, busybox: str, count: int = 2) -> str:
     tag = fresh_tag()
     builds = [
-        plain_build_expr(busybox, [RECNIX], 'echo "$tag" > "$out"', f"{tag}-{n}") for n in range(2)
+        plain_build_expr(busybox, [RECNIX], 'echo "$tag" > "$out"', f"{tag}-{n}")
+        for n in range(count)
     ]
-    return write_expr(host, "two.nix", "[\n" + "\n".join(f"({b})" for b in builds) + "\n]")
+    return write_expr(host, "many.nix", "[\n" + "\n".join(f"({b})" for b in builds) + "\n]")
 
 
-def _two_builds_with_one_slot(busybox: str, nix_bundle: str, max_jobs: int) -> str:
-    """Two opted-in builds in one nix-build with ``--max-jobs`` (max-sessions = 1):
-    both must succeed; the service's log."""
+def _builds_with_one_slot(busybox: str, nix_bundle: str, max_jobs: int, count: int = 2) -> str:
+    """``count`` opted-in builds in one nix-build with ``--max-jobs`` (max-sessions = 1):
+    all must succeed; the service's log."""
     require_recnix_build_hook()
     with host_with_service(busybox, nix_bundle, "", {"max-sessions": 1}) as (
         host,
@@ -399,7 +400,7 @@ def _two_builds_with_one_slot(busybox: str, nix_bundle: str, max_jobs: int) -> s
         runner,
     ):
         assert service is not None
-        drvs = _two_opted_in_builds(host, busybox)
+        drvs = _opted_in_builds(host, busybox, count)
         proc = subprocess.run(
             ["nix-build", "--no-out-link", "--max-jobs", str(max_jobs), drvs],
             env=host.env,
@@ -408,9 +409,9 @@ def _two_builds_with_one_slot(busybox: str, nix_bundle: str, max_jobs: int) -> s
             timeout=300,
         )
         assert proc.returncode == 0, proc.stderr
-        assert len(proc.stdout.split()) == 2, proc.stdout
+        assert len(proc.stdout.split()) == count, proc.stdout
         log = service.log_text()
-        assert log.count("opened for") == 2, log[-3000:]
+        assert log.count("opened for") == count, log[-3000:]
         return log
 
 
@@ -418,14 +419,16 @@ def test_one_nix_process_with_more_recursive_builds_than_slots_queues_them(busyb
     """recnix's build hook makes the second of two opted-in builds of one nix-build wait
     (Nix's "postpone") while the first holds the only slot (max-sessions = 1): both
     succeed, one after the other."""
-    assert "before it takes a build user" in _two_builds_with_one_slot(busybox, nix_bundle, 2)
+    assert "before it takes a build user" in _builds_with_one_slot(busybox, nix_bundle, 2)
 
 
 def test_builds_of_a_process_that_runs_them_one_by_one_are_not_postponed(busybox, nix_bundle):
     """With --max-jobs 1 a Nix process can never hold every slot while its next build
     waits: that build waits for the slot in its pre-build hook (woken when the slot
-    frees) instead of being postponed for build-poll-interval."""
-    log = _two_builds_with_one_slot(busybox, nix_bundle, 1)
+    frees) instead of being postponed for build-poll-interval. Ten of them, with the
+    machine's 10 build users: however many it queues, that process holds one build
+    user at a time, so waiting leaves build users for nested builds."""
+    log = _builds_with_one_slot(busybox, nix_bundle, 1, count=10)
     assert "before it takes a build user" not in log, log[-3000:]
 
 
@@ -442,7 +445,7 @@ def test_one_nix_process_is_never_made_to_wait_for_its_own_slots(busybox, nix_bu
         runner,
     ):
         assert service is not None
-        expr = _two_opted_in_builds(host, busybox)
+        expr = _opted_in_builds(host, busybox)
         proc = subprocess.run(
             ["nix-build", "--no-out-link", "--keep-going", "--max-jobs", "2", expr],
             env=host.env,

@@ -11,7 +11,7 @@ import pytest
 
 from recnix.admission import Admission, OpenRefused
 
-W, V = 100, 200  # two Nix processes (pids)
+W, V, U, X = 100, 200, 300, 400  # Nix processes (pids)
 
 
 def drv(name: str) -> str:
@@ -56,14 +56,50 @@ def test_builds_that_could_stop_their_own_process_are_postponed(worker, max_jobs
 
 def test_waiting_builds_always_leave_a_build_user_for_nested_builds() -> None:
     async def scenario() -> None:
-        a = admission(max_sessions=2, users=5)  # 2 sessions + waiters <= 5 - 1
+        a = admission(max_sessions=2, users=5)  # outer builds holding users <= 5 - 1
         for i in range(2):
-            assert await a.admit(drv(f"r{i}"), V, 1)
-        assert await a.admit(drv("w0"), W, 1)
-        assert await a.admit(drv("w1"), W, 1)
-        assert not await a.admit(drv("w2"), W, 1)  # would hold the last build user
+            assert await a.admit(drv(f"r{i}"), V, 2)
+        assert await a.admit(drv("w0"), W, 2)
+        assert await a.admit(drv("w1"), W, 2)
+        assert a.outer_builds() == 4
+        assert not await a.admit(drv("w2"), U, 1)  # would hold the last build user
         a.unreserve(drv("w0"))  # built elsewhere after all: room again
-        assert await a.admit(drv("w2"), W, 1)
+        assert await a.admit(drv("w2"), U, 1)
+
+    run(scenario())
+
+
+def test_a_process_counts_at_most_its_max_jobs_of_outer_builds() -> None:
+    """A Nix process running one build at a time with many opted-in builds queued
+    (nix-build --max-jobs 1 of ten) holds at most one build user with them: none of
+    its builds is postponed (each postponement costs build-poll-interval)."""
+
+    async def scenario() -> None:
+        a = admission(max_sessions=3, users=4)
+        assert all([await a.admit(drv(f"{i}"), W, 1) for i in range(10)])
+        assert a.outer_builds() == 1
+        await a.take(drv("0"), W, [])
+        a.release(W)  # built: the next build of W takes a reservation of W
+        assert a.outer_builds() == 1
+        # another process with max-jobs 2 adds 2 more: 3 = users - 1 is the bound
+        assert await a.admit(drv("v0"), V, 2) and await a.admit(drv("v1"), V, 2)
+        assert not await a.admit(drv("u0"), U, 1)
+        assert a.outer_builds() == 3
+
+    run(scenario())
+
+
+def test_sessions_holding_slots_count_for_their_process() -> None:
+    async def scenario() -> None:
+        a = admission(max_sessions=2, users=4)
+        await a.take(drv("s0"), V, [])
+        await a.take(drv("s1"), V, [V])
+        assert a.outer_builds() == 2  # V's max-jobs is not known: each counts
+        assert await a.admit(drv("w0"), W, 1)
+        assert not await a.admit(drv("u0"), U, 1)
+        a.release(V)
+        a.release(V)
+        assert a.outer_builds() == 1
 
     run(scenario())
 
@@ -88,7 +124,7 @@ def test_a_reservation_serves_any_build_of_its_nix_process() -> None:
         waiter = asyncio.ensure_future(a.take(drv("reserved"), W, [V]))
         await asyncio.sleep(0.01)
         assert not waiter.done()
-        a.release()
+        a.release(W)
         await asyncio.wait_for(waiter, 1)
 
     run(scenario())
@@ -108,12 +144,12 @@ def test_admissions_lapse(monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario() -> None:
         a = admission(max_sessions=1, users=4)
         assert await a.admit(drv("0"), V, 1)
-        assert await a.admit(drv("w0"), W, 1) and await a.admit(drv("w1"), W, 1)
-        assert not await a.admit(drv("w2"), W, 1)
+        assert await a.admit(drv("w0"), W, 1) and await a.admit(drv("w1"), X, 1)
+        assert not await a.admit(drv("w2"), U, 1)
         monkeypatch.setattr("recnix.admission.RESERVATION_TTL", -1.0)
         assert a.renew(drv("0")) and a.renew(drv("w0")) and a.renew(drv("w1"))
         a.expire()
         assert not a.full and not a.renew(drv("w0"))
-        assert await a.admit(drv("w2"), W, 1)  # a reservation again: a slot is free
+        assert await a.admit(drv("w2"), U, 1)  # a reservation again: a slot is free
 
     run(scenario())
