@@ -36,9 +36,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from recnix.daemon.session import ClientProtocol, ConnectionHandler, Peer  # noqa: E402
 from recnix.protocol import ClientConnection, Op, Reply  # noqa: E402
-from recnix.restricted import RestrictedStore  # noqa: E402
-from recnix.session import ClientProtocol, ConnectionHandler, Peer  # noqa: E402
+from recnix.store.restricted import RestrictedStore  # noqa: E402
 from scripts.fuzz_session import Transport, handshake_bytes, new_world  # noqa: E402
 
 MINOR = 35

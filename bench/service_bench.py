@@ -24,7 +24,7 @@ hook     Opted-in trivial builds, recnix ÷ Nix's built-in recursive-nix on the 
          derivations (requiredSystemFeatures "recnix" vs "recursive-nix"), in one
          nix-build and as separate ones, with more builds than daemon.max-sessions
          (target ≤ 1.10); against no hooks (reference); and the hook's Python
-         start: hookentry.py -I -S ÷ console script.
+         start: hooks/entry.py -I -S ÷ console script.
 
 The daemon with recnix's hooks runs with the environment ``recnix nix-conf
 --daemon-env`` renders (RECNIX_HOOK_SOCKET, _MARKS, _PYTHON, _ENTRY), as the
@@ -64,9 +64,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from recnix import control  # noqa: E402
-from recnix.bundle import bundle_nix, busybox_store_path  # noqa: E402
-from recnix.config import hook_environment, load_defaults  # noqa: E402
+from recnix.cli.bundle import bundle_nix, busybox_store_path  # noqa: E402
+from recnix.config.loader import hook_environment, load_defaults  # noqa: E402
+from recnix.hooks import control  # noqa: E402
 from recnix.protocol import (  # noqa: E402
     NEED_DATA,
     ClientConnection,
@@ -877,7 +877,7 @@ def scenario_hook(b: Bench) -> list[Row]:
     answering = b.scratch / "answering.sock"
     stop_answering = answer_every_request(answering, b'{"ok": true}\n')
     tail = ["--control-socket", str(answering), str(drv), "/c"]
-    entry = [sys.executable, "-I", "-S", str(REPO / "recnix" / "hookentry.py")]
+    entry = [sys.executable, "-I", "-S", str(REPO / "recnix" / "hooks" / "entry.py")]
     loops = 20
     a, c = interleaved(
         reps,
@@ -888,7 +888,7 @@ def scenario_hook(b: Bench) -> list[Row]:
     rows.append(
         Row(
             "reference: the opted-in hook's Python with one control round trip, "
-            "hookentry.py -I -S ÷ recnix console script",
+            "hooks/entry.py -I -S ÷ recnix console script",
             a,
             c,
             "ms",
@@ -1253,7 +1253,7 @@ def main() -> int:
         raw = load_defaults()
         raw["daemon"]["control-socket"] = str(control_socket)
         raw["daemon"]["state-dir"] = str(scratch)
-        entry = str(REPO / "recnix" / "hookentry.py")
+        entry = str(REPO / "recnix" / "hooks" / "entry.py")
         hook_env = hook_environment(raw, sys.executable, entry)
         if opts.event_loop:  # the service starts with the daemon's environment
             hook_env["RECNIX_EVENT_LOOP"] = opts.event_loop

@@ -5,7 +5,7 @@
 #
 # Builds opt in with `requiredSystemFeatures = [ "recnix" ]` (or
 # "recnix-readonly"). Every setting's option below (type, default, description)
-# comes from ../recnix/config-keys.toml, where the daemon reads them too.
+# comes from ../recnix/config/config-keys.toml, where the daemon reads them too.
 {
   config,
   lib,
@@ -15,11 +15,11 @@
 
 let
   cfg = config.services.recnix;
-  # Every recnix setting, declared once (type, default, doc): ../recnix/config-keys.toml,
+  # Every recnix setting, declared once (type, default, doc): ../recnix/config/config-keys.toml,
   # the file the daemon itself reads.
-  keys = builtins.fromTOML (builtins.readFile ../recnix/config-keys.toml);
+  keys = builtins.fromTOML (builtins.readFile ../recnix/config/config-keys.toml);
   defaults = builtins.mapAttrs (section: builtins.mapAttrs (name: spec: spec.default)) keys;
-  unit = builtins.fromTOML (builtins.readFile ../recnix/unit.toml);
+  unit = builtins.fromTOML (builtins.readFile ../recnix/cli/unit.toml);
   format = pkgs.formats.toml { };
 
   configPath = "/etc/recnix/config.toml";
@@ -28,10 +28,10 @@ let
   preBuildHook = lib.getExe' cfg.package "recnix-pre-build-hook";
   postBuildHook = lib.getExe' cfg.package "recnix-post-build-hook";
   # Nix's own build hook (build-remote) with recnix's ssh proxy for ssh-ng://
-  # builders (recnix/sshproxy.py); anything else goes to ssh unchanged.
+  # builders (recnix/remote/sshproxy.py); anything else goes to ssh unchanged.
   buildHook = lib.getExe' cfg.package "recnix-build-hook";
   # Nix 2.25-2.33 read nix.conf, then reset build-hook to their own hook
-  # (src/nix/main.cc; recnix.nixversion): there it goes on nix-daemon's command line.
+  # (src/nix/main.cc; recnix.cli.nixversion): there it goes on nix-daemon's command line.
   nixVersion = config.nix.package.version or "";
   packageIsLix = lib.getName config.nix.package == "lix";
   buildHookOnCommandLine =
@@ -70,7 +70,7 @@ let
     );
   nixSettings = if cfg.lix then withoutBuiltin defaults.nix else defaults.nix;
 
-  # The option type of a key's declared type (recnix/config.py validates the same).
+  # The option type of a key's declared type (recnix/config/loader.py validates the same).
   nixType =
     spec:
     if spec.type == "enum" then
@@ -140,7 +140,7 @@ in
 
     settings = lib.mkOption {
       default = { };
-      description = "recnix configuration, written to /etc/recnix/config.toml (the layout of recnix/defaults.toml). Keys not listed here are passed through; the daemon rejects unknown ones.";
+      description = "recnix configuration, written to /etc/recnix/config.toml (the layout of recnix/config/defaults.toml). Keys not listed here are passed through; the daemon rejects unknown ones.";
       type = lib.types.submodule {
         freeformType = format.type;
         options = settingOptions;
@@ -197,7 +197,7 @@ in
         environment = {
           RECNIX_CONFIG = configPath;
         }
-        # The config's decision for the hook script (recnix.config.hook_environment):
+        # The config's decision for the hook script (recnix.config.loader.hook_environment):
         # with no chained hooks, builds that do not opt in never read the config.
         // lib.optionalAttrs (cfg.preBuildHooks == [ ] && cfg.postBuildHooks == [ ]) {
           RECNIX_HOOK_SOCKET = cfg.settings.daemon.control-socket;

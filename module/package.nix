@@ -56,7 +56,7 @@ python3Packages.buildPythonApplication {
 
   pythonImportsCheck = [
     "recnix"
-    "recnix.hooks"
+    "recnix.hooks.prepost"
   ];
 
   meta = {

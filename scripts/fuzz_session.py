@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fuzz a session's protocol entry in-process: recnix.session.ConnectionHandler
+"""Fuzz a session's protocol entry in-process: recnix.daemon.session.ConnectionHandler
 (decode -> RestrictedStore -> encode) over the in-memory store of tests/unit/fakes.py.
 
 Each case is one client connection: a handshake (any client minor 10..37) and a
@@ -30,7 +30,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from recnix.derivation import to_aterm_bytes  # noqa: E402
+from recnix.daemon.session import ConnectionHandler, Peer  # noqa: E402
+from recnix.formats.derivation import to_aterm_bytes  # noqa: E402
 from recnix.protocol import (  # noqa: E402
     NEED_DATA,
     ClientConnection,
@@ -46,8 +47,7 @@ from recnix.protocol import (  # noqa: E402
     encode_multiple_entry,
     encode_multiple_header,
 )
-from recnix.restricted import RestrictedStore  # noqa: E402
-from recnix.session import ConnectionHandler, Peer  # noqa: E402
+from recnix.store.restricted import RestrictedStore  # noqa: E402
 from tests.unit.fakes import FakeSession, nar_of, store_path  # noqa: E402
 from tests.unit.test_restricted import World, drv  # noqa: E402
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Write what is generated from recnix/config-keys.toml (each key's one declaration):
-recnix/defaults.toml, recnix/settings.py (the typed settings) and the table between
+"""Write what is generated from recnix/config/config-keys.toml (each key's one declaration):
+recnix/config/defaults.toml, recnix/config/settings.py (the typed settings) and the table between
 the markers below in README.md.
 
     scripts/gen-config.py          # rewrite them
@@ -18,11 +18,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from recnix import configdocs  # noqa: E402
-from recnix.config import DEFAULTS_FILE  # noqa: E402
+from recnix.config import configdocs  # noqa: E402
+from recnix.config.loader import DEFAULTS_FILE  # noqa: E402
 
 README = REPO / "README.md"
-SETTINGS_FILE = REPO / "recnix" / "settings.py"
+SETTINGS_FILE = REPO / "recnix" / "config" / "settings.py"
 BEGIN = "<!-- config-keys:begin -->"
 END = "<!-- config-keys:end -->"
 

@@ -22,7 +22,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from recnix import configdocs  # noqa: E402
+from recnix.config import configdocs  # noqa: E402
 
 EVAL_FILE = REPO / "module" / "eval" / "eval.nix"
 TARGETS = (REPO / "README.md", REPO / "docs" / "nixos.md")

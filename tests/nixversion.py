@@ -128,9 +128,9 @@ def uses_recnix_build_hook() -> bool:
 
 
 def ignores_conf_build_hook() -> bool:
-    """Nix 2.25-2.33 ignore nix.conf's build-hook (recnix.nixversion): daemons get it
+    """Nix 2.25-2.33 ignore nix.conf's build-hook (recnix.cli.nixversion): daemons get it
     with ``--option build-hook``."""
-    from recnix.nixversion import NixVersion
+    from recnix.cli.nixversion import NixVersion
 
     impl = "lix" if is_lix() else "nix"
     return NixVersion(impl, version_string()).ignores_conf_build_hook

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from recnix.nar import NarParser
+from recnix.protocol.nar import NarParser
 
 from .errors import ProtocolError
 from .handshake import HandshakeDone, client_handshake, client_hello, server_handshake

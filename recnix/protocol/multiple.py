@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recnix.nar import NarParser
+from recnix.protocol.nar import NarParser
 
 from .connection import NEED_DATA, Data, EndOfData, _NeedData, feed_nar
 from .errors import ProtocolError

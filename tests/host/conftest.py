@@ -11,7 +11,7 @@ Fixtures (all session-scoped):
   hook's extra-sandbox-paths) and "discarded" (nix.conf's pre-build-hook is a
   wrapper that drops the hook's stdout: Lix 2.93–2.95's behaviour). Select the
   modes with ``RECNIX_TEST_HOOK_OUTPUT=honoured,discarded`` (the default).
-* ``busybox``, ``nix_bundle``: store paths (see ``recnix.bundle``).
+* ``busybox``, ``nix_bundle``: store paths (see ``recnix.cli.bundle``).
 * ``oracle_runner``: a ``ScenarioRunner`` on ``nix_host``.
 
 Both daemons share the machine's real /nix/store; each has its own socket,
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.bundle import bundle_nix, busybox_store_path
+from recnix.cli.bundle import bundle_nix, busybox_store_path
 from tests import nixversion
 from tests.nixversion import (
     build_dir_conf,
@@ -533,7 +533,7 @@ class RecnixService:
 def recnix_config_text(
     root: Path, host: NixHost, extra: str = "", daemon: Mapping[str, object] | None = None
 ) -> str:
-    """The service's config for the host tier (sections of recnix/config-keys.toml).
+    """The service's config for the host tier (sections of recnix/config/config-keys.toml).
 
     ``daemon`` overrides keys of the ``[daemon]`` table; ``extra`` appends other tables.
     """

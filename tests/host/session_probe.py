@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recnix import control
-from recnix.materialise import find_sandbox_pid
+from recnix.hooks import control
 from recnix.protocol import (
     NEED_DATA,
     ClientConnection,
@@ -45,6 +44,7 @@ from recnix.protocol import (
 )
 from recnix.protocol.stderr import read_stderr
 from recnix.protocol.wire import Decoder, ReceiveBuffer
+from recnix.sandbox.materialise import find_sandbox_pid
 from tests.nixversion import build_top_glob
 
 SANDBOX_SOCKET = "/nix/var/nix/daemon-socket/socket"

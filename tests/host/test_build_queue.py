@@ -1,4 +1,4 @@
-"""More concurrent recursive builds than build users (recnix.buildqueue, Nix issue #7297).
+"""More concurrent recursive builds than build users (recnix.hooks.buildqueue, Nix issue #7297).
 
 Nix takes a build user before the pre-build hook runs, so outer builds waiting
 there for a session slot would hold every build user, and their nested builds
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from recnix import control
-from recnix.nixsettings import build_users, nix_settings
+from recnix.hooks import control
+from recnix.store.nixsettings import build_users, nix_settings
 from tests.host.conftest import (
     NixHost,
     RecnixService,

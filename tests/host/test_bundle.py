@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from recnix.bundle import NIX_COMMANDS, bundle_nix, busybox_store_path
+from recnix.cli.bundle import NIX_COMMANDS, bundle_nix, busybox_store_path
 from tests import nixversion
 
 pytestmark = pytest.mark.host

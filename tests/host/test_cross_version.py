@@ -2,7 +2,7 @@
 
 The host tier runs on Debian 12's Nix 2.8 and, inside their root filesystems
 (``recnix_vm.rootfs``), on 2.26 and 2.34. Here each other version's ``nix``
-is bundled into this store (``recnix.bundle.bundle_nix(sysroot=...)``, its
+is bundled into this store (``recnix.cli.bundle.bundle_nix(sysroot=...)``, its
 libraries from its own root filesystem) and is the client inside recursive
 builds: the handshake (logged by the session with both minors), adds and a
 nested build must work in both directions, 2.8 <-> 2.26 <-> 2.34.
@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from recnix.bundle import bundle_nix
+from recnix.cli.bundle import bundle_nix
 from tests import nixversion
 from tests.host.conftest import NixHost, RecnixService, scenario_runner
 from tests.scenarios import checks

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.derivation import Derivation, read_derivation, to_aterm_bytes
+from recnix.formats.derivation import Derivation, read_derivation, to_aterm_bytes
 from tests import nixversion
 
 pytestmark = pytest.mark.host

@@ -308,7 +308,7 @@ def test_the_vm_example_builds(setup: RecnixService, tmp_path: Path) -> None:
     """`recnix-vm run`'s /root/example.nix, here with this host's bundle and busybox."""
     from recnix_vm.guestprep import example_text
 
-    from recnix.bundle import bundle_nix, busybox_store_path
+    from recnix.cli.bundle import bundle_nix, busybox_store_path
 
     host = setup.host
     example = tmp_path / "example.nix"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.journal import SessionJournal, SessionRecord
+from recnix.daemon.journal import SessionJournal, SessionRecord
 from tests.host.conftest import (
     NixHost,
     RecnixService,

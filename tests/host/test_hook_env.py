@@ -1,6 +1,6 @@
 """Opted-in builds through the hook script with the environment `recnix nix-conf
 --daemon-env` renders (the NixOS module sets the same on nix-daemon): the control
-socket and the marks come from the environment, Python starts as hookentry.py -I -S."""
+socket and the marks come from the environment, Python starts as hooks/entry.py -I -S."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.config import hook_environment, load_defaults
+from recnix.config.loader import hook_environment, load_defaults
 from tests.host.conftest import (
     scenario_runner,
     start_nix_host,
@@ -27,7 +27,7 @@ from tests.scenarios.runner import ScenarioRunner
 
 pytestmark = pytest.mark.host
 
-ENTRY = Path(__file__).resolve().parents[2] / "recnix" / "hookentry.py"
+ENTRY = Path(__file__).resolve().parents[2] / "recnix" / "hooks" / "entry.py"
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.sandboxproc import SandboxProcess
+from recnix.sandbox.sandboxproc import SandboxProcess
 from tests.host.conftest import NixHost, RecnixService
 from tests.scenarios import checks
 from tests.scenarios.checks import RECNIX, fresh_tag

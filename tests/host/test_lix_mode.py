@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from recnix.bundle import bundle_nix, find_nix_binary
-from recnix.nixversion import nix_version
-from recnix.sandboxsocket import SANDBOX_SOCKET
+from recnix.cli.bundle import bundle_nix, find_nix_binary
+from recnix.cli.nixversion import nix_version
+from recnix.sandbox.sandboxsocket import SANDBOX_SOCKET
 from tests import nixversion
 from tests.host.conftest import (
     RECNIX_BIN,

@@ -1,4 +1,4 @@
-"""recnix.materialise against real sandboxed Nix 2.8 builds (both mechanisms)."""
+"""recnix.sandbox.materialise against real sandboxed Nix 2.8 builds (both mechanisms)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from recnix import materialise
-from recnix.materialise import (
+from recnix.sandbox import materialise
+from recnix.sandbox.materialise import (
     MaterialiseError,
     SandboxView,
     find_sandbox_pid,

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from recnix.config import (
+from recnix.config.loader import (
     hook_environment,
     load_config,
     load_defaults,
@@ -232,7 +232,7 @@ def test_service_unit() -> None:
 
 
 def test_hook_decision_in_the_daemon_environment() -> None:
-    """The module renders the hook script's decision as recnix.config.hook_environment
+    """The module renders the hook script's decision as recnix.config.loader.hook_environment
     does; with chained hooks it leaves it out (the script reads the config then)."""
     expected = hook_environment(load_defaults())
     assert expected["RECNIX_HOOK_SOCKET"] == "/run/recnix/control.sock"
@@ -287,7 +287,7 @@ def nix_package(version: str, pname: str = "nix") -> str:
 def test_build_hook_on_the_daemons_command_line_where_nix_conf_loses_it(
     version: str, on_command_line: bool
 ) -> None:
-    """Nix 2.25-2.33 reset nix.conf's build-hook (recnix.nixversion): the module gives
+    """Nix 2.25-2.33 reset nix.conf's build-hook (recnix.cli.nixversion): the module gives
     it on nix-daemon's command line there."""
     package = nix_eval("package")
     exec_start = nix_eval("nixDaemonExecStart", [nix_package(version)])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from recnix.nar import NarParser, dump_path, nar_hash, restore_nar, scan_for_hashes
-from recnix.storepath import hash_part, validate_store_path
+from recnix.formats.storepath import hash_part, validate_store_path
+from recnix.protocol.nar import NarParser, dump_path, nar_hash, restore_nar, scan_for_hashes
 
 pytestmark = pytest.mark.host
 

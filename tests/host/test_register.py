@@ -1,4 +1,4 @@
-"""recnix.register against real Nix 2.8 builds: the post-build reference fix-up."""
+"""recnix.store.register against real Nix 2.8 builds: the post-build reference fix-up."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.register import (
+from recnix.store.register import (
     FinaliseError,
     Registrar,
     finalise_outputs,

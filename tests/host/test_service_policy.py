@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from recnix.nixsettings import nix_settings
 from recnix.protocol import Op
+from recnix.store.nixsettings import nix_settings
 from tests import nixversion
 from tests.host.conftest import (
     PRE_BUILD_HOOK,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.config import load_defaults
+from recnix.config.loader import load_defaults
 from recnix.protocol import (
     BasicDerivation,
     DerivationOutput,

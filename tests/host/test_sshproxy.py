@@ -1,4 +1,4 @@
-"""recnix's ssh proxy (recnix.sshproxy) between real Nix clients and a real builder store.
+"""recnix's ssh proxy (recnix.remote.sshproxy) between real Nix clients and a real builder store.
 
 The "builder" is a separate store: ``nix-daemon --stdio --store local?root=<dir>``
 (its own database and store directory), reached through a fake ``ssh`` that
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from recnix import buildhook
-from recnix.storepath import nix32_encode, nix32_to_base16
+from recnix.formats.storepath import nix32_encode, nix32_to_base16
+from recnix.hooks import buildhook
 from tests.host.conftest import VENV_BIN, NixHost, start_nix_host, stop_nix_host
 from tests.nixversion import at_least, is_lix, path_info_args, path_info_record
 
-HOOKENTRY = Path(buildhook.__file__).with_name("hookentry.py")
+HOOKENTRY = Path(buildhook.__file__).with_name("entry.py")
 
 # recnix's ssh proxy is started by recnix's build-hook only (its PATH has the proxy's ssh)
 pytestmark = pytest.mark.skipif(
@@ -261,9 +261,9 @@ def plant(store: Path, path: str, text: str, refs: list[str], deriver: str = "")
     what a builder that lies can do to its own store."""
     import asyncio
 
-    from recnix.nar import dump_path, nar_hash
     from recnix.protocol import PathInfo, ValidPathInfo
-    from recnix.sshproxy import open_builder
+    from recnix.protocol.nar import dump_path, nar_hash
+    from recnix.remote.sshproxy import open_builder
 
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "contents"
@@ -526,7 +526,7 @@ def test_started_line_of_nix_2_20_on(
     host's Nix being 2.8)."""
     import asyncio
 
-    from recnix.sshproxy import open_builder
+    from recnix.remote.sshproxy import open_builder
 
     store, fake = builder_store  # it prints "started" when asked, as ssh does
     for key, value in client_env(nix_host, fake).items():

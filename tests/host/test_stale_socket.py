@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.upstream import Upstream
+from recnix.store.upstream import Upstream
 from tests import nixversion
 from tests.host.conftest import (
     RECNIX_BIN,

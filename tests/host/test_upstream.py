@@ -1,4 +1,4 @@
-"""`recnix.upstream.Upstream` runs every op it forwards against Debian's nix-daemon 2.8.
+"""`recnix.store.upstream.Upstream` runs every op it forwards against Debian's nix-daemon 2.8.
 
 Each test opens its own connection(s) to the private daemon of ``nix_host`` (own
 NIX_CONF_DIR, own socket) and cross-checks what the daemon answered with the nix CLI.
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from recnix.nar import dump_path, nar_hash
+from recnix.formats.storepath import make_fixed_output_path, nix32_decode, nix32_encode
 from recnix.protocol import (
     BuildStatus,
     DerivedPath,
@@ -33,8 +33,8 @@ from recnix.protocol import (
     StderrMessage,
     ValidPathInfo,
 )
-from recnix.storepath import make_fixed_output_path, nix32_decode, nix32_encode
-from recnix.upstream import Upstream, UpstreamClosed, UpstreamError, default_options
+from recnix.protocol.nar import dump_path, nar_hash
+from recnix.store.upstream import Upstream, UpstreamClosed, UpstreamError, default_options
 from tests import nixversion
 from tests.host.conftest import NixHost
 from tests.nixversion import path_info_args, path_info_record
@@ -305,7 +305,7 @@ def test_add_to_store_flat(nix_host: NixHost, tmp_path: Path) -> None:
 
 LARGE_ADD_CHILD = r"""
 import asyncio, hashlib, json, resource, sys
-from recnix.upstream import Upstream
+from recnix.store.upstream import Upstream
 
 socket, name, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
 digest = hashlib.sha256()

@@ -32,7 +32,7 @@ def test_the_wheel_holds_recnix_and_its_hooks_but_not_the_vm_harness(wheel: Path
     assert not [n for n in names if n.startswith("recnix_vm")], "the VM harness is in the wheel"
     for hook in HOOKS:
         assert any(n.endswith(f".data/scripts/{hook}") for n in names), hook
-    for data in ("recnix/config-keys.toml", "recnix/unit.toml", "recnix/hookentry.py"):
+    for data in ("recnix/config/config-keys.toml", "recnix/cli/unit.toml", "recnix/hooks/entry.py"):
         assert data in names, data
 
 

@@ -12,9 +12,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from recnix.derivation import Derivation, DerivationError, parse_derivation, to_aterm_bytes
-from recnix.nar import Contents, NarParser
-from recnix.policy import Limits
+from recnix.formats.derivation import Derivation, DerivationError, parse_derivation, to_aterm_bytes
+from recnix.formats.storepath import NIX32_ALPHABET, InvalidStorePath, validate_store_path
 from recnix.protocol import (
     BuildResult,
     DerivedPath,
@@ -26,8 +25,9 @@ from recnix.protocol import (
     StderrMessage,
     ValidPathInfo,
 )
-from recnix.storepath import NIX32_ALPHABET, InvalidStorePath, validate_store_path
-from recnix.upstream import UpstreamError
+from recnix.protocol.nar import Contents, NarParser
+from recnix.store.policy import Limits
+from recnix.store.upstream import UpstreamError
 
 STORE = "/nix/store/"
 
@@ -228,7 +228,7 @@ class FakeStore:
 
 @dataclass
 class FakeSession:
-    """The session state RestrictedStore uses (recnix.restricted.SessionState)."""
+    """The session state RestrictedStore uses (recnix.store.restricted.SessionState)."""
 
     store: FakeStore
     allowed: set[str]

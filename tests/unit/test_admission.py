@@ -1,4 +1,4 @@
-"""recnix.admission's rules: when a recursive build gets a slot, waits for one in its
+"""recnix.daemon.admission's rules: when a recursive build gets a slot, waits for one in its
 pre-build hook, or is postponed by the build hook (the host tier runs them under
 real nix-daemons: tests/host/test_build_queue.py)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.admission import Admission, OpenRefused
+from recnix.daemon.admission import Admission, OpenRefused
 
 W, V, U, X = 100, 200, 300, 400  # Nix processes (pids)
 
@@ -146,7 +146,7 @@ def test_admissions_lapse(monkeypatch: pytest.MonkeyPatch) -> None:
         assert await a.admit(drv("0"), V, 1)
         assert await a.admit(drv("w0"), W, 1) and await a.admit(drv("w1"), X, 1)
         assert not await a.admit(drv("w2"), U, 1)
-        monkeypatch.setattr("recnix.admission.RESERVATION_TTL", -1.0)
+        monkeypatch.setattr("recnix.daemon.admission.RESERVATION_TTL", -1.0)
         assert a.renew(drv("0")) and a.renew(drv("w0")) and a.renew(drv("w1"))
         a.expire()
         assert not a.full and not a.renew(drv("w0"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recnix.audit import LOCAL, UNKNOWN, BuildNode, annotate_where, render_tree, where_built
+from recnix.daemon.audit import LOCAL, UNKNOWN, BuildNode, annotate_where, render_tree, where_built
 
 A = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-inner.drv"
 B = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-other.drv"

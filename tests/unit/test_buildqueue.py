@@ -1,4 +1,4 @@
-"""recnix.buildqueue: the build hook protocol as Nix 2.8-2.34 speaks it (HookInstance,
+"""recnix.hooks.buildqueue: the build hook protocol as Nix 2.8-2.34 speaks it (HookInstance,
 tryBuildHook), with Nix's own build-remote behind it and an answering control socket."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix import buildqueue
+from recnix.hooks import buildqueue
 from tests import nixversion
 from tests.buildhookwire import settings, try_request
 
@@ -97,7 +97,7 @@ def run_hook(
     sock = tmp_path / "control.sock"
     server = answering(sock, admit, seen)
     code = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); from recnix import buildqueue; "
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from recnix.hooks import buildqueue; "
         f"sys.exit(buildqueue.serve([{nix_hook!r}, '0'], {{}}, {str(sock)!r}, 'build-remote'))"
     )
     log_r, log_w = os.pipe()  # Nix gives the hook the build log's pipe as fds 4 and 5

@@ -1,4 +1,4 @@
-"""recnix.bundle.resolve_in: another root filesystem's symlinks, followed inside it."""
+"""recnix.cli.bundle.resolve_in: another root filesystem's symlinks, followed inside it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.bundle import BundleError, resolve_in
+from recnix.cli.bundle import BundleError, resolve_in
 
 
 def test_absolute_links_stay_inside_the_sysroot(tmp_path):

@@ -1,4 +1,4 @@
-"""recnix/config-keys.toml: every key declared once, and what is generated from it."""
+"""recnix/config/config-keys.toml: every key declared once, and what is generated from it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from recnix import configdocs
-from recnix.config import ConfigError, _type_problem, load_config, load_defaults, load_keys
+from recnix.config import configdocs
+from recnix.config.loader import ConfigError, _type_problem, load_config, load_defaults, load_keys
 
 REPO = Path(__file__).resolve().parents[2]
 TYPES = {"str", "path", "bool", "positive", "unsigned", "enum", "upstream", "str-list",

@@ -1,4 +1,4 @@
-"""Read backpressure of a session's client connection (recnix.session.ConnectionHandler):
+"""Read backpressure of a session's client connection (recnix.daemon.session.ConnectionHandler):
 a client that sends faster than the request's stream is consumed is stopped at the
 socket, and read again once the handler has caught up; nothing it sent is lost."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from recnix.daemon.session import READ_HIGH_WATER, READ_LOW_WATER, ConnectionHandler, Peer
 from recnix.protocol import ClientConnection, Data, Op, Request, ServerConnection
-from recnix.session import READ_HIGH_WATER, READ_LOW_WATER, ConnectionHandler, Peer
 
 from .fakes import FakeSession, FakeStore
 from .test_protocol_support import connected_pair

@@ -1,4 +1,4 @@
-"""The control socket's op table (recnix.service.CONTROL_OPS) against its clients."""
+"""The control socket's op table (recnix.daemon.service.CONTROL_OPS) against its clients."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import recnix
-from recnix.service import CONTROL_OPS, Service
+from recnix.daemon.service import CONTROL_OPS, Service
 
 
 def test_every_op_is_served_by_a_coroutine_of_the_service() -> None:

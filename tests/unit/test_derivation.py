@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.derivation import (
+from recnix.formats.derivation import (
     Derivation,
     DerivationError,
     DerivationOutput,
@@ -19,7 +19,7 @@ from recnix.derivation import (
     to_aterm,
     to_aterm_bytes,
 )
-from recnix.storepath import STORE_PREFIX
+from recnix.formats.storepath import STORE_PREFIX
 
 FIXTURES = Path(
     os.environ.get(
@@ -359,7 +359,7 @@ HASH_MODULO = DRV_DIR / "hash-modulo"
 
 def _modulo_fixture(stem: str) -> tuple[str, Derivation]:
     """(its store path, the parsed derivation) of ``hash-modulo/<stem>.drv``."""
-    from recnix.storepath import make_text_path
+    from recnix.formats.storepath import make_text_path
 
     text = (HASH_MODULO / f"{stem}.drv").read_bytes()
     name = json.loads((HASH_MODULO / f"{stem}.json").read_text())["name"]
@@ -394,7 +394,7 @@ def test_hash_derivation_modulo_matches_nix(stem: str) -> None:
     with the same hash merge their outputs)."""
     import hashlib
 
-    from recnix.derivation import hash_derivation_modulo
+    from recnix.formats.derivation import hash_derivation_modulo
 
     _require_fixtures()
     store = _modulo_store()
@@ -406,8 +406,8 @@ def test_hash_derivation_modulo_matches_nix(stem: str) -> None:
 def test_input_addressed_output_paths_as_nix_2_8_computes_them() -> None:
     """Output paths of a derivation with two outputs, a fixed-output input and a text
     input, as `nix-instantiate` (2.8) wrote them; its .drv path is its text path."""
-    from recnix.derivation import input_addressed_output_paths
-    from recnix.storepath import make_text_path
+    from recnix.formats.derivation import input_addressed_output_paths
+    from recnix.formats.storepath import make_text_path
 
     fo_out = "/nix/store/j6pcdwmw2hmiy97jvz23dzwnapj7aj4g-fo"
     fo = (
@@ -442,7 +442,7 @@ def test_input_addressed_output_paths_as_nix_2_8_computes_them() -> None:
 
 
 def test_output_paths_refuse_floating_and_dynamic() -> None:
-    from recnix.derivation import input_addressed_output_paths
+    from recnix.formats.derivation import input_addressed_output_paths
 
     floating = parse_derivation(
         'Derive([("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",[],[])', "f"

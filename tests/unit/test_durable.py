@@ -1,4 +1,4 @@
-"""recnix.durable: every file, directory and parent directory of the paths is
+"""recnix.store.durable: every file, directory and parent directory of the paths is
 fsynced, and a parent shared by a batch of paths (/nix/store) only once."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix import durable
+from recnix.store import durable
 
 
 def test_fsync_paths_syncs_everything_and_each_parent_once(

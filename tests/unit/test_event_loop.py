@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from recnix.aio import LOOP_ENV, loop_factory
+from recnix.store.aio import LOOP_ENV, loop_factory
 
 
 def test_asyncio_when_forced(monkeypatch):

@@ -1,4 +1,4 @@
-"""Per-session GC-root directories (recnix/gcroots.py) on a real filesystem."""
+"""Per-session GC-root directories (recnix/store/gcroots.py) on a real filesystem."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from recnix.gcroots import SessionRoots, sweep
+from recnix.store.gcroots import SessionRoots, sweep
 
 A = "/nix/store/00000000000000000000000000000000-a"
 B = "/nix/store/11111111111111111111111111111111-b"

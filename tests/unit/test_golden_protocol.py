@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from recnix.formats.storepath import nix32_encode
 from recnix.protocol import (
     FEATURE_REALISATION_WITH_PATH,
     BuildResult,
@@ -32,7 +33,6 @@ from recnix.protocol import (
 from recnix.protocol import schema as S
 from recnix.protocol import wire as W
 from recnix.protocol.connection import NEED_DATA
-from recnix.storepath import nix32_encode
 
 FIXTURES = Path(
     os.environ.get("RECNIX_FIXTURES")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix import hooks
+from recnix.hooks import prepost as hooks
 from tests.unit.test_invalidate import SCHEMA
 
 OUT = "/nix/store/" + "a" * 32 + "-outer"

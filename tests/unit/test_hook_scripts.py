@@ -125,7 +125,7 @@ def test_post_build_hook_is_the_same_script():
 @pytest.mark.parametrize("hook", HOOKS)
 def test_absent_drv_reaches_python_for_a_guard(hook_dir, tmp_path, hook):
     """A .drv that is not in the store (a remote BuildDerivation, issue 12): the
-    pre-build hook goes on to Python (recnix.remote's guard); the post-build hook
+    pre-build hook goes on to Python (recnix.remote.guards's guard); the post-build hook
     has nothing to finalise."""
     config = tmp_path / "config.toml"
     config.write_text("")
@@ -214,15 +214,15 @@ def test_minimal_python_entry(hook_dir, tmp_path, hook):
     env = {
         "RECNIX_HOOK_SOCKET": "/s",
         "RECNIX_HOOK_PYTHON": str(python),
-        "RECNIX_HOOK_ENTRY": "/e/recnix/hookentry.py",
+        "RECNIX_HOOK_ENTRY": "/e/recnix/hooks/entry.py",
     }
     called = run_hook(hook_dir, hook, drv, tmp_path / "absent.toml", env)
     kind = "pre-build-hook" if hook == HOOKS[0] else "post-build-hook"
-    expected = ["-I", "-S", "/e/recnix/hookentry.py", kind, "--control-socket", "/s"]
+    expected = ["-I", "-S", "/e/recnix/hooks/entry.py", kind, "--control-socket", "/s"]
     assert called == " ".join(expected + hook_args(hook, drv))
 
 
-ENTRY = Path(__file__).resolve().parents[2] / "recnix" / "hookentry.py"
+ENTRY = Path(__file__).resolve().parents[2] / "recnix" / "hooks" / "entry.py"
 
 
 def run_entry(args: list[str], cwd: Path, env: dict[str, str] | None = None):
@@ -237,7 +237,7 @@ def run_entry(args: list[str], cwd: Path, env: dict[str, str] | None = None):
 
 
 def test_entry_runs_without_site(tmp_path):
-    """hookentry.py finds the recnix package itself under -I -S (no site-packages,
+    """hooks/entry.py finds the recnix package itself under -I -S (no site-packages,
     no script directory on sys.path), from any working directory."""
     plain = tmp_path / "plain.drv"
     plain.write_text("plain")
@@ -302,7 +302,7 @@ def test_marks_spare_the_post_build_hook_the_drv(hook_dir, tmp_path):
 
 def test_the_build_hooks_plain_hint_spares_the_pre_build_hook_the_drv(hook_dir, tmp_path):
     """recnix's build hook marks <drv>.plain for a build that does not require recnix
-    (recnix.buildqueue): the pre-build hook then leaves without reading the .drv, here
+    (recnix.hooks.buildqueue): the pre-build hook then leaves without reading the .drv, here
     one that cannot be read (without the hint it would go on to Python for a guard)."""
     marks = tmp_path / "hook-marks"
     marks.mkdir(mode=0o700)
@@ -337,7 +337,7 @@ def test_unwritable_mark_fails_the_build(hook_dir, tmp_path):
 
 def test_nix_conf_daemon_env(tmp_path, capsys):
     """`recnix nix-conf --daemon-env` renders the config's decisions for the hook script."""
-    from recnix.cli import main
+    from recnix.cli.main import main
 
     config = tmp_path / "config.toml"
     config.write_text('[daemon]\ncontrol-socket = "/run/x/c.sock"\nstate-dir = "/run/x"\n')

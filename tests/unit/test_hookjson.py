@@ -1,4 +1,4 @@
-"""recnix.hookjson against the standard library's json, on generated values both ways."""
+"""recnix.hooks.hookjson against the standard library's json, on generated values both ways."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recnix import hookjson
+from recnix.hooks import hookjson
 
 scalars = (
     st.none()

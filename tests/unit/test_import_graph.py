@@ -90,9 +90,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_imports_it_must() -> None:
     graph = import_graph()
-    assert "recnix.session" in graph["recnix.service"]
+    assert "recnix.daemon.session" in graph["recnix.daemon.service"]
     assert "recnix.protocol.wire" in graph["recnix.protocol.connection"]  # relative import
-    assert "recnix.control" in graph["recnix.hooks"]  # `from recnix import control`
+    assert "recnix.hooks.control" in graph["recnix.hooks.prepost"]  # `from recnix import control`
 
 
 def test_cycle_detection_finds_a_cycle() -> None:
@@ -104,3 +104,53 @@ def test_no_import_cycle() -> None:
     assert not found, "import cycles (a module imports its caller): " + "; ".join(
         " <-> ".join(c) for c in found
     )
+
+
+# The subpackages from the bottom up (docs/architecture.md, "Modules"): a module may
+# import its own subpackage and those before it, never one after it.
+LAYERS = [
+    "config",
+    "formats",
+    "protocol",
+    "store",
+    "sandbox",
+    "remote",
+    "hooks",
+    "daemon",
+    "cli",
+]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Each import of a module by one of a lower layer (or outside every layer)."""
+    rank = {layer: n for n, layer in enumerate(LAYERS)}
+    found = []
+    for name, imported in graph.items():
+        parts = name.split(".")
+        if len(parts) < 2:
+            continue
+        for dep in imported:
+            dep_parts = dep.split(".")
+            if len(dep_parts) < 2 or dep_parts[1] == parts[1]:
+                continue
+            if parts[1] not in rank or dep_parts[1] not in rank:
+                found.append(f"{name} -> {dep} (a module outside the layers)")
+            elif rank[dep_parts[1]] > rank[parts[1]]:
+                found.append(f"{name} -> {dep}")
+    return sorted(found)
+
+
+def test_layer_check_finds_an_upward_import() -> None:
+    graph = {"recnix.store.x": {"recnix.daemon.y"}, "recnix.daemon.y": {"recnix.store.x"}}
+    assert layer_violations(graph) == ["recnix.store.x -> recnix.daemon.y"]
+
+
+def test_every_subpackage_is_a_layer() -> None:
+    subpackages = {p.name for p in PACKAGE_DIR.iterdir() if (p / "__init__.py").is_file()}
+    assert subpackages == set(LAYERS)
+    assert {p.name for p in PACKAGE_DIR.glob("*.py")} == {"__init__.py"}
+
+
+def test_layers_import_only_layers_below_them() -> None:
+    found = layer_violations(import_graph())
+    assert not found, "imports of a higher layer: " + "; ".join(found)

@@ -1,4 +1,4 @@
-"""recnix.invalidate on a database with Nix's schema (the tables and trigger it touches)."""
+"""recnix.store.invalidate on a database with Nix's schema (the tables and trigger it touches)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.invalidate import InvalidateError, invalidate_paths, invalidated_message
+from recnix.store.invalidate import InvalidateError, invalidate_paths, invalidated_message
 
 # The part of Nix's schema.sql (2.8 to 2.34, Lix) that invalidation touches.
 SCHEMA = """

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.journal import SessionJournal, SessionRecord, journals, replay
+from recnix.daemon.journal import SessionJournal, SessionRecord, journals, replay
 
 A = "/nix/store/" + "a" * 32 + "-a"
 B = "/nix/store/" + "b" * 32 + "-b.drv"

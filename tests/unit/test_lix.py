@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from recnix import sandboxsocket
-from recnix.config import load_config, nix_conf_settings
-from recnix.nixversion import NixVersionError, parse_nix_version
+from recnix.cli.nixversion import NixVersionError, parse_nix_version
+from recnix.config.loader import load_config, nix_conf_settings
+from recnix.sandbox import sandboxsocket
 
 # What Lix 2.94.2 printed for `nix --version` (issue 15; printVersion in Lix's
 # libmain/shared.cc prints these lines always, not only with -v).
@@ -106,7 +106,7 @@ def test_nix_conf_command_detects_lix_from_nix_on_path(tmp_path, text, lix):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RECNIX_CONFIG", None)
     out = subprocess.run(
-        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null", *HOOK_PATHS],
+        [sys.executable, "-m", "recnix.cli.main", "nix-conf", "--config", "/dev/null", *HOOK_PATHS],
         env=env,
         capture_output=True,
         text=True,
@@ -123,7 +123,7 @@ def test_nix_conf_command_lix_flag_overrides_detection(tmp_path):
     bin_dir = _fake_nix(tmp_path, LIX_TEXT)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     out = subprocess.run(
-        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null", "--no-lix"]
+        [sys.executable, "-m", "recnix.cli.main", "nix-conf", "--config", "/dev/null", "--no-lix"]
         + HOOK_PATHS,
         env=env,
         capture_output=True,
@@ -138,7 +138,7 @@ def test_nix_conf_command_never_prints_a_relative_hook(tmp_path):
     or on PATH, nix-conf fails naming the option that gives the path."""
     bin_dir = _fake_nix(tmp_path, "nix (Nix) 2.8.0\n")
     done = subprocess.run(
-        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null"],
+        [sys.executable, "-m", "recnix.cli.main", "nix-conf", "--config", "/dev/null"],
         env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
         capture_output=True,
         text=True,
@@ -147,7 +147,7 @@ def test_nix_conf_command_never_prints_a_relative_hook(tmp_path):
     assert "cannot find recnix-pre-build-hook beside recnix or on PATH" in done.stderr
     assert "--pre-build-hook" in done.stderr
     relative = subprocess.run(
-        [sys.executable, "-m", "recnix.cli", "nix-conf", "--config", "/dev/null"]
+        [sys.executable, "-m", "recnix.cli.main", "nix-conf", "--config", "/dev/null"]
         + [*HOOK_PATHS, "--build-hook=recnix-build-hook"],
         env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
         capture_output=True,
@@ -189,7 +189,7 @@ def test_sandbox_socket_is_placed_and_replaced_atomically(tmp_path):
 def test_sandbox_socket_directories_are_traversable_whatever_the_umask(tmp_path):
     chroot = tmp_path / "root"
     chroot.mkdir()
-    old = os.umask(0o077)  # recnix.service's unit (recnix/unit.toml)
+    old = os.umask(0o077)  # recnix.service's unit (recnix/cli/unit.toml)
     try:
         sock, _ = sandboxsocket.place(chroot)
         sock.close()
@@ -258,7 +258,7 @@ def capnp_abort_reason(message: bytes) -> str:
 
 
 def test_abort_message_carries_the_reason() -> None:
-    from recnix.lixhook import abort_message
+    from recnix.hooks.lixhook import abort_message
 
     assert capnp_abort_reason(abort_message("why")) == "why"
     long = "x" * 1000 + " — ünïcode"
@@ -266,7 +266,7 @@ def test_abort_message_carries_the_reason() -> None:
 
 
 def test_lix_peer_is_recognised_by_its_descriptors() -> None:
-    from recnix.lixhook import is_lix_rpc_peer
+    from recnix.hooks.lixhook import is_lix_rpc_peer
 
     a, b = socket.socketpair()
     r, w = os.pipe()
@@ -287,7 +287,7 @@ def test_build_hook_started_the_lix_way_refuses_with_the_nix_conf_line() -> None
     """The hook script, given Lix >= 2.94's descriptors, answers with a Cap'n Proto abort
     naming the nix.conf to fix, says the same on stderr, and exits 1 (no hang)."""
     hook = Path(__file__).resolve().parents[2] / "bin" / "recnix-build-hook"
-    hookentry = Path(__file__).resolve().parents[2] / "recnix" / "hookentry.py"
+    hookentry = Path(__file__).resolve().parents[2] / "recnix" / "hooks" / "entry.py"
     ours, theirs = socket.socketpair()
     env = {
         "PATH": os.environ.get("PATH", os.defpath),

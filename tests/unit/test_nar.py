@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recnix.nar import (
+from recnix.protocol.errors import ProtocolError
+from recnix.protocol.nar import (
     Contents,
     Directory,
     File,
@@ -23,7 +24,6 @@ from recnix.nar import (
     restore_nar,
     scan_for_hashes,
 )
-from recnix.protocol.errors import ProtocolError
 
 
 def tok(data: bytes) -> bytes:
@@ -324,7 +324,7 @@ def test_restore_rejects_truncated_and_trailing(tmp_path: Path) -> None:
 def test_nar_hash_of_file(tmp_path: Path) -> None:
     import hashlib
 
-    from recnix.storepath import nix32_encode
+    from recnix.formats.storepath import nix32_encode
 
     f = tmp_path / "f"
     f.write_bytes(b"hello")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from recnix import doctor
-from recnix.config import ConfigError, load_config
-from recnix.status import build_name, human_age, human_bytes, render_status
-from recnix.upstream import Upstream, UpstreamError
+from recnix.cli import doctor
+from recnix.cli.status import build_name, human_age, human_bytes, render_status
+from recnix.config.loader import ConfigError, load_config
+from recnix.store.upstream import Upstream, UpstreamError
 
 BIN = Path(__file__).resolve().parents[2] / "bin"
 HOOK = "/opt/x/bin/recnix-pre-build-hook"

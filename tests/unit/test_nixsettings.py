@@ -1,11 +1,11 @@
-"""What the service derives from the host Nix's settings (recnix/nixsettings.py): the bound
+"""What the service derives from the host Nix's settings (recnix/store/nixsettings.py): the bound
 on concurrent sessions from the build users; whether sessions fsync their paths."""
 
 from __future__ import annotations
 
 import grp
 
-from recnix.nixsettings import build_users, fsync_paths, session_bound
+from recnix.store.nixsettings import build_users, fsync_paths, session_bound
 
 
 def test_the_configured_bound_stands_below_the_build_users():

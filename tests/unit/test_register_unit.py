@@ -1,4 +1,4 @@
-"""Pure parts of recnix.register: constraint re-checks and the content-addressed refusal."""
+"""Pure parts of recnix.store.register: constraint re-checks and the content-addressed refusal."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from recnix.derivation import Derivation, DerivationOutput
-from recnix.register import (
+from recnix.formats.derivation import Derivation, DerivationOutput
+from recnix.store.register import (
     FinaliseError,
     check_output_constraints,
     ensure_not_ca_referencing,

@@ -1,4 +1,4 @@
-"""recnix.remote: the guard socket of a build whose .drv is not in the store (issue 12)."""
+"""recnix.remote.guards: the guard socket of a build whose .drv is not in the store (issue 12)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from recnix.remote import Guards, absent_drv_message
-from recnix.upstream import Upstream, UpstreamError
+from recnix.remote.guards import Guards, absent_drv_message
+from recnix.store.upstream import Upstream, UpstreamError
 
 DRV = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-outer.drv"
 

@@ -1,4 +1,4 @@
-"""recnix.remotetrust: which paths an ssh-ng:// builder sends back are imported."""
+"""recnix.remote.remotetrust: which paths an ssh-ng:// builder sends back are imported."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from recnix.derivation import parse_derivation
+from recnix.formats.derivation import parse_derivation
+from recnix.formats.signatures import fingerprint
+from recnix.formats.storepath import make_text_path, nix32_encode
 from recnix.protocol import PathInfo
-from recnix.remotetrust import (
+from recnix.remote.remotetrust import (
     SETTING,
     TrustCheck,
     UntrustedPath,
     builder_trusted,
     ssh_destination,
 )
-from recnix.signatures import fingerprint
-from recnix.storepath import make_text_path, nix32_encode
 
 H = "/nix/store/" + "0" * 31
 PLANTED = "/nix/store/" + "a" * 32 + "-openssl-3.0"
@@ -28,8 +28,8 @@ PLANTED = "/nix/store/" + "a" * 32 + "-openssl-3.0"
 
 def _drv_text(name: str, tag: str, inputs: dict[str, list[str]] | None = None) -> str:
     """An input-addressed derivation text with its output path computed (via Nix's
-    rules: recnix.derivation), for a fake builder store."""
-    from recnix.derivation import input_addressed_output_paths, to_aterm
+    rules: recnix.formats.derivation), for a fake builder store."""
+    from recnix.formats.derivation import input_addressed_output_paths, to_aterm
 
     def text(out: str) -> str:
         ins = ",".join(
@@ -228,7 +228,7 @@ def test_fixed_output_deriver_proves_nothing_without_content_address() -> None:
 
 
 def test_setting_defaults_to_no_builder_and_takes_host_names(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from recnix.config import ConfigError, load_config
+    from recnix.config.loader import ConfigError, load_config
 
     conf = tmp_path / "config.toml"
     conf.write_text("")

@@ -1,5 +1,5 @@
 """RestrictedStore against an in-memory store: every op × every kind of path, and the
-one rule (recnix.policy) checked against an independent oracle on generated graphs."""
+one rule (recnix.store.policy) checked against an independent oracle on generated graphs."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recnix.derivation import Derivation, DerivationOutput, OutputsNode, to_aterm_bytes
-from recnix.policy import Denied
+from recnix.formats.derivation import Derivation, DerivationOutput, OutputsNode, to_aterm_bytes
+from recnix.formats.storepath import make_fixed_output_path
 from recnix.protocol import (
     DerivedPath,
     GCResult,
@@ -24,8 +24,8 @@ from recnix.protocol import (
     encode_multiple_entry,
     encode_multiple_header,
 )
-from recnix.restricted import SERVED_OPS, SYNC_OPS, NarReply, RestrictedStore
-from recnix.storepath import make_fixed_output_path
+from recnix.store.policy import Denied
+from recnix.store.restricted import SERVED_OPS, SYNC_OPS, NarReply, RestrictedStore
 from tests.unit.fakes import FakeClient, FakeSession, FakeStore, nar_of, store_path
 
 

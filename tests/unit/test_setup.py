@@ -1,4 +1,4 @@
-"""recnix.setup's decisions and its files, on a directory standing for the host's root
+"""recnix.cli.setup's decisions and its files, on a directory standing for the host's root
 (systemctl is recorded, not run: the VM tier runs setup for real under systemd)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from recnix import setup
-from recnix.config import load_config
-from recnix.nixversion import NixVersion
+from recnix.cli import setup
+from recnix.cli.nixversion import NixVersion
+from recnix.config.loader import load_config
 
 DEBIAN_NIX_CONF = "build-users-group = nixbld\nsandbox = true\n"
 BIN = "/usr/local/bin"

@@ -1,4 +1,4 @@
-"""recnix.signatures: Ed25519 verification and Nix's path fingerprints."""
+"""recnix.formats.signatures: Ed25519 verification and Nix's path fingerprints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recnix.signatures import (
+from recnix.formats.signatures import (
     ed25519_verify,
     fingerprint,
     parse_public_keys,

@@ -1,5 +1,5 @@
-"""recnix.sshproxy's decisions (which ssh calls it proxies, the order it copies in) and
-recnix.buildhook's environment for Nix's build-remote."""
+"""recnix.remote.sshproxy's decisions (which ssh calls it proxies, the order it copies in) and
+recnix.hooks.buildhook's environment for Nix's build-remote."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 
-from recnix import buildhook
-from recnix.cli import main
+from recnix.cli.main import main
+from recnix.hooks import buildhook
 from recnix.protocol import PathInfo
-from recnix.sshproxy import announces_start, is_worker_session, remote_command, topo_order
+from recnix.remote.sshproxy import announces_start, is_worker_session, remote_command, topo_order
 
 
 def test_worker_sessions_as_each_nix_starts_them() -> None:
@@ -87,7 +87,7 @@ def test_nix_conf_prints_the_build_hook(capsys) -> None:
 
 
 def test_remote_build_marks(tmp_path) -> None:
-    from recnix.remote import mark_remote_build, take_remote_mark
+    from recnix.remote.guards import mark_remote_build, take_remote_mark
 
     drv = "/nix/store/" + "a" * 32 + "-outer.drv"
     assert not take_remote_mark(tmp_path, drv)
@@ -106,7 +106,7 @@ def test_announced_start_as_nix_2_20_on_asks_for_it() -> None:
 
 def test_shim_first_on_the_daemons_path_alone(tmp_path) -> None:
     """Nix 2.25-2.33: the shim is first on nix-daemon's PATH, without the build hook's
-    variables: it runs python3 with the hookentry.py next to it, and finds the real
+    variables: it runs python3 with the recnix package's hooks/entry.py, and finds the real
     ssh after itself on PATH."""
     real = tmp_path / "ssh"
     real.write_text('#!/bin/sh\necho "real: $*"\n')
@@ -126,9 +126,9 @@ def test_single_file_of_a_nar(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
     import pytest
 
-    from recnix.nar import dump_path
-    from recnix.remotetrust import UntrustedPath
-    from recnix.sshproxy import single_file
+    from recnix.protocol.nar import dump_path
+    from recnix.remote.remotetrust import UntrustedPath
+    from recnix.remote.sshproxy import single_file
 
     async def contents(path) -> bytes:  # type: ignore[no-untyped-def]
         async def chunks():  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""recnix.storeenv: the local store instead of a dead daemon socket (issue 20)."""
+"""recnix.store.storeenv: the local store instead of a dead daemon socket (issue 20)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix import storeenv
+from recnix.store import storeenv
 
 
 def test_dead_socket(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recnix.storepath import (
+from recnix.formats.storepath import (
     NIX32_ALPHABET,
     InvalidStorePath,
     base16_to_nix32,
@@ -128,7 +128,7 @@ def test_fixed_output_path_matches_nix_fixture() -> None:
 def test_content_address_paths_as_nix_2_8_names_them() -> None:
     """`builtins.toFile "f" "hi"` (text) and a recursive sha256 fixed output of all
     zeros, as Nix 2.8 named them; references enter a text path's name."""
-    from recnix.storepath import content_address_path, make_text_path
+    from recnix.formats.storepath import content_address_path, make_text_path
 
     text_ca = "text:sha256:" + nix32_encode(hashlib.sha256(b"hi").digest())
     f = "/nix/store/2qrhg0a6v2d6nsxncds6y3pc4l36n9xj-f"
@@ -148,14 +148,14 @@ def test_content_address_paths_as_nix_2_8_names_them() -> None:
     ["text:sha1:" + "0" * 32, "fixed:sha256:" + "0" * 51, "git:sha1:" + "0" * 40, "fixed:crc:00"],
 )
 def test_content_address_path_refuses_what_nix_does_not_name(ca: str) -> None:
-    from recnix.storepath import content_address_path
+    from recnix.formats.storepath import content_address_path
 
     with pytest.raises(ValueError):
         content_address_path(ca, "x", [], f"/nix/store/{H}-x")
 
 
 def test_flat_content_address_cannot_have_references() -> None:
-    from recnix.storepath import content_address_path
+    from recnix.formats.storepath import content_address_path
 
     with pytest.raises(ValueError, match="cannot have references"):
         content_address_path("fixed:sha256:" + "0" * 52, "x", [f"/nix/store/{H}-y"], "")

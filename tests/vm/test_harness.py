@@ -23,7 +23,7 @@ from recnix_vm.machine import (
     MachineError,
 )
 
-from recnix.config import load_defaults, nix_conf_settings
+from recnix.config.loader import load_defaults, nix_conf_settings
 
 pytestmark = pytest.mark.vm
 

@@ -14,12 +14,12 @@ or, ssh-ng from an untrusted client on Nix >= 2.16, copies the ``.drv`` and
 sends ``BuildPaths``; then it copies back only the outputs.
 
 The guests' nix.conf ``build-hook`` is ``recnix-build-hook``: Nix's build-remote
-with recnix's ssh proxy (recnix.sshproxy) for ``ssh-ng://`` builders, which
+with recnix's ssh proxy (recnix.remote.sshproxy) for ``ssh-ng://`` builders, which
 copies the ``.drv`` closure of an opted-in build to the builder (and builds it
 there from it) and brings the outputs' closure back. Without it (the default
 ``build-hook``, given with ``--option``) or over ``ssh://``, the builder's
 pre-build hook gets the path of a ``.drv`` it does not have: recnix mounts a
-guard socket there (recnix.remote), so an opted-in build fails at its first
+guard socket there (recnix.remote.guards), so an opted-in build fails at its first
 Nix call with the cause and the fix.
 
 The guest that is killed mid-build is the last test's: keep it last.

@@ -1,7 +1,7 @@
 """Nix inside the guest's builds, and the scenario runner wired to a guest.
 
 The guest runs Debian's nix from /usr; builds need it in the store. This uses
-recnix's own bundler (``recnix.bundle``, installed in the guest under
+recnix's own bundler (``recnix.cli.bundle``, installed in the guest under
 ``/opt/recnix``) so the VM tier puts the very same bundle in the store as the
 host tier does.
 """
@@ -25,7 +25,7 @@ BUNDLE_GC_ROOT = "/root/nix-bundle"
 _BUNDLE_SNIPPET = f"""
 import sys
 sys.path.insert(0, {GUEST_RECNIX_DIR!r})
-from recnix.bundle import bundle_nix, busybox_store_path
+from recnix.cli.bundle import bundle_nix, busybox_store_path
 print(busybox_store_path())
 print(bundle_nix(gc_root={BUNDLE_GC_ROOT!r}))
 """
@@ -33,11 +33,11 @@ print(bundle_nix(gc_root={BUNDLE_GC_ROOT!r}))
 
 def bundle_nix_in_guest(machine: Machine, timeout: float = 300.0) -> tuple[str, str]:
     """Put busybox and the nix bundle into the guest's store; return their store paths."""
-    with machine.nested("bundling the guest's nix into its store (recnix.bundle)"):
+    with machine.nested("bundling the guest's nix into its store (recnix.cli.bundle)"):
         out = machine.succeed(f"python3 -c {shlex.quote(_BUNDLE_SNIPPET)}", timeout=timeout)
     paths = [line for line in out.split() if line.startswith("/nix/store/")]
     if len(paths) != 2:
-        raise RuntimeError(f"recnix.bundle printed {out!r}, expected two store paths")
+        raise RuntimeError(f"recnix.cli.bundle printed {out!r}, expected two store paths")
     return paths[0], paths[1]
 
 

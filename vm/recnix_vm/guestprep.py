@@ -101,7 +101,7 @@ def guest_control_socket(machine: Machine) -> str:
     """The control socket path the guest's recnix is configured with."""
     out = machine.succeed(
         'python3 -c \'import sys; sys.path.insert(0, "/opt/recnix"); '
-        "from recnix.config import load_config; print(load_config().control_socket)'"
+        "from recnix.config.loader import load_config; print(load_config().control_socket)'"
     )
     return out.strip()
 

@@ -184,7 +184,7 @@ BUILD_HOOK = "/usr/local/bin/recnix-build-hook"
 READY_MARKER = "RECNIX-VM-READY"
 GUEST_RECNIX_DIR = "/opt/recnix"
 GUEST_SCENARIOS_DIR = "/opt/recnix-tests/scenarios"
-# nix.conf lines only the guest needs (the recnix lines come from recnix.config).
+# nix.conf lines only the guest needs (the recnix lines come from recnix.config.loader).
 GUEST_NIX_SETTINGS = {
     "build-users-group": "nixbld",
     "substituters": "",
@@ -372,8 +372,8 @@ def image_key(base: Path, recnix_dir: Path, scenarios_dir: Path, extra: str = ""
 def render_nix_conf(lix: bool = False) -> str:
     """The guest's /etc/nix/nix.conf: recnix's lines (as `recnix nix-conf` prints them on
     Nix or Lix) plus the guest-only lines."""
-    from recnix.config import load_defaults
-    from recnix.config import render_nix_conf as recnix_lines
+    from recnix.config.loader import load_defaults
+    from recnix.config.loader import render_nix_conf as recnix_lines
 
     raw = load_defaults()
     features = [
@@ -394,15 +394,15 @@ def render_nix_conf(lix: bool = False) -> str:
 
 
 def render_recnix_unit() -> str:
-    """The guest's recnix.service: the unit `recnix setup` installs (recnix.systemdunit)."""
-    from recnix.systemdunit import render_unit
+    """The guest's recnix.service: the unit `recnix setup` installs (recnix.cli.systemdunit)."""
+    from recnix.cli.systemdunit import render_unit
 
     return render_unit("/usr/local/bin/recnix daemon")
 
 
 def render_recnix_config() -> str:
     """The guest's /etc/recnix/config.toml (recnix's defaults, as the NixOS module writes)."""
-    from recnix.config import DEFAULTS_FILE
+    from recnix.config.loader import DEFAULTS_FILE
 
     return _templates().get_template("config.toml.j2").render(defaults=DEFAULTS_FILE.read_text())
 
@@ -496,7 +496,9 @@ def customise_rootfs(
         )
     else:
         scen_target.mkdir(parents=True)
-    _write(root, "/usr/local/bin/recnix", _wrapper("from recnix.cli import main", "main()"), 0o755)
+    _write(
+        root, "/usr/local/bin/recnix", _wrapper("from recnix.cli.main import main", "main()"), 0o755
+    )
     for hook in HOOK_SCRIPTS:  # the sh fast paths, exactly as pip installs them
         _write(root, f"/usr/local/bin/{hook.name}", hook.read_text(), 0o755)
 

@@ -43,7 +43,7 @@ CLIENT_KEY = "/root/.ssh/id_recnix_builder"
 # nix.conf's `build-hook = recnix-build-hook` is lost there: recnix's ssh goes first
 # on nix-daemon's PATH instead (README, "Distributed builds").
 SSH_SHIM_DROP_IN = "/etc/systemd/system/nix-daemon.service.d/recnix-ssh-proxy.conf"
-GUEST_SSH_SHIM_DIR = "/opt/recnix/recnix/sshshim"
+GUEST_SSH_SHIM_DIR = "/opt/recnix/recnix/remote/sshshim"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 UNTRUSTED_USER = "nixremote"
 

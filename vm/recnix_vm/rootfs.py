@@ -192,7 +192,7 @@ def _install_venv(root: Path) -> None:
     src = source_tree()
     (site[0] / "recnix-src.pth").write_text(f"{src}\n{src / 'vm'}\n")
     scripts = {
-        "recnix": "from recnix.cli import main",
+        "recnix": "from recnix.cli.main import main",
         "recnix-vm": "from recnix_vm.cli import main",
         "pytest": "from pytest import main",
     }

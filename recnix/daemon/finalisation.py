@@ -1,0 +1,262 @@
+"""Post-build: give a session's outputs the references to what the build added or
+built (recnix.store.register), all or nothing; or make the outputs invalid.
+
+The service calls it for the post-build hook's ``finalise``, for a build that
+ended without one (the liveness watcher), and at start for sessions whose build
+ended while the service was down. Ending the session is the service's business:
+this module only finalises, invalidates, and says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+from recnix.daemon.audit import AuditLog
+from recnix.daemon.journal import SessionRecord
+from recnix.daemon.session import Session
+from recnix.protocol import PathInfo
+from recnix.store.invalidate import InvalidateError, invalidate_paths, invalidated_message
+from recnix.store.register import (
+    FinaliseError,
+    FinaliseReport,
+    RegisteredInfo,
+    StoreQueries,
+    finalise_outputs,
+    outputs_of,
+)
+from recnix.store.upstream import UpstreamError
+from recnix.store.upstreampool import UpstreamPool
+
+log = logging.getLogger("recnix.daemon.finalisation")
+
+QUERY_TIMEOUT = 120.0  # seconds for one query (a path, or a closure) during finalisation
+
+
+class DaemonQueries(StoreQueries):
+    """Finalisation's store queries over the worker protocol, on fresh connections.
+
+    Cheaper than a `nix` process per query; a fresh connection means a fresh daemon
+    worker, whose cache cannot predate a re-registration. Called from the executor
+    thread that runs ``finalise_outputs``; the queries run on the service's loop.
+    """
+
+    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+
+    async def _infos(self, roots: list[str], closure: bool) -> dict[str, PathInfo]:
+        """The path infos of ``roots`` (with ``closure``: of their closure), on one fresh
+        connection."""
+        infos: dict[str, PathInfo] = {}
+        try:
+            upstream = await self.pool.fresh()
+            try:
+                todo = list(roots)
+                while todo:
+                    path = todo.pop()
+                    if path in infos:
+                        continue
+                    info = await upstream.query_path_info(path)
+                    if info is None:
+                        raise FinaliseError(f"{path} is not valid")
+                    infos[path] = info
+                    if closure:
+                        todo.extend(r for r in info.references if r not in infos)
+            finally:
+                await upstream.close()
+        except (UpstreamError, OSError) as e:
+            raise FinaliseError(f"cannot query the path info of {roots[0]}: {e}") from None
+        return infos
+
+    def _wait(self, roots: list[str], closure: bool = False) -> dict[str, PathInfo]:
+        future = asyncio.run_coroutine_threadsafe(self._infos(roots, closure), self.loop)
+        try:
+            return future.result(QUERY_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            raise FinaliseError(
+                f"the nix-daemon did not answer path-info queries for {', '.join(roots)} "
+                f"within {QUERY_TIMEOUT:.0f} s"
+            ) from None
+
+    def path_info(self, path: str) -> RegisteredInfo:
+        info = self._wait([path])[path]
+        return RegisteredInfo(
+            f"sha256:{info.nar_hash}",
+            info.nar_size,
+            frozenset(info.references),
+            info.deriver or "",
+        )
+
+    def references(self, path: str) -> set[str]:
+        return set(self._wait([path])[path].references)
+
+    def closure(self, paths: Iterable[str]) -> dict[str, int]:
+        roots = list(paths)
+        if not roots:
+            return {}
+        return {path: info.nar_size for path, info in self._wait(roots, closure=True).items()}
+
+
+class Finaliser:
+    """Finalises or invalidates the outputs of recursive builds, and audits it."""
+
+    def __init__(self, pool: UpstreamPool, audit: AuditLog, secret_key_files: list[str]) -> None:
+        self.pool = pool
+        self.audit = audit
+        self.secret_key_files = secret_key_files  # signing.secret-key-files: re-sign with these
+
+    async def finalise(self, session: Session, out_paths: list[str]) -> list[str]:
+        """Add the references the outputs of ``session`` have to its paths; the messages
+        for the build's log. On any failure the outputs are made invalid and the
+        FinaliseError raised says so."""
+        started = time.perf_counter()
+        drv_path = session.drv_path
+        session.begin_finalising()
+        loop = asyncio.get_running_loop()
+        try:
+            report = await loop.run_in_executor(
+                None,
+                finalise_outputs,
+                drv_path,
+                set(session.added),
+                self.secret_key_files,
+                dict(os.environ),
+                DaemonQueries(self.pool, loop),
+                session.take_registrar(),
+                True,
+                session.drv,
+            )
+        except Exception as e:
+            if not isinstance(e, FinaliseError):
+                log.exception("session %s: finalisation failed", session.sid)
+            reason = str(e) if isinstance(e, FinaliseError) else f"internal error: {e!r}"
+            raise await self.invalidate(
+                drv_path, out_paths, reason, session.sid, set(session.added)
+            ) from None
+        self._audit_finalised(session.sid, drv_path, report)
+        log.info(
+            "session %s finalised in %.1f ms (%d reference(s) added)",
+            session.sid,
+            1e3 * (time.perf_counter() - started),
+            sum(len(refs) for refs in report.added_refs.values()),
+        )
+        return [
+            f"added {len(refs)} reference(s) to {out}: {' '.join(sorted(refs))}"
+            for out, refs in sorted(report.added_refs.items())
+            if refs
+        ]
+
+    async def finish_ended(self, record: SessionRecord) -> str:
+        """A journaled session whose build ended while the service was down: its valid
+        outputs may lack references (no post-build hook reached recnix): finalise them
+        with the journaled session paths (GC-rooted until the service has started), or
+        invalidate them. Returns what happened."""
+        ended = "the build ended while recnix was not running"
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(None, outputs_of, record.drv_path, os.environ)
+            upstream = await self.pool.fresh()
+            try:
+                valid = await upstream.query_valid_paths(sorted(outputs.values()))
+            finally:
+                await upstream.close()
+        except (FinaliseError, UpstreamError, OSError) as e:
+            return f"{ended}; {await self.invalidate(record.drv_path, [], str(e), record.sid)}"
+        if not valid:
+            return ended  # it failed, or the post-build hook invalidated its outputs
+        try:
+            report = await loop.run_in_executor(
+                None,
+                finalise_outputs,
+                record.drv_path,
+                set(record.allowed),
+                self.secret_key_files,
+                dict(os.environ),
+            )
+        except FinaliseError as e:
+            error = await self.invalidate(
+                record.drv_path, [], str(e), record.sid, set(record.allowed)
+            )
+            return f"{ended}; {error}"
+        self._audit_finalised(record.sid, record.drv_path, report)
+        added = sum(len(refs) for refs in report.added_refs.values())
+        return f"{ended}; its outputs were finalised now ({added} reference(s) added)"
+
+    def _audit_finalised(self, sid: str, drv_path: str, report: FinaliseReport) -> None:
+        self.audit.write(
+            "finalised",
+            sid,
+            drv=drv_path,
+            outputs=sorted(report.outputs.values()),
+            added_refs={k: sorted(v) for k, v in report.added_refs.items()},
+        )
+
+    async def invalidate(
+        self,
+        drv_path: str,
+        out_paths: list[str],
+        reason: str,
+        sid: str | None = None,
+        session_paths: set[str] | None = None,
+    ) -> FinaliseError:
+        """Make the outputs of ``drv_path`` invalid because ``reason``; the error that
+        says what happened. If they cannot be (a valid path outside them refers to one),
+        register their references to ``session_paths`` unchecked instead, so that at
+        least their closure is complete."""
+        loop = asyncio.get_running_loop()
+        outputs = set(out_paths)
+        try:
+            named = await loop.run_in_executor(None, outputs_of, drv_path, os.environ)
+            outputs |= set(named.values())
+            await loop.run_in_executor(None, invalidate_paths, sorted(outputs))
+        except (FinaliseError, InvalidateError) as e:
+            self.audit.write(
+                "invalidation-failed",
+                sid or "",
+                drv=drv_path,
+                outputs=sorted(outputs),
+                error=str(e),
+            )
+            log.error("cannot invalidate the outputs of %s: %s (after: %s)", drv_path, e, reason)
+            completed = await self._complete_closure(drv_path, session_paths or set())
+            return FinaliseError(
+                f"{reason}; and recnix could not invalidate the outputs of {drv_path} ({e}): "
+                f"they stay valid, {completed}; delete them with "
+                "`nix-store --delete --ignore-liveness` once the build is over"
+            )
+        self.audit.write(
+            "invalidated", sid or "", drv=drv_path, outputs=sorted(outputs), reason=reason
+        )
+        message = invalidated_message(outputs, reason)
+        log.warning("%s", message)
+        return FinaliseError(message)
+
+    async def _complete_closure(self, drv_path: str, session_paths: set[str]) -> str:
+        """The fallback when outputs cannot be invalidated: add their references to
+        ``session_paths`` without checking allowedReferences & co.; what happened."""
+        if not session_paths:
+            return "and may lack references"
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(
+                    finalise_outputs,
+                    drv_path,
+                    session_paths,
+                    self.secret_key_files,
+                    dict(os.environ),
+                    check=False,
+                ),
+            )
+        except FinaliseError as e:
+            return f"and may lack references (registering them failed too: {e})"
+        return (
+            "with the references recnix found registered unchecked (their closure is "
+            "complete, but they may break the derivation's constraints)"
+        )

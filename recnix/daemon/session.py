@@ -1,0 +1,1022 @@
+"""One opted-in build's session, and the proxy serving its socket.
+
+A :class:`Session` holds the build's state: its allowed set (closure of its
+inputs ∪ what it added or built), its sandbox, its socket, its upstream
+connections. Every path that becomes allowed is rooted on the session's keeper
+connection and made visible inside the sandbox before the reply goes out.
+
+A :class:`ConnectionHandler` serves one client connection: it decodes a
+request, has its :class:`~recnix.store.restricted.RestrictedStore` (which holds what
+every op may do, and the rule of :mod:`recnix.store.policy`) answer it over the
+session's upstream connections (:class:`ConnectionUpstreams`), and encodes
+the reply. It holds no policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import inspect
+import logging
+import os
+import shutil
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recnix.daemon.audit import AuditLog
+from recnix.daemon.journal import SessionJournal, SessionRecord
+from recnix.formats.derivation import Derivation
+from recnix.protocol import (
+    NEED_DATA,
+    NOT_TRUSTED,
+    ConnectionClosed,
+    DerivedPath,
+    HandshakeDone,
+    KeyedBuildResult,
+    Missing,
+    Op,
+    PathInfo,
+    ProtocolError,
+    Request,
+    ServerConnection,
+    StderrMessage,
+    StreamKind,
+    ValidPathInfo,
+    op_spec,
+)
+from recnix.sandbox.materialise import MaterialiseError, SandboxView
+from recnix.sandbox.sandboxproc import SandboxProcess
+from recnix.store.aio import stream_data
+from recnix.store.durable import fsync_paths
+from recnix.store.gcroots import SessionRoots
+from recnix.store.policy import Denied, Limits, drv_closure
+from recnix.store.register import FinaliseError, Registrar
+from recnix.store.restricted import SYNC_OPS, NarReply, RestrictedStore, censor
+from recnix.store.seam import Data as StoreData
+from recnix.store.seam import LogCallback
+from recnix.store.upstream import LocalStoreFiles, Upstream, UpstreamClosed, UpstreamError
+
+log = logging.getLogger("recnix.daemon.session")
+
+# Bytes received from a client and not yet consumed: above the high mark the
+# handler stops reading its socket (the client then blocks in write), below the
+# low mark it reads again. A 256 MiB add thus streams through a few MiB.
+READ_HIGH_WATER = 1 << 20
+READ_LOW_WATER = 1 << 18
+# Upstream connections a session keeps open for its next clients.
+IDLE_UPSTREAMS = 4
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Credentials of an in-sandbox client (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    """The connecting process's pid/uid/gid."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", raw))
+
+
+class ResumeError(Exception):
+    """A journaled session cannot be resumed (the message says why)."""
+
+
+class SessionState(enum.StrEnum):
+    """Where a session is in its life; changed only by Session's own methods."""
+
+    STARTING = "starting"  # opening or resuming: no client served yet
+    OPEN = "open"  # serving the build's clients
+    FINALISING = "finalising"  # the build ended; its outputs are being finalised
+    CLOSED = "closed"  # disconnected (ended, or detached because the service stops)
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """What every session gets from the service that opened it: where its files go,
+    the settings it obeys, the audit log, and how it reaches the real nix-daemon.
+    (A session never sees the service itself.)"""
+
+    state_dir: Path  # daemon.state-dir: the session's socket directory and journal
+    gc_roots_dir: Path  # daemon.gc-roots-dir: its GC roots
+    audit: AuditLog
+    fsync_paths: bool  # fsync what it adds or builds before the build sees it
+    hooks_optional: bool  # nested builds that open no session may skip nix.conf's hooks
+    # a connection whose daemon worker has answered nothing yet (no stale path infos)
+    fresh_upstream: Callable[[], Awaitable[Upstream]]
+    # a new connection; hooks=False: builds on it skip nix.conf's hooks
+    connect_upstream: Callable[..., Awaitable[Upstream]]
+
+
+class Session:
+    """State of one opted-in build: its allowed set, its sandbox, its socket."""
+
+    def __init__(
+        self,
+        context: SessionContext,
+        sid: str,
+        drv_path: str,
+        drv: Derivation,
+        chroot: Path,
+        readonly: bool,
+        depth: int,
+        parent: Session | None,
+        limits: Limits,
+    ) -> None:
+        self.context = context
+        self.sid = sid
+        self.drv_path = drv_path
+        self.drv = drv
+        self.chroot = chroot
+        self.readonly = readonly
+        self.depth = depth
+        self.parent = parent
+        self.limits = limits
+        self.inputs: set[str] = set()
+        self.allowed: set[str] = set()
+        self.added: set[str] = set()
+        self.realisations: set[str] = set()
+        self.builds = 0
+        # .drv paths this session asked the daemon to build (a recnix build among
+        # them, or among their dependencies, is a child of this session)
+        self.build_requests: set[str] = set()
+        self._requested_closure: frozenset[str] | None = None
+        self.added_bytes = 0
+        self.view = SandboxView(chroot)
+        self.keeper: Upstream | None = None
+        # idle upstream connections by whether builds on them run nix.conf's hooks
+        self.idle_upstreams: dict[bool, list[Upstream]] = {True: [], False: []}
+        self.socket_dir = context.state_dir / f"s-{sid}"
+        self.socket_path = self.socket_dir / "socket"
+        self.server: asyncio.base_events.Server | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.state = SessionState.STARTING
+        self.ended_since: float | None = None
+        self.seen_process = False  # a process was seen in the sandbox (the build started)
+        self.holds_slot = False  # counts against daemon.max-sessions
+        self.worker: int | None = None  # pid of the Nix process whose pre-build hook opened it
+        self.opened_at: float | None = None  # when the service opened or resumed it (time.time)
+        self._allow_lock = asyncio.Lock()
+        # Censored infos of paths met by closure(): valid, rooted paths whose infos no longer
+        # change (nested outputs are final once their post-build hook ran), so QueryPathInfo
+        # of an allowed path needs no upstream round trip.
+        self.path_infos: dict[str, PathInfo] = {}
+        self.connections = 0  # connections being served now
+        self.refused_connections = 0  # refused for exceeding limits.max_connections
+        self.journal: SessionJournal | None = None  # lets a restarted service resume it
+        # what it added or built, rooted also while the service restarts
+        self.roots = SessionRoots(context.gc_roots_dir, sid)
+        self.registrar: Registrar | None = None  # finalisation's nix-store, started early
+        # parsed .drv files (store paths do not change) and the derivations known to pass
+        # rule 1 of recnix.store.policy (it depends only on the allowed set, which only grows)
+        self.drv_cache: dict[str, Derivation | None] = {}
+        self.sound_drvs: set[str] = set()
+
+    # -- lifecycle
+
+    @property
+    def ancestry(self) -> set[str]:
+        """Derivations of this session and every session above it (never buildable here)."""
+        drvs = {self.drv_path}
+        if self.parent is not None:
+            drvs |= self.parent.ancestry
+        return drvs
+
+    async def start(self) -> None:
+        """Connect the keeper, compute the input closure, listen on the session socket."""
+        self.keeper = await self.context.fresh_upstream()
+        self.inputs = await self._input_closure()
+        self.allowed = set(self.inputs)
+        self.view = SandboxView(self.chroot, known_present=self.inputs)
+        # The sandbox gets the directory (0711: the builder may open the socket by
+        # name, not list or write), so a restarted service's new socket shows there.
+        self.socket_dir.mkdir(mode=0o711, parents=True, exist_ok=False)
+        os.chmod(self.socket_dir, 0o711)
+        await self._listen()
+        self.journal = SessionJournal.create(self.context.state_dir, self.record())
+        self.state = SessionState.OPEN
+
+    async def resume(self, record: SessionRecord) -> None:
+        """Take over a session a previous run of the service journaled (``record``).
+
+        Re-roots what the session added or built (ResumeError if any of it is gone),
+        and listens again on the same socket path, which the sandbox sees through its
+        bind-mounted directory.
+        """
+        self.keeper = await self.context.connect_upstream()
+        self.inputs = await self._input_closure()
+        ours = sorted(record.allowed - self.inputs)
+        valid = set(await self.keeper.query_valid_paths(ours)) if ours else set()
+        if len(valid) != len(ours):
+            missing = sorted(set(ours) - valid)
+            raise ResumeError(
+                f"{len(missing)} path(s) it added or built are no longer valid "
+                f"(e.g. {missing[0]}): garbage-collected while recnix was not running"
+            )
+        for path in ours:
+            await self.keeper.add_temp_root(path)
+        self.roots.add(ours)
+        await self.closure(ours, known=self.inputs)  # their path infos, for the fast path
+        self.allowed = self.inputs | set(ours)
+        self.added = set(ours)
+        self.view = SandboxView(self.chroot, known_present=self.inputs)
+        self.view.materialised = dict(record.materialised)
+        self.build_requests = set(record.build_requests)
+        self.realisations = set(record.realisations)
+        self.builds = record.builds
+        self.added_bytes = record.added_bytes
+        self.holds_slot = record.holds_slot
+        self.seen_process = True
+        self.socket_path.unlink(missing_ok=True)  # the dead socket of the previous run
+        await self._listen()
+        self.journal = SessionJournal.of(self.context.state_dir, self.sid)
+        self.state = SessionState.OPEN
+
+    async def _listen(self) -> None:
+        self.server = await asyncio.get_running_loop().create_unix_server(
+            lambda: ClientProtocol(self), path=str(self.socket_path)
+        )
+        os.chmod(self.socket_path, 0o666)
+
+    def record(self) -> SessionRecord:
+        """This session as a journal header describes it."""
+        return SessionRecord(
+            sid=self.sid,
+            drv_path=self.drv_path,
+            chroot=str(self.chroot),
+            readonly=self.readonly,
+            depth=self.depth,
+            parent=self.parent.sid if self.parent is not None else None,
+            holds_slot=self.holds_slot,
+        )
+
+    def journal_change(self, **change: Any) -> None:
+        """Append one change to the journal (see SessionJournal.record)."""
+        if self.journal is not None:
+            try:
+                self.journal.record(**change)
+            except OSError as e:  # resuming after a restart is a bonus, never a failure
+                log.warning("session %s: cannot write its journal: %s", self.sid, e)
+
+    async def _input_closure(self) -> set[str]:
+        assert self.keeper is not None
+        roots = set(self.drv.input_srcs)
+        for input_drv, wanted in self.drv.input_drv_outputs.items():
+            outputs = await self.keeper.query_derivation_output_map(input_drv)
+            for name, path in outputs.items():
+                if path and (name in wanted or "*" in wanted):
+                    roots.add(path)
+        return await self.closure(roots)
+
+    async def closure(self, roots: Iterable[str], known: set[str] | None = None) -> set[str]:
+        """Closure of ``roots`` over references, stopping at paths in ``known``."""
+        assert self.keeper is not None
+        known = known or set()
+        seen: set[str] = set()
+        stack = [p for p in roots if p not in known]
+        while stack:
+            path = stack.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            info = await self.keeper.query_path_info(path)
+            if info is None:
+                raise UpstreamError(f"path '{path}' is not valid in the host store")
+            self.path_infos[path] = censor(info)
+            stack.extend(r for r in info.references if r not in seen and r not in known)
+        return seen
+
+    def summary(self) -> dict[str, Any]:
+        """What ``recnix status`` shows of this session (JSON-ready)."""
+        return {
+            "session": self.sid,
+            "drv": self.drv_path,
+            "socket": str(self.socket_path),
+            "chroot": str(self.chroot),
+            "depth": self.depth,
+            "readonly": self.readonly,
+            "state": self.state.value,
+            "added": len(self.added),
+            "builds": self.builds,
+            "added_bytes": self.added_bytes,
+            "connections": self.connections,
+            "opened": self.opened_at,
+        }
+
+    def begin_finalising(self) -> None:
+        """The build ended: from now on its outputs are being finalised (journaled
+        before any output is touched, so a restarted service knows)."""
+        self.state = SessionState.FINALISING
+        self.journal_change(finalising=True)
+
+    async def _disconnect(self) -> bool:
+        """Stop listening; close client and upstream connections (the keeper's temp roots
+        go with it). False if the session was already closed."""
+        if self.state is SessionState.CLOSED:
+            return False
+        self.state = SessionState.CLOSED
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        idle = [up for pool in self.idle_upstreams.values() for up in pool]
+        for up in [*idle, *([self.keeper] if self.keeper else [])]:
+            await up.close()
+        for pool in self.idle_upstreams.values():
+            pool.clear()
+        registrar = self.take_registrar()
+        if registrar is not None:
+            await asyncio.get_running_loop().run_in_executor(None, registrar.close)
+        return True
+
+    def start_registrar(self) -> None:
+        """Start the `nix-store` process that finalisation will use (register.Registrar),
+        so that its start-up is not on the post-build hook's critical path; called once
+        the session has added or built something. A read-only session adds and builds
+        nothing, so finalising it registers nothing."""
+        if self.readonly or self.state is not SessionState.OPEN or self.registrar is not None:
+            return
+        try:
+            self.registrar = Registrar(os.environ)
+        except FinaliseError as e:  # finalisation starts one itself, and reports the error
+            log.warning("session %s: %s", self.sid, e)
+
+    def take_registrar(self) -> Registrar | None:
+        """The registrar started for this session, now the caller's to use or close."""
+        registrar, self.registrar = self.registrar, None
+        return registrar
+
+    async def close(self, reason: str) -> None:
+        """End the session: stop listening, close connections, drop roots (temp and
+        gcroots), clean the sandbox."""
+        if not await self._disconnect():
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.view.cleanup)
+        except Exception as e:  # the sandbox may be half gone; cleanup must not raise
+            log.warning("session %s: sandbox cleanup: %s", self.sid, e)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        self.roots.remove()
+        if self.journal is not None:
+            self.journal.remove()
+        log.info("session %s (%s) closed: %s", self.sid, self.drv_path, reason)
+
+    async def detach(self) -> None:
+        """The service stops: drop connections, keep the journal, the GC roots, the socket
+        directory and what the sandbox sees, so the next run can resume the session."""
+        if await self._disconnect():
+            log.info("session %s (%s) detached: the service stops", self.sid, self.drv_path)
+
+    # -- upstream connections
+
+    async def take_upstream(self, hooks: bool) -> Upstream:
+        """An idle upstream connection of this session, or a new one.
+
+        ``hooks``: builds on it run nix.conf's pre- and post-build hooks (see
+        ``UpstreamPool.connect``). Reusing connections saves a nix-daemon
+        worker fork and handshake per in-sandbox client (a nested `nix-build`
+        opens several connections).
+        """
+        pool = self.idle_upstreams[hooks]
+        while pool:
+            up = pool.pop()
+            if up.reusable:
+                return up
+            await up.close()
+        return await self.context.connect_upstream(hooks=hooks)
+
+    async def release_upstream(self, up: Upstream) -> None:
+        """Give a connection back when its client is done (closed if out of sync)."""
+        pool = self.idle_upstreams[up.runs_hooks]
+        if up.reusable and self.state is SessionState.OPEN and len(pool) < IDLE_UPSTREAMS:
+            pool.append(up)
+        else:
+            await up.close()
+
+    def audit(self, event: str, **fields: Any) -> None:
+        """Write one audit event of this session."""
+        self.context.audit.write(event, self.sid, drv=self.drv_path, **fields)
+
+    # -- the allowed set
+
+    def requested_directly(self, drv_path: str) -> bool:
+        """Whether this session asked to build ``drv_path`` itself."""
+        return drv_path in self.build_requests
+
+    def requested(self, drv_path: str) -> bool:
+        """Whether building what this session asked for builds ``drv_path`` (reads .drv
+        files: call it off the event loop)."""
+        if drv_path in self.build_requests:
+            return True
+        closure = self._requested_closure
+        if closure is None:
+            closure = frozenset(p for p, _ in drv_closure(self.build_requests))
+            self._requested_closure = closure
+        return drv_path in closure
+
+    def note_build_request(self, drv_paths: Iterable[str]) -> None:
+        """Count one nested build request of ``drv_paths``."""
+        self.builds += 1
+        new = {p for p in drv_paths if p.endswith(".drv")} - self.build_requests
+        if new:
+            self.build_requests |= new
+            self._requested_closure = None
+        self.journal_change(builds=self.builds, build_requests=new)
+
+    async def allow(self, paths: Iterable[str], event: str) -> None:
+        """Root, materialise and allow ``paths`` (already closed under references if needed)."""
+        assert self.keeper is not None
+        async with self._allow_lock:
+            new = sorted(p for p in set(paths) if p not in self.allowed)
+            if not new:
+                return
+            t0 = time.perf_counter()
+            for path in new:
+                await self.keeper.add_temp_root(path)
+            t1 = time.perf_counter()
+            try:
+                self.roots.add(new)
+            except OSError as e:
+                raise MaterialiseError(
+                    f"cannot root {new[0]} under {self.roots.path} (daemon.gc-roots-dir): {e}"
+                ) from None
+            t2 = time.perf_counter()
+            synced = await asyncio.get_running_loop().run_in_executor(None, self._make_visible, new)
+            t3 = time.perf_counter()
+            self.allowed.update(new)
+            self.added.update(new)
+            if self.registrar is None:
+                # finalisation will register references to these: start its nix-store
+                # now, after this reply (the spawn costs the loop a few ms)
+                asyncio.get_running_loop().call_soon(self.start_registrar)
+            self.journal_change(
+                allowed=new,
+                materialised={p: m for p in new if (m := self.view.materialised.get(p))},
+                added_bytes=self.added_bytes,
+            )
+            for path in new:
+                self.context.audit.write(event, self.sid, drv=self.drv_path, path=path)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "session %s: %s %d path(s) in %.1f ms: temp roots %.1f, gc roots %.1f, "
+                    "fsync %.1f, materialise %.1f, journal and audit %.1f",
+                    self.sid,
+                    event,
+                    len(new),
+                    1e3 * (time.perf_counter() - t0),
+                    1e3 * (t1 - t0),
+                    1e3 * (t2 - t1),
+                    1e3 * synced,
+                    1e3 * (t3 - t2 - synced),
+                    1e3 * (time.perf_counter() - t3),
+                )
+
+    def _make_visible(self, paths: list[str]) -> float:
+        """Durable first if so configured (``daemon.fsync-paths``: the build relies on them
+        from now on), then in the sandbox; returns the seconds the fsyncs took."""
+        started = time.perf_counter()
+        if self.context.fsync_paths:
+            fsync_paths(paths)
+        synced = time.perf_counter() - started
+        self.view.materialise_many(paths)
+        return synced
+
+    # -- connections
+
+    def accept(self, transport: asyncio.Transport) -> ConnectionHandler | None:
+        """A client connected: check it is the build's, then serve it in a task."""
+        sock = transport.get_extra_info("socket")
+        try:
+            peer = peer_credentials(sock)
+        except OSError as e:
+            log.warning("session %s: no peer credentials (%s): closing", self.sid, e)
+            transport.close()
+            return None
+        if self.state is not SessionState.OPEN:
+            log.info(
+                "session %s: connection from pid %d after the session ended", self.sid, peer.pid
+            )
+            transport.close()
+            return None
+        reason = self._outsider(sock, peer)
+        if reason is not None:
+            log.warning(
+                "session %s: refused connection from pid %d uid %d: %s",
+                self.sid,
+                peer.pid,
+                peer.uid,
+                reason,
+            )
+            self.context.audit.write(
+                "refused", self.sid, drv=self.drv_path, op="connect", reason=reason
+            )
+            transport.close()
+            return None
+        if self.connections >= self.limits.max_connections:
+            self._refuse_excess(peer, transport)
+            return None
+        handler = ConnectionHandler(self, transport, peer)
+        self.connections += 1
+        task = asyncio.ensure_future(self._serve(handler))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return handler
+
+    def _outsider(self, sock: socket.socket, peer: Peer) -> str | None:
+        """Why the process at the other end of ``sock`` may not use this session, or None.
+
+        It must run in the build's sandbox (its root is the chroot, checked through a pidfd
+        of the peer) and in the sandbox's mount namespace as first seen (pinned by the view):
+        recnix makes paths visible only there, and never in a namespace a process chose."""
+        proc = SandboxProcess.from_peer(sock, peer.pid, self.chroot)
+        if proc is None:
+            return f"pid {peer.pid} (uid {peer.uid}) is not inside the build's sandbox"
+        with proc:
+            if not self.view.pin(proc):
+                return (
+                    f"pid {peer.pid} (uid {peer.uid}) runs in a mount namespace of its own, "
+                    "not the build sandbox's: recnix serves only the sandbox's namespace"
+                )
+        return None
+
+    async def _serve(self, handler: ConnectionHandler) -> None:
+        started = time.perf_counter()
+        log.debug("session %s: connection from pid %d", self.sid, handler.peer.pid)
+        try:
+            await handler.run()
+        finally:
+            self.connections -= 1
+            await handler.close()
+            log.debug(
+                "session %s: connection from pid %d closed after %.1f ms",
+                self.sid,
+                handler.peer.pid,
+                1e3 * (time.perf_counter() - started),
+            )
+
+    def _refuse_excess(self, peer: Peer, transport: asyncio.Transport) -> None:
+        """Close a connection above the per-session limit (audited once per burst)."""
+        self.refused_connections += 1
+        if self.refused_connections & (self.refused_connections - 1) == 0:  # 1, 2, 4, 8...
+            reason = (
+                f"more than {self.limits.max_connections} concurrent connections "
+                f"({self.refused_connections} refused so far; "
+                "policy.max-connections-per-session)"
+            )
+            log.warning(
+                "session %s: refused connection from pid %d: %s", self.sid, peer.pid, reason
+            )
+            self.context.audit.write(
+                "refused", self.sid, drv=self.drv_path, op="connect", reason=reason
+            )
+        transport.close()
+
+
+class ClientProtocol(asyncio.Protocol):
+    """Hands one client connection's bytes and state changes to its ConnectionHandler."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.handler: ConnectionHandler | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handler = self.session.accept(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self.handler is not None:
+            self.handler.on_data(data)
+
+    def eof_received(self) -> bool | None:
+        if self.handler is not None:
+            self.handler.on_data(b"")
+            return True  # a half-closed client still gets its replies; the handler closes
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handler is not None:
+            self.handler.on_lost()
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.paused = True
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.paused = False
+            self.handler.wake()
+
+
+class ConnectionUpstreams(LocalStoreFiles):
+    """The :class:`~recnix.store.seam.Store` one client connection forwards to: its session's
+    upstream connections, taken when first needed, one that runs nix.conf's build hooks
+    and (when ``SessionContext.hooks_optional``) one that does not."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.upstreams: dict[bool, Upstream] = {}
+
+    async def up(self, hooks: bool = False) -> Upstream:
+        """The upstream connection; ``hooks``: builds on it must run nix.conf's hooks
+        (always so unless ``SessionContext.hooks_optional``)."""
+        hooks = hooks or not self.session.context.hooks_optional
+        up = self.upstreams.get(hooks)
+        if up is None or up.closed:
+            up = self.upstreams[hooks] = await self.session.take_upstream(hooks)
+        return up
+
+    async def release(self) -> None:
+        for up in self.upstreams.values():
+            await self.session.release_upstream(up)
+        self.upstreams.clear()
+
+    async def query_path_info(self, path: str) -> PathInfo | None:
+        return await (await self.up()).query_path_info(path)
+
+    async def query_valid_paths(self, paths: Iterable[str], substitute: bool = False) -> list[str]:
+        return await (await self.up()).query_valid_paths(paths, substitute)
+
+    async def query_derivation_outputs(self, drv_path: str) -> list[str]:
+        return await (await self.up()).query_derivation_outputs(drv_path)
+
+    async def query_derivation_output_names(self, drv_path: str) -> list[str]:
+        return await (await self.up()).query_derivation_output_names(drv_path)
+
+    async def query_derivation_output_map(self, drv_path: str) -> dict[str, str | None]:
+        return await (await self.up()).query_derivation_output_map(drv_path)
+
+    async def query_missing(self, targets: list[DerivedPath]) -> Missing:
+        return await (await self.up()).query_missing(targets)
+
+    async def query_realisation(self, rid: str) -> Any:
+        return await (await self.up()).query_realisation(rid)
+
+    async def add_to_store(
+        self, name: str, ca_method: str, references: Iterable[str], data: StoreData
+    ) -> ValidPathInfo:
+        return await (await self.up()).add_to_store(name, ca_method, references, data)
+
+    async def add_to_store_nar(self, info: ValidPathInfo, data: StoreData) -> None:
+        await (await self.up()).add_to_store_nar(info, data)
+
+    async def build_paths(
+        self,
+        targets: list[DerivedPath],
+        build_mode: int = 0,
+        on_log: LogCallback | None = None,
+        hooks: bool = True,
+    ) -> None:
+        await (await self.up(hooks)).build_paths(targets, build_mode, on_log)
+
+    async def build_paths_with_results(
+        self,
+        targets: list[DerivedPath],
+        build_mode: int = 0,
+        on_log: LogCallback | None = None,
+        hooks: bool = True,
+    ) -> list[KeyedBuildResult]:
+        return await (await self.up(hooks)).build_paths_with_results(targets, build_mode, on_log)
+
+
+class ConnectionHandler:
+    """Serves one in-sandbox client connection: decodes requests, has its
+    :class:`~recnix.store.restricted.RestrictedStore` answer them, encodes the replies.
+    No policy here: what each op may do is the restricted store's.
+
+    A task (``run``) serves requests in order. While it waits for the next
+    request, ``on_data`` answers requests that need no I/O (IsValidPath, a
+    QueryPathInfo it has cached, ...) directly from the event loop's read
+    callback, which saves a task switch per query; anything else is handed
+    to the task.
+    """
+
+    def __init__(self, session: Session, transport: asyncio.Transport, peer: Peer) -> None:
+        self.session = session
+        self.transport = transport
+        self.peer = peer
+        self.pid = peer.pid
+        version = session.keeper.nix_version if session.keeper else "2.8.0"
+        self.conn = ServerConnection(nix_version=version, trust=NOT_TRUSTED)
+        self.upstreams = ConnectionUpstreams(session)
+        self.store = RestrictedStore(self.upstreams, session, self)
+        self.stream_open = False  # the current request's trailing stream is not consumed yet
+        self.paused = False  # the transport's write buffer is full
+        self.reading_paused = False  # more than READ_HIGH_WATER received and not consumed
+        self.lost = False
+        self.eof_owed = False  # the client half-closed with replies owed: answer, then close
+        self._idle = False  # the task waits for a request: the fast path may answer
+        self._stash: list[Any] = []  # what the fast path consumed but left to the task
+        self._wakeup: asyncio.Future[None] | None = None
+        # QueryPathInfo replies as sent: path -> (the session's PathInfo, encoded bytes)
+        self._path_info_replies: dict[str, tuple[PathInfo, bytes]] = {}
+
+    @property
+    def minor(self) -> int:
+        return self.conn.minor
+
+    # -- plumbing
+
+    def on_data(self, data: bytes) -> None:
+        """Bytes (``b""``: end of input) from the client."""
+        if not data:
+            # replies still owed: a client that half-closed after its requests
+            self.eof_owed = not self._idle or bool(self._stash)
+        elif self._idle:
+            # the commonest case: one whole IsValidPath/QueryPathInfo/... request
+            request = self.conn.receive_single_path_request(data)
+            if request is not None:
+                self._answer_fast(request)
+                if self._idle:
+                    return
+                self.wake()
+                return
+        self.conn.receive_data(data)
+        if self._idle:
+            self._answer_fast()
+            if self._idle:
+                return  # all answered: the task sleeps on
+        if data and self.conn.buffered > READ_HIGH_WATER and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self.wake()
+
+    def on_lost(self) -> None:
+        self.lost = True
+        self.wake()
+
+    def wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _answer_fast(self, first: Request | None = None) -> None:
+        """Answer complete requests (``first``, then those buffered) that need no I/O;
+        stash the first that does. What they answered goes out in one write."""
+        try:
+            while True:
+                if first is not None:
+                    ev, first = first, None
+                else:
+                    ev = self.conn.next_event()
+                if ev is NEED_DATA:
+                    return
+                if ev.__class__ is Request and ev.op is Op.QUERY_PATH_INFO:
+                    path = ev.args["path"]
+                    info = self.store.known_path_info(path)
+                    if info is not None:
+                        self._send_path_info(path, info)
+                        continue
+                if isinstance(ev, Request) and ev.op in SYNC_OPS:
+                    try:
+                        pending = self._start(ev)
+                    except Denied as e:
+                        self._deny(ev.op, e)
+                        pending = None
+                    if pending is None:
+                        continue
+                    self._stash.append((ev, pending))
+                else:
+                    self._stash.append(ev)
+                self._idle = False
+                return
+        except ProtocolError as e:
+            self._stash.append(e)
+            self._idle = False
+        finally:
+            self._write_out()
+
+    async def _wait(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("the client's connection was lost")
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+    def _write_out(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def flush(self) -> None:
+        self._write_out()
+        while self.paused and not self.lost:
+            await self._wait()
+
+    def _unstash(self) -> Any:
+        item = self._stash.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def _resume_reading(self) -> None:
+        if self.conn.buffered < READ_LOW_WATER and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    async def next_event(self) -> Any:
+        while True:
+            if self._stash:
+                return self._unstash()
+            ev = self.conn.next_event()
+            if self.reading_paused:
+                self._resume_reading()
+            if ev is not NEED_DATA:
+                return ev
+            await self.flush()
+            await self._wait()
+
+    async def next_request_event(self) -> Any:
+        """The next event at a message boundary (requests the fast path answered are done).
+
+        Returns ``(request, pending)`` when the fast path started a request's
+        handler that still has to be awaited.
+        """
+        while True:
+            if self._stash:
+                ev = self._unstash()
+            else:
+                ev = self.conn.next_event()
+                if self.reading_paused:
+                    self._resume_reading()
+                if ev is NEED_DATA:
+                    await self.flush()
+                    self._idle = True
+                    try:
+                        await self._wait()
+                    finally:
+                        self._idle = False
+                    continue
+            if isinstance(ev, Request):
+                self.stream_open = op_spec(ev.op).stream(self.conn.minor) is not StreamKind.NONE
+            return ev
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The current request's trailing stream, chunk by chunk."""
+        async for chunk in stream_data(self.next_event, ProtocolError):
+            yield chunk
+        self.stream_open = False
+
+    async def drain_stream(self) -> None:
+        async for _ in self.stream():
+            pass
+
+    async def log(self, msg: StderrMessage) -> None:
+        """Pass a nested build's log message on to the client."""
+        self.conn.send_log(msg)
+        await self.flush()
+
+    async def close(self) -> None:
+        await self.upstreams.release()
+        with contextlib.suppress(ConnectionError, OSError):
+            self._write_out()
+        self.transport.close()
+
+    # -- main loop
+
+    async def run(self) -> None:
+        s = self.session
+        try:
+            ev = await self.next_event()
+            if isinstance(ev, ConnectionClosed):
+                return
+            assert isinstance(ev, HandshakeDone)
+            log.debug(
+                "session %s: pid %d speaks protocol 1.%d (it offered 1.%d, recnix 1.%d)",
+                s.sid,
+                self.peer.pid,
+                ev.minor,
+                ev.client_minor,
+                ev.server_minor,
+            )
+            await self.flush()
+            while True:
+                ev = await self.next_request_event()
+                if isinstance(ev, ConnectionClosed):
+                    if self.eof_owed and not self.lost:
+                        log.info(
+                            "session %s: client pid %d half-closed its connection with "
+                            "requests pending; answered them, closing",
+                            s.sid,
+                            self.peer.pid,
+                        )
+                    return
+                if isinstance(ev, tuple):
+                    await self.dispatch(*ev)
+                elif isinstance(ev, Request):
+                    await self.dispatch(ev)
+                else:
+                    raise ProtocolError(f"unexpected {type(ev).__name__} between requests")
+                await self.flush()
+        except ProtocolError as e:
+            log.warning(
+                "session %s: closing connection from pid %d: protocol error: %s",
+                s.sid,
+                self.peer.pid,
+                e,
+            )
+            s.audit("protocol-error", pid=self.peer.pid, reason=str(e))
+            try:
+                self.conn.send_error(f"recnix: protocol error: {e}")
+                await self.flush()
+            except Exception:  # the peer may be gone; nothing more to tell it
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            log.info("session %s: client pid %d went away: %s", s.sid, self.peer.pid, e)
+        except UpstreamClosed as e:
+            log.warning("session %s: upstream connection lost: %s", s.sid, e)
+            try:
+                self.conn.send_error(f"recnix: lost the connection to the nix-daemon: {e}")
+                await self.flush()
+            except Exception:
+                pass
+
+    def _start(self, req: Request) -> Awaitable[None] | None:
+        """Start serving ``req``; return what is left to await (None: answered)."""
+        value = self.store.serve(req.op, req.args)
+        if inspect.isawaitable(value):
+            return self._reply_later(req.op, req.args, value)
+        if isinstance(value, NarReply):
+            self.conn.send_reply(req.op, None)
+            return self._send_nar(value.chunks)
+        self._reply(req.op, req.args, value)
+        return None
+
+    async def _reply_later(self, op: Op, args: dict, value: Awaitable[Any]) -> None:
+        result = await value
+        if isinstance(result, NarReply):
+            self.conn.send_reply(op, None)
+            await self._send_nar(result.chunks)
+        else:
+            self._reply(op, args, result)
+
+    def _reply(self, op: Op, args: dict, value: Any) -> None:
+        if op is Op.QUERY_PATH_INFO and value is not None:
+            self._send_path_info(args["path"], value)
+            return
+        self.conn.send_reply(op, value)
+
+    def _send_path_info(self, path: str, info: PathInfo) -> None:
+        """QueryPathInfo's reply, the hottest op (every nix client asks it for each path):
+        the encoded reply, kept while the session keeps this PathInfo object."""
+        cached = self._path_info_replies.get(path)
+        if cached is None or cached[0] is not info:
+            cached = (info, self.conn.encode_reply(Op.QUERY_PATH_INFO, info))
+            self._path_info_replies[path] = cached
+        self.conn.send_raw(cached[1])
+
+    async def _send_nar(self, chunks: Iterator[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            chunk = await loop.run_in_executor(None, next, chunks, None)
+            if chunk is None:
+                break
+            self.conn.send_raw(chunk)
+            await self.flush()
+
+    def _deny(self, op: Op, e: Denied) -> None:
+        self.store.refused(op, str(e))
+        self.conn.send_error(str(e))
+
+    async def dispatch(self, req: Request, pending: Awaitable[None] | None = None) -> None:
+        """Serve one request (``pending``: already started by the fast path)."""
+        try:
+            if pending is None:
+                pending = self._start(req)
+            if pending is not None:
+                started = time.perf_counter()
+                await pending
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "session %s: %s took %.1f ms",
+                        self.session.sid,
+                        req.op.name,
+                        1e3 * (time.perf_counter() - started),
+                    )
+        except Denied as e:
+            await self._finish_stream()
+            self._deny(req.op, e)
+        except UpstreamClosed:
+            raise
+        except UpstreamError as e:
+            await self._finish_stream()
+            self.conn.send_error(str(e))
+        except MaterialiseError as e:
+            self.store.refused(req.op, str(e))
+            self.conn.send_error(f"recnix: {e}")
+
+    async def _finish_stream(self) -> None:
+        """After a refusal, read the rest of the op's stream so the connection stays in sync."""
+        if self.stream_open:
+            await self.drain_stream()

@@ -1,0 +1,1 @@
+"""Nix's data formats as plain functions: the ATerm ``.drv``, store paths, path signatures."""
