@@ -36,7 +36,7 @@ python3Packages.buildPythonApplication {
   nativeCheckInputs = with python3Packages; [
     pytestCheckHook
     pytest-xdist # pyproject.toml's addopts run the tests on parallel workers
-    cryptography # tests/unit/test_signatures.py checks recnix's Ed25519 against it
+    cryptography # tests/unit/formats/test_signatures.py checks recnix's Ed25519 against it
     hypothesis
     pexpect
     paramiko

@@ -49,7 +49,7 @@ from recnix.protocol import (  # noqa: E402
 )
 from recnix.store.restricted import RestrictedStore  # noqa: E402
 from tests.unit.fakes import FakeSession, nar_of, store_path  # noqa: E402
-from tests.unit.test_restricted import World, drv  # noqa: E402
+from tests.unit.store.test_restricted import World, drv  # noqa: E402
 
 SERVICE = SimpleNamespace(
     config=SimpleNamespace(policy={"forward-build-logs": True}), hooks_optional=True

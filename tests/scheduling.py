@@ -13,7 +13,7 @@ Without the budget two remote-build modules on two cores booted four TCG guests 
 once, and their boots ran past the boot timeout.
 
 Pure functions and one scheduler class; tests/conftest.py wires them in, and
-tests/unit/test_scheduling.py checks the policy on a simulated clock.
+tests/unit/harness/test_scheduling.py checks the policy on a simulated clock.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.host
 LIB = Path(__file__).resolve().parents[1] / "scenarios" / "inner" / "lib.nix"
 ROUTES = ["route1-src", "route1-drv", "route2-src", "route2-drv", "printed"]
 # (A nested build cannot write the text as its output: Nix refuses derivation names
-# ending in .drv. tests/unit/test_restricted.py covers that case in-process.)
+# ending in .drv. tests/unit/store/test_restricted.py covers that case in-process.)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """An in-memory Store and session for testing RestrictedStore without root or Nix.
 
-Used by tests/unit/test_restricted.py and scripts/fuzz_session.py. The fake store
+Used by tests/unit/store/test_restricted.py and scripts/fuzz_session.py. The fake store
 keeps paths (info + content) in dicts; building a derivation makes its outputs
 valid and records it in ``ran``.
 """

@@ -56,3 +56,12 @@ def test_every_module_has_a_row(document: str) -> None:
 def test_every_row_names_a_module_that_exists(document: str) -> None:
     gone = modules_in_the_table(document) - package_modules()
     assert not gone, f"{document}'s module table names missing {sorted(gone)}"
+
+
+def test_unit_tests_mirror_the_layers() -> None:
+    """tests/unit/<layer>/ for each subpackage of recnix (and harness/ for the VM harness):
+    the unit tests of a module are found under its layer's name."""
+    layers = {p.name for p in PACKAGE_DIR.iterdir() if (p / "__init__.py").is_file()}
+    unit = REPO / "tests" / "unit"
+    test_dirs = {p.name for p in unit.iterdir() if (p / "__init__.py").is_file()}
+    assert test_dirs - {"harness"} <= layers, sorted(test_dirs - layers)

@@ -86,7 +86,7 @@ NO_SANDBOX_DROPIN = "/etc/systemd/system/nix-daemon.service.d/zz-no-sandbox.conf
 
 # Each refusal a real host can show: (what breaks the host, the command that then runs
 # setup, what puts the host back, what setup must say on stderr). Nix older than 2.8 has
-# no guest to show it: tests/unit/test_setup.py decides it on given facts.
+# no guest to show it: tests/unit/cli/test_setup.py decides it on given facts.
 REFUSALS = {
     "foreign pre-build-hook": (
         "echo 'pre-build-hook = /opt/site-hook' >> /etc/nix/nix.conf",

@@ -65,7 +65,8 @@ ROOTFS_TEST_PACKAGES = (
     "python3-hypothesis",
     "python3-pexpect",
     "python3-jinja2",
-    "python3-cryptography",  # tests/unit/test_signatures.py checks recnix's Ed25519 against it
+    # tests/unit/formats/test_signatures.py checks recnix's Ed25519 against it:
+    "python3-cryptography",
     "git",  # tests/host/test_nix_files.py lists the tree's .nix files
 )
 # Files nobody needs in a test guest: keeps the image small and mkfs fast.

@@ -9,9 +9,8 @@ from typing import Any
 
 from recnix.daemon.session import READ_HIGH_WATER, READ_LOW_WATER, ConnectionHandler, Peer
 from recnix.protocol import ClientConnection, Data, Op, Request, ServerConnection
-
-from .fakes import FakeSession, FakeStore
-from .test_protocol_support import connected_pair
+from tests.unit.fakes import FakeSession, FakeStore
+from tests.unit.protocol.test_support import connected_pair
 
 CHUNK = b"x" * 65536
 

@@ -16,8 +16,7 @@ from recnix.protocol import schema as S
 from recnix.protocol import wire as W
 from recnix.protocol.connection import NEED_DATA
 from recnix.protocol.stderr import encode_stderr, read_stderr
-
-from .test_protocol_support import (
+from tests.unit.protocol.test_support import (
     FEATURE_SETS,
     MINORS,
     connected_pair,

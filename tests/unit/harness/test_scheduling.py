@@ -10,11 +10,11 @@ import pytest
 
 from tests.scheduling import EXPECTED_MINUTES, budget, group_of, longest_first, pick, weight
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_groups_from_test_ids() -> None:
-    assert group_of("tests/unit/test_nar.py::test_x[3]") == "unit"
+    assert group_of("tests/unit/protocol/test_nar.py::test_x[3]") == "unit"
     assert group_of("tests/host/test_service.py::test_gc[honoured]") == "host"
     assert group_of("tests/versions/test_tiers_per_version.py::test_t[lix]") == "versions-lix"
     assert group_of("tests/vm/test_remote.py::test_o[sid-inner-root]") == "vm-test_remote-sid"

@@ -28,7 +28,7 @@ from recnix.formats.storepath import (
 
 FIXTURES = Path(
     os.environ.get(
-        "RECNIX_FIXTURES", Path(__file__).parents[2].parent / "shared/fixtures/nix-upstream"
+        "RECNIX_FIXTURES", Path(__file__).parents[3].parent / "shared/fixtures/nix-upstream"
     )
 )
 H = "g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q"

@@ -17,8 +17,7 @@ from recnix.protocol import (
 from recnix.protocol import wire as W
 from recnix.protocol.connection import NEED_DATA
 from recnix.protocol.stderr import Error, encode_stderr
-
-from .test_protocol_support import connected_pair, events_until_need
+from tests.unit.protocol.test_support import connected_pair, events_until_need
 
 MINORS = [10, 25, 33, 34, 35, 37, 38]
 MAGIC1 = W.u64(W.WORKER_MAGIC_1)

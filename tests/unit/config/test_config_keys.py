@@ -11,7 +11,7 @@ import pytest
 from recnix.config import configdocs
 from recnix.config.loader import ConfigError, _type_problem, load_config, load_defaults, load_keys
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TYPES = {"str", "path", "bool", "positive", "unsigned", "enum", "upstream", "str-list",
          "host-list", "nix"}  # fmt: skip
 

@@ -36,7 +36,7 @@ from recnix.protocol.connection import NEED_DATA
 
 FIXTURES = Path(
     os.environ.get("RECNIX_FIXTURES")
-    or Path(__file__).parents[2].parent / "shared/fixtures/nix-upstream"
+    or Path(__file__).parents[3].parent / "shared/fixtures/nix-upstream"
 )
 
 # Fixtures deliberately not covered, with the reason (copied into the closing note).

@@ -17,7 +17,7 @@ from recnix.hooks import buildqueue
 from tests import nixversion
 from tests.buildhookwire import settings, try_request
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DRV = "/nix/store/" + "a" * 32 + "-outer.drv"
 
 

@@ -16,7 +16,7 @@ from recnix.cli.status import build_name, human_age, human_bytes, render_status
 from recnix.config.loader import ConfigError, load_config
 from recnix.store.upstream import Upstream, UpstreamError
 
-BIN = Path(__file__).resolve().parents[2] / "bin"
+BIN = Path(__file__).resolve().parents[3] / "bin"
 HOOK = "/opt/x/bin/recnix-pre-build-hook"
 POST = "/opt/x/bin/recnix-post-build-hook"
 BUILD = "/opt/x/bin/recnix-build-hook"

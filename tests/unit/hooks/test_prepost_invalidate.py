@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from recnix.hooks import prepost as hooks
-from tests.unit.test_invalidate import SCHEMA
+from tests.unit.store.test_invalidate import SCHEMA
 
 OUT = "/nix/store/" + "a" * 32 + "-outer"
 

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 from recnix.protocol import Op, ProtocolError, Request, ServerConnection
 from recnix.protocol import connection as C
 from recnix.protocol import wire as W
-
-from .test_protocol_support import connected_pair, events_until_need
+from tests.unit.protocol.test_support import connected_pair, events_until_need
 
 PATH = "/nix/store/" + "a" * 32 + "-hello-2.12"
 

@@ -23,7 +23,7 @@ from recnix.formats.storepath import STORE_PREFIX
 
 FIXTURES = Path(
     os.environ.get(
-        "RECNIX_FIXTURES", Path(__file__).parents[2].parent / "shared/fixtures/nix-upstream"
+        "RECNIX_FIXTURES", Path(__file__).parents[3].parent / "shared/fixtures/nix-upstream"
     )
 )
 DRV_DIR = FIXTURES / "derivation"

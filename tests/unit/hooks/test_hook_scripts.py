@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-BIN = Path(__file__).resolve().parents[2] / "bin"
+BIN = Path(__file__).resolve().parents[3] / "bin"
 HOOKS = ("recnix-pre-build-hook", "recnix-post-build-hook")
 
 
@@ -222,7 +222,7 @@ def test_minimal_python_entry(hook_dir, tmp_path, hook):
     assert called == " ".join(expected + hook_args(hook, drv))
 
 
-ENTRY = Path(__file__).resolve().parents[2] / "recnix" / "hooks" / "entry.py"
+ENTRY = Path(__file__).resolve().parents[3] / "recnix" / "hooks" / "entry.py"
 
 
 def run_entry(args: list[str], cwd: Path, env: dict[str, str] | None = None):

@@ -8,7 +8,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_session.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "fuzz_session.py"
 
 
 def load_fuzzer():  # noqa: ANN201

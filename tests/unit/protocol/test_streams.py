@@ -28,8 +28,7 @@ from recnix.protocol import (
 )
 from recnix.protocol import wire as W
 from recnix.protocol.connection import NEED_DATA
-
-from .test_protocol_support import (
+from tests.unit.protocol.test_support import (
     connected_pair,
     events_until_need,
     nar_dir,

@@ -1,0 +1,1 @@
+"""Unit tests of recnix.hooks (and bin/'s sh hooks)."""
