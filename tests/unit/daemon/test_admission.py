@@ -1,6 +1,6 @@
 """recnix.daemon.admission's rules: when a recursive build gets a slot, waits for one in its
 pre-build hook, or is postponed by the build hook (the host tier runs them under
-real nix-daemons: tests/host/test_build_queue.py)."""
+real nix-daemons: tests/host/test_buildqueue.py)."""
 
 from __future__ import annotations
 
