@@ -1153,6 +1153,13 @@ def parse_args() -> argparse.Namespace:
         metavar="PATH",
         help="copy the recnix service's log there at the end (its per-session timings)",
     )
+    parser.add_argument(
+        "--service-log-level",
+        choices=("info", "debug"),
+        default="info",
+        help="the service's daemon.log-level (debug: per-path timings in --service-log; "
+        "slower, so not for the results file)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     parser.add_argument(
         "--suite",
@@ -1268,7 +1275,7 @@ def main() -> int:
         hosts.append(fallback)
         # The service listens where the host fixtures put it; the rendered path links there.
         # The production log level (the host tier's services log at debug).
-        service = start_recnix_service(hooked, daemon={"log-level": "info"})
+        service = start_recnix_service(hooked, daemon={"log-level": opts.service_log_level})
         control_socket.symlink_to(service.control_socket)
         # The fallback daemon's hooks scan the same config (they never reach a service).
         shutil.copy(hooked.recnix_config, fallback.recnix_config)

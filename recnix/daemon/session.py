@@ -132,6 +132,8 @@ class Session:
         depth: int,
         parent: Session | None,
         limits: Limits,
+        worker: int | None = None,
+        holds_slot: bool = False,
     ) -> None:
         self.context = context
         self.sid = sid
@@ -163,8 +165,8 @@ class Session:
         self.state = SessionState.STARTING
         self.ended_since: float | None = None
         self.seen_process = False  # a process was seen in the sandbox (the build started)
-        self.holds_slot = False  # counts against daemon.max-sessions
-        self.worker: int | None = None  # pid of the Nix process whose pre-build hook opened it
+        self.holds_slot = holds_slot  # counts against daemon.max-sessions
+        self.worker = worker  # pid of the Nix process whose pre-build hook opened it
         self.opened_at: float | None = None  # when the service opened or resumed it (time.time)
         self._allow_lock = asyncio.Lock()
         # Censored infos of paths met by closure(): valid, rooted paths whose infos no longer
@@ -205,6 +207,7 @@ class Session:
         await self._listen()
         self.journal = SessionJournal.create(self.context.state_dir, self.record())
         self.state = SessionState.OPEN
+        self.opened_at = time.time()
 
     async def resume(self, record: SessionRecord) -> None:
         """Take over a session a previous run of the service journaled (``record``).
@@ -241,12 +244,18 @@ class Session:
         await self._listen()
         self.journal = SessionJournal.of(self.context.state_dir, self.sid)
         self.state = SessionState.OPEN
+        self.opened_at = time.time()
 
     async def _listen(self) -> None:
         self.server = await asyncio.get_running_loop().create_unix_server(
             lambda: ClientProtocol(self), path=str(self.socket_path)
         )
         os.chmod(self.socket_path, 0o666)
+
+    def drop_slot(self) -> bool:
+        """Stop counting against ``daemon.max-sessions``; whether it did."""
+        held, self.holds_slot = self.holds_slot, False
+        return held
 
     def record(self) -> SessionRecord:
         """This session as a journal header describes it."""

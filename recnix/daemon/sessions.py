@@ -115,14 +115,22 @@ class Sessions:
             await self.admission.take(drv_path, worker, holders)
         sid = secrets.token_hex(8)
         session = Session(
-            self.context, sid, drv_path, drv, chroot, readonly, depth, parent, self.limits
+            self.context,
+            sid,
+            drv_path,
+            drv,
+            chroot,
+            readonly,
+            depth,
+            parent,
+            self.limits,
+            worker=worker,
+            holds_slot=parent is None,
         )
-        session.holds_slot = parent is None
-        session.worker = worker
         try:
             await session.start()
         except Exception as e:
-            if session.holds_slot:
+            if session.drop_slot():
                 self.admission.release(worker)
             await session.close("failed to start")
             raise OpenRefused(f"cannot open a recnix session for {drv_path}: {e}") from e
@@ -136,7 +144,7 @@ class Sessions:
         except sandboxsocket.PlacementError as e:
             await self.end(session, None, "failed to start")
             raise OpenRefused(f"cannot give {drv_path} its recnix socket: {e}") from e
-        self._add(session)
+        self.by_sid[session.sid] = session
         self.audit.write(
             "opened",
             sid,
@@ -159,10 +167,6 @@ class Sessions:
         # a build that adds nothing registers nothing.
         return session
 
-    def _add(self, session: Session) -> None:
-        session.opened_at = time.time()
-        self.by_sid[session.sid] = session
-
     def for_drv(self, drv_path: str) -> Session | None:
         """The latest session of the build of ``drv_path`` that is not closed."""
         found = [
@@ -184,8 +188,7 @@ class Sessions:
             with contextlib.suppress(OSError):
                 os.unlink(self.marks_dir / os.path.basename(session.drv_path))
         await session.close(reason)
-        if session.holds_slot:
-            session.holds_slot = False
+        if session.drop_slot():
             self.admission.release(session.worker)
 
     async def resume_all(self) -> None:
@@ -243,9 +246,10 @@ class Sessions:
             self.chroot_sockets.drop(session)
             await session.close("not resumed")
             return str(e)
-        if session.holds_slot:  # none left if daemon.max-sessions was lowered meanwhile
-            session.holds_slot = await self.admission.take_for_resume()
-        self._add(session)
+        # none left if daemon.max-sessions was lowered meanwhile
+        if session.holds_slot and not await self.admission.take_for_resume():
+            session.drop_slot()
+        self.by_sid[session.sid] = session
         if session.added:
             session.start_registrar()
         self.audit.write("resumed", record.sid, drv=record.drv_path, paths=len(session.added))
