@@ -105,8 +105,7 @@ class Service:
             hooks_optional=bool(
                 policy.nested_builds_skip_hooks and not hooks.pre_build and not hooks.post_build
             ),
-            fresh_upstream=self.pool.fresh,
-            connect_upstream=self.pool.connect,
+            upstreams=self.pool,
         )
         self.sessions = Sessions(
             self.session_context,

@@ -1,15 +1,15 @@
 """One opted-in build's session, and the proxy serving its socket.
 
 A :class:`Session` holds the build's state: its allowed set (closure of its
-inputs ∪ what it added or built), its sandbox, its socket, its upstream
-connections. Every path that becomes allowed is rooted on the session's keeper
-connection and made visible inside the sandbox before the reply goes out.
+inputs ∪ what it added or built), its sandbox, its socket, its keeper connection
+to the nix-daemon. Every path that becomes allowed is rooted on the keeper and made
+visible inside the sandbox before the reply goes out.
 
 A :class:`ConnectionHandler` serves one client connection: it decodes a
 request, has its :class:`~recnix.store.restricted.RestrictedStore` (which holds what
 every op may do, and the rule of :mod:`recnix.store.policy`) answer it over the
-session's upstream connections (:class:`ConnectionUpstreams`), and encodes
-the reply. It holds no policy.
+connections it leases from the service's :class:`~recnix.store.upstreampool.UpstreamPool`
+(:class:`ConnectionUpstreams`), and encodes the reply. It holds no policy.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import shutil
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from recnix.store.restricted import SYNC_OPS, NarReply, RestrictedStore, censor
 from recnix.store.seam import Data as StoreData
 from recnix.store.seam import LogCallback
 from recnix.store.upstream import LocalStoreFiles, Upstream, UpstreamClosed, UpstreamError
+from recnix.store.upstreampool import UpstreamPool
 
 log = logging.getLogger("recnix.daemon.session")
 
@@ -69,8 +70,6 @@ log = logging.getLogger("recnix.daemon.session")
 # low mark it reads again. A 256 MiB add thus streams through a few MiB.
 READ_HIGH_WATER = 1 << 20
 READ_LOW_WATER = 1 << 18
-# Upstream connections a session keeps open for its next clients.
-IDLE_UPSTREAMS = 4
 
 
 @dataclass(frozen=True)
@@ -112,10 +111,7 @@ class SessionContext:
     audit: AuditLog
     fsync_paths: bool  # fsync what it adds or builds before the build sees it
     hooks_optional: bool  # nested builds that open no session may skip nix.conf's hooks
-    # a connection whose daemon worker has answered nothing yet (no stale path infos)
-    fresh_upstream: Callable[[], Awaitable[Upstream]]
-    # a new connection; hooks=False: builds on it skip nix.conf's hooks
-    connect_upstream: Callable[..., Awaitable[Upstream]]
+    upstreams: UpstreamPool  # its connections to the real nix-daemon
 
 
 class Session:
@@ -196,7 +192,7 @@ class Session:
 
     async def start(self) -> None:
         """Connect the keeper, compute the input closure, listen on the session socket."""
-        self.keeper = await self.context.fresh_upstream()
+        self.keeper = await self.context.upstreams.fresh()
         self.inputs = await self._input_closure()
         self.allowed = set(self.inputs)
         self.view = SandboxView(self.chroot, known_present=self.inputs)
@@ -216,7 +212,7 @@ class Session:
         and listens again on the same socket path, which the sandbox sees through its
         bind-mounted directory.
         """
-        self.keeper = await self.context.connect_upstream()
+        self.keeper = await self.context.upstreams.connect()
         self.inputs = await self._input_closure()
         ours = sorted(record.allowed - self.inputs)
         valid = set(await self.keeper.query_valid_paths(ours)) if ours else set()
@@ -340,11 +336,9 @@ class Session:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        idle = [up for pool in self.idle_upstreams.values() for up in pool]
-        for up in [*idle, *([self.keeper] if self.keeper else [])]:
-            await up.close()
-        for pool in self.idle_upstreams.values():
-            pool.clear()
+        await self.context.upstreams.drop(self.sid)
+        if self.keeper is not None:
+            await self.keeper.close()
         registrar = self.take_registrar()
         if registrar is not None:
             await asyncio.get_running_loop().run_in_executor(None, registrar.close)
@@ -391,28 +385,14 @@ class Session:
     # -- upstream connections
 
     async def take_upstream(self, hooks: bool) -> Upstream:
-        """An idle upstream connection of this session, or a new one.
-
-        ``hooks``: builds on it run nix.conf's pre- and post-build hooks (see
-        ``UpstreamPool.connect``). Reusing connections saves a nix-daemon
-        worker fork and handshake per in-sandbox client (a nested `nix-build`
-        opens several connections).
-        """
-        pool = self.idle_upstreams[hooks]
-        while pool:
-            up = pool.pop()
-            if up.reusable:
-                return up
-            await up.close()
-        return await self.context.connect_upstream(hooks=hooks)
+        """A connection to the real nix-daemon for one of this session's clients (one it
+        gave back, else new): ``hooks``, builds on it run nix.conf's pre- and
+        post-build hooks (see ``UpstreamPool.connect``)."""
+        return await self.context.upstreams.lease(self.sid, hooks)
 
     async def release_upstream(self, up: Upstream) -> None:
-        """Give a connection back when its client is done (closed if out of sync)."""
-        pool = self.idle_upstreams[up.runs_hooks]
-        if up.reusable and self.state is SessionState.OPEN and len(pool) < IDLE_UPSTREAMS:
-            pool.append(up)
-        else:
-            await up.close()
+        """A client is done with ``up``: kept for the next while the session is open."""
+        await self.context.upstreams.give_back(self.sid, up, keep=self.state is SessionState.OPEN)
 
     def audit(self, event: str, **fields: Any) -> None:
         """Write one audit event of this session."""

@@ -1,10 +1,18 @@
-"""Connections to the real nix-daemon for the service: new ones, and fresh ones kept ready.
+"""Connections to the real nix-daemon for the service: new ones, fresh ones kept ready,
+and the idle ones of each session.
 
 A *fresh* connection is one whose daemon worker has answered nothing yet, so it
 holds no cached path info from before a re-registration: each session's keeper
 and each of finalisation's path-info queries needs one. A few are kept ready
 (``SPARE_UPSTREAMS``), which takes a daemon fork and handshake off the critical
 path of opening and finalising a session.
+
+A session's client connections *lease* connections and give them back when the
+client is done; the pool keeps a few idle for that session (``IDLE_PER_OWNER``)
+and never hands them to another (a worker may have cached path infos of the
+session's own paths, which finalisation re-registers). Reuse saves a nix-daemon
+worker fork and handshake per in-sandbox client (a nested `nix-build` opens
+several connections).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from recnix.store.upstream import Upstream, UpstreamError
 log = logging.getLogger("recnix.store.upstreampool")
 
 SPARE_UPSTREAMS = 2  # fresh connections kept ready
+IDLE_PER_OWNER = 4  # idle connections kept for each session, of each kind (hooks or not)
 
 
 class UpstreamPool:
@@ -25,6 +34,8 @@ class UpstreamPool:
     def __init__(self, address: str) -> None:
         self.address = address
         self._spares: list[Upstream] = []
+        # (owner, whether builds on it run nix.conf's hooks) -> its idle connections
+        self._idle: dict[tuple[str, bool], list[Upstream]] = {}
         self._filling: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -47,6 +58,32 @@ class UpstreamPool:
             self._filling = asyncio.ensure_future(self._fill_spares())
         return up or await self.connect()
 
+    async def lease(self, owner: str, hooks: bool) -> Upstream:
+        """A connection for ``owner`` (a session id): one it gave back, else a new one
+        (``hooks``: see :meth:`connect`)."""
+        idle = self._idle.get((owner, hooks), [])
+        while idle:
+            up = idle.pop()
+            if up.reusable:
+                return up
+            await up.close()
+        return await self.connect(hooks=hooks)
+
+    async def give_back(self, owner: str, up: Upstream, keep: bool = True) -> None:
+        """``owner`` is done with ``up``: kept idle for it (``keep``, the connection in
+        sync, fewer than IDLE_PER_OWNER idle), else closed."""
+        idle = self._idle.setdefault((owner, up.runs_hooks), [])
+        if keep and up.reusable and not self._closed and len(idle) < IDLE_PER_OWNER:
+            idle.append(up)
+        else:
+            await up.close()
+
+    async def drop(self, owner: str) -> None:
+        """Close the idle connections of ``owner`` (it ends)."""
+        for hooks in (True, False):
+            for up in self._idle.pop((owner, hooks), []):
+                await up.close()
+
     async def _fill_spares(self) -> None:
         while len(self._spares) < SPARE_UPSTREAMS and not self._closed:
             try:
@@ -56,10 +93,12 @@ class UpstreamPool:
                 return
 
     async def close(self) -> None:
-        """Close the spares and stop refilling them."""
+        """Close the spares and the idle connections; stop refilling the spares."""
         self._closed = True
         if self._filling is not None:
             self._filling.cancel()
         for spare in self._spares:
             await spare.close()
         self._spares.clear()
+        for owner, _ in list(self._idle):
+            await self.drop(owner)

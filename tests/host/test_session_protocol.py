@@ -138,6 +138,38 @@ def audit_for(service: RecnixService, live: LiveBuild, event: str) -> list[dict]
 # --------------------------------------------------------------------------- peers
 
 
+def test_consecutive_clients_of_a_session_reuse_its_daemon_connection(
+    live: LiveBuild, recnix_service: RecnixService, busybox: str
+) -> None:
+    """A nested nix-build opens several connections one after the other: each after the
+    first is served on the daemon connection the session gave back to the service's
+    pool (recnix.store.upstreampool), not on a new nix-daemon worker."""
+
+    lines_of_a_client = f"session {live.session['session']}: connection from pid"
+
+    def closed() -> int:
+        return recnix_service.log_text().count(lines_of_a_client)
+
+    def handshakes() -> int:
+        return recnix_service.log_text().count("recnix.store.upstream DEBUG nix-daemon")
+
+    def one_client() -> None:
+        done = closed() + 2  # its "connection from pid" and "... closed after" lines
+        with sandbox_socket(live) as sock:  # QueryPathHash: answered by the daemon
+            reply = client_for(sock).call(Op.QUERY_PATH_HASH, {"path": busybox})
+            assert reply.error is None and len(reply.value) == 64, reply
+        deadline = time.monotonic() + 10
+        while closed() < done:  # its daemon connection is back in the pool
+            assert time.monotonic() < deadline, recnix_service.log_text()[-2000:]
+            time.sleep(0.05)
+
+    one_client()
+    before = handshakes()
+    for _ in range(4):
+        one_client()
+    assert handshakes() == before, recnix_service.log_text()[-3000:]
+
+
 def test_outsider_is_refused_but_sandbox_process_accepted(
     live: LiveBuild, recnix_service: RecnixService, busybox: str
 ) -> None:

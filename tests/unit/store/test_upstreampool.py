@@ -1,0 +1,93 @@
+"""recnix.store.upstreampool's leases: a session's idle connections serve only that
+session, out-of-sync ones are closed, an ended session's are closed (the host tier
+runs the pool against real nix-daemons: tests/host/test_session_protocol.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from recnix.store.upstreampool import IDLE_PER_OWNER, UpstreamPool
+
+
+class FakeUpstream:
+    """What the pool looks at of a connection."""
+
+    def __init__(self, hooks: bool) -> None:
+        self.runs_hooks = hooks
+        self.reusable = True
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class CountingPool(UpstreamPool):
+    def __init__(self) -> None:
+        super().__init__("unix:///nonexistent")
+        self.made: list[FakeUpstream] = []
+
+    async def connect(self, hooks: bool = True) -> FakeUpstream:  # type: ignore[override]
+        up = FakeUpstream(hooks)
+        self.made.append(up)
+        return up
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_connection_given_back_serves_its_session_again_and_no_other() -> None:
+    async def scenario() -> None:
+        pool = CountingPool()
+        up = await pool.lease("a", hooks=False)
+        await pool.give_back("a", up)
+        assert await pool.lease("b", hooks=False) is not up  # another session: a new one
+        assert await pool.lease("a", hooks=True) is not up  # builds with hooks: another kind
+        assert await pool.lease("a", hooks=False) is up
+        assert len(pool.made) == 3
+
+    run(scenario())
+
+
+def test_out_of_sync_or_unwanted_connections_are_closed_not_kept() -> None:
+    async def scenario() -> None:
+        pool = CountingPool()
+        stale = await pool.lease("a", hooks=False)
+        stale.reusable = False  # a request was cut short: the worker is out of sync
+        await pool.give_back("a", stale)
+        assert stale.closed
+        ending = await pool.lease("a", hooks=False)
+        await pool.give_back("a", ending, keep=False)  # the session is finalising
+        assert ending.closed
+        assert await pool.lease("a", hooks=False) not in (stale, ending)
+
+    run(scenario())
+
+
+def test_a_session_keeps_a_bounded_number_idle_and_drop_closes_them() -> None:
+    async def scenario() -> None:
+        pool = CountingPool()
+        ups = [await pool.lease("a", hooks=True) for _ in range(IDLE_PER_OWNER + 2)]
+        for up in ups:
+            await pool.give_back("a", up)
+        assert sum(up.closed for up in ups) == 2
+        await pool.drop("a")
+        assert all(up.closed for up in ups)
+        assert await pool.lease("a", hooks=True) not in ups
+
+    run(scenario())
+
+
+def test_closing_the_pool_closes_every_idle_connection_and_keeps_none_after() -> None:
+    async def scenario() -> None:
+        pool = CountingPool()
+        a, b = await pool.lease("a", hooks=True), await pool.lease("b", hooks=False)
+        await pool.give_back("a", a)
+        await pool.give_back("b", b)
+        await pool.close()
+        assert a.closed and b.closed
+        late = await pool.lease("c", hooks=True)
+        await pool.give_back("c", late)
+        assert late.closed
+
+    run(scenario())
