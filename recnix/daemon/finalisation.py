@@ -29,7 +29,7 @@ from recnix.store.register import (
     finalise_outputs,
     outputs_of,
 )
-from recnix.store.upstream import UpstreamError
+from recnix.store.seam import InvalidPathError, StoreError, closure_infos
 from recnix.store.upstreampool import UpstreamPool
 
 log = logging.getLogger("recnix.daemon.finalisation")
@@ -52,26 +52,16 @@ class DaemonQueries(StoreQueries):
     async def _infos(self, roots: list[str], closure: bool) -> dict[str, PathInfo]:
         """The path infos of ``roots`` (with ``closure``: of their closure), on one fresh
         connection."""
-        infos: dict[str, PathInfo] = {}
         try:
             upstream = await self.pool.fresh()
             try:
-                todo = list(roots)
-                while todo:
-                    path = todo.pop()
-                    if path in infos:
-                        continue
-                    info = await upstream.query_path_info(path)
-                    if info is None:
-                        raise FinaliseError(f"{path} is not valid")
-                    infos[path] = info
-                    if closure:
-                        todo.extend(r for r in info.references if r not in infos)
+                return await closure_infos(upstream.query_path_info, roots, references=closure)
             finally:
                 await upstream.close()
-        except (UpstreamError, OSError) as e:
+        except InvalidPathError as e:
+            raise FinaliseError(str(e)) from None
+        except (StoreError, OSError) as e:
             raise FinaliseError(f"cannot query the path info of {roots[0]}: {e}") from None
-        return infos
 
     def _wait(self, roots: list[str], closure: bool = False) -> dict[str, PathInfo]:
         future = asyncio.run_coroutine_threadsafe(self._infos(roots, closure), self.loop)
@@ -166,7 +156,7 @@ class Finaliser:
                 valid = await upstream.query_valid_paths(sorted(outputs.values()))
             finally:
                 await upstream.close()
-        except (FinaliseError, UpstreamError, OSError) as e:
+        except (FinaliseError, StoreError, OSError) as e:
             return f"{ended}; {await self.invalidate(record.drv_path, [], str(e), record.sid)}"
         if not valid:
             return ended  # it failed, or the post-build hook invalidated its outputs

@@ -59,8 +59,8 @@ from recnix.store.policy import Denied, Limits, drv_closure
 from recnix.store.register import FinaliseError, Registrar
 from recnix.store.restricted import SYNC_OPS, NarReply, RestrictedStore, censor
 from recnix.store.seam import Data as StoreData
-from recnix.store.seam import LogCallback
-from recnix.store.upstream import LocalStoreFiles, Upstream, UpstreamClosed, UpstreamError
+from recnix.store.seam import LogCallback, StoreError, closure_infos
+from recnix.store.upstream import LocalStoreFiles, Upstream, UpstreamClosed
 from recnix.store.upstreampool import UpstreamPool
 
 log = logging.getLogger("recnix.daemon.session")
@@ -286,20 +286,12 @@ class Session:
     async def closure(self, roots: Iterable[str], known: set[str] | None = None) -> set[str]:
         """Closure of ``roots`` over references, stopping at paths in ``known``."""
         assert self.keeper is not None
-        known = known or set()
-        seen: set[str] = set()
-        stack = [p for p in roots if p not in known]
-        while stack:
-            path = stack.pop()
-            if path in seen:
-                continue
-            seen.add(path)
-            info = await self.keeper.query_path_info(path)
-            if info is None:
-                raise UpstreamError(f"path '{path}' is not valid in the host store")
+        infos = await closure_infos(
+            self.keeper.query_path_info, roots, known or frozenset(), where="the host store"
+        )
+        for path, info in infos.items():
             self.path_infos[path] = censor(info)
-            stack.extend(r for r in info.references if r not in seen and r not in known)
-        return seen
+        return set(infos)
 
     def summary(self) -> dict[str, Any]:
         """What ``recnix status`` shows of this session (JSON-ready)."""
@@ -998,7 +990,7 @@ class ConnectionHandler:
             self._deny(req.op, e)
         except UpstreamClosed:
             raise
-        except UpstreamError as e:
+        except StoreError as e:  # the daemon's error, or a path it does not have
             await self._finish_stream()
             self.conn.send_error(str(e))
         except MaterialiseError as e:

@@ -27,7 +27,7 @@ from recnix.formats.derivation import DerivationError
 from recnix.sandbox import sandboxsocket
 from recnix.store.offloop import read_build_derivation
 from recnix.store.policy import Limits, opt_in_mode
-from recnix.store.upstream import UpstreamError
+from recnix.store.seam import StoreError
 
 log = logging.getLogger("recnix.daemon.sessions")
 
@@ -242,7 +242,7 @@ class Sessions:
         try:
             await session.resume(record)
             await self.chroot_sockets.place(session)
-        except (ResumeError, UpstreamError, OSError, sandboxsocket.PlacementError) as e:
+        except (ResumeError, StoreError, OSError, sandboxsocket.PlacementError) as e:
             self.chroot_sockets.drop(session)
             await session.close("not resumed")
             return str(e)

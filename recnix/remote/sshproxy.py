@@ -78,6 +78,7 @@ from recnix.remote.remotetrust import (
     ssh_destination,
 )
 from recnix.store.aio import READ_CHUNK, next_event
+from recnix.store.seam import StoreError, closure_infos, topo_order
 from recnix.store.upstream import Upstream, UpstreamError
 
 REAL_SSH_ENV = "RECNIX_REAL_SSH"
@@ -148,27 +149,6 @@ def opted_in(drv_path: str) -> bool:
     except (OSError, DerivationError):
         return False
     return bool(drv.declared_system_features & OPT_IN_FEATURES)
-
-
-def topo_order(infos: dict[str, PathInfo]) -> list[str]:
-    """The paths of ``infos``, each after the references it has among them."""
-    order: list[str] = []
-    done: set[str] = set()
-    for root in sorted(infos):
-        stack: list[tuple[str, bool]] = [(root, False)]
-        while stack:
-            path, expanded = stack.pop()
-            if path in done:
-                continue
-            if expanded:
-                done.add(path)
-                order.append(path)
-                continue
-            stack.append((path, True))
-            for ref in infos[path].references:
-                if ref in infos and ref not in done and ref != path:
-                    stack.append((ref, False))
-    return order
 
 
 async def open_builder(ssh: str, args: list[str], client_minor: int) -> Upstream:
@@ -334,7 +314,7 @@ class Proxy:
         drv_path = req.args["drv_path"]
         try:
             await self.send_drv_closure(drv_path)
-        except (UpstreamError, ProxyError, OSError) as e:
+        except (StoreError, ProxyError, OSError) as e:
             await self.fail(
                 f"recnix on this machine could not copy the .drv closure of {drv_path} "
                 f"to {self.host} before building it there: {e}"
@@ -350,7 +330,7 @@ class Proxy:
             return
         try:
             await self.fetch_closure(req)
-        except (UpstreamError, ProxyError, OSError) as e:
+        except (StoreError, ProxyError, OSError) as e:
             await self.fail(
                 f"recnix on this machine could not copy the closure of the outputs of "
                 f"{drv_path}, built on {self.host}, into this machine's store: {e}"
@@ -372,7 +352,7 @@ class Proxy:
         if req.op in BUILD_OPS and self.built(req.op, ev.value):
             try:
                 await self.fetch_closure(req)
-            except (UpstreamError, ProxyError, OSError) as e:
+            except (StoreError, ProxyError, OSError) as e:
                 await self.fail(
                     f"recnix on this machine could not copy the closure of the outputs built "
                     f"on {self.host} into this machine's store: {e}"
@@ -623,22 +603,6 @@ def mark_remote_builds(drv_paths: list[str]) -> None:
         )
 
 
-async def closure_infos(query: Any, roots: list[str]) -> dict[str, PathInfo]:
-    """Path infos of the closure of ``roots`` through ``query(path)``."""
-    infos: dict[str, PathInfo] = {}
-    todo = list(roots)
-    while todo:
-        path = todo.pop()
-        if path in infos:
-            continue
-        info = await query(path)
-        if info is None:
-            raise ProxyError(f"{path} is not valid")
-        infos[path] = info
-        todo.extend(r for r in info.references if r not in infos)
-    return infos
-
-
 async def _stdio() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=READ_CHUNK * 4)
@@ -657,7 +621,7 @@ async def _proxy_main(ssh: str, args: list[str]) -> int:
     proxy = Proxy(reader, writer)
     try:
         return await proxy.run(ssh, args)
-    except (ProtocolError, UpstreamError, ProxyError, asyncio.IncompleteReadError) as e:
+    except (ProtocolError, StoreError, ProxyError, asyncio.IncompleteReadError) as e:
         print(f"recnix ssh proxy for {proxy.host}: session ended: {e}", file=sys.stderr)
         return 1
     except (ConnectionError, BrokenPipeError) as e:

@@ -10,7 +10,15 @@ restricted view is policy; a ``Store`` here is only the mechanism.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Container,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any, Protocol
 
 from recnix.formats.derivation import Derivation
@@ -25,6 +33,67 @@ from recnix.protocol import (
 
 LogCallback = Callable[[StderrMessage], Awaitable[None] | None]
 Data = AsyncIterable[bytes] | Iterable[bytes]
+
+
+class StoreError(Exception):
+    """A store operation failed: the store's error (its message is the text), a lost
+    connection (recnix.store.upstream), or a path that is not valid."""
+
+
+class InvalidPathError(StoreError):
+    """A path met on the way (a closure's reference, a path asked for) is not valid."""
+
+    def __init__(self, path: str, where: str = "the store") -> None:
+        super().__init__(f"path '{path}' is not valid in {where}")
+        self.path = path
+
+
+async def closure_infos(
+    query: Callable[[str], Awaitable[PathInfo | None]],
+    roots: Iterable[str],
+    known: Container[str] = frozenset(),
+    references: bool = True,
+    where: str = "the store",
+) -> dict[str, PathInfo]:
+    """The path infos of ``roots`` and (``references``) of their closure over
+    references, asked one path at a time of ``query`` (a ``Store.query_path_info``);
+    the walk does not enter paths in ``known``. InvalidPathError (naming ``where``)
+    for a path that is not valid."""
+    infos: dict[str, PathInfo] = {}
+    todo = [p for p in roots if p not in known]
+    while todo:
+        path = todo.pop()
+        if path in infos:
+            continue
+        info = await query(path)
+        if info is None:
+            raise InvalidPathError(path, where)
+        infos[path] = info
+        if references:
+            todo.extend(r for r in info.references if r not in infos and r not in known)
+    return infos
+
+
+def topo_order(infos: Mapping[str, PathInfo]) -> list[str]:
+    """The paths of ``infos``, each after the references it has among them (the order to
+    add a closure to a store in)."""
+    order: list[str] = []
+    done: set[str] = set()
+    for root in sorted(infos):
+        stack: list[tuple[str, bool]] = [(root, False)]
+        while stack:
+            path, expanded = stack.pop()
+            if path in done:
+                continue
+            if expanded:
+                done.add(path)
+                order.append(path)
+                continue
+            stack.append((path, True))
+            for ref in infos[path].references:
+                if ref in infos and ref not in done and ref != path:
+                    stack.append((ref, False))
+    return order
 
 
 class Store(Protocol):

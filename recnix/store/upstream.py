@@ -37,13 +37,13 @@ from recnix.protocol.connection import Event
 from recnix.protocol.nar import dump_path
 from recnix.store import aio
 from recnix.store.aio import READ_CHUNK, stream_data
-from recnix.store.seam import LogCallback
+from recnix.store.seam import LogCallback, StoreError
 
 DEFAULT_SOCKET = "/nix/var/nix/daemon-socket/socket"
 log = logging.getLogger("recnix.store.upstream")
 
 
-class UpstreamError(Exception):
+class UpstreamError(StoreError):
     """The daemon answered an operation with an error (its message is the text)."""
 
 

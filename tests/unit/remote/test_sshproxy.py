@@ -9,8 +9,7 @@ import sys
 
 from recnix.cli.main import main
 from recnix.hooks import buildhook
-from recnix.protocol import PathInfo
-from recnix.remote.sshproxy import announces_start, is_worker_session, remote_command, topo_order
+from recnix.remote.sshproxy import announces_start, is_worker_session, remote_command
 
 
 def test_worker_sessions_as_each_nix_starts_them() -> None:
@@ -30,26 +29,6 @@ def test_everything_else_goes_to_ssh() -> None:
     assert not is_worker_session(["b", "echo", "started"])
     assert not is_worker_session(["b"])
     assert not is_worker_session(["b", "-x", "nix-daemon --stdio 'unbalanced"])
-
-
-def _info(*refs: str) -> PathInfo:
-    return PathInfo(deriver=None, nar_hash="0" * 64, references=list(refs))
-
-
-def test_topo_order_puts_references_first() -> None:
-    infos = {
-        "/nix/store/a": _info("/nix/store/b", "/nix/store/c", "/nix/store/a"),
-        "/nix/store/b": _info("/nix/store/c", "/nix/store/outside"),
-        "/nix/store/c": _info(),
-        "/nix/store/d": _info("/nix/store/a"),
-    }
-    order = topo_order(infos)
-    assert sorted(order) == sorted(infos)
-    pos = {p: i for i, p in enumerate(order)}
-    for path, info in infos.items():
-        for ref in info.references:
-            if ref in infos and ref != path:
-                assert pos[ref] < pos[path], order
 
 
 def test_build_hook_env_puts_the_shim_first(tmp_path) -> None:
