@@ -36,7 +36,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from recnix.daemon.session import ClientProtocol, ConnectionHandler, Peer  # noqa: E402
+from recnix.daemon.connection import ConnectionHandler, Peer  # noqa: E402
+from recnix.daemon.session import ClientProtocol  # noqa: E402
 from recnix.protocol import ClientConnection, Op, Reply  # noqa: E402
 from recnix.store.restricted import RestrictedStore  # noqa: E402
 from scripts.fuzz_session import Transport, handshake_bytes, new_world  # noqa: E402

@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from recnix.daemon.session import ConnectionHandler, Peer  # noqa: E402
+from recnix.daemon.connection import ConnectionHandler, Peer  # noqa: E402
 from recnix.formats.derivation import to_aterm_bytes  # noqa: E402
 from recnix.protocol import (  # noqa: E402
     NEED_DATA,

@@ -27,6 +27,7 @@ from recnix.protocol import (
 )
 from recnix.protocol.nar import Contents, NarParser
 from recnix.store.policy import Limits
+from recnix.store.seam import closure_infos
 from recnix.store.upstream import UpstreamError
 
 STORE = "/nix/store/"
@@ -264,19 +265,14 @@ class FakeSession:
             self.audit(event, path=p)
 
     async def closure(self, roots: Iterable[str], known: set[str] | None = None) -> set[str]:
-        known = known or set()
-        seen: set[str] = set()
-        stack = [p for p in roots if p not in known]
-        while stack:
-            p = stack.pop()
-            if p in seen:
-                continue
-            seen.add(p)
-            info = self.store.infos.get(p)
-            if info is None:
-                raise UpstreamError(f"path '{p}' is not valid in the host store")
-            stack.extend(r for r in info.references if r not in seen and r not in known)
-        return seen
+        async def query(path: str) -> PathInfo | None:
+            return self.store.infos.get(path)
+
+        return set(await closure_infos(query, roots, known or frozenset(), where="the host store"))
+
+    # what a connection asks of its session (recnix.daemon.connection.ServedSession)
+    keeper = None
+    hooks_optional = True
 
     def note_build_request(self, drv_paths: Iterable[str]) -> None:
         self.builds += 1

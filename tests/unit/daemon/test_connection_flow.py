@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from recnix.daemon.session import READ_HIGH_WATER, READ_LOW_WATER, ConnectionHandler, Peer
+from recnix.daemon.connection import READ_HIGH_WATER, READ_LOW_WATER, ConnectionHandler, Peer
 from recnix.protocol import ClientConnection, Data, Op, Request, ServerConnection
 from tests.unit.fakes import FakeSession, FakeStore
 from tests.unit.protocol.test_support import connected_pair
