@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from recnix.daemon.connection import ConnectionHandler, Peer  # noqa: E402
 from recnix.daemon.session import ClientProtocol  # noqa: E402
 from recnix.protocol import ClientConnection, Op, Reply  # noqa: E402
+from recnix.protocol.connection import Phase  # noqa: E402
 from recnix.store.restricted import RestrictedStore  # noqa: E402
 from scripts.fuzz_session import Transport, handshake_bytes, new_world  # noqa: E402
 
@@ -49,7 +50,7 @@ def request_bytes(op: Op, path: str) -> bytes:
     _, proto = handshake_bytes(MINOR)
     client = ClientConnection(client_minor=MINOR)
     client.ctx = proto.ctx
-    client._state = "idle"  # noqa: SLF001
+    client._state = Phase.IDLE  # noqa: SLF001
     client.send_request(op, {"path": path})
     return client.data_to_send()
 
@@ -58,7 +59,7 @@ def decode_reply(op: Op, path: str, data: bytes) -> Any:
     _, proto = handshake_bytes(MINOR)
     client = ClientConnection(client_minor=MINOR)
     client.ctx = proto.ctx
-    client._state = "idle"  # noqa: SLF001
+    client._state = Phase.IDLE  # noqa: SLF001
     client.send_request(op, {"path": path})
     client.data_to_send()
     client.receive_data(data)

@@ -47,6 +47,7 @@ from recnix.protocol import (  # noqa: E402
     encode_multiple_entry,
     encode_multiple_header,
 )
+from recnix.protocol.connection import Phase  # noqa: E402
 from recnix.store.restricted import RestrictedStore  # noqa: E402
 from tests.unit.fakes import FakeSession, nar_of, store_path  # noqa: E402
 from tests.unit.store.test_restricted import World, drv  # noqa: E402
@@ -215,7 +216,7 @@ class Corpus:
         hello, proto = self.hello[minor]
         client = ClientConnection(client_minor=minor)
         client.ctx = proto.ctx
-        client._state = "idle"  # noqa: SLF001 - a client past its handshake, without replaying it
+        client._state = Phase.IDLE  # noqa: SLF001 - a client past its handshake, without replaying it
         out = bytearray(hello)
         for _ in range(r.randrange(1, 5)):
             try:
@@ -304,7 +305,7 @@ async def good_client(session: FakeSession, world: World) -> None:
     hello, proto = handshake_bytes(35)
     client = ClientConnection(client_minor=35)
     client.ctx = proto.ctx
-    client._state = "idle"  # noqa: SLF001
+    client._state = Phase.IDLE  # noqa: SLF001
     client.send_request(Op.IS_VALID_PATH, {"path": world.input})
     client.send_request(Op.IS_VALID_PATH, {"path": world.foreign})
     client.send_request(Op.QUERY_PATH_INFO, {"path": world.input})
