@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 from recnix.hooks.buildqueue import PLAIN_SUFFIX
@@ -119,15 +118,21 @@ class Admission:
         """How many top-level recursive builds could hold build users at once: those
         holding or reserving a slot, admitted to wait for one or waiting (and one more
         of Nix process ``also``), each Nix process counted at most up to its max-jobs."""
-        builds: Counter[int | None] = self._holding + self._waiting
-        for table in (self._reserved, self._admitted):
-            builds.update(worker for _, worker in table.values())
+        builds = self._builds_by_process()
         if also is not None:
             builds[also] += 1
         return sum(
             min(count, self._max_jobs.get(worker, count)) if worker is not None else count
             for worker, count in builds.items()
         )
+
+    def _builds_by_process(self) -> Counter[int | None]:
+        """Nix process -> its top-level recursive builds that hold, reserve or wait for a
+        slot, or are admitted to wait for one."""
+        builds: Counter[int | None] = self._holding + self._waiting
+        for table in (self._reserved, self._admitted):
+            builds.update(worker for _, worker in table.values())
+        return builds
 
     def unreserve(self, drv_path: str) -> None:
         """Forget ``drv_path``'s admission; give back its reserved slot (it is built
@@ -147,23 +152,18 @@ class Admission:
                 del self._reserved[drv_path]
                 self._slots.release()
                 log.info("%s was admitted but did not start: its session slot is free", drv_path)
-        known = set(self._holding + self._waiting)
-        known.update(
-            worker for table in (self._reserved, self._admitted) for _, worker in table.values()
-        )
-        for worker in set(self._max_jobs) - known:
+        for worker in set(self._max_jobs) - set(self._builds_by_process()):
             del self._max_jobs[worker]
 
-    async def take(self, drv_path: str, worker: int | None, holders: Iterable[int | None]) -> None:
+    async def take(self, drv_path: str, worker: int | None) -> None:
         """Take a slot for the top-level session of ``drv_path``: its reservation, one its
         Nix process ``worker`` holds for another of its builds, a free slot, or wait
-        for one. ``holders`` are the Nix processes (pre-build hook workers) of the
-        sessions holding slots: OpenRefused when all are ``worker``, since Nix runs
-        pre-build hooks synchronously and that process could never run the post-build
-        hooks that free a slot while this one waits."""
+        for one. OpenRefused when every slot is held by sessions of ``worker`` itself,
+        since Nix runs pre-build hooks synchronously and that process could never run
+        the post-build hooks that free a slot while this one waits."""
         self._admitted.pop(drv_path, None)
         if self._reserved.pop(drv_path, None) is None and not self._take_reserved_by(worker):
-            await self._acquire(drv_path, worker, holders)
+            await self._acquire(drv_path, worker)
         self._holding[worker] += 1
 
     def _take_reserved_by(self, worker: int | None) -> bool:
@@ -177,15 +177,13 @@ class Admission:
                 return True
         return False
 
-    async def _acquire(
-        self, drv_path: str, worker: int | None, holders: Iterable[int | None]
-    ) -> None:
+    async def _acquire(self, drv_path: str, worker: int | None) -> None:
         """A free slot, or wait for one (refused when that wait could never end)."""
         if not self.full:
             await self._slots.acquire()
             return
-        held_by = list(holders)
-        if worker is not None and held_by and all(w == worker for w in held_by):
+        held_by = {w for w, sessions in self._holding.items() if sessions > 0}
+        if worker is not None and held_by == {worker}:
             raise OpenRefused(
                 f"{drv_path} needs a recnix session, but all daemon.max-sessions = "
                 f"{self.max_sessions} slots are held by other builds of the same Nix process "

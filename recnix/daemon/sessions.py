@@ -111,8 +111,7 @@ class Sessions:
         # Only top-level sessions take a slot: a nested build's parent already
         # holds one and waits for it, so making it wait too would deadlock.
         if parent is None:
-            holders = (s.worker for s in self.by_sid.values() if s.holds_slot)
-            await self.admission.take(drv_path, worker, holders)
+            await self.admission.take(drv_path, worker)
         sid = secrets.token_hex(8)
         session = Session(
             self.context,

@@ -78,7 +78,7 @@ def test_a_process_counts_at_most_its_max_jobs_of_outer_builds() -> None:
         a = admission(max_sessions=3, users=4)
         assert all([await a.admit(drv(f"{i}"), W, 1) for i in range(10)])
         assert a.outer_builds() == 1
-        await a.take(drv("0"), W, [])
+        await a.take(drv("0"), W)
         a.release(W)  # built: the next build of W takes a reservation of W
         assert a.outer_builds() == 1
         # another process with max-jobs 2 adds 2 more: 3 = users - 1 is the bound
@@ -92,8 +92,8 @@ def test_a_process_counts_at_most_its_max_jobs_of_outer_builds() -> None:
 def test_sessions_holding_slots_count_for_their_process() -> None:
     async def scenario() -> None:
         a = admission(max_sessions=2, users=4)
-        await a.take(drv("s0"), V, [])
-        await a.take(drv("s1"), V, [V])
+        await a.take(drv("s0"), V)
+        await a.take(drv("s1"), V)
         assert a.outer_builds() == 2  # V's max-jobs is not known: each counts
         assert await a.admit(drv("w0"), W, 1)
         assert not await a.admit(drv("u0"), U, 1)
@@ -115,16 +115,17 @@ def test_without_a_build_user_bound_only_max_jobs_limits_waiting() -> None:
 
 def test_a_reservation_serves_any_build_of_its_nix_process() -> None:
     async def scenario() -> None:
-        a = admission(max_sessions=1)
+        a = admission(max_sessions=2)
         assert await a.admit(drv("reserved"), W, 1)
+        await a.take(drv("v"), V)  # a session of another process holds the other slot
         # Nix started another of its builds first: it takes W's reservation
-        await asyncio.wait_for(a.take(drv("other"), W, []), 1)
+        await asyncio.wait_for(a.take(drv("other"), W), 1)
         assert a.full
         # the reserved build, when it starts, waits for a slot like any other
-        waiter = asyncio.ensure_future(a.take(drv("reserved"), W, [V]))
+        waiter = asyncio.ensure_future(a.take(drv("reserved"), W))
         await asyncio.sleep(0.01)
         assert not waiter.done()
-        a.release(W)
+        a.release(V)
         await asyncio.wait_for(waiter, 1)
 
     run(scenario())
@@ -133,9 +134,9 @@ def test_a_reservation_serves_any_build_of_its_nix_process() -> None:
 def test_a_process_holding_every_slot_is_refused_not_made_to_wait() -> None:
     async def scenario() -> None:
         a = admission(max_sessions=1)
-        await a.take(drv("0"), W, [])
+        await a.take(drv("0"), W)
         with pytest.raises(OpenRefused, match="same Nix process"):
-            await a.take(drv("1"), W, [W])
+            await a.take(drv("1"), W)
 
     run(scenario())
 
