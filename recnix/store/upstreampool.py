@@ -72,11 +72,14 @@ class UpstreamPool:
     async def give_back(self, owner: str, up: Upstream, keep: bool = True) -> None:
         """``owner`` is done with ``up``: kept idle for it (``keep``, the connection in
         sync, fewer than IDLE_PER_OWNER idle), else closed."""
-        idle = self._idle.setdefault((owner, up.runs_hooks), [])
-        if keep and up.reusable and not self._closed and len(idle) < IDLE_PER_OWNER:
-            idle.append(up)
-        else:
-            await up.close()
+        if keep and up.reusable and not self._closed:
+            # only a connection kept makes an entry: an ended owner's give-backs
+            # (keep=False) must not leave one behind after drop()
+            idle = self._idle.setdefault((owner, up.runs_hooks), [])
+            if len(idle) < IDLE_PER_OWNER:
+                idle.append(up)
+                return
+        await up.close()
 
     async def drop(self, owner: str) -> None:
         """Close the idle connections of ``owner`` (it ends)."""
