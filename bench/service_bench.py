@@ -27,7 +27,7 @@ hook     Opted-in trivial builds, recnix ÷ Nix's built-in recursive-nix on the 
          start: hooks/entry.py -I -S ÷ console script.
 
 The daemon with recnix's hooks runs with the environment ``recnix nix-conf
---daemon-env`` renders (RECNIX_HOOK_SOCKET, _MARKS, _PYTHON, _ENTRY), as the
+--daemon-env`` renders (RECNIX_HOOK_SOCKET, _MARKS, _CHANNEL, _PYTHON, _ENTRY), as the
 NixOS module sets it, and recnix's build hook (``recnix nix-conf``'s
 ``build-hook``), which queues recursive builds before they take a build user.
 The daemons build as the machine's ``nixbld`` users (10 on Debian). Prints a
@@ -868,7 +868,7 @@ def scenario_hook(b: Bench) -> list[Row]:
     rows.append(
         trivial_row(f"reference: {n} opted-in trivial builds, recnix ÷ no hooks", a, c, n, "recnix")
     )
-    rows[-1].note += " (both hooks' Python, session open, finalise)"
+    rows[-1].note += " (both hooks, session open, finalise)"
     # The opted-in hook's Python: start, imports and one control round trip, against
     # a control socket that answers every request at once (no session is opened).
     drv = b.scratch / "mentions.drv"
@@ -1275,7 +1275,10 @@ def main() -> int:
         hosts.append(fallback)
         # The service listens where the host fixtures put it; the rendered path links there.
         # The production log level (the host tier's services log at debug).
-        service = start_recnix_service(hooked, daemon={"log-level": opts.service_log_level})
+        # Its state-dir is the rendered one: the hook marks and the hook channel are there.
+        service = start_recnix_service(
+            hooked, daemon={"log-level": opts.service_log_level, "state-dir": str(scratch)}
+        )
         control_socket.symlink_to(service.control_socket)
         # The fallback daemon's hooks scan the same config (they never reach a service).
         shutil.copy(hooked.recnix_config, fallback.recnix_config)

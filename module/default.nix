@@ -202,6 +202,7 @@ in
         // lib.optionalAttrs (cfg.preBuildHooks == [ ] && cfg.postBuildHooks == [ ]) {
           RECNIX_HOOK_SOCKET = cfg.settings.daemon.control-socket;
           RECNIX_HOOK_MARKS = "${cfg.settings.daemon.state-dir}/hook-marks";
+          RECNIX_HOOK_CHANNEL = "${cfg.settings.daemon.state-dir}/hook-channel";
         };
       }
       (lib.mkIf buildHookOnCommandLine {

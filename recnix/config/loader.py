@@ -252,11 +252,18 @@ HOOK_SOCKET_ENV = "RECNIX_HOOK_SOCKET"
 HOOK_PYTHON_ENV = "RECNIX_HOOK_PYTHON"
 HOOK_ENTRY_ENV = "RECNIX_HOOK_ENTRY"
 HOOK_MARKS_ENV = "RECNIX_HOOK_MARKS"
+HOOK_CHANNEL_ENV = "RECNIX_HOOK_CHANNEL"
 
 
 def hook_marks_dir(raw: dict[str, Any]) -> Path:
     """Where the pre-build hook marks builds that mention recnix (``RECNIX_HOOK_MARKS``)."""
     return Path(raw["daemon"]["state-dir"]) / "hook-marks"
+
+
+def hook_channel_dir(raw: dict[str, Any]) -> Path:
+    """Where the service keeps the hook channel (``RECNIX_HOOK_CHANNEL``,
+    recnix.hooks.channel): opted-in builds' hooks talk to it without Python."""
+    return Path(raw["daemon"]["state-dir"]) / "hook-channel"
 
 
 def hook_environment(
@@ -267,7 +274,10 @@ def hook_environment(
     ``RECNIX_HOOK_SOCKET`` (only when ``[hooks]`` chains nothing) spares every
     build the script's config scan, and ``RECNIX_HOOK_MARKS``
     (``<state-dir>/hook-marks``) the post-build hook's read of the ``.drv``: the
-    pre-build hook marks there the builds that mention recnix. ``RECNIX_HOOK_PYTHON`` and
+    pre-build hook marks there the builds that mention recnix. With them,
+    ``RECNIX_HOOK_CHANNEL`` (``<state-dir>/hook-channel``) lets the hooks of an
+    opted-in build ask the service through FIFOs (``bin/recnix-hook-channel``,
+    bash) rather than start Python. ``RECNIX_HOOK_PYTHON`` and
     ``RECNIX_HOOK_ENTRY`` (``recnix/hooks/entry.py``) let opted-in builds start
     Python with ``-I -S``. Rendered by ``recnix nix-conf --daemon-env`` and the
     NixOS module; a config change needs them rendered again.
@@ -277,6 +287,7 @@ def hook_environment(
     if not hooks["pre-build"] and not hooks["post-build"]:
         env[HOOK_SOCKET_ENV] = str(raw["daemon"]["control-socket"])
         env[HOOK_MARKS_ENV] = str(hook_marks_dir(raw))
+        env[HOOK_CHANNEL_ENV] = str(hook_channel_dir(raw))
     if python and entry:
         env[HOOK_PYTHON_ENV] = python
         env[HOOK_ENTRY_ENV] = entry

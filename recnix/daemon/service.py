@@ -7,6 +7,7 @@ each build's data one way through them:
 - ``recnix.daemon.controlserver`` decodes control requests; ``CONTROL_OPS`` below says which
   method serves each op: ``open`` (pre-build hook), ``admit``/``unadmit`` (build hook),
   ``finalise`` (post-build hook), ``guard`` (remote builds), ``status``;
+  ``recnix.daemon.hookchannel`` serves ``open`` and ``finalise`` to the bash hooks too;
 - ``recnix.daemon.admission`` holds the ``daemon.max-sessions`` slots;
 - ``recnix.daemon.sessions`` opens, resumes and ends sessions; ``recnix.daemon.session`` serves
   one build's clients; ``recnix.daemon.chroot`` puts its socket into the build's chroot;
@@ -29,12 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recnix.config.loader import Config, hook_marks_dir
+from recnix.config.loader import Config, hook_channel_dir, hook_marks_dir
 from recnix.daemon.admission import PLAIN_MARK_TTL, Admission, OpenRefused
 from recnix.daemon.audit import AuditLog
 from recnix.daemon.controlserver import ControlServer
 from recnix.daemon.daemonenv import notify_systemd, raise_fd_limit
 from recnix.daemon.finalisation import Finaliser
+from recnix.daemon.hookchannel import ChannelSetupError, HookChannel
 from recnix.daemon.session import Session, SessionContext
 from recnix.daemon.sessions import Sessions
 from recnix.daemon.watcher import WATCH_INTERVAL, Action, Watcher
@@ -91,6 +93,10 @@ class Service:
         self.control = ControlServer(
             {op: getattr(self, method) for op, method in CONTROL_OPS.items()}, REFUSALS
         )
+        # The same ops for the opted-in builds' bash hooks (no Python start).
+        self.hook_channel = HookChannel(
+            hook_channel_dir(config.raw), self.control.dispatch, REFUSALS
+        )
         self._stopping = asyncio.Event()
         self._finalising: dict[str, asyncio.Future[list[str]]] = {}  # sid -> its finalisation
         # Nested builds that open no session may skip nix.conf's hooks, unless
@@ -140,6 +146,10 @@ class Service:
         finally:
             os.umask(old_umask)
         os.chmod(control_path, 0o600)
+        try:
+            self.hook_channel.open()
+        except ChannelSetupError as e:
+            log.warning("%s; the hooks use the control socket", e)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -157,6 +167,7 @@ class Service:
             await self._stopping.wait()
         finally:
             watcher.cancel()
+            self.hook_channel.close()
             server.close()
             await self.pool.close()
             await self.guards.close()

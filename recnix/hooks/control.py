@@ -96,15 +96,15 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
 
-def nix_worker_pid() -> int:
+def nix_worker_pid(start: int | None = None) -> int:
     """The pid of the Nix process that runs this hook (a nix-daemon worker, or a local
-    nix-build), the pre-build hook or the build hook: the parent, or the nearest
-    ancestor named nix* above wrapper shells.
+    nix-build), the pre-build hook or the build hook: the parent (or ``start``, the
+    parent a hook named), or the nearest ancestor named nix* above wrapper shells.
 
     Nix runs the pre-build hook synchronously: while it waits, that process starts
     no other hook, so the service must never make it wait for a session slot that
     only its own builds hold (their post-build hooks could never run)."""
-    pid = os.getppid()
+    pid = os.getppid() if start is None else start
     candidate = pid
     for _ in range(4):
         try:

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 SOCKET_OPTION = "--control-socket"
+# The service's refusal that bin/recnix-hook-channel got over the hook channel
+# (recnix.hooks.channel): reported by the Python hook, as if it had asked.
+REFUSED_OPTION = "--refused"
+FAILED_OPTION = "--failed"
 # Where Nix honours the hook's output (extra-sandbox-paths), the session's socket
 # directory is bind-mounted here, so that the sandbox sees the socket of a
 # restarted service too; clients connect to <dir>/socket. The service also puts
@@ -234,9 +238,12 @@ def invalidate_after_failure(drv_path: str, out_paths: list[str], failure: str) 
     return invalidated_message(done, failure)
 
 
-def _split_socket_option(args: list[str]) -> tuple[str | None, list[str]]:
-    """(--control-socket's value or None, the remaining arguments)."""
-    if len(args) >= 2 and args[0] == SOCKET_OPTION:
+def _split_option(args: list[str], option: str) -> tuple[str | None, list[str]]:
+    """(``option``'s value or None, the remaining arguments), for an option given first:
+    ``--control-socket``, or the refusal the service already gave
+    ``bin/recnix-hook-channel`` (``--refused``, ``--failed``), reported here as if
+    asked here."""
+    if len(args) >= 2 and args[0] == option:
         return args[1], args[2:]
     return None, args
 
@@ -269,12 +276,19 @@ def poison_sandbox(chroot: str, message: str) -> None:
 def pre_build_main(argv: list[str] | None = None) -> int:
     """Console entry point for nix.conf's ``pre-build-hook``:
     argv = [--control-socket PATH] DRV [CHROOT]."""
-    control_socket, args = _split_socket_option(sys.argv[1:] if argv is None else argv)
+    control_socket, args = _split_option(sys.argv[1:] if argv is None else argv, SOCKET_OPTION)
+    refused, args = _split_option(args, REFUSED_OPTION)
     if not args or len(args) > 2 or args[0].startswith("-"):
-        print(f"usage: recnix pre-build-hook [{SOCKET_OPTION} PATH] DRV [CHROOT]", file=sys.stderr)
+        print(
+            f"usage: recnix pre-build-hook [{SOCKET_OPTION} PATH] [{REFUSED_OPTION} MESSAGE] "
+            "DRV [CHROOT]",
+            file=sys.stderr,
+        )
         return 2
     chroot = args[1] if len(args) > 1 else None
     try:
+        if refused is not None:
+            raise HookError(f"cannot open a recnix session for {args[0]}: {refused}")
         sys.stdout.write(pre_build(args[0], chroot, control_socket))
     except Exception as e:  # any failure must name the build, and fail only this build
         message = " ".join(f"recnix: {e}".split())
@@ -292,13 +306,20 @@ def pre_build_main(argv: list[str] | None = None) -> int:
 def post_build_main(argv: list[str] | None = None) -> int:
     """Console entry point for nix.conf's ``post-build-hook`` (env DRV_PATH, OUT_PATHS);
     argv = [--control-socket PATH]."""
-    control_socket, args = _split_socket_option(sys.argv[1:] if argv is None else argv)
+    control_socket, args = _split_option(sys.argv[1:] if argv is None else argv, SOCKET_OPTION)
+    failed, args = _split_option(args, FAILED_OPTION)
     if args:
-        print(f"usage: recnix post-build-hook [{SOCKET_OPTION} PATH]", file=sys.stderr)
+        print(
+            f"usage: recnix post-build-hook [{SOCKET_OPTION} PATH] [{FAILED_OPTION} MESSAGE]",
+            file=sys.stderr,
+        )
         return 2
     drv_path = os.environ.get("DRV_PATH", "")
     out_paths = os.environ.get("OUT_PATHS", "").split()
     try:
+        if failed is not None:
+            failure = f"recnix could not finalise {drv_path}: {failed}"
+            raise HookError(invalidate_after_failure(drv_path, out_paths, failure))
         for line in post_build(drv_path, out_paths, control_socket):
             print(f"recnix: {line}")
     except Exception as e:

@@ -1,6 +1,9 @@
 """Opted-in builds through the hook script with the environment `recnix nix-conf
 --daemon-env` renders (the NixOS module sets the same on nix-daemon): the control
-socket and the marks come from the environment, Python starts as hooks/entry.py -I -S."""
+socket, the marks and the hook channel come from the environment; the pre- and
+post-build hooks of opted-in builds talk to the service over the channel
+(bin/recnix-hook-channel) and start no Python; Python, when it starts, starts as
+hooks/entry.py -I -S."""
 
 from __future__ import annotations
 
@@ -37,10 +40,17 @@ def rendered(busybox: str, nix_bundle: str) -> Iterator[tuple[ScenarioRunner, Pa
     raw = load_defaults()
     raw["daemon"]["control-socket"] = str(scratch / "control.sock")
     raw["daemon"]["state-dir"] = str(scratch)
-    env = hook_environment(raw, sys.executable, str(ENTRY))
+    # The hooks' Python, counted: each start appends its hook kind to python-starts.
+    counter = scratch / "python"
+    counter.write_text(
+        f'#!/bin/sh\necho "$4" >> {scratch / "python-starts"}\nexec {sys.executable} "$@"\n'
+    )
+    counter.chmod(0o755)
+    env = hook_environment(raw, str(counter), str(ENTRY))
     assert set(env) == {
         "RECNIX_HOOK_SOCKET",
         "RECNIX_HOOK_MARKS",
+        "RECNIX_HOOK_CHANNEL",
         "RECNIX_HOOK_PYTHON",
         "RECNIX_HOOK_ENTRY",
     }
@@ -63,10 +73,19 @@ def test_opted_in_builds_with_the_rendered_environment(rendered):
     """Sessions open and finalise (references registered) with no config file to read;
     the post-build hook found the pre-build hook's marks and removed them."""
     runner, marks = rendered
+    starts = marks.parent / "python-starts"
+    starts.unlink(missing_ok=True)
     checks.check_add(runner, RECNIX)
     checks.check_deep(runner, RECNIX)
     assert marks.is_dir() and marks.stat().st_mode & 0o777 == 0o700
     assert session_marks(marks) == []
+    # The hook channel served every pre- and post-build hook: no Python started
+    # for them (recnix's build hook is Python, started once per Nix process).
+    hooks = starts.read_text().split() if starts.exists() else []
+    assert [kind for kind in hooks if kind != "build-hook"] == []
+    channel = marks.parent / "hook-channel"
+    assert channel.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in channel.iterdir()) == ["requests", "service"]
 
 
 def session_marks(marks: Path) -> list[Path]:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import jinja2
 
+from recnix.config.names import HOOK_PROGRAMS
+
 from .cachelock import cache_lock
 from .log import log, nested
 
@@ -196,10 +198,7 @@ GUEST_NIX_SETTINGS = {
 GUEST_EXTRA_EXPERIMENTAL_FEATURES = ("nix-command",)
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
-HOOK_SCRIPTS = tuple(
-    Path(__file__).resolve().parents[2] / "bin" / name
-    for name in ("recnix-pre-build-hook", "recnix-post-build-hook", "recnix-build-hook")
-)
+HOOK_SCRIPTS = tuple(Path(__file__).resolve().parents[2] / "bin" / name for name in HOOK_PROGRAMS)
 
 
 class ImageError(Exception):

@@ -34,6 +34,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from recnix.config.names import HOOK_PROGRAMS
+
 from . import lix
 from .cachelock import cache_lock
 from .image import ImageError, Suite, base_key, build_base, cache_dir, get_suite
@@ -199,11 +201,8 @@ def _install_venv(root: Path) -> None:
     for name, import_line in scripts.items():
         text = f"#!{VENV}/bin/python3\nimport sys\n{import_line}\nsys.exit(main())\n"
         _write_if_changed(venv / "bin" / name, text)
-    hook = (src / "bin" / "recnix-pre-build-hook").read_text()
-    for name in ("recnix-pre-build-hook", "recnix-post-build-hook"):
-        _write_if_changed(venv / "bin" / name, hook)
-    build_hook = "recnix-build-hook"
-    _write_if_changed(venv / "bin" / build_hook, (src / "bin" / build_hook).read_text())
+    for name in HOOK_PROGRAMS:  # recnix-post-build-hook: the pre-build hook's text
+        _write_if_changed(venv / "bin" / name, (src / "bin" / name).read_text())
 
 
 def _write_if_changed(path: Path, text: str) -> None:

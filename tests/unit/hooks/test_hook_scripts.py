@@ -351,3 +351,23 @@ def test_nix_conf_daemon_env(tmp_path, capsys):
     assert main(["nix-conf", "--daemon-env", "--config", str(config)]) == 0
     env = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
     assert set(env) == {"RECNIX_HOOK_PYTHON", "RECNIX_HOOK_ENTRY"}  # the script reads the config
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_opted_in_builds_go_to_the_hook_channel(hook_dir, tmp_path, hook):
+    """RECNIX_HOOK_CHANNEL: a sandboxed opted-in build whose .drv is here goes to
+    bin/recnix-hook-channel (bash, no Python) with the Python hook's arguments; an SSH
+    client's build, or a channel script that is not there, goes to Python."""
+    channel = hook_dir / "recnix-hook-channel"
+    channel.write_text(f'#!/bin/sh\necho channel "$@" >> {hook_dir}/called\n')
+    channel.chmod(0o755)
+    drv = tmp_path / "x.drv"
+    drv.write_text(OPTED_IN)
+    env = {"RECNIX_HOOK_SOCKET": "/s", "RECNIX_HOOK_CHANNEL": "/c"}
+    kind = "pre-build-hook" if hook == HOOKS[0] else "post-build-hook"
+    python_args = " ".join([kind, "--control-socket", "/s", *hook_args(hook, drv)])
+    absent = tmp_path / "absent.toml"
+    assert run_hook(hook_dir, hook, drv, absent, env) == "channel " + python_args
+    assert run_hook(hook_dir, hook, drv, absent, {**env, "SSH_CONNECTION": "a"}) == python_args
+    channel.unlink()
+    assert run_hook(hook_dir, hook, drv, absent, env) == python_args

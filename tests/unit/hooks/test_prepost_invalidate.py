@@ -66,3 +66,29 @@ def test_already_invalid_outputs_keep_the_service_message(nix_state: Path, tmp_p
     said = f"output {OUT} invalidated: because; the next nix-build rebuilds it"
     assert hooks.invalidate_after_failure(drv, [], "first") != "first"  # it was valid
     assert hooks.invalidate_after_failure(drv, [], said) == said
+
+
+def test_a_refusal_the_hook_channel_got_is_reported_as_the_python_hook_would(
+    nix_state: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bin/recnix-hook-channel hands the service's refusal over (`--failed`,
+    `--refused`): the post-build hook still makes the outputs invalid unless the service
+    did and fails; the pre-build hook prints the line that fails the build and poisons
+    the sandbox's nix.conf; neither asks the service again."""
+    drv = drv_file(tmp_path, "recnix")
+    monkeypatch.setenv("DRV_PATH", drv)
+    monkeypatch.setenv("OUT_PATHS", OUT)
+    assert hooks.post_build_main(["--failed", "the scan failed"]) == 1
+    err = capsys.readouterr().err
+    assert f"output {OUT} invalidated: recnix could not finalise {drv}: the scan failed" in err
+    assert not is_valid(nix_state)
+
+    chroot = tmp_path / "chroot"
+    chroot.mkdir()
+    assert hooks.pre_build_main(["--refused", "no slot", drv, str(chroot)]) == 0
+    line = f"recnix: cannot open a recnix session for {drv}: no slot"
+    assert capsys.readouterr().out == line + "\n"
+    assert (chroot / "etc" / "nix" / "nix.conf").read_text() == line + "\n"

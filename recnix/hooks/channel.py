@@ -1,0 +1,119 @@
+"""The hook channel's wire format: how ``bin/recnix-hook-channel`` (bash, no Python)
+asks the service to open or finalise a session, and what it reads back.
+
+The channel is a directory only root can enter (``RECNIX_HOOK_CHANNEL``,
+``<state-dir>/hook-channel``) that the service keeps:
+
+- ``requests``: a FIFO the service holds open for reading and writing. A hook
+  writes one request line there in a single write (under ``PIPE_BUF``, so lines
+  of concurrent hooks never mix)::
+
+      1 open HOOKPID WORKER DRV CHROOT
+      1 finalise HOOKPID WORKER DRV [OUT ...]
+
+  HOOKPID names the hook's reply FIFO; WORKER is the Nix process that runs the
+  hook (the service walks up from it to the nearest ``nix*`` process).
+- ``r.HOOKPID``: the hook's reply FIFO (``mkfifo`` by the hook). The service
+  writes the whole reply in one write and removes the FIFO::
+
+      STATUS
+      LINE ...
+      .
+
+  STATUS ``ok``: for ``open`` the LINEs are what the hook prints to Nix (an
+  ``extra-sandbox-paths`` block, or nothing for a build that did not opt in);
+  for ``finalise`` they are messages for the build log. STATUS ``refused``: one
+  LINE, the service's refusal; the hook hands it to the Python hook
+  (``--refused``/``--failed``), which reports it as the control socket path
+  would. Any other STATUS: the hook asks again over the control socket.
+- ``service``: ``PID STARTTIME`` of the service that reads ``requests`` (field 22
+  of ``/proc/PID/stat``). A hook waiting for its reply checks every second that
+  this process still runs and still holds the same ``requests``; if not, it falls
+  back to the Python hook and the control socket, which tell a dead service.
+
+Pure functions: the service's I/O is ``recnix.daemon.hookchannel``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+VERSION = "1"
+REQUESTS = "requests"
+SERVICE_FILE = "service"
+REPLY_PREFIX = "r."
+END = "."
+# A request must fit one atomic FIFO write; the hook checks the same bound.
+MAX_REQUEST = 4000
+# A reply is one write into an empty FIFO (64 KiB on Linux); longer message lists
+# are cut.
+MAX_REPLY = 32 * 1024
+OPS = ("open", "finalise")
+
+_PID = re.compile(r"[1-9][0-9]{0,9}")
+
+
+class ChannelRequestError(ValueError):
+    """A request line that is not one (its text says why)."""
+
+
+def reply_name(hook_pid: int) -> str:
+    """The name of the reply FIFO of hook ``hook_pid`` in the channel directory."""
+    return f"{REPLY_PREFIX}{hook_pid}"
+
+
+def parse_request(line: bytes) -> tuple[int, dict[str, Any]]:
+    """(hook pid, the control request it stands for) for one request line, without
+    its newline; raises ChannelRequestError."""
+    try:
+        text = line.decode()
+    except UnicodeDecodeError as e:
+        raise ChannelRequestError("a request line is not UTF-8") from e
+    fields = text.split(" ")
+    if len(fields) < 5 or fields[0] != VERSION:
+        raise ChannelRequestError(f"not a version {VERSION} request: {text[:120]!r}")
+    _, op, hook_pid, worker, drv, *rest = fields
+    if op not in OPS:
+        raise ChannelRequestError(f"unknown op {op!r}")
+    if not _PID.fullmatch(hook_pid) or not _PID.fullmatch(worker):
+        raise ChannelRequestError(f"bad pids in {text[:120]!r}")
+    if not drv.startswith("/") or any(not f for f in (drv, *rest)):
+        raise ChannelRequestError(f"bad paths in {text[:120]!r}")
+    message: dict[str, Any] = {"op": op, "drv": drv, "worker": int(worker)}
+    if op == "open":
+        if len(rest) != 1:
+            raise ChannelRequestError("open takes DRV CHROOT")
+        message["chroot"] = rest[0]
+    else:
+        message["out_paths"] = rest
+    return int(hook_pid), message
+
+
+def render_reply(status: str, lines: list[str]) -> bytes:
+    """The reply: STATUS, the LINEs (none may contain a newline or be ``.``), ``.``."""
+    safe = [" ".join(line.split("\n")) for line in lines]
+    safe = [line if line != END else f" {END}" for line in safe]
+    body = "\n".join([status, *safe, END]) + "\n"
+    data = body.encode()
+    if len(data) > MAX_REPLY:
+        cut = f"(recnix: {len(lines)} lines; the rest is in the service's log)"
+        kept: list[str] = []
+        size = len(status) + len(cut) + 8
+        for line in safe:
+            size += len(line.encode()) + 1
+            if size > MAX_REPLY:
+                break
+            kept.append(line)
+        data = ("\n".join([status, *kept, cut, END]) + "\n").encode()
+    return data
+
+
+def reply_lines(op: str, reply: dict[str, Any], sandbox_socket_dir: str) -> list[str]:
+    """What the hook prints for the service's successful ``reply`` to ``op``."""
+    if op == "open":
+        socket_dir = reply.get("socket_dir")
+        if not socket_dir:
+            return []
+        return ["extra-sandbox-paths", f"{sandbox_socket_dir}={socket_dir}", ""]
+    return [str(m) for m in reply.get("messages", [])]

@@ -1,0 +1,68 @@
+"""The hook channel's wire format (recnix.hooks.channel): request lines in, control
+requests out; replies the bash hook can read line by line."""
+
+from __future__ import annotations
+
+import pytest
+
+from recnix.hooks import channel
+
+DRV = "/nix/store/0sm93azza052sd0lrsk9k4b958m29j4c-x.drv"
+
+
+def test_open_request():
+    pid, message = channel.parse_request(f"1 open 42 7 {DRV} {DRV}.chroot".encode())
+    assert pid == 42
+    assert message == {"op": "open", "drv": DRV, "worker": 7, "chroot": f"{DRV}.chroot"}
+
+
+@pytest.mark.parametrize("outs", [[], ["/nix/store/a-x"], ["/nix/store/a-x", "/nix/store/b-x-dev"]])
+def test_finalise_request(outs):
+    line = " ".join(["1", "finalise", "42", "7", DRV, *outs]).encode()
+    pid, message = channel.parse_request(line)
+    assert (pid, message["op"], message["out_paths"]) == (42, "finalise", outs)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"2 open 42 7 /d /c",  # another version
+        b"1 status 42 7 /d /c",  # not an op of the channel
+        b"1 open 0 7 /d /c",
+        b"1 open 42 x /d /c",
+        b"1 open -1 7 /d /c",
+        b"1 open 42 7 d /c",  # not absolute
+        b"1 open 42 7 /d",  # no chroot
+        b"1 open 42 7 /d /c /e",
+        b"1 finalise 42 7 /d  /o",  # an empty word
+        b"1 open 42 7 /d \xff",
+        b"1 open 42 7",
+    ],
+)
+def test_malformed_requests_are_refused_with_a_reason(line):
+    with pytest.raises(channel.ChannelRequestError) as e:
+        channel.parse_request(line)
+    assert str(e.value)
+
+
+def test_reply_lines_cannot_end_the_reply_early_or_add_lines():
+    data = channel.render_reply("ok", ["a\nb", ".", ""])
+    assert data.decode().split("\n") == ["ok", "a b", " .", "", ".", ""]
+
+
+def test_a_long_reply_is_cut_and_says_so():
+    data = channel.render_reply("ok", [f"message {i} " + "x" * 200 for i in range(1000)])
+    assert len(data) <= channel.MAX_REPLY
+    lines = data.decode().split("\n")
+    assert lines[-2:] == [".", ""] and "1000 lines" in lines[-3]
+
+
+def test_what_the_hook_prints():
+    assert channel.reply_lines("open", {"ok": True, "socket": None}, "/s") == []
+    assert channel.reply_lines("open", {"socket_dir": "/run/x"}, "/s") == [
+        "extra-sandbox-paths",
+        "/s=/run/x",
+        "",
+    ]
+    assert channel.reply_lines("finalise", {"messages": ["m"]}, "/s") == ["m"]
