@@ -535,7 +535,7 @@ def test_started_line_of_nix_2_20_on(
     args += ["--", "nix-daemon", "--stdio"]
 
     async def session() -> list[str]:
-        conn = await open_builder(str(buildhook.shim_dir() / "ssh"), args, 35)
+        conn = await open_builder(os.path.join(buildhook.shim_dir(), "ssh"), args, 35)
         try:
             return await conn.query_valid_paths([busybox, "/nix/store/" + "0" * 32 + "-x"])
         finally:

@@ -40,7 +40,7 @@ def test_build_hook_env_puts_the_shim_first(tmp_path) -> None:
     assert env["RECNIX_REAL_SSH"] == str(ssh)
     assert env["RECNIX_HOOK_PYTHON"] == sys.executable
     assert os.path.isfile(env["RECNIX_HOOK_ENTRY"])
-    assert os.access(buildhook.shim_dir() / "ssh", os.X_OK)
+    assert os.access(os.path.join(buildhook.shim_dir(), "ssh"), os.X_OK)
 
 
 def test_shim_hands_other_commands_to_the_real_ssh(tmp_path) -> None:
