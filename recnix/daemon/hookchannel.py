@@ -153,15 +153,15 @@ class HookChannel:
 
     def _start(self, line: bytes) -> None:
         try:
-            hook_pid, message = channel.parse_request(line)
+            token, message = channel.parse_request(line)
         except channel.ChannelRequestError as e:
             log.warning("hook channel: dropped a request: %s", e)
             return
-        task = asyncio.ensure_future(self._serve(hook_pid, message))
+        task = asyncio.ensure_future(self._serve(token, message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, hook_pid: int, message: dict[str, Any]) -> None:
+    async def _serve(self, token: str, message: dict[str, Any]) -> None:
         op = message["op"]
         message["worker"] = nix_worker_pid(message["worker"])
         try:
@@ -177,13 +177,13 @@ class HookChannel:
             data = channel.render_reply("retry", ["internal error"])
         else:
             data = channel.render_reply("ok", channel.reply_lines(op, reply, SANDBOX_SOCKET_DIR))
-        self._reply(hook_pid, message, data)
+        self._reply(token, message, data)
 
-    def _reply(self, hook_pid: int, message: dict[str, Any], data: bytes) -> None:
+    def _reply(self, token: str, message: dict[str, Any], data: bytes) -> None:
         """Write ``data`` into the hook's FIFO without blocking; remove the FIFO."""
         if self._dir_fd is None:
             return
-        name = channel.reply_name(hook_pid)
+        name = channel.reply_name(token)
         try:
             fd = os.open(
                 name,
@@ -193,10 +193,10 @@ class HookChannel:
         except OSError as e:
             # ENXIO: nobody reads it; the hook is gone (Nix killed it).
             log.warning(
-                "hook channel: no reply to the %s hook of %s (pid %d): %s",
+                "hook channel: no reply to the %s hook of %s (%s): %s",
                 message["op"],
                 message["drv"],
-                hook_pid,
+                name,
                 e,
             )
             with contextlib.suppress(OSError):

@@ -8,12 +8,14 @@ The channel is a directory only root can enter (``RECNIX_HOOK_CHANNEL``,
   writes one request line there in a single write (under ``PIPE_BUF``, so lines
   of concurrent hooks never mix)::
 
-      1 open HOOKPID WORKER DRV CHROOT
-      1 finalise HOOKPID WORKER DRV [OUT ...]
+      1 open TOKEN WORKER DRV CHROOT
+      1 finalise TOKEN WORKER DRV [OUT ...]
 
-  HOOKPID names the hook's reply FIFO; WORKER is the Nix process that runs the
-  hook (the service walks up from it to the nearest ``nix*`` process).
-- ``r.HOOKPID``: the hook's reply FIFO (``mkfifo`` by the hook). The service
+  TOKEN (``HOOKPID.RANDOM``) names the hook's reply FIFO: the random part keeps
+  a late reply to a killed hook from reaching a new hook that got its pid.
+  WORKER is the Nix process that runs the hook (the service walks up from it to
+  the nearest ``nix*`` process).
+- ``r.TOKEN``: the hook's reply FIFO (``mkfifo`` by the hook). The service
   writes the whole reply in one write and removes the FIFO::
 
       STATUS
@@ -52,20 +54,21 @@ MAX_REPLY = 32 * 1024
 OPS = ("open", "finalise")
 
 _PID = re.compile(r"[1-9][0-9]{0,9}")
+_TOKEN = re.compile(r"[1-9][0-9]{0,9}\.[0-9]{1,12}")
 
 
 class ChannelRequestError(ValueError):
     """A request line that is not one (its text says why)."""
 
 
-def reply_name(hook_pid: int) -> str:
-    """The name of the reply FIFO of hook ``hook_pid`` in the channel directory."""
-    return f"{REPLY_PREFIX}{hook_pid}"
+def reply_name(token: str) -> str:
+    """The name of the reply FIFO of the request ``token`` in the channel directory."""
+    return f"{REPLY_PREFIX}{token}"
 
 
-def parse_request(line: bytes) -> tuple[int, dict[str, Any]]:
-    """(hook pid, the control request it stands for) for one request line, without
-    its newline; raises ChannelRequestError."""
+def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """(its reply token, the control request it stands for) for one request line,
+    without its newline; raises ChannelRequestError."""
     try:
         text = line.decode()
     except UnicodeDecodeError as e:
@@ -73,11 +76,11 @@ def parse_request(line: bytes) -> tuple[int, dict[str, Any]]:
     fields = text.split(" ")
     if len(fields) < 5 or fields[0] != VERSION:
         raise ChannelRequestError(f"not a version {VERSION} request: {text[:120]!r}")
-    _, op, hook_pid, worker, drv, *rest = fields
+    _, op, token, worker, drv, *rest = fields
     if op not in OPS:
         raise ChannelRequestError(f"unknown op {op!r}")
-    if not _PID.fullmatch(hook_pid) or not _PID.fullmatch(worker):
-        raise ChannelRequestError(f"bad pids in {text[:120]!r}")
+    if not _TOKEN.fullmatch(token) or not _PID.fullmatch(worker):
+        raise ChannelRequestError(f"bad reply token or worker pid in {text[:120]!r}")
     if not drv.startswith("/") or any(not f for f in (drv, *rest)):
         raise ChannelRequestError(f"bad paths in {text[:120]!r}")
     message: dict[str, Any] = {"op": op, "drv": drv, "worker": int(worker)}
@@ -87,7 +90,7 @@ def parse_request(line: bytes) -> tuple[int, dict[str, Any]]:
         message["chroot"] = rest[0]
     else:
         message["out_paths"] = rest
-    return int(hook_pid), message
+    return token, message
 
 
 def render_reply(status: str, lines: list[str]) -> bytes:

@@ -222,14 +222,14 @@ def test_the_service_never_writes_through_what_is_not_the_hooks_fifo(tmp_path):
         return {"ok": True, "socket_dir": "/run/x"}
 
     async def scenario(hooks, chan, seen):
-        (hooks.channel / channel.reply_name(11)).symlink_to(target)
-        (hooks.channel / channel.reply_name(12)).write_text("")
-        os.link(hooks.channel / channel.reply_name(12), tmp_path / "regular")
-        os.mkfifo(hooks.channel / channel.reply_name(13), 0o600)
+        (hooks.channel / channel.reply_name("11.5")).symlink_to(target)
+        (hooks.channel / channel.reply_name("12.5")).write_text("")
+        os.link(hooks.channel / channel.reply_name("12.5"), tmp_path / "regular")
+        os.mkfifo(hooks.channel / channel.reply_name("13.5"), 0o600)
         fd = os.open(hooks.channel / channel.REQUESTS, os.O_WRONLY | os.O_NONBLOCK)
         try:
             for pid in (11, 12, 13):
-                os.write(fd, f"1 open {pid} 1 {DRV} {CHROOT}\n".encode())
+                os.write(fd, f"1 open {pid}.5 1 {DRV} {CHROOT}\n".encode())
             os.write(fd, b"garbage\n")
         finally:
             os.close(fd)

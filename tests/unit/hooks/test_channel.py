@@ -11,33 +11,35 @@ DRV = "/nix/store/0sm93azza052sd0lrsk9k4b958m29j4c-x.drv"
 
 
 def test_open_request():
-    pid, message = channel.parse_request(f"1 open 42 7 {DRV} {DRV}.chroot".encode())
-    assert pid == 42
+    token, message = channel.parse_request(f"1 open 42.9 7 {DRV} {DRV}.chroot".encode())
+    assert token == "42.9" and channel.reply_name(token) == "r.42.9"
     assert message == {"op": "open", "drv": DRV, "worker": 7, "chroot": f"{DRV}.chroot"}
 
 
 @pytest.mark.parametrize("outs", [[], ["/nix/store/a-x"], ["/nix/store/a-x", "/nix/store/b-x-dev"]])
 def test_finalise_request(outs):
-    line = " ".join(["1", "finalise", "42", "7", DRV, *outs]).encode()
-    pid, message = channel.parse_request(line)
-    assert (pid, message["op"], message["out_paths"]) == (42, "finalise", outs)
+    line = " ".join(["1", "finalise", "42.0", "7", DRV, *outs]).encode()
+    token, message = channel.parse_request(line)
+    assert (token, message["op"], message["out_paths"]) == ("42.0", "finalise", outs)
 
 
 @pytest.mark.parametrize(
     "line",
     [
         b"",
-        b"2 open 42 7 /d /c",  # another version
-        b"1 status 42 7 /d /c",  # not an op of the channel
-        b"1 open 0 7 /d /c",
-        b"1 open 42 x /d /c",
-        b"1 open -1 7 /d /c",
-        b"1 open 42 7 d /c",  # not absolute
-        b"1 open 42 7 /d",  # no chroot
-        b"1 open 42 7 /d /c /e",
-        b"1 finalise 42 7 /d  /o",  # an empty word
-        b"1 open 42 7 /d \xff",
-        b"1 open 42 7",
+        b"2 open 42.1 7 /d /c",  # another version
+        b"1 status 42.1 7 /d /c",  # not an op of the channel
+        b"1 open 42 7 /d /c",  # no random part
+        b"1 open 0.1 7 /d /c",
+        b"1 open 42.1/../x 7 /d /c",
+        b"1 open 42.1 x /d /c",
+        b"1 open -1.1 7 /d /c",
+        b"1 open 42.1 7 d /c",  # not absolute
+        b"1 open 42.1 7 /d",  # no chroot
+        b"1 open 42.1 7 /d /c /e",
+        b"1 finalise 42.1 7 /d  /o",  # an empty word
+        b"1 open 42.1 7 /d \xff",
+        b"1 open 42.1 7",
     ],
 )
 def test_malformed_requests_are_refused_with_a_reason(line):
