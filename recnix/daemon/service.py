@@ -89,7 +89,8 @@ class Service:
             self.pool, self.audit, list(config.settings.signing.secret_key_files)
         )
         self.watcher = Watcher(float(daemon.finalise_grace))
-        self.guards = Guards(self.state_dir, self.audit)  # builds without a .drv here
+        # builds without a .drv here; each guard takes a session's connection limit
+        self.guards = Guards(self.state_dir, self.audit, self.limits.max_connections)
         self.control = ControlServer(
             {op: getattr(self, method) for op, method in CONTROL_OPS.items()}, REFUSALS
         )

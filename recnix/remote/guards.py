@@ -60,16 +60,31 @@ def absent_drv_message(drv_path: str, host: str | None = None) -> str:
     )
 
 
+# Concurrent connections a guard serves (a session's default policy.max-connections-per-
+# session): a build that opens more, or holds them without a request, costs the service
+# no more file descriptors than that.
+GUARD_MAX_CONNECTIONS = 64
+
+
 class Guard:
     """One guard socket: ``<state dir>/g-<n>/socket``, for one build."""
 
-    def __init__(self, directory: Path, drv_path: str, chroot: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        drv_path: str,
+        chroot: Path,
+        max_connections: int = GUARD_MAX_CONNECTIONS,
+    ) -> None:
         self.directory = directory
         self.socket_path = directory / "socket"
         self.drv_path = drv_path
         self.chroot = chroot
         self.message = absent_drv_message(drv_path)
-        self.connections = 0
+        self.connections = 0  # served so far
+        self.active = 0  # open now
+        self.refused = 0  # closed at once: above max_connections
+        self.max_connections = max_connections
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -80,7 +95,19 @@ class Guard:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Handshake, then answer the first request with the error, then close."""
+        if self.active >= self.max_connections:
+            self.refused += 1
+            if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, 8...: logged once a burst
+                log.warning(
+                    "guard for %s: closed a connection above %d concurrent ones (%d so far)",
+                    self.drv_path,
+                    self.max_connections,
+                    self.refused,
+                )
+            writer.close()
+            return
         self.connections += 1
+        self.active += 1
         log.warning("guard for %s: refused a Nix call: its .drv is not here", self.drv_path)
         conn = ServerConnection(trust=NOT_TRUSTED)
         try:
@@ -106,6 +133,7 @@ class Guard:
         except (ProtocolError, ConnectionError, OSError) as e:
             log.info("guard for %s: connection ended: %s", self.drv_path, e)
         finally:
+            self.active -= 1
             writer.close()
 
     async def close(self) -> None:
@@ -119,9 +147,15 @@ class Guard:
 class Guards:
     """The service's guards; a sweeper ends those whose chroot is gone."""
 
-    def __init__(self, state_dir: Path, audit: object | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        audit: object | None = None,
+        max_connections: int = GUARD_MAX_CONNECTIONS,
+    ) -> None:
         self.state_dir = state_dir
         self.audit = audit
+        self.max_connections = max_connections  # of each guard at once
         self.guards: dict[str, Guard] = {}
         self._ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
@@ -129,7 +163,9 @@ class Guards:
     async def open(self, drv_path: str, chroot: Path) -> Guard:
         """A guard socket for the build of ``drv_path`` whose sandbox is ``chroot``."""
         gid = f"{os.getpid()}-{next(self._ids)}"
-        guard = Guard(self.state_dir / f"{GUARD_PREFIX}{gid}", drv_path, chroot)
+        guard = Guard(
+            self.state_dir / f"{GUARD_PREFIX}{gid}", drv_path, chroot, self.max_connections
+        )
         await guard.start()
         self.guards[gid] = guard
         write = getattr(self.audit, "write", None)

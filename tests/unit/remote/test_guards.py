@@ -34,3 +34,35 @@ def test_guard_answers_a_nix_client_with_the_cause_and_ends_with_the_chroot(
     message = asyncio.run(scenario())
     assert absent_drv_message(DRV) in message, message
     assert "without its .drv" in message and "trusted-users" in message
+
+
+def test_a_guard_holds_at_most_its_connection_limit(tmp_path: Path) -> None:
+    """A build that opens connections and never sends a request keeps at most
+    max_connections of the service's file descriptors; the others are closed at once,
+    and once it lets go the guard answers again."""
+
+    async def scenario() -> None:
+        chroot = tmp_path / "outer.drv.chroot"
+        chroot.mkdir()
+        (tmp_path / "state").mkdir()
+        guards = Guards(tmp_path / "state", max_connections=3)
+        guard = await guards.open(DRV, chroot)
+        held = [await asyncio.open_unix_connection(str(guard.socket_path)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert guard.active == 3
+        extra = [await asyncio.open_unix_connection(str(guard.socket_path)) for _ in range(5)]
+        for reader, _ in extra:  # closed by the guard without a byte
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert (guard.active, guard.refused) == (3, 5)
+        for _, writer in held:
+            writer.close()
+        deadline = asyncio.get_running_loop().time() + 5
+        while guard.active:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        with pytest.raises(UpstreamError) as caught:
+            await Upstream.connect(f"unix://{guard.socket_path}")
+        assert "without its .drv" in str(caught.value)
+        await guards.close()
+
+    asyncio.run(scenario())
