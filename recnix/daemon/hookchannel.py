@@ -177,6 +177,8 @@ class HookChannel:
             data = channel.render_reply("retry", ["internal error"])
         else:
             data = channel.render_reply("ok", channel.reply_lines(op, reply, SANDBOX_SOCKET_DIR))
+        status = data.split(b"\n", 1)[0].decode()
+        log.debug("hook channel: %s of %s: %s", op, message["drv"], status)
         self._reply(token, message, data)
 
     def _reply(self, token: str, message: dict[str, Any], data: bytes) -> None:

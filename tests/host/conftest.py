@@ -272,12 +272,16 @@ def start_nix_host(
     hook_output: str = "honoured",
     after_hook: str = "",
     build_hook: str | None = None,
+    rendered_env: bool = False,
 ) -> NixHost:
     """Start Debian's nix-daemon on a private socket and nix.conf.
 
     ``hook_output="discarded"``: nix.conf's pre-build-hook is a wrapper that runs
     recnix's and drops its stdout (then runs ``after_hook``, shell with the hook's
-    arguments in "$@").
+    arguments in "$@"). ``rendered_env``: the daemon's environment carries what
+    `recnix nix-conf --daemon-env` renders for the service that
+    :func:`start_recnix_service` starts (its control socket, hook marks and hook
+    channel), so that opted-in builds' hooks use the hook channel.
     """
     if hook_output not in HOOK_OUTPUT_MODES:
         raise ValueError(f"hook_output {hook_output!r} is not one of {HOOK_OUTPUT_MODES}")
@@ -305,7 +309,8 @@ def start_nix_host(
         "NIX_CONF_DIR": str(root / "conf"),
         "NIX_DAEMON_SOCKET_PATH": str(root / "daemon.sock"),
     }
-    env_for_daemon = {**common, "TMPDIR": str(builds), **(daemon_env or {})}
+    rendered = rendered_service_env(root / "recnix") if rendered_env else {}
+    env_for_daemon = {**common, "TMPDIR": str(builds), **rendered, **(daemon_env or {})}
     if hooks:
         env_for_daemon.setdefault("RECNIX_CONFIG", str(root / "recnix.toml"))
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - handed to the daemon
@@ -528,6 +533,18 @@ class RecnixService:
             timeout=60,
             check=False,
         )
+
+
+def rendered_service_env(service_root: Path) -> dict[str, str]:
+    """`recnix nix-conf --daemon-env` for the config :func:`recnix_config_text` writes
+    for a service whose files are under ``service_root``."""
+    from recnix.config.loader import hook_environment, load_defaults
+
+    raw = load_defaults()
+    raw["daemon"]["control-socket"] = str(service_root / "control.sock")
+    raw["daemon"]["state-dir"] = str(service_root)
+    entry = Path(__file__).resolve().parents[2] / "recnix" / "hooks" / "entry.py"
+    return hook_environment(raw, sys.executable, str(entry))
 
 
 def recnix_config_text(

@@ -28,9 +28,12 @@ pytestmark = pytest.mark.host
 START_TIMEOUT = 120.0
 
 
-@pytest.fixture
-def host(hook_output: str) -> Iterator[NixHost]:
-    host = start_nix_host(hooks=True, hook_output=hook_output)
+@pytest.fixture(params=["python-hooks", "hook-channel"])
+def host(hook_output: str, request: pytest.FixtureRequest) -> Iterator[NixHost]:
+    """The hooks as the config file tells them (Python), or with the rendered
+    environment (an opted-in build's hooks over the service's hook channel)."""
+    rendered = request.param == "hook-channel"
+    host = start_nix_host(hooks=True, hook_output=hook_output, rendered_env=rendered)
     yield host
     stop_nix_host(host)
 
