@@ -45,6 +45,7 @@ TESTED_LIX = ("2.95",)  # Lix releases the tests run against (the lix suite)
 MIN_NIX = (2, 8)
 MIN_MINOR, MAX_MINOR = 10, 38  # worker-protocol minors the codec speaks
 PRE_HOOK_NAME = "recnix-pre-build-hook"
+CHANNEL_NAME = "recnix-hook-channel"  # next to the pre-build hook (recnix.hooks.channel)
 POST_HOOK_NAME = "recnix-post-build-hook"
 BUILD_HOOK_NAME = "recnix-build-hook"
 GCROOTS_DIR = "/nix/var/nix/gcroots"
@@ -95,6 +96,9 @@ class Facts:
     # such file, else whether something accepts connections on it
     socket_answers: bool | None = None
     socket_path: str = ""
+    # bin/recnix-hook-channel next to nix.conf's pre-build-hook, and the interpreter its
+    # #! line names (None: no such script, or no #! line)
+    hook_channel: tuple[str, str | None] = ("", None)
 
 
 # -- the checks (pure)
@@ -200,6 +204,34 @@ def check_pre_build_hook(f: Facts) -> Result:
 def check_post_build_hook(f: Facts) -> Result:
     """nix.conf's post-build-hook is recnix's (and exists)."""
     return _check_hook(f, "post-build-hook", POST_HOOK_NAME)
+
+
+def check_hook_channel(f: Facts) -> Result:
+    """bin/recnix-hook-channel and its bash are next to the pre-build hook: opted-in
+    builds' hooks then start no Python (where nix-daemon's environment names the
+    channel: RECNIX_HOOK_CHANNEL, `recnix nix-conf --daemon-env`)."""
+    name = "hook-channel"
+    if os.path.basename(_hook_value(f, "pre-build-hook")) != PRE_HOOK_NAME:
+        return Result(name, SKIP, "nix.conf's pre-build-hook is not recnix's (see above)")
+    script, interpreter = f.hook_channel
+    fix = (
+        f"reinstall recnix: its package puts {CHANNEL_NAME} beside {PRE_HOOK_NAME} "
+        "(and install bash, which it runs on)"
+    )
+    st = f.paths.get(script)
+    if st is None or not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+        problem = f"no executable {script}"
+    elif interpreter is None or f.paths.get(interpreter) is None:
+        problem = f"{script} names an interpreter that is not there ({interpreter or 'no #!'})"
+    else:
+        return Result(name, OK, f"{script} ({interpreter}): opted-in builds' hooks start no Python")
+    return Result(
+        name,
+        WARN,
+        f"{problem}: opted-in builds' pre- and post-build hooks start Python instead "
+        "(about 10 ms more per build)",
+        fix,
+    )
 
 
 def _hook_value(f: Facts, setting: str) -> str:
@@ -505,6 +537,7 @@ CHECKS: tuple[Callable[[Facts], Result], ...] = (
     check_sandbox_fallback,
     check_pre_build_hook,
     check_post_build_hook,
+    check_hook_channel,
     check_build_hook,
     check_system_features,
     check_build_users,
@@ -747,6 +780,10 @@ def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
     hooks = ("pre-build-hook", "post-build-hook", "build-hook")
     paths = [str(settings.get(hook) or "") for hook in hooks]
     paths += [str(config.state_dir), str(config.settings.daemon.gc_roots_dir)]
+    pre_build = paths[0].split()[0] if paths[0].strip() else ""
+    channel = os.path.join(os.path.dirname(pre_build), CHANNEL_NAME) if pre_build else ""
+    interpreter = _interpreter(channel) if channel else None
+    paths += [channel, interpreter or ""]
     return Facts(
         config=config,
         nix_conf_file=nix_conf_file(env),
@@ -767,7 +804,21 @@ def gather(config: Config, env: Mapping[str, str] | None = None) -> Facts:
         paths={p: _stat(p) for p in paths if p},
         socket_answers=probe_socket_file(system_socket(env)),
         socket_path=system_socket(env),
+        hook_channel=(channel, interpreter),
     )
+
+
+def _interpreter(script: str) -> str | None:
+    """The program a script's ``#!`` line names (None: unreadable, or no ``#!``)."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    return words[0] if words else None
 
 
 def system_socket(env: Mapping[str, str]) -> str:

@@ -20,6 +20,7 @@ BIN = Path(__file__).resolve().parents[3] / "bin"
 HOOK = "/opt/x/bin/recnix-pre-build-hook"
 POST = "/opt/x/bin/recnix-post-build-hook"
 BUILD = "/opt/x/bin/recnix-build-hook"
+CHANNEL = "/opt/x/bin/recnix-hook-channel"
 
 
 def facts(**changes: object) -> doctor.Facts:
@@ -46,7 +47,15 @@ def facts(**changes: object) -> doctor.Facts:
         open_tree=doctor.Probe(True),
         move_mount=doctor.Probe(True),
         which={},
-        paths={HOOK: executable, POST: executable, BUILD: executable, "/run/recnix": root_dir},
+        paths={
+            HOOK: executable,
+            POST: executable,
+            BUILD: executable,
+            CHANNEL: executable,
+            "/bin/bash": executable,
+            "/run/recnix": root_dir,
+        },
+        hook_channel=(CHANNEL, "/bin/bash"),
     )
     for key, value in changes.items():
         setattr(base, key, value)
@@ -60,7 +69,26 @@ def statuses(f: doctor.Facts) -> dict[str, str]:
 def test_all_good() -> None:
     results = doctor.run_checks(facts())
     assert doctor.passed(results), doctor.render(results)
+    assert [r.name for r in results if r.status != doctor.OK] == []
     assert doctor.render(results).endswith("everything a recursive build needs is in place\n")
+
+
+@pytest.mark.parametrize(
+    "hook_channel", [(CHANNEL, "/nonexistent/bash"), (CHANNEL, None), ("/opt/y/x", "/bin/bash")]
+)
+def test_a_hook_channel_that_cannot_run_is_a_warning_that_says_why(hook_channel) -> None:
+    """Without it opted-in builds' hooks start Python: slower, not broken."""
+    results = doctor.run_checks(facts(hook_channel=hook_channel))
+    warned = [r for r in results if r.status != doctor.OK]
+    assert [(r.name, r.status) for r in warned] == [("hook-channel", doctor.WARN)]
+    assert "start Python" in warned[0].summary and "reinstall recnix" in warned[0].fix
+
+
+def test_the_hook_channel_of_this_checkout_is_found(tmp_path: Path) -> None:
+    """gather() reads the #! line of the script beside nix.conf's pre-build-hook."""
+    script = BIN / "recnix-hook-channel"
+    assert doctor._interpreter(str(script)) == "/bin/bash"
+    assert doctor._interpreter(str(tmp_path / "absent")) is None
 
 
 @pytest.mark.parametrize(

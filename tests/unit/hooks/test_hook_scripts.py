@@ -357,7 +357,8 @@ def test_nix_conf_daemon_env(tmp_path, capsys):
 def test_opted_in_builds_go_to_the_hook_channel(hook_dir, tmp_path, hook):
     """RECNIX_HOOK_CHANNEL: a sandboxed opted-in build whose .drv is here goes to
     bin/recnix-hook-channel (bash, no Python) with the Python hook's arguments; an SSH
-    client's build, or a channel script that is not there, goes to Python."""
+    client's build, or a channel script that is not there or whose interpreter is not,
+    goes to Python."""
     channel = hook_dir / "recnix-hook-channel"
     channel.write_text(f'#!/bin/sh\necho channel "$@" >> {hook_dir}/called\n')
     channel.chmod(0o755)
@@ -369,6 +370,9 @@ def test_opted_in_builds_go_to_the_hook_channel(hook_dir, tmp_path, hook):
     absent = tmp_path / "absent.toml"
     assert run_hook(hook_dir, hook, drv, absent, env) == "channel " + python_args
     assert run_hook(hook_dir, hook, drv, absent, {**env, "SSH_CONNECTION": "a"}) == python_args
+    # an interpreter that is not there (bash missing): the exec would fail the build
+    channel.write_text(f'#!/nonexistent/bash\necho channel "$@" >> {hook_dir}/called\n')
+    assert run_hook(hook_dir, hook, drv, absent, env) == python_args
     channel.unlink()
     assert run_hook(hook_dir, hook, drv, absent, env) == python_args
 
