@@ -159,9 +159,12 @@ def test_a_build_within_its_constraints_is_finalised(nix_host_recnix, recnix_run
 # -- failures that are not a constraint: a registrar error, a service that dies
 
 
-@pytest.fixture
-def host() -> Iterator[NixHost]:
-    host = start_nix_host(hooks=True)
+@pytest.fixture(params=["python-hooks", "hook-channel"])
+def host(request: pytest.FixtureRequest) -> Iterator[NixHost]:
+    """The hooks as the config file tells them (Python), or with the rendered environment
+    (an opted-in build's hooks over the service's hook channel, which hands a refusal or
+    a dead service to the Python hook)."""
+    host = start_nix_host(hooks=True, rendered_env=request.param == "hook-channel")
     yield host
     stop_nix_host(host)
 
