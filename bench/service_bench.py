@@ -78,6 +78,7 @@ from recnix.protocol import (  # noqa: E402
 from tests.buildhookwire import settings as hook_settings  # noqa: E402
 from tests.buildhookwire import try_request  # noqa: E402
 from tests.host.conftest import (  # noqa: E402
+    PRE_BUILD_HOOK,
     RECNIX_BIN,
     NixHost,
     RecnixService,
@@ -598,6 +599,42 @@ def spawn_loop(argv: list[str], env: dict[str, str], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def answer_every_channel_request(directory: Path) -> Callable[[], None]:
+    """Serve a hook channel in ``directory`` (the service's end, recnix.daemon.hookchannel)
+    whose every request is answered ``{"ok": true}`` at once; returns the function that
+    stops serving."""
+    import asyncio
+    import threading
+
+    from recnix.daemon.hookchannel import HookChannel
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    async def dispatch(message: dict) -> dict:
+        return {"ok": True}
+
+    channel = HookChannel(directory, dispatch, ())
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(lambda: (channel.open(), ready.set()))
+        loop.run_forever()
+        channel.close()
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    if not ready.wait(10):
+        raise RuntimeError(f"the hook channel in {directory} did not start")
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+
+    return stop
+
+
 def answer_every_request(path: Path, reply: bytes) -> Callable[[], None]:
     """Serve ``path``: read each connection's request line, answer ``reply``; returns
     the function that stops serving."""
@@ -884,7 +921,37 @@ def scenario_hook(b: Bench) -> list[Row]:
         lambda: spawn_loop([*entry, "pre-build-hook", *tail], env, loops) * 1e3,
         lambda: spawn_loop([str(RECNIX_BIN), "pre-build-hook", *tail], env, loops) * 1e3,
     )
+    # The same hook as Nix runs it (the sh script, the rendered environment), over the
+    # hook channel (bash, no Python) and starting Python: the before and after of the
+    # channel, each with one round trip answered at once.
+    stop_channel = answer_every_channel_request(b.scratch / "answering-channel")
+    script_env = {
+        **env,
+        "RECNIX_HOOK_SOCKET": str(answering),
+        "RECNIX_HOOK_PYTHON": sys.executable,
+        "RECNIX_HOOK_ENTRY": entry[-1],
+    }
+    channel_env = {**script_env, "RECNIX_HOOK_CHANNEL": str(b.scratch / "answering-channel")}
+    hook = [str(PRE_BUILD_HOOK), str(drv), "/c"]
+    ch, py = interleaved(
+        reps,
+        lambda: spawn_loop(hook, channel_env, loops) * 1e3,
+        lambda: spawn_loop(hook, script_env, loops) * 1e3,
+    )
+    stop_channel()
     stop_answering()
+    rows.append(
+        Row(
+            "reference: an opted-in build's pre-build hook as Nix runs it, over the hook "
+            "channel ÷ starting Python",
+            ch,
+            py,
+            "ms",
+            None,
+            f"mean of {loops} runs per round, one round trip each: hook channel "
+            f"{spread(ch, 1)} ms, Python (hooks/entry.py -I -S) {spread(py, 1)} ms",
+        )
+    )
     rows.append(
         Row(
             "reference: the opted-in hook's Python with one control round trip, "

@@ -156,6 +156,9 @@ class HookChannel:
             token, message = channel.parse_request(line)
         except channel.ChannelRequestError as e:
             log.warning("hook channel: dropped a request: %s", e)
+            if e.token is not None:  # its hook asks again over the control socket
+                retry = channel.render_reply("retry", [f"bad request: {e}"])
+                self._reply(e.token, {"op": "?", "drv": "?"}, retry)
             return
         task = asyncio.ensure_future(self._serve(token, message))
         self._tasks.add(task)

@@ -27,7 +27,8 @@ The channel is a directory only root can enter (``RECNIX_HOOK_CHANNEL``,
   for ``finalise`` they are messages for the build log. STATUS ``refused``: one
   LINE, the service's refusal; the hook hands it to the Python hook
   (``--refused``/``--failed``), which reports it as the control socket path
-  would. Any other STATUS: the hook asks again over the control socket.
+  would. Any other STATUS (``retry``: a request the service could not read or
+  could not serve): the hook asks again over the control socket.
 - ``service``: ``PID STARTTIME`` of the service that reads ``requests`` (field 22
   of ``/proc/PID/stat``). A hook waiting for its reply checks every second that
   this process still runs and still holds the same ``requests``; if not, it falls
@@ -54,11 +55,17 @@ MAX_REPLY = 32 * 1024
 OPS = ("open", "finalise")
 
 _PID = re.compile(r"[1-9][0-9]{0,9}")
-_TOKEN = re.compile(r"[1-9][0-9]{0,9}\.[0-9]{1,12}")
+_TOKEN_BYTES = re.compile(rb"[1-9][0-9]{0,9}\.[0-9]{1,12}")
 
 
 class ChannelRequestError(ValueError):
-    """A request line that is not one (its text says why)."""
+    """A request line that is not one (its text says why); ``token`` is its reply token
+    when that much of it could be read, so that its hook is told rather than left
+    waiting."""
+
+    def __init__(self, message: str, token: str | None = None) -> None:
+        super().__init__(message)
+        self.token = token
 
 
 def reply_name(token: str) -> str:
@@ -69,24 +76,30 @@ def reply_name(token: str) -> str:
 def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     """(its reply token, the control request it stands for) for one request line,
     without its newline; raises ChannelRequestError."""
+    words = line.split(b" ")
+    token = None
+    if len(words) > 2 and _TOKEN_BYTES.fullmatch(words[2]):
+        token = words[2].decode()
     try:
         text = line.decode()
     except UnicodeDecodeError as e:
-        raise ChannelRequestError("a request line is not UTF-8") from e
+        raise ChannelRequestError("a request line is not UTF-8", token) from e
     fields = text.split(" ")
     if len(fields) < 5 or fields[0] != VERSION:
-        raise ChannelRequestError(f"not a version {VERSION} request: {text[:120]!r}")
-    _, op, token, worker, drv, *rest = fields
+        raise ChannelRequestError(f"not a version {VERSION} request: {text[:120]!r}", token)
+    _, op, _, worker, drv, *rest = fields
+    if token is None:
+        raise ChannelRequestError(f"bad reply token in {text[:120]!r}")
     if op not in OPS:
-        raise ChannelRequestError(f"unknown op {op!r}")
-    if not _TOKEN.fullmatch(token) or not _PID.fullmatch(worker):
-        raise ChannelRequestError(f"bad reply token or worker pid in {text[:120]!r}")
-    if not drv.startswith("/") or any(not f for f in (drv, *rest)):
-        raise ChannelRequestError(f"bad paths in {text[:120]!r}")
+        raise ChannelRequestError(f"unknown op {op!r}", token)
+    if not _PID.fullmatch(worker):
+        raise ChannelRequestError(f"bad worker pid in {text[:120]!r}", token)
+    if any(not f.startswith("/") for f in (drv, *rest)):
+        raise ChannelRequestError(f"bad paths in {text[:120]!r}", token)
     message: dict[str, Any] = {"op": op, "drv": drv, "worker": int(worker)}
     if op == "open":
         if len(rest) != 1:
-            raise ChannelRequestError("open takes DRV CHROOT")
+            raise ChannelRequestError(f"open takes DRV CHROOT: {text[:120]!r}", token)
         message["chroot"] = rest[0]
     else:
         message["out_paths"] = rest

@@ -266,3 +266,18 @@ def test_what_is_not_one_request_line_goes_to_the_python_hook(tmp_path, env):
         assert seen == []
 
     serve(tmp_path, handler, scenario)
+
+
+def test_a_request_the_service_cannot_read_is_asked_again_over_the_control_socket(tmp_path):
+    """A path with a space splits into words the service cannot take apart: it tells the
+    hook (retry) instead of leaving it waiting, and the Python hook asks again."""
+
+    async def handler(message):
+        raise AssertionError("not reached")
+
+    async def scenario(hooks, chan, seen):
+        status, out, took = await hooks.run("post-build", {"DRV_PATH": "/nix/store/a b.drv"})
+        assert (status, out) == (0, "python-hook\n") and took < 1
+        assert seen == []
+
+    serve(tmp_path, handler, scenario)

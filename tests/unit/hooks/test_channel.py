@@ -24,28 +24,31 @@ def test_finalise_request(outs):
 
 
 @pytest.mark.parametrize(
-    "line",
+    ("line", "token"),
     [
-        b"",
-        b"2 open 42.1 7 /d /c",  # another version
-        b"1 status 42.1 7 /d /c",  # not an op of the channel
-        b"1 open 42 7 /d /c",  # no random part
-        b"1 open 0.1 7 /d /c",
-        b"1 open 42.1/../x 7 /d /c",
-        b"1 open 42.1 x /d /c",
-        b"1 open -1.1 7 /d /c",
-        b"1 open 42.1 7 d /c",  # not absolute
-        b"1 open 42.1 7 /d",  # no chroot
-        b"1 open 42.1 7 /d /c /e",
-        b"1 finalise 42.1 7 /d  /o",  # an empty word
-        b"1 open 42.1 7 /d \xff",
-        b"1 open 42.1 7",
+        (b"", None),
+        (b"2 open 42.1 7 /d /c", "42.1"),  # another version
+        (b"1 status 42.1 7 /d /c", "42.1"),  # not an op of the channel
+        (b"1 open 42 7 /d /c", None),  # no random part
+        (b"1 open 0.1 7 /d /c", None),
+        (b"1 open 42.1/../x 7 /d /c", None),
+        (b"1 open 42.1 x /d /c", "42.1"),
+        (b"1 open -1.1 7 /d /c", None),
+        (b"1 open 42.1 7 d /c", "42.1"),  # not absolute
+        (b"1 open 42.1 7 /d", "42.1"),  # no chroot
+        (b"1 open 42.1 7 /d /c /e", "42.1"),
+        (b"1 finalise 42.1 7 /d  /o", "42.1"),  # an empty word
+        (b"1 finalise 42.1 7 /nix/store/a b.drv", "42.1"),  # a path with a space
+        (b"1 open 42.1 7 /d \xff", "42.1"),
+        (b"1 open 42.1 7", "42.1"),
     ],
 )
-def test_malformed_requests_are_refused_with_a_reason(line):
+def test_malformed_requests_are_refused_with_a_reason(line, token):
+    """...and the reply token, whenever the line has one, so that its hook is told."""
     with pytest.raises(channel.ChannelRequestError) as e:
         channel.parse_request(line)
     assert str(e.value)
+    assert e.value.token == token
 
 
 def test_reply_lines_cannot_end_the_reply_early_or_add_lines():
