@@ -31,7 +31,8 @@ The daemon with recnix's hooks runs with the environment ``recnix nix-conf
 NixOS module sets it, and recnix's build hook (``recnix nix-conf``'s
 ``build-hook``), which queues recursive builds before they take a build user.
 The daemons build as the machine's ``nixbld`` users (10 on Debian). Prints a
-table and writes it to bench/results-service.txt.
+table and writes it to bench/results-service.txt (``--quick``:
+bench/results-service-quick.txt).
 
 ``--suite lix``: Lix has no built-in to compare with, so recnix on Lix is put
 beside recnix on Nix 2.34: the recnix side alone of ``qpi`` and ``many`` and the
@@ -1305,7 +1306,12 @@ def main() -> int:
         script = os.path.abspath(sys.argv[0])
         inner = rootfs.command(rootfs.prepare(opts.suite), ["python3", script, *sys.argv[1:]])
         return subprocess.call(inner)
-    results = RESULTS.with_name(f"results-service-{opts.suite}.txt") if opts.suite else RESULTS
+    # A --quick run never overwrites the full run's table.
+    results = RESULTS.with_name(
+        f"results-service-{opts.suite}.txt"
+        if opts.suite
+        else ("results-service-quick.txt" if opts.quick else RESULTS.name)
+    )
     scenarios = RECNIX_ONLY if (opts.recnix_only or is_lix()) else SCENARIOS
     only = [name for name in (opts.only or list(scenarios)) if name in scenarios]
 
