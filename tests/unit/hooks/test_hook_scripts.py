@@ -261,22 +261,26 @@ def test_entry_runs_without_site(tmp_path):
     assert done.returncode == 2 and "usage" in done.stderr
 
 
+def imports_of(code: str, cwd: Path, status: int = 0) -> set[str]:
+    """The modules ``python -I -S -c code`` imports (``status``: its exit status)."""
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-X", "importtime", "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == status, done.stderr
+    return {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+
+
 def test_entry_imports_no_site(tmp_path):
     """The point of the entry: no site (and its .pth scan) in the hook's Python."""
     code = (
         f"import sys, runpy; sys.argv = ['x', 'nothing']; "
         f"runpy.run_path({str(ENTRY)!r}, run_name='__main__')"
     )
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-X", "importtime", "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 2, done.stderr
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
-    assert "site" not in imported
+    assert "site" not in imports_of(code, tmp_path, status=2)
 
 
 def test_marks_spare_the_post_build_hook_the_drv(hook_dir, tmp_path):
@@ -386,15 +390,7 @@ def test_the_build_hook_imports_nothing_heavy(tmp_path):
         f"import sys; sys.path.insert(0, {repo!r}); "
         "import recnix.hooks.buildhook, recnix.hooks.buildqueue, recnix.hooks.lixhook"
     )
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-X", "importtime", "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    imported = imports_of(code, tmp_path)
     assert "recnix.hooks.buildqueue" in imported
     heavy = {"shutil", "pathlib", "re", "enum", "contextlib", "typing", "json", "subprocess"}
     assert imported & heavy == set()
