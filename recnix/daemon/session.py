@@ -29,6 +29,7 @@ from recnix.formats.derivation import Derivation
 from recnix.protocol import (
     PathInfo,
 )
+from recnix.sandbox.connlimit import ConnectionLimit
 from recnix.sandbox.materialise import MaterialiseError, SandboxView
 from recnix.sandbox.sandboxproc import SandboxProcess
 from recnix.store.durable import fsync_paths
@@ -125,8 +126,8 @@ class Session:
         # change (nested outputs are final once their post-build hook ran), so QueryPathInfo
         # of an allowed path needs no upstream round trip.
         self.path_infos: dict[str, PathInfo] = {}
-        self.connections = 0  # connections being served now
-        self.refused_connections = 0  # refused for exceeding limits.max_connections
+        # the connections being served now (policy.max-connections-per-session)
+        self.connection_limit = ConnectionLimit(limits.max_connections)
         self.journal: SessionJournal | None = None  # lets a restarted service resume it
         # what it added or built, rooted also while the service restarts
         self.roots = SessionRoots(context.gc_roots_dir, sid)
@@ -262,7 +263,7 @@ class Session:
             "added": len(self.added),
             "builds": self.builds,
             "added_bytes": self.added_bytes,
-            "connections": self.connections,
+            "connections": self.connection_limit.active,
             "opened": self.opened_at,
         }
 
@@ -466,11 +467,10 @@ class Session:
             )
             transport.close()
             return None
-        if self.connections >= self.limits.max_connections:
+        if not self.connection_limit.take():
             self._refuse_excess(peer, transport)
             return None
         handler = ConnectionHandler(self, transport, peer)
-        self.connections += 1
         task = asyncio.ensure_future(self._serve(handler))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -499,7 +499,7 @@ class Session:
         try:
             await handler.run()
         finally:
-            self.connections -= 1
+            self.connection_limit.give_back()
             await handler.close()
             log.debug(
                 "session %s: connection from pid %d closed after %.1f ms",
@@ -510,13 +510,8 @@ class Session:
 
     def _refuse_excess(self, peer: Peer, transport: asyncio.Transport) -> None:
         """Close a connection above the per-session limit (audited once per burst)."""
-        self.refused_connections += 1
-        if self.refused_connections & (self.refused_connections - 1) == 0:  # 1, 2, 4, 8...
-            reason = (
-                f"more than {self.limits.max_connections} concurrent connections "
-                f"({self.refused_connections} refused so far; "
-                "policy.max-connections-per-session)"
-            )
+        if self.connection_limit.refusal_worth_logging:
+            reason = self.connection_limit.describe_refusals()
             log.warning(
                 "session %s: refused connection from pid %d: %s", self.sid, peer.pid, reason
             )

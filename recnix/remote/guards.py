@@ -31,6 +31,7 @@ from pathlib import Path
 from recnix.protocol import NOT_TRUSTED, ProtocolError
 from recnix.protocol.connection import NEED_DATA, ConnectionClosed, Request, ServerConnection
 from recnix.protocol.handshake import HandshakeDone
+from recnix.sandbox.connlimit import ConnectionLimit
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,8 @@ def absent_drv_message(drv_path: str, host: str | None = None) -> str:
     )
 
 
-# Concurrent connections a guard serves (a session's default policy.max-connections-per-
-# session): a build that opens more, or holds them without a request, costs the service
-# no more file descriptors than that.
+# Concurrent connections a guard serves unless told (a session's default
+# policy.max-connections-per-session; recnix.sandbox.connlimit).
 GUARD_MAX_CONNECTIONS = 64
 
 
@@ -82,9 +82,7 @@ class Guard:
         self.chroot = chroot
         self.message = absent_drv_message(drv_path)
         self.connections = 0  # served so far
-        self.active = 0  # open now
-        self.refused = 0  # closed at once: above max_connections
-        self.max_connections = max_connections
+        self.limit = ConnectionLimit(max_connections)  # open at once
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -95,19 +93,16 @@ class Guard:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Handshake, then answer the first request with the error, then close."""
-        if self.active >= self.max_connections:
-            self.refused += 1
-            if self.refused & (self.refused - 1) == 0:  # 1, 2, 4, 8...: logged once a burst
+        if not self.limit.take():
+            if self.limit.refusal_worth_logging:
                 log.warning(
-                    "guard for %s: closed a connection above %d concurrent ones (%d so far)",
+                    "guard for %s: closed a connection: %s",
                     self.drv_path,
-                    self.max_connections,
-                    self.refused,
+                    self.limit.describe_refusals(),
                 )
             writer.close()
             return
         self.connections += 1
-        self.active += 1
         log.warning("guard for %s: refused a Nix call: its .drv is not here", self.drv_path)
         conn = ServerConnection(trust=NOT_TRUSTED)
         try:
@@ -133,7 +128,7 @@ class Guard:
         except (ProtocolError, ConnectionError, OSError) as e:
             log.info("guard for %s: connection ended: %s", self.drv_path, e)
         finally:
-            self.active -= 1
+            self.limit.give_back()
             writer.close()
 
     async def close(self) -> None:

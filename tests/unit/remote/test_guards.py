@@ -49,15 +49,15 @@ def test_a_guard_holds_at_most_its_connection_limit(tmp_path: Path) -> None:
         guard = await guards.open(DRV, chroot)
         held = [await asyncio.open_unix_connection(str(guard.socket_path)) for _ in range(3)]
         await asyncio.sleep(0.1)
-        assert guard.active == 3
+        assert guard.limit.active == 3
         extra = [await asyncio.open_unix_connection(str(guard.socket_path)) for _ in range(5)]
         for reader, _ in extra:  # closed by the guard without a byte
             assert await asyncio.wait_for(reader.read(), 5) == b""
-        assert (guard.active, guard.refused) == (3, 5)
+        assert (guard.limit.active, guard.limit.refused) == (3, 5)
         for _, writer in held:
             writer.close()
         deadline = asyncio.get_running_loop().time() + 5
-        while guard.active:
+        while guard.limit.active:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.02)
         with pytest.raises(UpstreamError) as caught:
