@@ -13,6 +13,8 @@ import pexpect
 from recnix_vm.guestprep import banner_commands
 from recnix_vm.image import Image
 
+from tests.host.test_readme import readme_block
+
 RECNIX_VM = Path(sys.executable).parent / "recnix-vm"
 BOOT_TIMEOUT = 900  # boot (TCG) and preparation (bundling Nix into the store)
 COMMAND_TIMEOUT = 600
@@ -84,6 +86,12 @@ def test_banner_commands_work_as_printed(vm_image: Image, tmp_path: Path) -> Non
         doctor = outputs["recnix doctor"]
         assert "recnix doctor: everything a recursive build needs is in place" in doctor, doctor
         assert re.search(r"^ok +build ", doctor, re.MULTILINE), doctor
+        # The README shows this guest's `recnix doctor`: every check it shows ok is ok here.
+        sample = readme_block("ok    nix-version")
+        shown = re.findall(r"^ok +(\S+) ", sample, re.MULTILINE)
+        assert "hook-channel" in shown, sample
+        for name in shown:
+            assert re.search(rf"^ok +{re.escape(name)} ", doctor, re.MULTILINE), (name, doctor)
         journal = next(out for cmd, out in outputs.items() if cmd.startswith("journalctl"))
         assert "recnix" in journal, journal
 
