@@ -26,6 +26,7 @@ from typing import Any
 from recnix.config.names import SANDBOX_SOCKET_DIR
 from recnix.hooks import channel
 from recnix.hooks.control import nix_worker_pid
+from recnix.sandbox.sandboxproc import process_start_time
 
 log = logging.getLogger("recnix.daemon.hookchannel")
 
@@ -37,12 +38,6 @@ _MAX_PENDING = 64 * 1024  # bytes of an unfinished request line before it is dro
 
 class ChannelSetupError(Exception):
     """The channel directory cannot be made safe (the hooks use the control socket)."""
-
-
-def _process_start_time(pid: int) -> str:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    return data[data.rindex(b")") + 2 :].split()[19].decode()
 
 
 class HookChannel:
@@ -79,7 +74,7 @@ class HookChannel:
             self._fifo_fd = fifo
             asyncio.get_running_loop().add_reader(fifo, self._on_readable)
             pid = os.getpid()
-            self._write_file(channel.SERVICE_FILE, f"{pid} {_process_start_time(pid)}\n")
+            self._write_file(channel.SERVICE_FILE, f"{pid} {process_start_time(pid)}\n")
         except OSError as e:
             self.close()
             raise ChannelSetupError(f"cannot set up the hook channel {self.directory}: {e}") from e
@@ -105,7 +100,7 @@ class HookChannel:
     def _make_directory(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(self.directory)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 and os.geteuid() == 0:
+        if not stat.S_ISDIR(st.st_mode) or (os.geteuid() == 0 and st.st_uid != 0):
             raise OSError(errno.EPERM, "not a directory owned by root")
         if stat.S_IMODE(st.st_mode) != 0o700:
             os.chmod(self.directory, 0o700)

@@ -149,13 +149,13 @@ def sandbox_pids(chroot_root: Path) -> list[int]:
             continue
         try:
             if _same_file(os.stat(f"/proc/{name}/root"), want):
-                found.append((_start_time(name), int(name)))
+                found.append((process_start_time(name), int(name)))
         except (OSError, ValueError, IndexError):
             continue
     return [pid for _, pid in sorted(found)]
 
 
-def _start_time(pid: str) -> int:
+def process_start_time(pid: int | str) -> int:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
