@@ -66,7 +66,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from recnix.cli.bundle import bundle_nix, busybox_store_path  # noqa: E402
-from recnix.config.loader import hook_environment, load_defaults  # noqa: E402
 from recnix.hooks import control  # noqa: E402
 from recnix.protocol import (  # noqa: E402
     NEED_DATA,
@@ -685,7 +684,6 @@ class Bench:
     floor: NixHost  # /bin/true as both hooks
     fallback: NixHost  # recnix's hooks without the rendered environment
     service: RecnixService
-    control_socket: Path
     busybox: str
     nix: str
 
@@ -1327,17 +1325,11 @@ def main() -> int:
     bench: Bench | None = None
     rows: list[Row] = []
     try:
-        # The hook environment `recnix nix-conf --daemon-env` renders, for a config
-        # whose control socket is ours (the NixOS module sets the same).
-        control_socket = scratch / "control.sock"
-        raw = load_defaults()
-        raw["daemon"]["control-socket"] = str(control_socket)
-        raw["daemon"]["state-dir"] = str(scratch)
-        entry = str(REPO / "recnix" / "hooks" / "entry.py")
-        hook_env = hook_environment(raw, sys.executable, entry)
-        if opts.event_loop:  # the service starts with the daemon's environment
-            hook_env["RECNIX_EVENT_LOOP"] = opts.event_loop
-        hooked = start_nix_host(hooks=True, daemon_env=hook_env)
+        # The hook environment `recnix nix-conf --daemon-env` renders for the service
+        # started below (the NixOS module sets the same).
+        loop_env = {"RECNIX_EVENT_LOOP": opts.event_loop} if opts.event_loop else {}
+        # (the service starts with the daemon's environment, so it gets the event loop too)
+        hooked = start_nix_host(hooks=True, rendered_env=True, daemon_env=loop_env)
         hosts.append(hooked)
         plain = start_nix_host(hooks=False)
         hosts.append(plain)
@@ -1346,20 +1338,13 @@ def main() -> int:
         hosts.append(floor)
         fallback = start_nix_host(hooks=True)
         hosts.append(fallback)
-        # The service listens where the host fixtures put it; the rendered path links there.
         # The production log level (the host tier's services log at debug).
-        # Its state-dir is the rendered one: the hook marks and the hook channel are there.
-        service = start_recnix_service(
-            hooked, daemon={"log-level": opts.service_log_level, "state-dir": str(scratch)}
-        )
-        control_socket.symlink_to(service.control_socket)
+        service = start_recnix_service(hooked, daemon={"log-level": opts.service_log_level})
         # The fallback daemon's hooks scan the same config (they never reach a service).
         shutil.copy(hooked.recnix_config, fallback.recnix_config)
         busybox = busybox_store_path(plain.env)
         nix = bundle_nix(plain.env, gc_root=str(plain.root / "nix-bundle"))
-        bench = Bench(
-            opts, scratch, hooked, plain, floor, fallback, service, control_socket, busybox, nix
-        )
+        bench = Bench(opts, scratch, hooked, plain, floor, fallback, service, busybox, nix)
         for name in only:
             rows.extend(new := scenarios[name](bench))
             print(render(new, ""), flush=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from recnix.config.loader import hook_environment, load_defaults
 from tests.host.conftest import (
     scenario_runner,
     start_nix_host,
@@ -30,23 +29,23 @@ from tests.scenarios.runner import ScenarioRunner
 
 pytestmark = pytest.mark.host
 
-ENTRY = Path(__file__).resolve().parents[2] / "recnix" / "hooks" / "entry.py"
-
 
 @pytest.fixture(scope="module")
 def rendered(busybox: str, nix_bundle: str) -> Iterator[tuple[ScenarioRunner, Path]]:
     """A daemon whose hooks run with the rendered environment, and its service."""
     scratch = Path(tempfile.mkdtemp(prefix="recnix-hookenv-"))
-    raw = load_defaults()
-    raw["daemon"]["control-socket"] = str(scratch / "control.sock")
-    raw["daemon"]["state-dir"] = str(scratch)
-    # The hooks' Python, counted: each start appends its hook kind to python-starts.
+    # The hooks' Python, counted: each start appends its hook kind to python-starts,
+    # beside the hook marks (in the service's state-dir).
     counter = scratch / "python"
     counter.write_text(
-        f'#!/bin/sh\necho "$4" >> {scratch / "python-starts"}\nexec {sys.executable} "$@"\n'
+        '#!/bin/sh\necho "$4" >> "${RECNIX_HOOK_MARKS%/*}/python-starts"\n'
+        f'exec {sys.executable} "$@"\n'
     )
     counter.chmod(0o755)
-    env = hook_environment(raw, str(counter), str(ENTRY))
+    host = start_nix_host(
+        hooks=True, rendered_env=True, daemon_env={"RECNIX_HOOK_PYTHON": str(counter)}
+    )
+    env = {k: v for k, v in host.daemon_env.items() if k.startswith("RECNIX_HOOK_")}
     assert set(env) == {
         "RECNIX_HOOK_SOCKET",
         "RECNIX_HOOK_MARKS",
@@ -54,13 +53,12 @@ def rendered(busybox: str, nix_bundle: str) -> Iterator[tuple[ScenarioRunner, Pa
         "RECNIX_HOOK_PYTHON",
         "RECNIX_HOOK_ENTRY",
     }
-    host = start_nix_host(hooks=True, daemon_env=env)
     service = None
     try:
+        # The service's paths are the rendered ones (tests.host.conftest.rendered_service_env).
+        service = start_recnix_service(host)
+        assert env["RECNIX_HOOK_SOCKET"] == str(service.control_socket)
         # The hooks never read the config: RECNIX_CONFIG points nowhere for them.
-        # the same state-dir as the rendered environment (its hook marks are under it)
-        service = start_recnix_service(host, daemon={"state-dir": str(scratch)})
-        (scratch / "control.sock").symlink_to(service.control_socket)
         host.recnix_config.rename(scratch / "recnix.toml")  # the service has read it
         yield scenario_runner(host, busybox, nix_bundle), Path(env["RECNIX_HOOK_MARKS"])
     finally:
@@ -83,6 +81,8 @@ def test_opted_in_builds_with_the_rendered_environment(rendered):
     # for them (recnix's build hook is Python, started once per Nix process).
     hooks = starts.read_text().split() if starts.exists() else []
     assert [kind for kind in hooks if kind != "build-hook"] == []
+    # ...and the count is kept: recnix's build hook started through the counter
+    assert ("build-hook" in hooks) == uses_recnix_build_hook(), hooks
     channel = marks.parent / "hook-channel"
     assert channel.stat().st_mode & 0o777 == 0o700
     assert sorted(p.name for p in channel.iterdir()) == ["requests", "service"]
