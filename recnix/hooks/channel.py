@@ -42,6 +42,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from recnix.hooks.prepost import sandbox_paths_block
+
 VERSION = "1"
 REQUESTS = "requests"
 SERVICE_FILE = "service"
@@ -131,5 +133,5 @@ def reply_lines(op: str, reply: dict[str, Any], sandbox_socket_dir: str) -> list
         socket_dir = reply.get("socket_dir")
         if not socket_dir:
             return []
-        return ["extra-sandbox-paths", f"{sandbox_socket_dir}={socket_dir}", ""]
+        return sandbox_paths_block(str(socket_dir), sandbox_socket_dir).split("\n")[:-1]
     return [str(m) for m in reply.get("messages", [])]

@@ -122,6 +122,12 @@ def _settings(kind: str, control_socket: str | None) -> tuple[str | Path, list[s
     return config.control_socket, list(hooks.pre_build if kind == "pre-build" else hooks.post_build)
 
 
+def sandbox_paths_block(socket_dir: str, sandbox_dir: str = SANDBOX_SOCKET_DIR) -> str:
+    """The hook output that has Nix bind ``socket_dir`` at ``sandbox_dir`` in the sandbox
+    (one ``extra-sandbox-paths`` block, closed by its empty line)."""
+    return f"extra-sandbox-paths\n{sandbox_dir}={socket_dir}\n\n"
+
+
 def _guard_block(control_socket: str | Path, drv_path: str, chroot: str) -> str:
     """For a build whose .drv is not in this store (a remote BuildDerivation, see
     ``recnix.remote.guards``): mount a guard socket that fails any Nix call inside with
@@ -133,7 +139,7 @@ def _guard_block(control_socket: str | Path, drv_path: str, chroot: str) -> str:
     except control.ControlError as e:
         print(f"recnix: no guard for {drv_path} (no .drv here): {e}", file=sys.stderr)
         return ""
-    return f"extra-sandbox-paths\n{SANDBOX_SOCKET_DIR}={reply['socket_dir']}\n\n"
+    return sandbox_paths_block(reply["socket_dir"])
 
 
 def pre_build(drv_path: str, chroot: str | None, control_socket: str | None = None) -> str:
@@ -149,7 +155,7 @@ def pre_build(drv_path: str, chroot: str | None, control_socket: str | None = No
     )
     block = ""
     if reply is not None and reply.get("socket_dir"):
-        block = f"extra-sandbox-paths\n{SANDBOX_SOCKET_DIR}={reply['socket_dir']}\n\n"
+        block = sandbox_paths_block(reply["socket_dir"])
     args = [drv_path] + ([chroot] if chroot else [])
     return block + _run_chained(chained, args)
 
