@@ -90,7 +90,7 @@ class Service:
         )
         self.watcher = Watcher(float(daemon.finalise_grace))
         # builds without a .drv here; each guard takes a session's connection limit
-        self.guards = Guards(self.state_dir, self.audit, self.limits.max_connections)
+        self.guards = Guards(self.state_dir, self.limits.max_connections, self.audit)
         self.control = ControlServer(
             {op: getattr(self, method) for op, method in CONTROL_OPS.items()}, REFUSALS
         )

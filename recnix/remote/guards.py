@@ -61,11 +61,6 @@ def absent_drv_message(drv_path: str, host: str | None = None) -> str:
     )
 
 
-# Concurrent connections a guard serves unless told (a session's default
-# policy.max-connections-per-session; recnix.sandbox.connlimit).
-GUARD_MAX_CONNECTIONS = 64
-
-
 class Guard:
     """One guard socket: ``<state dir>/g-<n>/socket``, for one build."""
 
@@ -74,7 +69,7 @@ class Guard:
         directory: Path,
         drv_path: str,
         chroot: Path,
-        max_connections: int = GUARD_MAX_CONNECTIONS,
+        max_connections: int,
     ) -> None:
         self.directory = directory
         self.socket_path = directory / "socket"
@@ -142,15 +137,11 @@ class Guard:
 class Guards:
     """The service's guards; a sweeper ends those whose chroot is gone."""
 
-    def __init__(
-        self,
-        state_dir: Path,
-        audit: object | None = None,
-        max_connections: int = GUARD_MAX_CONNECTIONS,
-    ) -> None:
+    def __init__(self, state_dir: Path, max_connections: int, audit: object | None = None) -> None:
         self.state_dir = state_dir
         self.audit = audit
-        self.max_connections = max_connections  # of each guard at once
+        # of each guard at once: a session's policy.max-connections-per-session
+        self.max_connections = max_connections
         self.guards: dict[str, Guard] = {}
         self._ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None

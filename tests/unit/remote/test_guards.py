@@ -19,7 +19,7 @@ def test_guard_answers_a_nix_client_with_the_cause_and_ends_with_the_chroot(
     async def scenario() -> str:
         chroot = tmp_path / "outer.drv.chroot"
         chroot.mkdir()
-        guards = Guards(tmp_path / "state")
+        guards = Guards(tmp_path / "state", max_connections=64)
         (tmp_path / "state").mkdir()
         guard = await guards.open(DRV, chroot)
         assert guard.socket_path.is_socket()
