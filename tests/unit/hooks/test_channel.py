@@ -71,3 +71,13 @@ def test_what_the_hook_prints():
         "",
     ]
     assert channel.reply_lines("finalise", {"messages": ["m"]}, "/s") == ["m"]
+
+
+def test_the_hook_script_keeps_its_requests_within_the_atomic_bound():
+    """bin/recnix-hook-channel sends a line only below MAX_REQUEST (one atomic FIFO
+    write: under PIPE_BUF), and falls back to the Python hook above it."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "bin" / "recnix-hook-channel"
+    assert f"[ ${{#line}} -lt {channel.MAX_REQUEST} ]" in script.read_text()
+    assert channel.MAX_REQUEST < 4096  # PIPE_BUF on Linux
