@@ -538,13 +538,13 @@ class RecnixService:
 def rendered_service_env(service_root: Path) -> dict[str, str]:
     """`recnix nix-conf --daemon-env` for the config :func:`recnix_config_text` writes
     for a service whose files are under ``service_root``."""
+    from recnix.cli.setup import HOOK_ENTRY
     from recnix.config.loader import hook_environment, load_defaults
 
     raw = load_defaults()
     raw["daemon"]["control-socket"] = str(service_root / "control.sock")
     raw["daemon"]["state-dir"] = str(service_root)
-    entry = Path(__file__).resolve().parents[2] / "recnix" / "hooks" / "entry.py"
-    return hook_environment(raw, sys.executable, str(entry))
+    return hook_environment(raw, sys.executable, HOOK_ENTRY)
 
 
 def recnix_config_text(
