@@ -17,17 +17,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from recnix.hooks.buildqueue import PLAIN_SUFFIX
+from recnix.hooks.buildqueue import HINT_SUFFIXES
 
 log = logging.getLogger("recnix.daemon.admission")
 
 # seconds a slot reserved by `admit` waits for its build's pre-build hook (Nix takes a
 # build user and sets up the sandbox in between; longer if it waits for a build user)
 RESERVATION_TTL = 300.0
-# The build hook's <drv>.plain hints to the pre-build hook (recnix.hooks.buildqueue) are
-# swept this many seconds after they were made (a pre-build hook without one reads
-# the .drv instead).
-PLAIN_MARK_TTL = 600.0
+# The build hook's <drv>.plain and <drv>.recnix hints to the pre-build hook
+# (recnix.hooks.buildqueue) are swept this many seconds after they were made (a
+# pre-build hook without one reads the .drv instead).
+HINT_TTL = 600.0
 
 
 class OpenRefused(Exception):
@@ -220,16 +220,16 @@ class Admission:
         self._holding[worker] -= 1
         self._slots.release()
 
-    def sweep_plain_marks(self) -> None:
-        """Remove the build hook's ``<drv>.plain`` hints older than PLAIN_MARK_TTL
+    def sweep_hints(self) -> None:
+        """Remove the build hook's ``<drv>.plain`` and ``<drv>.recnix`` hints older than HINT_TTL
         (blocking: run it off the loop)."""
-        too_old = time.time() - PLAIN_MARK_TTL
+        too_old = time.time() - HINT_TTL
         try:
             entries = list(os.scandir(self.marks_dir))
         except OSError:
             return
         for entry in entries:
-            if entry.name.endswith(PLAIN_SUFFIX):
+            if entry.name.endswith(HINT_SUFFIXES):
                 with contextlib.suppress(OSError):
                     if entry.stat(follow_symlinks=False).st_mtime < too_old:
                         os.unlink(entry.path)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from recnix.config.loader import Config, hook_channel_dir, hook_marks_dir
-from recnix.daemon.admission import PLAIN_MARK_TTL, Admission, OpenRefused
+from recnix.daemon.admission import HINT_TTL, Admission, OpenRefused
 from recnix.daemon.audit import AuditLog
 from recnix.daemon.controlserver import ControlServer
 from recnix.daemon.daemonenv import notify_systemd, raise_fd_limit
@@ -259,6 +259,7 @@ class Service:
         """
         session = self.sessions.for_drv(drv_path)
         if session is None:
+            self.sessions.drop_mark(drv_path)
             try:
                 opted_in = opt_in_mode(await read_build_derivation(drv_path)) is not None
             except (OSError, DerivationError):
@@ -299,11 +300,9 @@ class Service:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             self.admission.expire()
-            if time.monotonic() - swept > PLAIN_MARK_TTL / 10:
+            if time.monotonic() - swept > HINT_TTL / 10:
                 swept = time.monotonic()
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self.admission.sweep_plain_marks
-                )
+                await asyncio.get_running_loop().run_in_executor(None, self.admission.sweep_hints)
             for session in self.sessions.open_ones():
                 try:
                     await self._act_on_liveness(session)

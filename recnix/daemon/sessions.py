@@ -31,6 +31,9 @@ from recnix.store.seam import StoreError
 
 log = logging.getLogger("recnix.daemon.sessions")
 
+# A hook mark: an empty root-only file, never opened through a symlink.
+MARK_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
 
 class Sessions:
     """The service's sessions by id, and their lifecycle: open, resume, end."""
@@ -144,6 +147,7 @@ class Sessions:
             await self.end(session, None, "failed to start")
             raise OpenRefused(f"cannot give {drv_path} its recnix socket: {e}") from e
         self.by_sid[session.sid] = session
+        self.mark(drv_path)
         self.audit.write(
             "opened",
             sid,
@@ -177,18 +181,29 @@ class Sessions:
 
     async def end(self, session: Session, audit_event: str | None, reason: str) -> None:
         """End ``session`` (``reason``; audited as ``audit_event`` if given): its socket,
-        its hook mark unless it was finalised, its slot."""
+        its build's hook mark, its slot."""
         if audit_event:
             self.audit.write(audit_event, session.sid, drv=session.drv_path, reason=reason)
         self.by_sid.pop(session.sid, None)
         self.chroot_sockets.drop(session)
-        if reason != "finalised":
-            # no post-build hook will come to remove its hook mark (RECNIX_HOOK_MARKS)
-            with contextlib.suppress(OSError):
-                os.unlink(self.marks_dir / os.path.basename(session.drv_path))
+        if self.for_drv(session.drv_path) is None:  # else another build's mark
+            self.drop_mark(session.drv_path)
         await session.close(reason)
         if session.drop_slot():
             self.admission.release(session.worker)
+
+    def mark(self, drv_path: str) -> None:
+        """Mark the build of ``drv_path`` for its post-build hook (RECNIX_HOOK_MARKS), as
+        its pre-build hook did: again, in case an earlier session of the same .drv
+        ended between the hook's mark and this session."""
+        with contextlib.suppress(OSError):
+            os.close(os.open(self.marks_dir / os.path.basename(drv_path), MARK_FLAGS, 0o600))
+
+    def drop_mark(self, drv_path: str) -> None:
+        """Remove the mark of ``drv_path``: its build is over (its post-build hook
+        came, or will not come)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.marks_dir / os.path.basename(drv_path))
 
     async def resume_all(self) -> None:
         """Take over the sessions of running builds that a previous run journaled."""

@@ -261,16 +261,19 @@ def admitted(
 
 
 PLAIN_SUFFIX = ".plain"
+OPTED_IN_SUFFIX = ".recnix"
+HINT_SUFFIXES = (PLAIN_SUFFIX, OPTED_IN_SUFFIX)
 
 
-def mark_plain(marks_dir: str, drv_path: str) -> None:
-    """Tell the pre-build hook that ``drv_path`` does not require recnix (a file
-    ``<marks>/<drv name>.plain``), so that it need not read the ``.drv`` (a system call
-    per byte in sh). Only a hint: without it the hook reads the ``.drv``. The service
-    sweeps old ones (Admission.sweep_plain_marks)."""
+def hint(marks_dir: str, drv_path: str, opted_in: bool) -> None:
+    """Tell the pre-build hook whether ``drv_path`` requires recnix (a file
+    ``<marks>/<drv name>.recnix`` or ``.plain``), so that it need not read the ``.drv``
+    (a system call per byte in sh). Only a hint: without it the hook reads the ``.drv``.
+    The service sweeps old ones (Admission.sweep_hints)."""
+    suffix = OPTED_IN_SUFFIX if opted_in else PLAIN_SUFFIX
     try:
         fd = os.open(
-            f"{marks_dir}/{drv_path.rpartition('/')[2]}{PLAIN_SUFFIX}",
+            f"{marks_dir}/{drv_path.rpartition('/')[2]}{suffix}",
             os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
         )
@@ -313,8 +316,8 @@ def serve(
         drv_path, features, local_now = request
         raw = reader.take_raw()
         recursive = any(f in OPT_IN_FEATURES for f in features)
-        if not recursive and marks_dir:
-            mark_plain(marks_dir, drv_path)
+        if marks_dir:
+            hint(marks_dir, drv_path, recursive)
         # Only a build Nix would start now takes a slot (at max-jobs, a declined build
         # waits for a build slot and is asked about again).
         if recursive and local_now and not admitted(control_socket, drv_path, worker, max_jobs):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from recnix.hooks.buildqueue import HINT_SUFFIXES
 from tests.host.conftest import (
     scenario_runner,
     start_nix_host,
@@ -69,7 +70,8 @@ def rendered(busybox: str, nix_bundle: str) -> Iterator[tuple[ScenarioRunner, Pa
 
 def test_opted_in_builds_with_the_rendered_environment(rendered):
     """Sessions open and finalise (references registered) with no config file to read;
-    the post-build hook found the pre-build hook's marks and removed them."""
+    the post-build hook found the pre-build hook's marks, and the service removed them
+    with the sessions."""
     runner, marks = rendered
     starts = marks.parent / "python-starts"
     starts.unlink(missing_ok=True)
@@ -89,8 +91,8 @@ def test_opted_in_builds_with_the_rendered_environment(rendered):
 
 
 def session_marks(marks: Path) -> list[Path]:
-    """The pre-build hook's marks (not the build hook's ``.plain`` hints)."""
-    return [m for m in marks.iterdir() if not m.name.endswith(".plain")]
+    """The pre-build hook's marks (not the build hook's ``.plain``/``.recnix`` hints)."""
+    return [m for m in marks.iterdir() if not m.name.endswith(HINT_SUFFIXES)]
 
 
 def test_plain_builds_leave_no_marks(rendered):

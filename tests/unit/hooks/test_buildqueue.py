@@ -172,14 +172,18 @@ def test_with_machines_nix_build_remote_answers_and_its_permanent_decline_is_sof
     assert "nowhere.invalid" in stderr, stderr
 
 
-def test_builds_without_recnix_are_hinted_to_the_pre_build_hook(tmp_path: Path) -> None:
+def test_every_build_is_hinted_to_the_pre_build_hook(tmp_path: Path) -> None:
+    """<drv>.plain for a build without recnix, <drv>.recnix for one that requires it (the
+    pre-build hook then need not read the .drv either way)."""
     marks = tmp_path / "hook-marks"  # made by the hook, root-only, as the pre-build hook does
     plain = "/nix/store/" + "b" * 32 + "-plain.drv"
     stdin = settings(builders="") + try_request(plain, []) + try_request(DRV, ["recnix"])
     env = {"RECNIX_HOOK_MARKS": str(marks)}
     code, stderr, _ = run_hook(tmp_path, stdin, True, NIX_BUILD_REMOTE, env)
     assert code == 0, stderr
-    assert sorted(p.name for p in marks.iterdir()) == [f"{'b' * 32}-plain.drv.plain"]
+    assert sorted(p.name for p in marks.iterdir()) == sorted(
+        [f"{'b' * 32}-plain.drv.plain", f"{Path(DRV).name}.recnix"]
+    )
     assert marks.stat().st_mode & 0o777 == 0o700
 
 

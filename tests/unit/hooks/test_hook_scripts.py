@@ -286,7 +286,9 @@ def test_entry_imports_no_site(tmp_path):
 def test_marks_spare_the_post_build_hook_the_drv(hook_dir, tmp_path):
     """With RECNIX_HOOK_MARKS the pre-build hook marks a .drv that mentions recnix
     (making the directory root-only when missing), and the post-build hook starts
-    Python only for a marked .drv, removing the mark; it never reads the .drv."""
+    Python only for a marked .drv; it never reads the .drv, and it leaves the mark to
+    the service (which removes it with the session: test_sessions_marks.py), starting
+    no process of its own for it."""
     marks = tmp_path / "state" / "hook-marks"
     env = {"RECNIX_HOOK_SOCKET": "/s", "RECNIX_HOOK_MARKS": str(marks)}
     absent = tmp_path / "absent.toml"
@@ -294,9 +296,12 @@ def test_marks_spare_the_post_build_hook_the_drv(hook_dir, tmp_path):
     drv.write_text(OPTED_IN)
     assert run_hook(hook_dir, HOOKS[0], drv, absent, env) is not None
     assert (marks / "x.drv").exists() and marks.stat().st_mode & 0o777 == 0o700
+    drv.write_text("plain")  # not read again: the mark says
     assert run_hook(hook_dir, HOOKS[1], drv, absent, env) is not None
-    assert not (marks / "x.drv").exists()
+    assert (marks / "x.drv").exists()
     # Unmarked: the post-build hook leaves at once, even for a .drv naming recnix.
+    (marks / "x.drv").unlink()
+    drv.write_text(OPTED_IN)
     assert run_hook(hook_dir, HOOKS[1], drv, absent, env) is None
     plain = tmp_path / "plain.drv"
     plain.write_text("plain")
@@ -316,6 +321,23 @@ def test_the_build_hooks_plain_hint_spares_the_pre_build_hook_the_drv(hook_dir, 
     assert run_hook(hook_dir, HOOKS[0], drv, absent, env) is not None
     (marks / "gone.drv.plain").touch()
     assert run_hook(hook_dir, HOOKS[0], drv, absent, env) is None
+
+
+def test_the_build_hooks_recnix_hint_spares_the_pre_build_hook_the_drv(hook_dir, tmp_path):
+    """...and <drv>.recnix for a build that requires recnix: the pre-build hook then
+    marks it and goes on without reading the .drv (here one that names recnix nowhere:
+    without the hint the hook would leave)."""
+    marks = tmp_path / "hook-marks"
+    marks.mkdir(mode=0o700)
+    env = {"RECNIX_HOOK_SOCKET": "/s", "RECNIX_HOOK_MARKS": str(marks)}
+    absent = tmp_path / "absent.toml"
+    drv = tmp_path / "x.drv"
+    drv.write_text("plain")
+    assert run_hook(hook_dir, HOOKS[0], drv, absent, env) is None
+    assert not (marks / "x.drv").exists()
+    (marks / "x.drv.recnix").touch()
+    assert run_hook(hook_dir, HOOKS[0], drv, absent, env) is not None
+    assert (marks / "x.drv").exists()
 
 
 def test_unwritable_mark_fails_the_build(hook_dir, tmp_path):
