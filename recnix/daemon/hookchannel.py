@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,7 @@ class HookChannel:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, token: str, message: dict[str, Any]) -> None:
+        started = time.perf_counter()
         op = message["op"]
         message["worker"] = nix_worker_pid(message["worker"])
         try:
@@ -175,9 +177,10 @@ class HookChannel:
             data = channel.render_reply("retry", ["internal error"])
         else:
             data = channel.render_reply("ok", channel.reply_lines(op, reply, SANDBOX_SOCKET_DIR))
-        status = data.split(b"\n", 1)[0].decode()
-        log.debug("hook channel: %s of %s: %s", op, message["drv"], status)
         self._reply(token, message, data)
+        status = data.split(b"\n", 1)[0].decode()
+        elapsed = 1e3 * (time.perf_counter() - started)
+        log.debug("hook channel: %s of %s: %s in %.1f ms", op, message["drv"], status, elapsed)
 
     def _reply(self, token: str, message: dict[str, Any], data: bytes) -> None:
         """Write ``data`` into the hook's FIFO without blocking; remove the FIFO."""
