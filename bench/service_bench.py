@@ -23,7 +23,8 @@ start    The service's start to ready (control socket accepting).
 hook     Opted-in trivial builds, recnix ÷ Nix's built-in recursive-nix on the same
          derivations (requiredSystemFeatures "recnix" vs "recursive-nix"), in one
          nix-build and as separate ones, with more builds than daemon.max-sessions
-         (target ≤ 1.10); against no hooks (reference); and the hook's Python
+         (target ≤ 1.10); against no hooks (reference); the floor of any hook
+         (built-in builds with /bin/true hooks ÷ none); and the hook's Python
          start: hooks/entry.py -I -S ÷ console script.
 
 The daemon with recnix's hooks runs with the environment ``recnix nix-conf
@@ -905,6 +906,24 @@ def scenario_hook(b: Bench) -> list[Row]:
         trivial_row(f"reference: {n} opted-in trivial builds, recnix ÷ no hooks", a, c, n, "recnix")
     )
     rows[-1].note += " (both hooks, session open, finalise)"
+    # What any pre- and post-build hook costs the same builds: the floor under the
+    # opted-in rows' per-build cost (Nix forks its worker for each hook).
+    a, c = interleaved(
+        reps,
+        timed(trivial_runner(b.floor, expr, b.busybox, n, feature="recursive-nix")),
+        timed(trivial_runner(b.plain, expr, b.busybox, n, feature="recursive-nix")),
+    )
+    rows.append(
+        trivial_row(
+            f"reference: {n} built-in recursive-nix trivial builds, /bin/true hooks ÷ none",
+            a,
+            c,
+            n,
+            "true",
+            "none",
+        )
+    )
+    rows[-1].note += " (the floor of any pre- and post-build hook)"
     # The opted-in hook's Python: start, imports and one control round trip, against
     # a control socket that answers every request at once (no session is opened).
     drv = b.scratch / "mentions.drv"
@@ -1194,7 +1213,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nested", type=int, default=20, help="nested builds in many.nix")
     parser.add_argument("--many-reps", type=int, default=7)
     parser.add_argument("--trivial", type=int, default=50, help="trivial builds per run")
-    parser.add_argument("--trivial-reps", type=int, default=7)
+    parser.add_argument("--trivial-reps", type=int, default=11)
     parser.add_argument("--separate", action="store_true", help="also one nix-build per build")
     parser.add_argument("--hook-builds", type=int, default=10, help="opted-in trivial builds")
     parser.add_argument("--hookcpu-loops", type=int, default=200, help="hook runs per round")
