@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything recnix needs on a Debian 12 machine (run as root):
-# Debian packages (Nix 2.8, QEMU, mmdebstrap, busybox-static), and a Python
+# Debian packages (Nix 2.8, QEMU, mmdebstrap, busybox-static, bash-builtins), and a Python
 # virtualenv in .venv with recnix, its test tools and uvloop (the daemon's
 # optional fast event loop) installed from this tree.
 # Idempotent: a second run only checks.
@@ -14,7 +14,7 @@ fi
 
 packages=(nix-bin nix-setup-systemd busybox-static qemu-system-x86 qemu-utils
           mmdebstrap e2fsprogs openssh-client python3 python3-venv python3-pip
-          ca-certificates pipx)
+          ca-certificates pipx bash-builtins)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

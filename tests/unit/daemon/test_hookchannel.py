@@ -46,7 +46,9 @@ class Hooks:
     def python_calls(self) -> list[str]:
         return self.called.read_text().splitlines() if self.called.exists() else []
 
-    async def run(self, kind: str, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    async def run(
+        self, kind: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> tuple[int, str, float]:
         """Run the hook of ``kind`` ('pre-build' or 'post-build'): (status, stdout, seconds)."""
         args = [kind + "-hook", "--control-socket", "/nonexistent/control.sock"]
         if kind == "pre-build":
@@ -64,6 +66,7 @@ class Hooks:
             *args,
             env=full_env,
             stdout=subprocess.PIPE,
+            cwd=cwd,
         )
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         return proc.returncode or 0, out.decode(), time.monotonic() - started
@@ -109,6 +112,61 @@ def test_open_prints_the_session_block_without_python(tmp_path):
         # the reply FIFO is gone; the channel holds only its own files
         assert sorted(p.name for p in hooks.channel.iterdir()) == ["requests", "service"]
         assert hooks.channel.stat().st_mode & 0o777 == 0o700
+
+    serve(tmp_path, handler, scenario)
+
+
+BASH_MKFIFO = Path("/usr/lib/bash/mkfifo")  # Debian's bash-builtins (setup.sh installs it)
+needs_bash_mkfifo = pytest.mark.skipif(
+    not BASH_MKFIFO.exists(), reason=f"needs {BASH_MKFIFO} (Debian's bash-builtins)"
+)
+
+
+@needs_bash_mkfifo
+def test_the_reply_fifo_is_made_by_bashs_own_mkfifo(tmp_path):
+    """With bash's loadable mkfifo the hook starts no process at all: here no PATH."""
+
+    async def handler(message):
+        return {"ok": True, "messages": ["fine"]}
+
+    async def scenario(hooks, chan, seen):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        status, out, _ = await hooks.run("post-build", {"PATH": str(empty)})
+        assert (status, out) == (0, "recnix: fine\n") and hooks.python_calls() == []
+
+    serve(tmp_path, handler, scenario)
+
+
+def test_without_bashs_mkfifo_the_hook_runs_mkfifo_from_path(tmp_path):
+    async def handler(message):
+        return {"ok": True, "messages": ["fine"]}
+
+    async def scenario(hooks, chan, seen):
+        none = {"RECNIX_BASH_LOADABLES": str(tmp_path / "no-loadables")}
+        status, out, _ = await hooks.run("post-build", none)
+        assert (status, out) == (0, "recnix: fine\n") and hooks.python_calls() == []
+
+    serve(tmp_path, handler, scenario)
+
+
+@needs_bash_mkfifo
+def test_bashs_mkfifo_is_never_loaded_from_a_relative_directory(tmp_path):
+    """bash's own search path ends in "."; the hook loads only from an absolute path (a
+    relative one here would find a working mkfifo): without mkfifo it goes to Python."""
+
+    async def handler(message):
+        raise AssertionError("not reached")
+
+    async def scenario(hooks, chan, seen):
+        relative = tmp_path / "cwd" / "lib"
+        relative.mkdir(parents=True)
+        shutil.copy(BASH_MKFIFO, relative / "mkfifo")
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        env = {"PATH": str(empty), "RECNIX_BASH_LOADABLES": "lib"}
+        status, out, _ = await hooks.run("post-build", env, cwd=tmp_path / "cwd")
+        assert (status, out) == (0, "python-hook\n") and seen == []
 
     serve(tmp_path, handler, scenario)
 
