@@ -8,7 +8,6 @@ Run: .venv/bin/python bench/codec_bench.py [--mib 256]
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -31,8 +30,14 @@ P = "/nix/store/" + "a" * 32 + "-bench"
 
 
 def rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, in MiB: VmHWM of its memory map
+    (getrusage's ru_maxrss would keep the peak of the process this one was forked
+    from: Linux carries it over fork and exec)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def handshake(minor: int) -> tuple[ClientConnection, ServerConnection]:
