@@ -170,6 +170,7 @@ class Service:
             watcher.cancel()
             self.hook_channel.close()
             server.close()
+            await self.sessions.wait_closed()  # finalised sessions still closing
             await self.pool.close()
             await self.guards.close()
             # Running builds keep their sessions: the next run of the service resumes them.
@@ -288,7 +289,9 @@ class Service:
         except FinaliseError as error:
             await self.sessions.end(session, "aborted", f"finalise failed: {error}")
             raise
-        await self.sessions.end(session, None, "finalised")
+        # The references are registered: the post-build hook has its answer before the
+        # session's upstream connections, roots and journal are let go (~1-4 ms).
+        await self.sessions.end_finalised(session)
         return messages
 
     # -- liveness (recnix.daemon.watcher decides, the service acts)

@@ -273,9 +273,9 @@ class Session:
         self.state = SessionState.FINALISING
         self.journal_change(finalising=True)
 
-    async def _disconnect(self) -> bool:
-        """Stop listening; close client and upstream connections (the keeper's temp roots
-        go with it). False if the session was already closed."""
+    async def stop_serving(self) -> bool:
+        """Stop listening and end the client connections. False if the session was
+        already closed."""
         if self.state is SessionState.CLOSED:
             return False
         self.state = SessionState.CLOSED
@@ -285,13 +285,50 @@ class Session:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        return True
+
+    async def _close_upstreams(self) -> None:
+        """Close the upstream connections (the keeper's temp roots go with it)."""
         await self.context.upstreams.drop(self.sid)
         if self.keeper is not None:
             await self.keeper.close()
         registrar = self.take_registrar()
         if registrar is not None:
             await asyncio.get_running_loop().run_in_executor(None, registrar.close)
+
+    async def _disconnect(self) -> bool:
+        """Stop serving; close the upstream connections. False if already closed."""
+        if not await self.stop_serving():
+            return False
+        await self._close_upstreams()
         return True
+
+    async def release_sandbox(self) -> None:
+        """Undo what the sandbox was given (mounts, link farms) while its chroot is still
+        this build's: before the build's post-build hook returns, after which Nix may
+        give the chroot's name to a new build of the same .drv."""
+        if not self.view.materialised:
+            self.view.close()
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.view.cleanup)
+        except Exception as e:  # the sandbox may be half gone; cleanup must not raise
+            log.warning("session %s: sandbox cleanup: %s", self.sid, e)
+
+    def forget(self) -> None:
+        """Remove the journal: a restarted service no longer sees this session (nor
+        takes a finalised one for half finalised)."""
+        if self.journal is not None:
+            self.journal.remove()
+
+    async def let_go(self, reason: str) -> None:
+        """After :meth:`stop_serving`, :meth:`release_sandbox` and :meth:`forget`:
+        close the upstream connections, drop the roots (temp and gcroots) and the socket
+        directory (a service that stops before this sweeps them when it starts again)."""
+        await self._close_upstreams()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        self.roots.remove()
+        log.info("session %s (%s) closed: %s", self.sid, self.drv_path, reason)
 
     def start_registrar(self) -> None:
         """Start the `nix-store` process that finalisation will use (register.Registrar),
@@ -311,19 +348,12 @@ class Session:
         return registrar
 
     async def close(self, reason: str) -> None:
-        """End the session: stop listening, close connections, drop roots (temp and
-        gcroots), clean the sandbox."""
-        if not await self._disconnect():
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.view.cleanup)
-        except Exception as e:  # the sandbox may be half gone; cleanup must not raise
-            log.warning("session %s: sandbox cleanup: %s", self.sid, e)
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
-        self.roots.remove()
-        if self.journal is not None:
-            self.journal.remove()
-        log.info("session %s (%s) closed: %s", self.sid, self.drv_path, reason)
+        """End the session: stop serving, clean the sandbox, close the upstream
+        connections, drop roots (temp and gcroots)."""
+        if await self.stop_serving():
+            await self.release_sandbox()
+            self.forget()
+            await self.let_go(reason)
 
     async def detach(self) -> None:
         """The service stops: drop connections, keep the journal, the GC roots, the socket

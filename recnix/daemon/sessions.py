@@ -57,6 +57,7 @@ class Sessions:
         self.marks_dir = marks_dir  # the hooks' marks (RECNIX_HOOK_MARKS)
         self.chroot_sockets = ChrootSockets()
         self.by_sid: dict[str, Session] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # finalised sessions letting go
 
     def open_ones(self) -> list[Session]:
         """The sessions whose build runs (not finalising, not closed)."""
@@ -180,17 +181,43 @@ class Sessions:
         return found[-1] if found else None
 
     async def end(self, session: Session, audit_event: str | None, reason: str) -> None:
-        """End ``session`` (``reason``; audited as ``audit_event`` if given): its socket,
-        its build's hook mark, its slot."""
+        """End ``session`` (``reason``; audited as ``audit_event`` if given): what others
+        see of it (:meth:`retire`), its clients and what its sandbox was given, then its
+        upstream connections, roots and journal."""
+        self.retire(session, audit_event, reason)
+        await session.close(reason)
+
+    async def end_finalised(self, session: Session) -> None:
+        """End a finalised ``session`` as :meth:`end` does, but let go of its upstream
+        connections and roots in the background: its post-build hook need not wait for
+        that (:meth:`wait_closed` awaits it). What its sandbox was given is undone and
+        its journal removed first, while the chroot is still its build's and before the
+        hook hears that the outputs are final."""
+        self.retire(session, None, "finalised")
+        if not await session.stop_serving():
+            return
+        await session.release_sandbox()
+        session.forget()
+        task = asyncio.ensure_future(session.let_go("finalised"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def retire(self, session: Session, audit_event: str | None, reason: str) -> None:
+        """Take ``session`` out of the service's view: gone from the sessions, its chroot
+        socket no longer served, its build's hook mark removed, its slot given back."""
         if audit_event:
             self.audit.write(audit_event, session.sid, drv=session.drv_path, reason=reason)
         self.by_sid.pop(session.sid, None)
         self.chroot_sockets.drop(session)
         if self.for_drv(session.drv_path) is None:  # else another build's mark
             self.drop_mark(session.drv_path)
-        await session.close(reason)
         if session.drop_slot():
             self.admission.release(session.worker)
+
+    async def wait_closed(self) -> None:
+        """Wait for the finalised sessions that are still letting go (:meth:`end_finalised`)."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def mark(self, drv_path: str) -> None:
         """Mark the build of ``drv_path`` for its post-build hook (RECNIX_HOOK_MARKS), as
