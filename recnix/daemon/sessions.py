@@ -24,15 +24,13 @@ from recnix.daemon.finalisation import Finaliser
 from recnix.daemon.journal import SessionRecord, journals, replay
 from recnix.daemon.session import ResumeError, Session, SessionContext, SessionState
 from recnix.formats.derivation import DerivationError
+from recnix.hooks.buildqueue import MARK_FLAGS
 from recnix.sandbox import sandboxsocket
 from recnix.store.offloop import read_build_derivation
 from recnix.store.policy import Limits, opt_in_mode
 from recnix.store.seam import StoreError
 
 log = logging.getLogger("recnix.daemon.sessions")
-
-# A hook mark: an empty root-only file, never opened through a symlink.
-MARK_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Sessions:

@@ -263,6 +263,8 @@ def admitted(
 PLAIN_SUFFIX = ".plain"
 OPTED_IN_SUFFIX = ".recnix"
 HINT_SUFFIXES = (PLAIN_SUFFIX, OPTED_IN_SUFFIX)
+# A hint or a hook mark: an empty root-only file, never opened through a symlink.
+MARK_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def hint(marks_dir: str, drv_path: str, opted_in: bool) -> None:
@@ -272,11 +274,7 @@ def hint(marks_dir: str, drv_path: str, opted_in: bool) -> None:
     The service sweeps old ones (Admission.sweep_hints)."""
     suffix = OPTED_IN_SUFFIX if opted_in else PLAIN_SUFFIX
     try:
-        fd = os.open(
-            f"{marks_dir}/{drv_path.rpartition('/')[2]}{suffix}",
-            os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
+        fd = os.open(f"{marks_dir}/{drv_path.rpartition('/')[2]}{suffix}", MARK_FLAGS, 0o600)
     except OSError:
         return  # no marks directory yet (the pre-build hook makes it): no hint
     os.close(fd)
