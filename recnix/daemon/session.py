@@ -108,9 +108,10 @@ class Session:
         self._requested_closure: frozenset[str] | None = None
         self.added_bytes = 0
         self.view = SandboxView(chroot)
+        # the session's own daemon connection: roots what it adds or builds; connected,
+        # and the input closure computed, when the build's first client comes (ready)
         self.keeper: Upstream | None = None
-        # idle upstream connections by whether builds on them run nix.conf's hooks
-        self.idle_upstreams: dict[bool, list[Upstream]] = {True: [], False: []}
+        self._ready: asyncio.Future[None] | None = None
         self.socket_dir = context.state_dir / f"s-{sid}"
         self.socket_path = self.socket_dir / "socket"
         self.server: asyncio.base_events.Server | None = None
@@ -148,11 +149,9 @@ class Session:
         return drvs
 
     async def start(self) -> None:
-        """Connect the keeper, compute the input closure, listen on the session socket."""
-        self.keeper = await self.context.upstreams.fresh()
-        self.inputs = await self._input_closure()
-        self.allowed = set(self.inputs)
-        self.view = SandboxView(self.chroot, known_present=self.inputs)
+        """Listen on the session socket. The keeper and the input closure wait for the
+        build's first client (:meth:`ready`): a build that never calls Nix costs the
+        nix-daemon no worker."""
         # The sandbox gets the directory (0711: the builder may open the socket by
         # name, not list or write), so a restarted service's new socket shows there.
         self.socket_dir.mkdir(mode=0o711, parents=True, exist_ok=False)
@@ -162,6 +161,51 @@ class Session:
         self.state = SessionState.OPEN
         self.opened_at = time.time()
 
+    @property
+    def is_ready(self) -> bool:
+        """Whether the keeper is connected and the input closure known."""
+        f = self._ready
+        return f is not None and f.done() and not f.cancelled() and f.exception() is None
+
+    async def ready(self) -> None:
+        """Connect the keeper and compute the input closure, once, for every client that
+        waits for it; after a failure (StoreError, OSError) the next client tries again."""
+        f = self._ready
+        if f is None or (f.done() and (f.cancelled() or f.exception() is not None)):
+            self._ready = f = asyncio.ensure_future(self._get_ready())
+        await asyncio.shield(f)
+
+    async def _get_ready(self) -> None:
+        started = time.perf_counter()
+        await self._connect_keeper()
+        inputs = await self._input_closure()
+        self.inputs = inputs
+        self.allowed |= inputs
+        self.view.known_present |= inputs
+        log.debug(
+            "session %s: keeper connected, %d input paths, in %.1f ms",
+            self.sid,
+            len(inputs),
+            1e3 * (time.perf_counter() - started),
+        )
+
+    async def _connect_keeper(self) -> Upstream:
+        """The keeper, connected now (a fresh worker) if it is not yet."""
+        if self.keeper is None:
+            self.keeper = await self.context.upstreams.fresh()
+        return self.keeper
+
+    async def valid_outputs(self) -> bool:
+        """Whether every output of the build is valid in the host store (asked on the
+        keeper, which connects now if no client came)."""
+        outputs = [o.path for o in self.drv.outputs.values() if o.path]
+        if not outputs:
+            return False
+        keeper = await self._connect_keeper()
+        if keeper.closed:
+            return False
+        return len(await keeper.query_valid_paths(outputs)) == len(outputs)
+
     async def resume(self, record: SessionRecord) -> None:
         """Take over a session a previous run of the service journaled (``record``).
 
@@ -170,6 +214,8 @@ class Session:
         bind-mounted directory.
         """
         self.keeper = await self.context.upstreams.connect()
+        self._ready = asyncio.get_running_loop().create_future()
+        self._ready.set_result(None)
         self.inputs = await self._input_closure()
         ours = sorted(record.allowed - self.inputs)
         valid = set(await self.keeper.query_valid_paths(ours)) if ours else set()
@@ -289,6 +335,9 @@ class Session:
 
     async def _close_upstreams(self) -> None:
         """Close the upstream connections (the keeper's temp roots go with it)."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+            await asyncio.gather(self._ready, return_exceptions=True)
         await self.context.upstreams.drop(self.sid)
         if self.keeper is not None:
             await self.keeper.close()
@@ -468,21 +517,22 @@ class Session:
 
     # -- connections
 
-    def accept(self, transport: asyncio.Transport) -> ConnectionHandler | None:
-        """A client connected: check it is the build's, then serve it in a task."""
+    def accept(self, transport: asyncio.Transport, protocol: ClientProtocol) -> None:
+        """A client connected: check it is the build's, then serve it in a task (the
+        first client's waits, not reading, until the session is :meth:`ready`)."""
         sock = transport.get_extra_info("socket")
         try:
             peer = peer_credentials(sock)
         except OSError as e:
             log.warning("session %s: no peer credentials (%s): closing", self.sid, e)
             transport.close()
-            return None
+            return
         if self.state is not SessionState.OPEN:
             log.info(
                 "session %s: connection from pid %d after the session ended", self.sid, peer.pid
             )
             transport.close()
-            return None
+            return
         reason = self._outsider(sock, peer)
         if reason is not None:
             log.warning(
@@ -496,15 +546,19 @@ class Session:
                 "refused", self.sid, drv=self.drv_path, op="connect", reason=reason
             )
             transport.close()
-            return None
+            return
         if not self.connection_limit.take():
             self._refuse_excess(peer, transport)
-            return None
-        handler = ConnectionHandler(self, transport, peer)
-        task = asyncio.ensure_future(self._serve(handler))
+            return
+        handler = None
+        if self.is_ready:
+            handler = ConnectionHandler(self, transport, peer)
+            protocol.attach(handler)
+        else:
+            transport.pause_reading()
+        task = asyncio.ensure_future(self._serve(protocol, transport, peer, handler))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return handler
 
     def _outsider(self, sock: socket.socket, peer: Peer) -> str | None:
         """Why the process at the other end of ``sock`` may not use this session, or None.
@@ -523,20 +577,55 @@ class Session:
                 )
         return None
 
-    async def _serve(self, handler: ConnectionHandler) -> None:
+    async def _serve(
+        self,
+        protocol: ClientProtocol,
+        transport: asyncio.Transport,
+        peer: Peer,
+        handler: ConnectionHandler | None,
+    ) -> None:
         started = time.perf_counter()
-        log.debug("session %s: connection from pid %d", self.sid, handler.peer.pid)
+        log.debug("session %s: connection from pid %d", self.sid, peer.pid)
         try:
+            if handler is None:
+                handler = await self._handler_when_ready(protocol, transport, peer)
+                if handler is None:
+                    return
             await handler.run()
         finally:
             self.connection_limit.give_back()
-            await handler.close()
+            if handler is not None:
+                await handler.close()
+            else:
+                transport.close()
             log.debug(
                 "session %s: connection from pid %d closed after %.1f ms",
                 self.sid,
-                handler.peer.pid,
+                peer.pid,
                 1e3 * (time.perf_counter() - started),
             )
+
+    async def _handler_when_ready(
+        self, protocol: ClientProtocol, transport: asyncio.Transport, peer: Peer
+    ) -> ConnectionHandler | None:
+        """The handler of a client that came before the session was ready; None if the
+        session cannot get ready (logged and audited) or the client left meanwhile."""
+        try:
+            await self.ready()
+        except Exception as e:  # noqa: BLE001 - any failure: this client is told by a close
+            reason = f"cannot reach the nix-daemon for the build's inputs: {e}"
+            log.warning(
+                "session %s: closing the connection of pid %d: %s", self.sid, peer.pid, reason
+            )
+            self.context.audit.write(
+                "refused", self.sid, drv=self.drv_path, op="connect", reason=reason
+            )
+            return None
+        if protocol.lost or transport.is_closing():
+            return None
+        handler = ConnectionHandler(self, transport, peer)
+        protocol.attach(handler)
+        return handler
 
     def _refuse_excess(self, peer: Peer, transport: asyncio.Transport) -> None:
         """Close a connection above the per-session limit (audited once per burst)."""
@@ -552,26 +641,46 @@ class Session:
 
 
 class ClientProtocol(asyncio.Protocol):
-    """Hands one client connection's bytes and state changes to its ConnectionHandler."""
+    """Hands one client connection's bytes and state changes to its ConnectionHandler;
+    keeps what comes before there is one (the session is getting ready) and hands it
+    over with :meth:`attach`."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.transport: asyncio.Transport | None = None
         self.handler: ConnectionHandler | None = None
+        self.early: list[bytes] = []  # received before the handler, b"" for an EOF
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.handler = self.session.accept(transport)  # type: ignore[arg-type]
+        self.transport = transport  # type: ignore[assignment]
+        self.session.accept(transport, self)  # type: ignore[arg-type]
+
+    def attach(self, handler: ConnectionHandler) -> None:
+        """Hand the connection, and what it received so far, to ``handler``."""
+        assert self.transport is not None
+        self.handler = handler
+        self.transport.resume_reading()
+        early, self.early = self.early, []
+        for data in early:
+            handler.on_data(data)
 
     def data_received(self, data: bytes) -> None:
         if self.handler is not None:
             self.handler.on_data(data)
+        elif self.transport is not None:
+            self.early.append(data)
+            self.transport.pause_reading()  # until attach: a slow start buffers little
 
     def eof_received(self) -> bool | None:
         if self.handler is not None:
             self.handler.on_data(b"")
             return True  # a half-closed client still gets its replies; the handler closes
-        return None
+        self.early.append(b"")
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         if self.handler is not None:
             self.handler.on_lost()
 

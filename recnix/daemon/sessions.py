@@ -154,15 +154,13 @@ class Sessions:
             depth=depth,
             readonly=readonly,
             parent=parent.sid if parent else None,
-            inputs=len(session.inputs),
         )
         log.info(
-            "session %s opened for %s (depth %d%s, %d input paths) in %.1f ms",
+            "session %s opened for %s (depth %d%s) in %.1f ms",
             sid,
             drv_path,
             depth,
             ", read-only" if readonly else "",
-            len(session.inputs),
             1e3 * (time.perf_counter() - started),
         )
         # The registrar starts with the session's first added or built path (Session.allow):

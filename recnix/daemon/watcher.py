@@ -67,12 +67,7 @@ class Watcher:
             return await self._check_running(session, now)
         if session.ended_since is None or session.ended_since < 0:
             session.ended_since = now
-        outputs = [o.path for o in session.drv.outputs.values() if o.path]
-        succeeded = False
-        if outputs and session.keeper is not None and not session.keeper.closed:
-            valid = await session.keeper.query_valid_paths(outputs)
-            succeeded = len(valid) == len(outputs)
-        if not succeeded:
+        if not await session.valid_outputs():
             return Verdict(Action.END, "the build failed or was killed")
         if now - session.ended_since > self.finalise_grace:
             return Verdict(

@@ -164,10 +164,34 @@ def test_consecutive_clients_of_a_session_reuse_its_daemon_connection(
             time.sleep(0.05)
 
     one_client()
-    before = handshakes()
+    # the first client connected the session's keeper, taking a spare: wait for the
+    # pool's refill (recnix.store.upstreampool.SPARE_REFILL_DELAY) to be done
+    before, deadline = -1, time.monotonic() + 10
+    while before != handshakes():
+        assert time.monotonic() < deadline, recnix_service.log_text()[-2000:]
+        before = handshakes()
+        time.sleep(0.3)
     for _ in range(4):
         one_client()
     assert handshakes() == before, recnix_service.log_text()[-3000:]
+
+
+def test_the_keeper_and_input_closure_wait_for_the_builds_first_client(
+    live: LiveBuild, recnix_service: RecnixService, busybox: str
+) -> None:
+    """An open session has no daemon worker of its own until the build's first client
+    comes (a build that never calls Nix costs the daemon none); later clients use the
+    same one, and no client is answered before the session knows its inputs:
+    IsValidPath of an input (answered from the session's allowed set) is true."""
+    ready = f"session {live.session['session']}: keeper connected"
+    assert ready not in recnix_service.log_text()
+    with sandbox_socket(live) as first, sandbox_socket(live) as second:
+        clients = [client_for(first), client_for(second)]
+        for client in clients:
+            assert client.call(Op.IS_VALID_PATH, {"path": busybox}).value is True
+    with sandbox_socket(live) as third:
+        assert client_for(third).call(Op.IS_VALID_PATH, {"path": busybox}).value is True
+    assert recnix_service.log_text().count(ready) == 1, recnix_service.log_text()[-3000:]
 
 
 def test_outsider_is_refused_but_sandbox_process_accepted(

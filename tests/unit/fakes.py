@@ -227,6 +227,16 @@ class FakeStore:
         yield self.contents[path]
 
 
+# the policy limits of the unit tests' sessions
+LIMITS = Limits(
+    max_depth=4,
+    max_builds=0,
+    max_added_bytes=0,
+    allow_fixed_output=False,
+    max_connections=64,
+)
+
+
 @dataclass
 class FakeSession:
     """The session state RestrictedStore uses (recnix.store.restricted.SessionState)."""
@@ -234,15 +244,7 @@ class FakeSession:
     store: FakeStore
     allowed: set[str]
     drv_path: str = store_path("outer.drv")
-    limits: Limits = field(
-        default_factory=lambda: Limits(
-            max_depth=4,
-            max_builds=0,
-            max_added_bytes=0,
-            allow_fixed_output=False,
-            max_connections=64,
-        )
-    )
+    limits: Limits = field(default_factory=lambda: LIMITS)
     sid: str = "fake"
     readonly: bool = False
     depth: int = 1
