@@ -217,23 +217,28 @@ def timed(action: Callable[[], None]) -> Callable[[], float]:
     return run
 
 
-def daemon_cpu(host: NixHost) -> float:
-    """CPU seconds of ``host``'s nix-daemon and its reaped descendants (workers, hooks,
-    builders): less sensitive to other load on the machine than wall time."""
-    fields = Path(f"/proc/{host.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds of the processes ``pids`` and their reaped descendants (for a
+    nix-daemon: its workers, hooks, builders): less sensitive to other load on the
+    machine than wall time."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def timed_cpu(host: NixHost, action: Callable[[], None], cpu: list[float]) -> Callable[[], float]:
-    """``action`` as a wall-time measurement that also appends its daemon CPU to ``cpu``."""
+def timed_cpu(pids: list[int], action: Callable[[], None], cpu: list[float]) -> Callable[[], float]:
+    """``action`` as a wall-time measurement that also appends the CPU of ``pids``
+    (process_cpu) to ``cpu``."""
 
     def run() -> float:
-        c0 = daemon_cpu(host)
+        c0 = process_cpu(pids)
         t0 = time.perf_counter()
         action()
         seconds = time.perf_counter() - t0
         time.sleep(0.05)  # let the daemon reap the last worker
-        cpu.append(daemon_cpu(host) - c0)
+        cpu.append(process_cpu(pids) - c0)
         return seconds
 
     return run
@@ -508,6 +513,7 @@ def trivial_row(
     baseline: str = "without",
     target: float | None = None,
     cpu: tuple[list[float], list[float]] | None = None,
+    cpu_what: str = "daemon-tree CPU",
 ) -> Row:
     paired = statistics.median(x - y for x, y in zip(a, b, strict=True)) / n * 1e3
     note = f"runs {label} {spread(a)} s, {baseline} {spread(b)} s; per build {paired:+.2f} ms"
@@ -516,7 +522,7 @@ def trivial_row(
         cpu_ratio = statistics.median(x / y for x, y in zip(ca, cb, strict=True))
         cpu_paired = statistics.median(x - y for x, y in zip(ca, cb, strict=True)) / n * 1e3
         note += (
-            f"; daemon-tree CPU {spread(ca)} s vs {spread(cb)} s: ratio {cpu_ratio:.3f}, "
+            f"; {cpu_what} {spread(ca)} s vs {spread(cb)} s: ratio {cpu_ratio:.3f}, "
             f"per build {cpu_paired:+.2f} ms"
         )
     return Row(f"{scenario} ({len(a)} pairs)", a, b, "s", target, note + " (medians of pairs)")
@@ -733,8 +739,8 @@ def scenario_trivial(b: Bench) -> list[Row]:
         cpu: tuple[list[float], list[float]] = ([], [])
         a, c = interleaved(
             reps,
-            timed_cpu(first, trivial_runner(first, expr, b.busybox, n), cpu[0]),
-            timed_cpu(second, trivial_runner(second, expr, b.busybox, n), cpu[1]),
+            timed_cpu([first.process.pid], trivial_runner(first, expr, b.busybox, n), cpu[0]),
+            timed_cpu([second.process.pid], trivial_runner(second, expr, b.busybox, n), cpu[1]),
         )
         rows.append(trivial_row(title, a, c, n, *labels, target=target, cpu=cpu))
 
@@ -880,11 +886,22 @@ def scenario_hook(b: Bench) -> list[Row]:
     expr = b.expr("trivial.nix", TRIVIAL_NIX)
     slots = b.service_max_sessions
     rows = []
+    # CPU: recnix's side counts its nix-daemon's tree and the service (with its children)
+    recnix_pids = [b.hooked.process.pid, b.service.process.pid]
     for separate, what in ((False, "in one nix-build"), (True, "as separate nix-builds")):
+        cpu: tuple[list[float], list[float]] = ([], [])
         a, c = interleaved(
             reps,
-            timed(trivial_runner(b.hooked, expr, b.busybox, n, separate, "recnix")),
-            timed(trivial_runner(b.plain, expr, b.busybox, n, separate, "recursive-nix")),
+            timed_cpu(
+                recnix_pids,
+                trivial_runner(b.hooked, expr, b.busybox, n, separate, "recnix"),
+                cpu[0],
+            ),
+            timed_cpu(
+                [b.plain.process.pid],
+                trivial_runner(b.plain, expr, b.busybox, n, separate, "recursive-nix"),
+                cpu[1],
+            ),
         )
         rows.append(
             trivial_row(
@@ -895,6 +912,8 @@ def scenario_hook(b: Bench) -> list[Row]:
                 "recnix",
                 "built-in",
                 target=1.10,
+                cpu=cpu,
+                cpu_what="CPU (daemon tree, and recnix's service)",
             )
         )
     a, c = interleaved(
