@@ -76,7 +76,6 @@ class Guard:
         self.drv_path = drv_path
         self.chroot = chroot
         self.message = absent_drv_message(drv_path)
-        self.connections = 0  # served so far
         self.limit = ConnectionLimit(max_connections)  # open at once
         self._server: asyncio.base_events.Server | None = None
 
@@ -97,7 +96,6 @@ class Guard:
                 )
             writer.close()
             return
-        self.connections += 1
         log.warning("guard for %s: refused a Nix call: its .drv is not here", self.drv_path)
         conn = ServerConnection(trust=NOT_TRUSTED)
         try:
