@@ -43,6 +43,9 @@ from recnix.store.upstreampool import UpstreamPool
 
 log = logging.getLogger("recnix.daemon.session")
 
+# bytes a client may send before the session is ready to serve it (its handshake is a few)
+EARLY_LIMIT = 64 * 1024
+
 
 class ResumeError(Exception):
     """A journaled session cannot be resumed (the message says why)."""
@@ -151,7 +154,8 @@ class Session:
     async def start(self) -> None:
         """Listen on the session socket. The keeper and the input closure wait for the
         build's first client (:meth:`ready`): a build that never calls Nix costs the
-        nix-daemon no worker."""
+        nix-daemon no worker. An unreachable nix-daemon fails the open, which names it."""
+        await self.context.upstreams.reachable()
         # The sandbox gets the directory (0711: the builder may open the socket by
         # name, not list or write), so a restarted service's new socket shows there.
         self.socket_dir.mkdir(mode=0o711, parents=True, exist_ok=False)
@@ -669,8 +673,20 @@ class ClientProtocol(asyncio.Protocol):
         if self.handler is not None:
             self.handler.on_data(data)
         elif self.transport is not None:
+            # Until attach. Some loops read once after pause_reading() in
+            # connection_made (uvloop, Python 3.11.2's asyncio); a client sends a few
+            # handshake bytes and waits, so more than EARLY_LIMIT is not a Nix client.
             self.early.append(data)
-            self.transport.pause_reading()  # until attach: a slow start buffers little
+            self.transport.pause_reading()
+            if sum(map(len, self.early)) > EARLY_LIMIT:
+                log.warning(
+                    "session %s: a client sent %d bytes before its handshake was "
+                    "answered: closing it",
+                    self.session.sid,
+                    sum(map(len, self.early)),
+                )
+                self.early.clear()
+                self.transport.close()
 
     def eof_received(self) -> bool | None:
         if self.handler is not None:

@@ -64,6 +64,18 @@ class UpstreamPool:
             self._filling = asyncio.ensure_future(self._fill_spares())
         return up or await self.connect()
 
+    async def reachable(self) -> None:
+        """Raise the connection's error (UpstreamError, OSError) if the nix-daemon cannot
+        be reached. A ready spare says it can, at no cost; else a new connection is made
+        and kept as a spare."""
+        if any(spare.reusable for spare in self._spares):
+            return
+        up = await self.connect()
+        if self._closed:
+            await up.close()
+        else:
+            self._spares.append(up)
+
     async def lease(self, owner: str, hooks: bool) -> Upstream:
         """A connection for ``owner`` (a session id): one it gave back, else a new one
         (``hooks``: see :meth:`connect`)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from recnix.daemon.session import Session, SessionContext
+from recnix.daemon.session import EARLY_LIMIT, ClientProtocol, Session, SessionContext
 from recnix.formats.derivation import Derivation
 from recnix.store.upstream import UpstreamError
 from tests.unit.fakes import LIMITS, FakeStore, store_path
@@ -150,3 +150,62 @@ def test_closing_while_the_session_gets_ready_closes_its_keeper(tmp_path: Path) 
 
     asyncio.run(scenario())
     assert pool.asked == 1 and pool.store.closed and not session.is_ready
+
+
+class Transport:
+    """What ClientProtocol does to its transport."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.closed = False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def on_data(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+class Accepting:
+    sid = "s1"
+
+    def accept(self, transport: Transport, protocol: ClientProtocol) -> None:
+        transport.pause_reading()  # as Session.accept does before the session is ready
+
+
+def test_what_a_client_sends_before_its_handler_exists_is_handed_over() -> None:
+    """Some loops read once after pause_reading() in connection_made (uvloop, Python
+    3.11.2's asyncio): those bytes, and an EOF, reach the handler in order."""
+    protocol = ClientProtocol(Accepting())  # type: ignore[arg-type]
+    transport = Transport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(b"magic")
+    protocol.data_received(b"version")
+    assert protocol.eof_received() is True  # kept half open: the handler answers first
+    assert not transport.reading and not transport.closed
+    handler = Handler()
+    protocol.attach(handler)  # type: ignore[arg-type]
+    assert handler.received == [b"magic", b"version", b""] and transport.reading
+    protocol.data_received(b"more")
+    assert handler.received[-1] == b"more"
+
+
+def test_a_client_that_floods_before_its_handshake_is_closed() -> None:
+    protocol = ClientProtocol(Accepting())  # type: ignore[arg-type]
+    transport = Transport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(b"x" * EARLY_LIMIT)
+    assert not transport.closed
+    protocol.data_received(b"x")
+    assert transport.closed and protocol.early == []

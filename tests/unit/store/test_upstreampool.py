@@ -94,3 +94,36 @@ def test_closing_the_pool_closes_every_idle_connection_and_keeps_none_after() ->
         assert late.closed
 
     run(scenario())
+
+
+def test_reachable_costs_nothing_while_a_spare_is_ready_and_keeps_what_it_made() -> None:
+    """A session's open asks whether the daemon can be reached (its keeper connects only
+    with the build's first client): a ready spare answers; else the connection made to
+    find out is kept as a spare, which the session's keeper then takes."""
+
+    async def scenario() -> None:
+        pool = CountingPool()
+        await pool.reachable()
+        assert len(pool.made) == 1
+        await pool.reachable()
+        assert len(pool.made) == 1  # the spare it made answers
+        assert await pool.fresh() is pool.made[0]
+        await pool.close()
+
+    run(scenario())
+
+
+def test_reachable_raises_the_connection_error() -> None:
+    class NoDaemon(UpstreamPool):
+        async def connect(self, hooks: bool = True):  # type: ignore[no-untyped-def,override]
+            raise OSError(2, "cannot connect to the nix-daemon at /nowhere")
+
+    async def scenario() -> None:
+        try:
+            await NoDaemon("unix:///nowhere").reachable()
+        except OSError as e:
+            assert "/nowhere" in str(e)
+        else:
+            raise AssertionError("reachable() did not raise")
+
+    run(scenario())
