@@ -175,7 +175,7 @@ class Session:
         """Connect the keeper and compute the input closure, once, for every client that
         waits for it; after a failure (StoreError, OSError) the next client tries again."""
         f = self._ready
-        if f is None or (f.done() and (f.cancelled() or f.exception() is not None)):
+        if f is None or (f.done() and not self.is_ready):
             self._ready = f = asyncio.ensure_future(self._get_ready())
         await asyncio.shield(f)
 
@@ -678,12 +678,13 @@ class ClientProtocol(asyncio.Protocol):
             # handshake bytes and waits, so more than EARLY_LIMIT is not a Nix client.
             self.early.append(data)
             self.transport.pause_reading()
-            if sum(map(len, self.early)) > EARLY_LIMIT:
+            received = sum(map(len, self.early))
+            if received > EARLY_LIMIT:
                 log.warning(
                     "session %s: a client sent %d bytes before its handshake was "
                     "answered: closing it",
                     self.session.sid,
-                    sum(map(len, self.early)),
+                    received,
                 )
                 self.early.clear()
                 self.transport.close()
