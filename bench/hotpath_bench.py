@@ -40,7 +40,7 @@ from recnix.daemon.connection import ConnectionHandler, Peer  # noqa: E402
 from recnix.daemon.session import ClientProtocol  # noqa: E402
 from recnix.protocol import ClientConnection, Op, Reply  # noqa: E402
 from recnix.protocol.connection import Phase  # noqa: E402
-from recnix.store.restricted import RestrictedStore  # noqa: E402
+from recnix.store.restricted import RestrictedStore, censor  # noqa: E402
 from scripts.fuzz_session import Transport, handshake_bytes, new_world  # noqa: E402
 
 MINOR = 35
@@ -84,8 +84,8 @@ def handler_loop(n: int, op: Op, profile: bool) -> float:
 async def _handler_loop(
     n: int, op: Op, profile: bool, transport: Transport, h: Any, world: Any, session: Any
 ) -> float:
-    if op is Op.QUERY_PATH_INFO:  # the session knows the path's info (as after closure())
-        await session.closure([world.input])
+    if op is Op.QUERY_PATH_INFO:  # the session knows the path's info (an input's)
+        session.path_infos[world.input] = censor(await session.store.query_path_info(world.input))
     task = asyncio.ensure_future(h.run())
     hello, _ = handshake_bytes(MINOR)
     h.on_data(hello)

@@ -76,7 +76,8 @@ class ServedSession(SessionState, Protocol):
 
     @property
     def keeper(self) -> Upstream | None:
-        """The session's own daemon connection (its Nix version is the one to announce)."""
+        """The session's own daemon connection, which lives as long as the session: its
+        Nix version is the one to announce, and it holds the session's temp roots."""
         ...
 
     @property
@@ -96,7 +97,9 @@ class ServedSession(SessionState, Protocol):
 class ConnectionUpstreams(LocalStoreFiles):
     """The :class:`~recnix.store.seam.Store` one client connection forwards to: its session's
     upstream connections, taken when first needed, one that runs nix.conf's build hooks
-    and (when ``SessionContext.hooks_optional``) one that does not."""
+    and (when ``SessionContext.hooks_optional``) one that does not; what it keeps is
+    kept on the session's keeper, which outlives the connection. This is a restricted
+    store's one route to the daemon."""
 
     def __init__(self, session: ServedSession) -> None:
         self.session = session
@@ -115,6 +118,12 @@ class ConnectionUpstreams(LocalStoreFiles):
         for up in self.upstreams.values():
             await self.session.release_upstream(up)
         self.upstreams.clear()
+
+    async def keep(self, paths: Iterable[str]) -> None:
+        keeper = self.session.keeper
+        if keeper is None:  # a client is served only once its session is ready
+            raise StoreError("the session has no daemon connection to keep paths on")
+        await keeper.keep(paths)
 
     async def query_path_info(self, path: str) -> PathInfo | None:
         return await (await self.up()).query_path_info(path)

@@ -232,7 +232,7 @@ class Session:
         for path in ours:
             await self.keeper.add_temp_root(path)
         self.roots.add(ours)
-        await self.closure(ours, known=self.inputs)  # their path infos, for the fast path
+        await self._closure(ours, known=self.inputs)  # their path infos, for the fast path
         self.allowed = self.inputs | set(ours)
         self.added = set(ours)
         self.view = SandboxView(self.chroot, known_present=self.inputs)
@@ -288,10 +288,11 @@ class Session:
             for name, path in outputs.items():
                 if path and (name in wanted or "*" in wanted):
                     roots.add(path)
-        return await self.closure(roots)
+        return await self._closure(roots)
 
-    async def closure(self, roots: Iterable[str], known: set[str] | None = None) -> set[str]:
-        """Closure of ``roots`` over references, stopping at paths in ``known``."""
+    async def _closure(self, roots: Iterable[str], known: set[str] | None = None) -> set[str]:
+        """Closure of ``roots`` over references on the keeper, stopping at paths in
+        ``known`` (the session's own: its inputs, and on resume what it had allowed)."""
         assert self.keeper is not None
         infos = await closure_infos(
             self.keeper.query_path_info, roots, known or frozenset(), where="the host store"
@@ -462,15 +463,12 @@ class Session:
         self.journal_change(builds=self.builds, build_requests=new)
 
     async def allow(self, paths: Iterable[str], event: str) -> None:
-        """Root, materialise and allow ``paths`` (already closed under references if needed)."""
-        assert self.keeper is not None
+        """Root, materialise and allow ``paths`` (already closed under references if
+        needed, and kept by the caller: ``Store.keep``, on this session's keeper)."""
         async with self._allow_lock:
             new = sorted(p for p in set(paths) if p not in self.allowed)
             if not new:
                 return
-            t0 = time.perf_counter()
-            for path in new:
-                await self.keeper.add_temp_root(path)
             t1 = time.perf_counter()
             try:
                 self.roots.add(new)
@@ -496,13 +494,12 @@ class Session:
                 self.context.audit.write(event, self.sid, drv=self.drv_path, path=path)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
-                    "session %s: %s %d path(s) in %.1f ms: temp roots %.1f, gc roots %.1f, "
+                    "session %s: %s %d path(s) in %.1f ms: gc roots %.1f, "
                     "fsync %.1f, materialise %.1f, journal and audit %.1f",
                     self.sid,
                     event,
                     len(new),
-                    1e3 * (time.perf_counter() - t0),
-                    1e3 * (t1 - t0),
+                    1e3 * (time.perf_counter() - t1),
                     1e3 * (t2 - t1),
                     1e3 * synced,
                     1e3 * (t3 - t2 - synced),

@@ -67,7 +67,7 @@ from recnix.store.policy import (
     opted_in_drvs,
     requested_features,
 )
-from recnix.store.seam import Store
+from recnix.store.seam import Store, closure_infos
 from recnix.store.upstream import UpstreamError
 
 T = TypeVar("T")
@@ -113,9 +113,10 @@ class SessionState(Protocol):
     @property
     def ancestry(self) -> set[str]: ...
 
-    async def allow(self, paths: Iterable[str], event: str) -> None: ...
-
-    async def closure(self, roots: Iterable[str], known: set[str] | None = None) -> set[str]: ...
+    async def allow(self, paths: Iterable[str], event: str) -> None:
+        """Root, materialise and allow ``paths``, which the restricted store has kept
+        (``Store.keep``)."""
+        ...
 
     def note_build_request(self, drv_paths: Iterable[str]) -> None: ...
 
@@ -416,9 +417,28 @@ class RestrictedStore:
     async def _allow_added(self, paths: list[str], n_bytes: int) -> None:
         if any(p.endswith(".drv") for p in paths):  # the build's text, of any size
             await self._off_loop(self._check_added, paths, what="checking the added derivation")
+        self.session.added_bytes += n_bytes
+        await self._allow(paths, "added")
+
+    async def _allow(self, paths: Iterable[str], event: str) -> None:
+        """Keep ``paths`` (on the store, for as long as the session lives), then have the
+        session root, materialise and allow them."""
         s = self.session
-        s.added_bytes += n_bytes
-        await s.allow(paths, "added")
+        new = sorted(p for p in set(paths) if p not in s.allowed)
+        if new:
+            await self.store.keep(new)
+            await s.allow(new, event)
+
+    async def _closure(self, roots: Iterable[str]) -> set[str]:
+        """The closure of ``roots`` over references, without what the session allows
+        already; their (censored) path infos are remembered for the fast path."""
+        s = self.session
+        infos = await closure_infos(
+            self.store.query_path_info, roots, s.allowed, where="the host store"
+        )
+        for path, info in infos.items():
+            s.path_infos[path] = censor(info)
+        return set(infos)
 
     async def _guarded(
         self,
@@ -685,8 +705,7 @@ class RestrictedStore:
                 s.realisations.update(r.result.built_outputs)
             s.journal_change(realisations=s.realisations)
         outputs = await self._outputs_of(ok_targets)
-        closure = await s.closure(outputs, known=s.allowed)
-        await s.allow(closure, "built")
+        await self._allow(await self._closure(outputs), "built")
         s.audit(
             "build-finished",
             targets=names,

@@ -137,6 +137,11 @@ class Store(Protocol):
         """Add a path from its NAR and info."""
         ...
 
+    async def keep(self, paths: Iterable[str]) -> None:
+        """Keep ``paths`` from Nix's garbage collector for as long as this store's owner
+        lives (temp roots: a session's on its keeper connection)."""
+        ...
+
     async def build_paths(
         self,
         targets: list[DerivedPath],

@@ -404,6 +404,11 @@ class Upstream(LocalStoreFiles):
     async def add_temp_root(self, path: str) -> None:
         await self.call(Op.ADD_TEMP_ROOT, {"path": path})
 
+    async def keep(self, paths: Iterable[str]) -> None:
+        """Temp roots for ``paths``: they last as long as this connection."""
+        for path in paths:
+            await self.add_temp_root(path)
+
     async def build_paths(
         self,
         targets: list[DerivedPath],

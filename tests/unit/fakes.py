@@ -27,7 +27,7 @@ from recnix.protocol import (
 )
 from recnix.protocol.nar import Contents, NarParser
 from recnix.store.policy import Limits
-from recnix.store.seam import closure_infos
+from recnix.store.seam import StoreError
 from recnix.store.upstream import UpstreamError
 
 STORE = "/nix/store/"
@@ -89,6 +89,7 @@ class FakeStore:
     contents: dict[str, bytes] = field(default_factory=dict)
     infos: dict[str, PathInfo] = field(default_factory=dict)
     ran: list[str] = field(default_factory=list)  # derivations built, in order
+    kept: set[str] = field(default_factory=set)  # Store.keep: the session's temp roots
     fail_builds: bool = False
 
     def put(self, path: str, content: bytes = b"x", references: Iterable[str] = ()) -> str:
@@ -119,6 +120,12 @@ class FakeStore:
 
     async def query_valid_paths(self, paths: Iterable[str], substitute: bool = False) -> list[str]:
         return [p for p in paths if p in self.infos]
+
+    async def keep(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            if path not in self.infos:
+                raise StoreError(f"path '{path}' is not valid")
+            self.kept.add(path)
 
     def _drv(self, drv_path: str) -> Derivation:
         drv = self.read_derivation(drv_path)
@@ -262,15 +269,11 @@ class FakeSession:
         return {self.drv_path}
 
     async def allow(self, paths: Iterable[str], event: str) -> None:
+        unkept = set(paths) - self.store.kept
+        assert not unkept, f"allowed before the store kept them: {sorted(unkept)}"
         for p in sorted(set(paths) - self.allowed):
             self.allowed.add(p)
             self.audit(event, path=p)
-
-    async def closure(self, roots: Iterable[str], known: set[str] | None = None) -> set[str]:
-        async def query(path: str) -> PathInfo | None:
-            return self.store.infos.get(path)
-
-        return set(await closure_infos(query, roots, known or frozenset(), where="the host store"))
 
     # what a connection asks of its session (recnix.daemon.connection.ServedSession)
     keeper = None

@@ -339,6 +339,29 @@ def test_a_derivation_instantiated_inside_from_inputs_builds(add_op: str) -> Non
     assert out in w.session.allowed
 
 
+def test_what_a_build_adds_or_builds_is_kept_on_its_store_before_it_is_allowed() -> None:
+    """One route to the daemon: the restricted store keeps each new path (temp roots,
+    ``Store.keep``) and walks the built outputs' closure on its own store, before the
+    session allows them (FakeSession.allow fails on a path not kept); a path allowed
+    already is not kept again."""
+    w = World()
+    counting = CountingStore(w.store)
+    rs = RestrictedStore(counting, w.session, w.client)  # type: ignore[arg-type]
+    dep = w.store.put(store_path("dep"), b"dep", [w.src])
+    top = w.store.put_drv(drv("top", [w.src, dep]), "top")  # a host derivation
+    w.session.allowed |= {top, dep}
+    counting.calls.clear()
+    run(rs.serve(Op.BUILD_PATHS, {"paths": [DerivedPath(top, ["out"])], "build_mode": 0}))
+    out = w.store.read_derivation(top).outputs["out"].path  # type: ignore[union-attr]
+    assert out in w.session.allowed and out in w.store.kept
+    assert "query_path_info" in counting.calls and "keep" in counting.calls
+    kept = set(w.store.kept)
+    assert not kept & {w.src, dep}  # allowed already, so not kept again
+    counting.calls.clear()
+    run(rs.serve(Op.BUILD_PATHS, {"paths": [DerivedPath(top, ["out"])], "build_mode": 0}))
+    assert "keep" not in counting.calls and w.store.kept == kept
+
+
 @pytest.mark.parametrize("how", ["add-nar", "multiple"])
 def test_a_host_path_cannot_be_claimed_by_name(how: str) -> None:
     """Nix's daemon accepts a NAR for an already-valid path unread: the NAR must be the
