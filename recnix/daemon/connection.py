@@ -39,7 +39,7 @@ from recnix.protocol import (
     op_spec,
 )
 from recnix.sandbox.materialise import MaterialiseError
-from recnix.store.aio import stream_data
+from recnix.store.aio import serve_requests, stream_data
 from recnix.store.policy import Denied
 from recnix.store.restricted import SYNC_OPS, NarReply, RestrictedStore, SessionState
 from recnix.store.seam import Data as StoreData
@@ -372,37 +372,14 @@ class ConnectionHandler:
     async def run(self) -> None:
         s = self.session
         try:
-            ev = await self.next_event()
-            if isinstance(ev, ConnectionClosed):
-                return
-            assert isinstance(ev, HandshakeDone)
-            log.debug(
-                "session %s: pid %d speaks protocol 1.%d (it offered 1.%d, recnix 1.%d)",
-                s.sid,
-                self.peer.pid,
-                ev.minor,
-                ev.client_minor,
-                ev.server_minor,
-            )
-            await self.flush()
-            while True:
-                ev = await self.next_request_event()
-                if isinstance(ev, ConnectionClosed):
-                    if self.eof_owed and not self.lost:
-                        log.info(
-                            "session %s: client pid %d half-closed its connection with "
-                            "requests pending; answered them, closing",
-                            s.sid,
-                            self.peer.pid,
-                        )
-                    return
-                if isinstance(ev, tuple):
-                    await self.dispatch(*ev)
-                elif isinstance(ev, Request):
-                    await self.dispatch(ev)
-                else:
-                    raise ProtocolError(f"unexpected {type(ev).__name__} between requests")
-                await self.flush()
+            end = await serve_requests(self.next_request_event, self._answer, self.flush)
+            if isinstance(end, ConnectionClosed) and self.eof_owed and not self.lost:
+                log.info(
+                    "session %s: client pid %d half-closed its connection with requests "
+                    "pending; answered them, closing",
+                    s.sid,
+                    self.peer.pid,
+                )
         except ProtocolError as e:
             log.warning(
                 "session %s: closing connection from pid %d: protocol error: %s",
@@ -425,6 +402,25 @@ class ConnectionHandler:
                 await self.flush()
             except Exception:
                 pass
+
+    async def _answer(self, ev: Any) -> None:
+        """One event of the server loop: the handshake, a request, or a request whose
+        handler the fast path started (``(request, pending)``)."""
+        if isinstance(ev, HandshakeDone):
+            log.debug(
+                "session %s: pid %d speaks protocol 1.%d (it offered 1.%d, recnix 1.%d)",
+                self.session.sid,
+                self.peer.pid,
+                ev.minor,
+                ev.client_minor,
+                ev.server_minor,
+            )
+        elif isinstance(ev, tuple):
+            await self.dispatch(*ev)
+        elif isinstance(ev, Request):
+            await self.dispatch(ev)
+        else:
+            raise ProtocolError(f"unexpected {type(ev).__name__} between requests")
 
     def _start(self, req: Request) -> Awaitable[None] | None:
         """Start serving ``req``; return what is left to await (None: answered)."""

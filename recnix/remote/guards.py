@@ -29,9 +29,9 @@ import shutil
 from pathlib import Path
 
 from recnix.protocol import NOT_TRUSTED, ProtocolError
-from recnix.protocol.connection import NEED_DATA, ConnectionClosed, Request, ServerConnection
-from recnix.protocol.handshake import HandshakeDone
+from recnix.protocol.connection import Request, ServerConnection
 from recnix.sandbox.connlimit import ConnectionLimit
+from recnix.store.aio import next_event, serve_requests
 
 log = logging.getLogger(__name__)
 
@@ -98,26 +98,20 @@ class Guard:
             return
         log.warning("guard for %s: refused a Nix call: its .drv is not here", self.drv_path)
         conn = ServerConnection(trust=NOT_TRUSTED)
+
+        async def flush() -> None:
+            writer.write(conn.data_to_send())
+            await writer.drain()
+
+        async def answer(ev: object) -> bool:
+            if isinstance(ev, Request):
+                conn.send_error(self.message)
+                await flush()
+                return False  # one answer, then the connection is closed
+            return True
+
         try:
-            while True:
-                ev = conn.next_event()
-                if ev is NEED_DATA:
-                    writer.write(conn.data_to_send())
-                    await writer.drain()
-                    data = await reader.read(65536)
-                    conn.receive_data(data)
-                    if not data:
-                        return
-                    continue
-                if isinstance(ev, ConnectionClosed):
-                    return
-                if isinstance(ev, HandshakeDone):
-                    continue
-                if isinstance(ev, Request):
-                    conn.send_error(self.message)
-                    writer.write(conn.data_to_send())
-                    await writer.drain()
-                    return
+            await serve_requests(lambda: next_event(conn, reader, flush), answer, flush)
         except (ProtocolError, ConnectionError, OSError) as e:
             log.info("guard for %s: connection ended: %s", self.drv_path, e)
         finally:

@@ -46,9 +46,7 @@ from typing import Any
 from recnix.config.names import OPT_IN_FEATURES
 from recnix.formats.derivation import DerivationError, read_derivation
 from recnix.protocol import (
-    NEED_DATA,
     BuildResult,
-    ConnectionClosed,
     Data,
     DerivedPath,
     EndOfData,
@@ -77,7 +75,7 @@ from recnix.remote.remotetrust import (
     builder_trusted,
     ssh_destination,
 )
-from recnix.store.aio import READ_CHUNK, next_event
+from recnix.store.aio import READ_CHUNK, next_event, serve_requests
 from recnix.store.seam import StoreError, closure_infos, topo_order
 from recnix.store.upstream import Upstream, UpstreamError
 
@@ -237,15 +235,15 @@ class Proxy:
 
     async def serve(self) -> None:
         assert self.builder is not None
-        while True:
-            ev = await self.server_event()
-            if isinstance(ev, HandshakeDone):
-                continue
-            if isinstance(ev, ConnectionClosed) or ev is NEED_DATA:
-                return
-            if not isinstance(ev, Request):
-                raise ProtocolError(f"unexpected {type(ev).__name__} from build-remote")
-            await self.forward(ev)
+        await serve_requests(self.server_event, self.answer, self.flush_server)
+
+    async def answer(self, ev: Event) -> None:
+        """One event of the server loop: the handshake, or a request to forward."""
+        if isinstance(ev, HandshakeDone):
+            return
+        if not isinstance(ev, Request):
+            raise ProtocolError(f"unexpected {type(ev).__name__} from build-remote")
+        await self.forward(ev)
 
     async def forward(self, req: Request) -> None:
         """Forward one request, its stream and the builder's answer."""

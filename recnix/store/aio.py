@@ -1,11 +1,13 @@
-"""The asyncio side of the sans-IO codec: feed a connection from a stream reader."""
+"""The asyncio side of the sans-IO codec: feed a connection from a stream reader, and
+the one server loop every worker-protocol server in recnix runs."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
-from recnix.protocol import NEED_DATA, Data, EndOfData
+from recnix.protocol import NEED_DATA, ConnectionClosed, Data, EndOfData
 from recnix.protocol.connection import ClientConnection, Event, ServerConnection
 
 READ_CHUNK = 1 << 16
@@ -31,6 +33,29 @@ async def next_event(
         conn.receive_data(data)
         if not data:
             return conn.next_event()
+
+
+async def serve_requests(
+    next_event: Callable[[], Awaitable[Any]],
+    answer: Callable[[Any], Awaitable[bool | None]],
+    flush: Callable[[], Awaitable[None]],
+) -> Any:
+    """The server loop of a worker-protocol connection: a session's client
+    (recnix.daemon.connection), a guard's (recnix.remote.guards), build-remote through
+    the ssh proxy (recnix.remote.sshproxy).
+
+    Each event at a request boundary from ``next_event`` (the handshake, then requests)
+    goes to ``answer``, and what it queued is flushed after it. The loop ends when the
+    client leaves, returning the ``ConnectionClosed`` (or ``NEED_DATA``: end of input
+    inside a message), or when ``answer`` returns False (None then). Errors pass
+    through: each server says what they mean for its peer."""
+    while True:
+        ev = await next_event()
+        if ev is NEED_DATA or isinstance(ev, ConnectionClosed):
+            return ev
+        if await answer(ev) is False:
+            return None
+        await flush()
 
 
 async def stream_data(
