@@ -10,94 +10,32 @@ this module only finalises, invalidates, and says what happened.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
-from collections.abc import Iterable
 
 from recnix.daemon.audit import AuditLog
 from recnix.daemon.journal import SessionRecord
 from recnix.daemon.session import Session
-from recnix.protocol import PathInfo
 from recnix.store.invalidate import InvalidateError, invalidate_paths, invalidated_message
 from recnix.store.register import (
+    DaemonQueries,
     FinaliseError,
     FinaliseReport,
-    RegisteredInfo,
-    StoreQueries,
     finalise_outputs,
     outputs_of,
 )
-from recnix.store.seam import InvalidPathError, StoreError, closure_infos
+from recnix.store.seam import StoreError
 from recnix.store.upstreampool import UpstreamPool
 
 log = logging.getLogger("recnix.daemon.finalisation")
-
-QUERY_TIMEOUT = 120.0  # seconds for one query (a path, or a closure) during finalisation
-
-
-class DaemonQueries(StoreQueries):
-    """Finalisation's store queries over the worker protocol, on fresh connections.
-
-    Cheaper than a `nix` process per query; a fresh connection means a fresh daemon
-    worker, whose cache cannot predate a re-registration. Called from the executor
-    thread that runs ``finalise_outputs``; the queries run on the service's loop.
-    """
-
-    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
-        self.pool = pool
-        self.loop = loop
-
-    async def _infos(self, roots: list[str], closure: bool) -> dict[str, PathInfo]:
-        """The path infos of ``roots`` (with ``closure``: of their closure), on one fresh
-        connection."""
-        try:
-            upstream = await self.pool.fresh()
-            try:
-                return await closure_infos(upstream.query_path_info, roots, references=closure)
-            finally:
-                await upstream.close()
-        except InvalidPathError as e:
-            raise FinaliseError(str(e)) from None
-        except (StoreError, OSError) as e:
-            raise FinaliseError(f"cannot query the path info of {roots[0]}: {e}") from None
-
-    def _wait(self, roots: list[str], closure: bool = False) -> dict[str, PathInfo]:
-        future = asyncio.run_coroutine_threadsafe(self._infos(roots, closure), self.loop)
-        try:
-            return future.result(QUERY_TIMEOUT)
-        except TimeoutError:
-            future.cancel()
-            raise FinaliseError(
-                f"the nix-daemon did not answer path-info queries for {', '.join(roots)} "
-                f"within {QUERY_TIMEOUT:.0f} s"
-            ) from None
-
-    def path_info(self, path: str) -> RegisteredInfo:
-        info = self._wait([path])[path]
-        return RegisteredInfo(
-            f"sha256:{info.nar_hash}",
-            info.nar_size,
-            frozenset(info.references),
-            info.deriver or "",
-        )
-
-    def references(self, path: str) -> set[str]:
-        return set(self._wait([path])[path].references)
-
-    def closure(self, paths: Iterable[str]) -> dict[str, int]:
-        roots = list(paths)
-        if not roots:
-            return {}
-        return {path: info.nar_size for path, info in self._wait(roots, closure=True).items()}
-
 
 class Finaliser:
     """Finalises or invalidates the outputs of recursive builds, and audits it."""
 
     def __init__(self, pool: UpstreamPool, audit: AuditLog, secret_key_files: list[str]) -> None:
         self.pool = pool
+        self.queries = DaemonQueries(pool)
         self.audit = audit
         self.secret_key_files = secret_key_files  # signing.secret-key-files: re-sign with these
 
@@ -108,19 +46,15 @@ class Finaliser:
         started = time.perf_counter()
         drv_path = session.drv_path
         session.begin_finalising()
-        loop = asyncio.get_running_loop()
         try:
-            report = await loop.run_in_executor(
-                None,
-                finalise_outputs,
+            report = await finalise_outputs(
                 drv_path,
                 set(session.added),
                 self.secret_key_files,
-                dict(os.environ),
-                DaemonQueries(self.pool, loop),
+                os.environ,
+                self.queries,
                 session.take_registrar(),
-                True,
-                session.drv,
+                drv=session.drv,
             )
         except Exception as e:
             if not isinstance(e, FinaliseError):
@@ -148,9 +82,8 @@ class Finaliser:
         with the journaled session paths (GC-rooted until the service has started), or
         invalidate them. Returns what happened."""
         ended = "the build ended while recnix was not running"
-        loop = asyncio.get_running_loop()
         try:
-            outputs = await loop.run_in_executor(None, outputs_of, record.drv_path, os.environ)
+            outputs = await outputs_of(record.drv_path, self.queries)
             upstream = await self.pool.fresh()
             try:
                 valid = await upstream.query_valid_paths(sorted(outputs.values()))
@@ -161,13 +94,12 @@ class Finaliser:
         if not valid:
             return ended  # it failed, or the post-build hook invalidated its outputs
         try:
-            report = await loop.run_in_executor(
-                None,
-                finalise_outputs,
+            report = await finalise_outputs(
                 record.drv_path,
                 set(record.allowed),
                 self.secret_key_files,
-                dict(os.environ),
+                os.environ,
+                self.queries,
             )
         except FinaliseError as e:
             error = await self.invalidate(
@@ -202,7 +134,7 @@ class Finaliser:
         loop = asyncio.get_running_loop()
         outputs = set(out_paths)
         try:
-            named = await loop.run_in_executor(None, outputs_of, drv_path, os.environ)
+            named = await outputs_of(drv_path, self.queries)
             outputs |= set(named.values())
             await loop.run_in_executor(None, invalidate_paths, sorted(outputs))
         except (FinaliseError, InvalidateError) as e:
@@ -233,16 +165,13 @@ class Finaliser:
         if not session_paths:
             return "and may lack references"
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None,
-                functools.partial(
-                    finalise_outputs,
-                    drv_path,
-                    session_paths,
-                    self.secret_key_files,
-                    dict(os.environ),
-                    check=False,
-                ),
+            await finalise_outputs(
+                drv_path,
+                session_paths,
+                self.secret_key_files,
+                os.environ,
+                self.queries,
+                check=False,
             )
         except FinaliseError as e:
             return f"and may lack references (registering them failed too: {e})"

@@ -8,31 +8,39 @@ derivation's reference constraints, adds the missing references with
 outer derivations cannot be fixed up (their path depends on their references, §6.5): such an
 output referencing a session path fails the finalisation. A failed finalisation is the
 caller's to undo: the outputs must not stay valid (``recnix.store.invalidate``).
+
+It runs on the service's event loop: the store is read over the worker protocol
+(:class:`DaemonQueries`), and only what blocks (reading the outputs the build wrote,
+the `nix-store` that re-registers, signing) runs in the default executor.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 from recnix.formats.derivation import Derivation, DerivationError, read_derivation
 from recnix.formats.storepath import (
     STORE_PREFIX,
     InvalidStorePath,
     hash_part,
-    store_path_name,
     validate_store_path,
 )
 from recnix.protocol.nar import scan_for_hashes
+from recnix.store.seam import InvalidPathError, StoreError, closure_infos
+from recnix.store.upstream import Upstream
+from recnix.store.upstreampool import UpstreamPool
+
+T = TypeVar("T")
 
 NIX_COMMAND = ["--extra-experimental-features", "nix-command"]
-JSON_FORMAT_1 = ["--json-format", "1"]  # Nix >= 2.33: full store paths, string hashes
 REGISTER_COMMAND = ["nix-store", "--register-validity", "--reregister", "--hash-given"]
 REGISTER_TIMEOUT = 600.0  # seconds for one re-registration (it waits for the store's locks)
+QUERY_TIMEOUT = 120.0  # seconds for one query (a path, or a closure) during finalisation
 CA_OUTPUT_KINDS = ("caFixed", "caFloating", "impure")
 
 
@@ -147,28 +155,26 @@ def _read_drv(drv_path: str) -> Derivation:
         raise FinaliseError(f"cannot read derivation {drv_path}: {e}") from None
 
 
-def outputs_of(
-    drv_path: str, nix_env: Mapping[str, str], drv: Derivation | None = None
+async def outputs_of(
+    drv_path: str, queries: StoreQueries, drv: Derivation | None = None
 ) -> dict[str, str]:
     """Output name -> output path of a built derivation (``drv``: its parsed .drv, if the
     caller has it).
 
     Nix 2.8.0's post-build hook gets an empty OUT_PATHS, so the outputs come from the .drv;
-    outputs whose path is not in the .drv (floating CA, impure) are matched by name among
-    `nix-store -q --outputs`.
+    outputs whose path is not in the .drv (floating CA, impure) from the store's output
+    map of the derivation.
     """
-    drv = drv or _read_drv(drv_path)
+    drv = drv or await asyncio.to_thread(_read_drv, drv_path)
     outputs = {name: out.path for name, out in drv.outputs.items() if out.path}
     missing = [name for name in drv.outputs if name not in outputs]
     if missing:
-        queried = _run(["nix-store", "-q", "--outputs", drv_path], nix_env).split()
-        drv_name = os.path.basename(drv_path).removesuffix(".drv")[33:]
+        known = await queries.output_map(drv_path)
         for name in missing:
-            wanted = drv_name if name == "out" else f"{drv_name}-{name}"
-            match = [p for p in queried if store_path_name(p) == wanted]
-            if len(match) != 1:
+            path = known.get(name)
+            if not path:
                 raise FinaliseError(f"cannot determine output {name!r} of {drv_path}")
-            outputs[name] = match[0]
+            outputs[name] = path
     return outputs
 
 
@@ -182,110 +188,83 @@ def scan_references(output_path: str, candidates: Iterable[str]) -> set[str]:
     return {by_hash[h] for h in scan_for_hashes(output_path, by_hash)}
 
 
-def query_references(path: str, nix_env: Mapping[str, str]) -> set[str]:
-    """Registered references of a valid store path."""
-    return set(_run(["nix-store", "-q", "--references", path], nix_env).split())
-
-
-def query_closure(paths: Iterable[str], nix_env: Mapping[str, str]) -> set[str]:
-    """The closure (`nix-store -qR`) of `paths`."""
-    paths = list(paths)
-    if not paths:
-        return set()
-    return set(_run(["nix-store", "-qR", *paths], nix_env).split())
-
-
-def closure_sizes(paths: Iterable[str], nix_env: Mapping[str, str]) -> dict[str, int]:
-    """The closure of ``paths`` (`nix-store -qR`), each path with its NAR size."""
-    closure = sorted(query_closure(paths, nix_env))
-    if not closure:
-        return {}
-    sizes = _run(["nix-store", "-q", "--size", *closure], nix_env).split()
-    if len(sizes) != len(closure):
-        raise FinaliseError(f"nix-store -q --size gave {len(sizes)} sizes for {len(closure)} paths")
-    return {path: int(size) for path, size in zip(closure, sizes, strict=True)}
+def _scan_output(drv_path: str, name: str, output_path: str, candidates: set[str]) -> set[str]:
+    """The ``candidates`` output ``name`` refers to (blocking: reads what the build wrote)."""
+    if not os.path.lexists(output_path):
+        raise FinaliseError(f"output {name!r} of {drv_path} ({output_path}) does not exist")
+    try:
+        return scan_references(output_path, candidates)
+    except (OSError, ValueError, InvalidStorePath) as e:
+        raise FinaliseError(f"cannot scan output {name!r} ({output_path}): {e}") from None
 
 
 class StoreQueries(Protocol):
-    """How finalisation reads the store: the Nix CLI here (tests, a service that is
-    down), the worker protocol in the service (recnix.daemon.finalisation.DaemonQueries).
+    """How finalisation reads the store: afresh, with no cache from before a
+    re-registration (:class:`DaemonQueries`; an in-memory store in the unit tests)."""
 
-    Both must read the store's database afresh (no cache from before a re-registration).
-    """
-
-    def path_info(self, path: str) -> RegisteredInfo:
+    async def path_info(self, path: str) -> RegisteredInfo:
         """The registration of the valid path ``path`` (FinaliseError if it is not valid)."""
         ...
 
-    def references(self, path: str) -> set[str]:
-        """Registered references of ``path``."""
-        ...
-
-    def closure(self, paths: Iterable[str]) -> dict[str, int]:
+    async def closure(self, paths: Iterable[str]) -> dict[str, int]:
         """The closure of ``paths``, each path with its NAR size."""
         ...
 
+    async def output_map(self, drv_path: str) -> dict[str, str | None]:
+        """Output name -> path of a derivation, as the store knows them."""
+        ...
 
-class CliQueries:
-    """StoreQueries through the Nix CLI, one process per query."""
 
-    def __init__(self, nix_env: Mapping[str, str]) -> None:
-        self.env = local_store_env(nix_env)
+class DaemonQueries:
+    """StoreQueries over the worker protocol, each on a fresh connection from ``pool``:
+    a fresh daemon worker, whose cache cannot predate a re-registration."""
 
-    def path_info(self, path: str) -> RegisteredInfo:
-        info = path_info(path, self.env)
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    async def _ask(self, what: str, query: Callable[[Upstream], Awaitable[T]]) -> T:
+        try:
+            upstream = await self.pool.fresh()
+            try:
+                return await asyncio.wait_for(query(upstream), QUERY_TIMEOUT)
+            finally:
+                await upstream.close()
+        except InvalidPathError as e:
+            raise FinaliseError(str(e)) from None
+        except TimeoutError:
+            raise FinaliseError(
+                f"the nix-daemon did not answer {what} within {QUERY_TIMEOUT:.0f} s"
+            ) from None
+        except (StoreError, OSError) as e:
+            raise FinaliseError(f"cannot query {what}: {e}") from None
+
+    async def path_info(self, path: str) -> RegisteredInfo:
+        infos = await self._ask(
+            f"the path info of {path}",
+            lambda up: closure_infos(up.query_path_info, [path], references=False),
+        )
+        info = infos[path]
         return RegisteredInfo(
-            info["narHash"],
-            int(info["narSize"]),
-            frozenset(info.get("references", [])),
-            info.get("deriver") or "",
+            f"sha256:{info.nar_hash}",
+            info.nar_size,
+            frozenset(info.references),
+            info.deriver or "",
         )
 
-    def references(self, path: str) -> set[str]:
-        return query_references(path, self.env)
-
-    def closure(self, paths: Iterable[str]) -> dict[str, int]:
-        return closure_sizes(paths, self.env)
-
-
-def path_info(path: str, nix_env: Mapping[str, str]) -> dict:
-    """One `nix path-info --json` record: narHash, narSize, references, deriver (if known)."""
-    argv = ["nix", *NIX_COMMAND, "path-info", "--json", path]
-    try:
-        out = _run(argv, nix_env)
-    except FinaliseError as e:
-        # Nix >= 2.33 deprecates --json without --json-format (one day an error); older
-        # Nix rejects the flag. Ask for the format parse_path_info reads only when needed.
-        if "--json-format" not in str(e):
-            raise
-        out = _run([*argv[:-1], *JSON_FORMAT_1, path], nix_env)
-    return parse_path_info(path, out)
-
-
-def parse_path_info(path: str, text: str) -> dict:
-    """``path``'s record in `nix path-info --json` output (JSON format 1).
-
-    Nix 2.8 prints a list of records (``"path"``, ``"valid"``); Nix 2.19 on print
-    an object keyed by store path, with ``null`` for an invalid path.
-    """
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise FinaliseError(f"cannot read the path info of {path}: {e}") from None
-    if isinstance(data, list):
-        records = {r.get("path"): r for r in data if isinstance(r, dict)}
-    elif isinstance(data, dict) and "info" not in data:
-        records = data
-    else:
-        raise FinaliseError(
-            f"cannot read the path info of {path}: unexpected JSON shape {text[:200]!r}"
+    async def closure(self, paths: Iterable[str]) -> dict[str, int]:
+        roots = list(paths)
+        if not roots:
+            return {}
+        infos = await self._ask(
+            f"the closure of {', '.join(roots)}",
+            lambda up: closure_infos(up.query_path_info, roots),
         )
-    if path not in records:
-        raise FinaliseError(f"cannot read the path info of {path}: not in {sorted(records)}")
-    info = records[path]
-    if not info or not info.get("valid", True):
-        raise FinaliseError(f"{path} is not valid")
-    return info
+        return {path: info.nar_size for path, info in infos.items()}
+
+    async def output_map(self, drv_path: str) -> dict[str, str | None]:
+        return await self._ask(
+            f"the outputs of {drv_path}", lambda up: up.query_derivation_output_map(drv_path)
+        )
 
 
 def registration_record(
@@ -301,9 +280,9 @@ def registration_record(
     return [output_path, info.nar_hash, str(info.nar_size), deriver, str(len(refs)), *refs]
 
 
-def verify_references(output_path: str, record: list[str], queries: StoreQueries) -> None:
+async def verify_references(output_path: str, record: list[str], queries: StoreQueries) -> None:
     """FinaliseError unless ``output_path`` now has every reference ``record`` gave it."""
-    missing = set(record[5:]) - queries.references(output_path)
+    missing = set(record[5:]) - (await queries.path_info(output_path)).references
     if missing:
         raise FinaliseError(
             f"re-registering {output_path} did not add references {sorted(missing)}"
@@ -385,7 +364,8 @@ def ensure_not_ca_referencing(
 
 
 def resign(paths: Iterable[str], key_files: Iterable[str], nix_env: Mapping[str, str]) -> None:
-    """Sign `paths` with every secret key file (re-registration dropped all signatures)."""
+    """Sign `paths` with every secret key file (re-registration dropped all signatures;
+    blocking: runs `nix store sign`)."""
     paths = list(paths)
     if not paths:
         return
@@ -394,79 +374,73 @@ def resign(paths: Iterable[str], key_files: Iterable[str], nix_env: Mapping[str,
         _run(["nix", *NIX_COMMAND, "store", "sign", "--key-file", key_file, *paths], env)
 
 
-def finalise_outputs(
+async def finalise_outputs(
     drv_path: str,
     session_paths: set[str],
     key_files: list[str],
-    nix_env: dict[str, str],
-    queries: StoreQueries | None = None,
+    nix_env: Mapping[str, str],
+    queries: StoreQueries,
     registrar: Registrar | None = None,
     check: bool = True,
     drv: Derivation | None = None,
 ) -> FinaliseReport:
     """Add the references Nix missed to every output of `drv_path` (see module docstring).
 
-    ``queries``: how to read path infos (default: the Nix CLI, see StoreQueries);
-    ``registrar``: one started ahead of time, used or closed here (default: a new one
-    when there is something to register). All outputs are re-registered at once.
-    ``check=False``: skip allowedReferences & co. (only to complete the closure of
-    outputs that failed them but cannot be invalidated). ``drv``: the parsed .drv, if
-    the caller has it (else it is read here).
+    ``queries``: how to read the store (see StoreQueries); ``registrar``: one started
+    ahead of time, used or closed here (default: a new one when there is something to
+    register). All outputs are re-registered at once. ``check=False``: skip
+    allowedReferences & co. (only to complete the closure of outputs that failed them
+    but cannot be invalidated). ``drv``: the parsed .drv, if the caller has it (else it
+    is read here).
     """
-    queries = queries or CliQueries(nix_env)
     try:
-        drv = drv or _read_drv(drv_path)
-        report, pending = _plan_fix_ups(drv_path, drv, session_paths, nix_env, queries, check)
+        drv = drv or await asyncio.to_thread(_read_drv, drv_path)
+        report, pending = await _plan_fix_ups(drv_path, drv, session_paths, queries, check)
         if pending:
             using, registrar = registrar or Registrar(nix_env), None
-            using.register(record for _, record, _ in pending.values())
+            records = [record for _, record, _ in pending.values()]
+            await asyncio.to_thread(using.register, records)
     finally:
         if registrar is not None:
-            registrar.close()
+            await asyncio.to_thread(registrar.close)
     for name, (output_path, record, new) in pending.items():
-        verify_references(output_path, record, queries)
+        await verify_references(output_path, record, queries)
         report.added_refs[name] = new
     changed = [report.outputs[name] for name in report.added_refs]
     if changed and key_files:
-        resign(changed, key_files, nix_env)
+        await asyncio.to_thread(resign, changed, key_files, nix_env)
     return report
 
 
-def _plan_fix_ups(
+async def _plan_fix_ups(
     drv_path: str,
     drv: Derivation,
     session_paths: set[str],
-    nix_env: dict[str, str],
     queries: StoreQueries,
     check: bool = True,
 ) -> tuple[FinaliseReport, dict[str, tuple[str, list[str], set[str]]]]:
     """Scan and (``check``) check every output; the report so far and, by output name,
     the re-registrations needed: (output path, record, new references)."""
     pending: dict[str, tuple[str, list[str], set[str]]] = {}
-    outputs = outputs_of(drv_path, nix_env, drv)
+    outputs = await outputs_of(drv_path, queries, drv)
     candidates = set(session_paths) - set(outputs.values())
     for name, output_path in sorted(outputs.items()):
-        if not os.path.lexists(output_path):
-            raise FinaliseError(f"output {name!r} of {drv_path} ({output_path}) does not exist")
-        try:
-            found = scan_references(output_path, candidates)
-        except (OSError, ValueError, InvalidStorePath) as e:
-            raise FinaliseError(f"cannot scan output {name!r} ({output_path}): {e}") from None
+        found = await asyncio.to_thread(_scan_output, drv_path, name, output_path, candidates)
         ensure_not_ca_referencing(drv, drv_path, name, found)
         if not found:
             continue
-        info = queries.path_info(output_path)
+        info = await queries.path_info(output_path)
         old = set(info.references)
         new = found - old
         if not new:
             continue
         if check:
-            _check_fix_up(drv, name, outputs, old, new, queries)
+            await _check_fix_up(drv, name, outputs, old, new, queries)
         pending[name] = (output_path, registration_record(output_path, info, new), new)
     return FinaliseReport(outputs=outputs), pending
 
 
-def _check_fix_up(
+async def _check_fix_up(
     drv: Derivation,
     name: str,
     outputs: Mapping[str, str],
@@ -486,8 +460,8 @@ def _check_fix_up(
         closure, new_paths = old | new, new  # only reference checks apply
         sizes: dict[str, int] = {}
     else:
-        old_closure = queries.closure([output_path])
-        new_closure = queries.closure(sorted(new))
+        old_closure = await queries.closure([output_path])
+        new_closure = await queries.closure(sorted(new))
         sizes = {**old_closure, **new_closure}
         closure, new_paths = set(sizes), set(new_closure) - set(old_closure)
     check_output_constraints(
@@ -505,18 +479,14 @@ def _check_fix_up(
 
 
 __all__ = [
-    "CliQueries",
+    "DaemonQueries",
     "FinaliseError",
     "FinaliseReport",
     "check_output_constraints",
-    "closure_sizes",
     "ensure_not_ca_referencing",
     "finalise_outputs",
     "local_store_env",
     "outputs_of",
-    "path_info",
-    "query_closure",
-    "query_references",
     "Registrar",
     "RegisteredInfo",
     "registration_record",

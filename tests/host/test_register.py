@@ -1,7 +1,9 @@
-"""recnix.store.register against real Nix 2.8 builds: the post-build reference fix-up."""
+"""recnix.store.register against real Nix 2.8 builds: the post-build reference fix-up, run
+as the service runs it (on an event loop, the store read over the worker protocol)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import uuid
@@ -10,12 +12,15 @@ from pathlib import Path
 import pytest
 
 from recnix.store.register import (
+    DaemonQueries,
     FinaliseError,
+    FinaliseReport,
     Registrar,
     finalise_outputs,
     outputs_of,
     scan_references,
 )
+from recnix.store.upstreampool import UpstreamPool
 
 pytestmark = pytest.mark.host
 
@@ -81,6 +86,32 @@ def _build(nix_host, tmp_path: Path, expr: str, **args: str) -> str:
     return drv
 
 
+def _with_queries(nix_host, use):
+    """``use(DaemonQueries)`` on an event loop, over a pool of the host's nix-daemon."""
+
+    async def run():
+        pool = UpstreamPool(f"unix://{nix_host.socket}")
+        try:
+            return await use(DaemonQueries(pool))
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def _outputs(nix_host, drv: str) -> dict[str, str]:
+    return _with_queries(nix_host, lambda queries: outputs_of(drv, queries))
+
+
+def _finalise(nix_host, drv: str, session_paths: set[str], key_files=(), **kw) -> FinaliseReport:
+    return _with_queries(
+        nix_host,
+        lambda queries: finalise_outputs(
+            drv, session_paths, list(key_files), nix_host.env, queries, **kw
+        ),
+    )
+
+
 def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
@@ -104,7 +135,7 @@ def _outer(nix_host, tmp_path, busybox, hidden, checks: str = "{}") -> str:
 
 def test_finalise_adds_missing_reference(nix_host, busybox, tmp_path, hidden):
     drv = _outer(nix_host, tmp_path, busybox, hidden)
-    outputs = outputs_of(drv, nix_host.env)
+    outputs = _outputs(nix_host, drv)
     assert set(outputs) == {"out", "dev"}
     out = outputs["out"]
     before = set(_nix(nix_host, "nix-store", "-q", "--references", out).split())
@@ -113,7 +144,7 @@ def test_finalise_adds_missing_reference(nix_host, busybox, tmp_path, hidden):
     assert scan_references(out, {hidden, busybox}) == {hidden, busybox}
 
     unrelated = _add_text(nix_host, tmp_path, "unrelated", f"x {uuid.uuid4().hex}")
-    report = finalise_outputs(drv, {hidden, unrelated}, [], nix_host.env)
+    report = _finalise(nix_host, drv, {hidden, unrelated})
     assert report.outputs == outputs
     assert report.added_refs == {"out": {hidden}}
 
@@ -129,7 +160,7 @@ def test_finalise_adds_missing_reference(nix_host, busybox, tmp_path, hidden):
     assert verify.returncode == 0, verify.stderr
 
     # Idempotent: a second run finds nothing new.
-    again = finalise_outputs(drv, {hidden}, [], nix_host.env)
+    again = _finalise(nix_host, drv, {hidden})
     assert again.added_refs == {}
 
 
@@ -141,9 +172,9 @@ def test_allowed_references_violation(nix_host, busybox, tmp_path, hidden):
         hidden,
         checks=f"{{ allowedReferences = [ (builtins.storePath {_q(busybox)}) ]; }}",
     )
-    out = outputs_of(drv, nix_host.env)["out"]
+    out = _outputs(nix_host, drv)["out"]
     with pytest.raises(FinaliseError, match=rf"'out'.*allowedReferences.*{hidden}"):
-        finalise_outputs(drv, {hidden}, [], nix_host.env)
+        _finalise(nix_host, drv, {hidden})
     assert hidden not in _nix(nix_host, "nix-store", "-q", "--references", out).split()
 
 
@@ -157,7 +188,7 @@ def test_disallowed_requisites_violation(nix_host, busybox, tmp_path, hidden):
         ' args = [ "-c" "echo ${p.hidden} > $out" ]; }',
         p=f"{{ bb = builtins.storePath {_q(busybox)}; hidden = builtins.storePath {_q(hidden)}; }}",
     )
-    carrier_out = outputs_of(carrier, nix_host.env)["out"]
+    carrier_out = _outputs(nix_host, carrier)["out"]
     drv = _outer(
         nix_host,
         tmp_path,
@@ -166,7 +197,7 @@ def test_disallowed_requisites_violation(nix_host, busybox, tmp_path, hidden):
         checks=f"{{ disallowedRequisites = [ {_q(hidden)} ]; }}",
     )
     with pytest.raises(FinaliseError, match=rf"disallowedRequisites.*{hidden}"):
-        finalise_outputs(drv, {carrier_out}, [], nix_host.env)
+        _finalise(nix_host, drv, {carrier_out})
 
 
 def test_fixed_output_referencing_session_path_fails(nix_host, busybox, tmp_path, hidden):
@@ -178,12 +209,12 @@ def test_fixed_output_referencing_session_path_fails(nix_host, busybox, tmp_path
         bb=f"builtins.storePath {_q(busybox)}",
         content=_q(content),
     )
-    out = outputs_of(drv, nix_host.env)["out"]
+    out = _outputs(nix_host, drv)["out"]
     assert Path(out).read_text() == content
     with pytest.raises(FinaliseError, match=r"fixed-output.*computed from its references"):
-        finalise_outputs(drv, {hidden}, [], nix_host.env)
+        _finalise(nix_host, drv, {hidden})
     # Without a session reference it is fine.
-    assert finalise_outputs(drv, set(), [], nix_host.env).added_refs == {}
+    assert _finalise(nix_host, drv, set()).added_refs == {}
 
 
 def test_resign_after_reregistration(nix_host, busybox, tmp_path, hidden):
@@ -191,8 +222,8 @@ def test_resign_after_reregistration(nix_host, busybox, tmp_path, hidden):
     secret, public = tmp_path / "sk", tmp_path / "pk"
     _nix(nix_host, "nix-store", "--generate-binary-cache-key", key_name, str(secret), str(public))
     drv = _outer(nix_host, tmp_path, busybox, hidden)
-    out = outputs_of(drv, nix_host.env)["out"]
-    report = finalise_outputs(drv, {hidden}, [str(secret)], nix_host.env)
+    out = _outputs(nix_host, drv)["out"]
+    report = _finalise(nix_host, drv, {hidden}, [str(secret)])
     assert report.added_refs == {"out": {hidden}}
     info = _nix(
         nix_host, "nix", "--extra-experimental-features", "nix-command", "path-info", "--sigs", out
@@ -215,15 +246,15 @@ def test_a_registrar_started_early_is_used_or_closed(nix_host, busybox, tmp_path
     """finalise_outputs takes a nix-store started ahead of time: it registers through it
     when there is something to add, and lets it go otherwise or on an error."""
     drv = _outer(nix_host, tmp_path, busybox, hidden)
-    out = outputs_of(drv, nix_host.env)["out"]
+    out = _outputs(nix_host, drv)["out"]
     used = Registrar(nix_host.env)
-    report = finalise_outputs(drv, {hidden}, [], nix_host.env, registrar=used)
+    report = _finalise(nix_host, drv, {hidden}, registrar=used)
     assert report.added_refs == {"out": {hidden}}
     assert used.process.returncode == 0
     assert hidden in _nix(nix_host, "nix-store", "-q", "--references", out).split()
 
     idle = Registrar(nix_host.env)
-    assert finalise_outputs(drv, {hidden}, [], nix_host.env, registrar=idle).added_refs == {}
+    assert _finalise(nix_host, drv, {hidden}, registrar=idle).added_refs == {}
     assert idle.process.returncode == 0
 
     strict = _outer(
@@ -235,7 +266,7 @@ def test_a_registrar_started_early_is_used_or_closed(nix_host, busybox, tmp_path
     )
     refused = Registrar(nix_host.env)
     with pytest.raises(FinaliseError, match="allowedReferences"):
-        finalise_outputs(strict, {hidden}, [], nix_host.env, registrar=refused)
+        _finalise(nix_host, strict, {hidden}, registrar=refused)
     assert refused.process.returncode is not None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -9,10 +10,12 @@ import pytest
 from recnix.formats.derivation import Derivation, DerivationOutput
 from recnix.store.register import (
     FinaliseError,
+    RegisteredInfo,
+    _plan_fix_ups,
     check_output_constraints,
     ensure_not_ca_referencing,
     local_store_env,
-    parse_path_info,
+    outputs_of,
     scan_references,
 )
 
@@ -118,48 +121,84 @@ def test_local_store_env_forces_the_local_store():
         assert env["NIX_CONF_DIR"] == "/c"
 
 
-# `nix path-info --json` of one added file, as each tested Nix prints it (format 1).
-_F = "/nix/store/ab3li50xq0nl4q5lxdyinb8w8y13my9s-f"
-_NAR = "sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY="
-_CA = "fixed:r:sha256:1xmr8jicvzszfzpz46g37mlpvbzjl2wpwvl2b05psipssyp1sm8h"
-PATH_INFO_2_8 = json.dumps(
-    [{"path": _F, "narHash": _NAR, "narSize": 120, "references": [], "ca": _CA}]
-)
-PATH_INFO_2_34 = json.dumps(
-    {
-        _F: {
-            "ca": _CA,
-            "deriver": None,
-            "narHash": _NAR,
-            "narSize": 120,
-            "references": [],
-            "registrationTime": 1795855179,
-            "signatures": [],
-            "storeDir": "/nix/store",
-            "ultimate": False,
-            "version": 1,
-        }
-    }
-)
+class MemoryQueries:
+    """StoreQueries over an in-memory store: path -> (references, NAR size)."""
+
+    def __init__(self, paths: dict[str, tuple[set[str], int]], output_map=None) -> None:
+        self.paths = paths
+        self.map = output_map or {}
+        self.asked: list[str] = []
+
+    async def path_info(self, path: str) -> RegisteredInfo:
+        self.asked.append(f"info {path}")
+        if path not in self.paths:
+            raise FinaliseError(f"path '{path}' is not valid")
+        refs, size = self.paths[path]
+        return RegisteredInfo("sha256:" + "0" * 64, size, frozenset(refs), "")
+
+    async def closure(self, paths) -> dict[str, int]:
+        todo, seen = list(paths), {}
+        while todo:
+            path = todo.pop()
+            if path not in seen:
+                seen[path] = self.paths[path][1]
+                todo.extend(self.paths[path][0])
+        return seen
+
+    async def output_map(self, drv_path: str) -> dict[str, str | None]:
+        self.asked.append(f"outputs {drv_path}")
+        return self.map
 
 
-@pytest.mark.parametrize("text", [PATH_INFO_2_8, PATH_INFO_2_34], ids=["2.8-list", "2.19+-object"])
-def test_parse_path_info_reads_both_shapes(text):
-    info = parse_path_info(_F, text)
-    assert (info["narHash"], info["narSize"], info["references"]) == (_NAR, 120, [])
+def _outputs_on_disk(tmp_path, out_text: str, dev_text: str = "") -> dict[str, str]:
+    """OUT and DEV as files under ``tmp_path`` (their names keep the store paths' hashes)."""
+    paths = {}
+    for name, path, text in (("out", OUT, out_text), ("dev", DEV, dev_text)):
+        local = tmp_path / path.rsplit("/", 1)[1]
+        local.write_text(text)
+        paths[name] = str(local)
+    return paths
 
 
-@pytest.mark.parametrize(
-    "text",
-    [json.dumps([{"path": _F, "valid": False}]), json.dumps({_F: None})],
-    ids=["2.8-list", "2.19+-object"],
-)
-def test_parse_path_info_invalid_path(text):
-    with pytest.raises(FinaliseError, match="is not valid"):
-        parse_path_info(_F, text)
+def test_the_plan_adds_only_the_session_paths_an_output_refers_to(tmp_path):
+    """Finalisation reads the store only through its StoreQueries (no Nix CLI): an
+    output that mentions a session path it lacks gets it; one that mentions nothing,
+    or only what it has, is left alone."""
+    on_disk = _outputs_on_disk(tmp_path, f"uses {A} and {B}", "nothing")
+    drv = _drv({})
+    drv.outputs["out"].path, drv.outputs["dev"].path = on_disk["out"], on_disk["dev"]
+    queries = MemoryQueries({on_disk["out"]: ({B}, 10), on_disk["dev"]: (set(), 5)})
+    report, pending = asyncio.run(_plan_fix_ups("/nix/store/d.drv", drv, {A, B}, queries))
+    assert report.outputs == on_disk
+    assert list(pending) == ["out"]
+    output_path, record, new = pending["out"]
+    assert new == {A} and record[5:] == sorted({A, B}) and output_path == on_disk["out"]
+    assert queries.asked == [f"info {on_disk['out']}"]
 
 
-def test_parse_path_info_refuses_format_2():
-    text = json.dumps({"info": {_F.removeprefix("/nix/store/"): {}}, "version": 2})
-    with pytest.raises(FinaliseError, match="unexpected JSON shape"):
-        parse_path_info(_F, text)
+def test_constraints_see_the_closure_the_added_references_bring(tmp_path):
+    on_disk = _outputs_on_disk(tmp_path, f"uses {A}")
+    drv = _drv({"disallowedRequisites": B})
+    drv.outputs["out"].path, drv.outputs["dev"].path = on_disk["out"], on_disk["dev"]
+    queries = MemoryQueries(
+        {on_disk["out"]: (set(), 1), on_disk["dev"]: (set(), 1), A: ({B}, 2), B: (set(), 3)}
+    )
+    with pytest.raises(FinaliseError, match="disallowedRequisites"):
+        asyncio.run(_plan_fix_ups("/nix/store/d.drv", drv, {A}, queries))
+
+
+def test_a_floating_output_is_found_in_the_stores_output_map() -> None:
+    drv = _drv({}, kind="caFloating")
+    queries = MemoryQueries({}, output_map={"out": OUT})
+    assert asyncio.run(outputs_of("/nix/store/d.drv", queries, drv)) == OUTPUTS
+    assert queries.asked == ["outputs /nix/store/d.drv"]
+    with pytest.raises(FinaliseError, match="cannot determine output 'out'"):
+        asyncio.run(outputs_of("/nix/store/d.drv", MemoryQueries({}), drv))
+
+
+def test_a_missing_output_fails_the_plan(tmp_path):
+    drv = _drv({})
+    drv.outputs["out"].path = str(tmp_path / "gone")
+    drv.outputs["dev"].path = str(tmp_path / "gone-dev")
+    with pytest.raises(FinaliseError, match="does not exist"):
+        asyncio.run(_plan_fix_ups("/nix/store/d.drv", drv, {A}, MemoryQueries({})))
