@@ -1,4 +1,4 @@
-"""The control socket's server side: one JSON-line request, one JSON-line reply
+"""The control socket's server side: JSON-line requests, each with its JSON-line reply
 (recnix.hooks.control), dispatched by op to the handler the service's table names.
 
 A request that is not one (bad JSON, an unknown op, a missing field) gets an
@@ -39,17 +39,13 @@ class ControlServer:
         return await handler(message)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one control connection (``asyncio.start_unix_server``'s callback)."""
+        """Serve one control connection (``asyncio.start_unix_server``'s callback): each
+        request line gets its reply line, until the client closes (most send one; the
+        build hook keeps its connection for every build its Nix process asks about)."""
         try:
-            line = await reader.readline()
-            try:
-                reply = await self.dispatch(control.decode_request(line))
-            except (ValueError, KeyError, TypeError) as e:
-                reply = {"ok": False, "error": f"bad control request: {e}"}
-            except self.refusals as e:
-                reply = {"ok": False, "error": str(e)}
-            writer.write(control.encode_reply(reply))
-            await writer.drain()
+            while line := await reader.readline():
+                writer.write(control.encode_reply(await self._reply(line)))
+                await writer.drain()
         except (ConnectionError, OSError) as e:
             log.info("control connection lost: %s", e)
         except Exception:
@@ -61,3 +57,11 @@ class ControlServer:
                 pass
         finally:
             writer.close()
+
+    async def _reply(self, line: bytes) -> dict[str, Any]:
+        try:
+            return await self.dispatch(control.decode_request(line))
+        except (ValueError, KeyError, TypeError) as e:
+            return {"ok": False, "error": f"bad control request: {e}"}
+        except self.refusals as e:
+            return {"ok": False, "error": str(e)}

@@ -30,6 +30,7 @@ from recnix.store.upstreampool import UpstreamPool
 
 log = logging.getLogger("recnix.daemon.finalisation")
 
+
 class Finaliser:
     """Finalises or invalidates the outputs of recursive builds, and audits it."""
 

@@ -55,7 +55,6 @@ class SessionJournal:
     def create(cls, state_dir: Path, record: SessionRecord) -> SessionJournal:
         """Start the journal of a new session with its header line."""
         journal = cls.of(state_dir, record.sid)
-        journal.path.parent.mkdir(mode=0o700, exist_ok=True)
         header = {
             "sid": record.sid,
             "drv": record.drv_path,
@@ -65,7 +64,11 @@ class SessionJournal:
             "parent": record.parent,
             "holds_slot": record.holds_slot,
         }
-        journal._append(header, mode=os.O_CREAT | os.O_EXCL)
+        try:
+            journal._append(header, mode=os.O_CREAT | os.O_EXCL)
+        except FileNotFoundError:  # the first session of this state directory
+            journal.path.parent.mkdir(mode=0o700, exist_ok=True)
+            journal._append(header, mode=os.O_CREAT | os.O_EXCL)
         return journal
 
     def record(self, **change: Any) -> None:

@@ -380,9 +380,15 @@ class Session:
         close the upstream connections, drop the roots (temp and gcroots) and the socket
         directory (a service that stops before this sweeps them when it starts again)."""
         await self._close_upstreams()
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        try:  # it holds the socket only (a resumed session's old one is gone already)
+            self.socket_path.unlink(missing_ok=True)
+            self.socket_dir.rmdir()
+        except OSError:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
         self.roots.remove()
-        log.info("session %s (%s) closed: %s", self.sid, self.drv_path, reason)
+        # A finalised session's end is in the "finalised" line already.
+        level = logging.DEBUG if reason == "finalised" else logging.INFO
+        log.log(level, "session %s (%s) closed: %s", self.sid, self.drv_path, reason)
 
     def start_registrar(self) -> None:
         """Start the `nix-store` process that finalisation will use (register.Registrar),

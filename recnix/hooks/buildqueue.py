@@ -245,7 +245,10 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def admitted(
-    control_socket: str, drv_path: str, worker: int | None = None, max_jobs: int | None = None
+    service: control.ControlConnection,
+    drv_path: str,
+    worker: int | None = None,
+    max_jobs: int | None = None,
 ) -> bool:
     """Whether the service admits ``drv_path`` now (a session slot reserved for it, or
     a safe wait for one in its pre-build hook), asked for Nix process ``worker`` that
@@ -253,7 +256,7 @@ def admitted(
     hook then reports the error."""
     request = {"op": "admit", "drv": drv_path, "worker": worker, "max_jobs": max_jobs}
     try:
-        reply = control.request(control_socket, request, timeout=60)
+        reply = service.request(request, timeout=60)
     except control.ControlError as e:
         print(f"recnix build-hook: cannot ask the recnix service: {e}", file=sys.stderr)
         return True
@@ -280,10 +283,10 @@ def hint(marks_dir: str, drv_path: str, opted_in: bool) -> None:
     os.close(fd)
 
 
-def unadmit(control_socket: str, drv_path: str) -> None:
+def unadmit(service: control.ControlConnection, drv_path: str) -> None:
     """Give the slot reserved for ``drv_path`` back (it goes to a remote machine)."""
     try:
-        control.request(control_socket, {"op": "unadmit", "drv": drv_path}, timeout=60)
+        service.request({"op": "unadmit", "drv": drv_path}, timeout=60)
     except control.ControlError as e:
         print(f"recnix build-hook: cannot tell the recnix service: {e}", file=sys.stderr)
 
@@ -299,6 +302,7 @@ def serve(
         except OSError:
             pass  # there already, or no state directory (no service): no hints
     reader = WireReader(0)
+    service = control.ControlConnection(control_socket)  # one for every build asked about
     settings = read_settings(reader)
     worker = control.nix_worker_pid()
     max_jobs = int(settings["max-jobs"]) if settings.get("max-jobs", "").isdigit() else None
@@ -318,7 +322,7 @@ def serve(
             hint(marks_dir, drv_path, recursive)
         # Only a build Nix would start now takes a slot (at max-jobs, a declined build
         # waits for a build slot and is asked about again).
-        if recursive and local_now and not admitted(control_socket, drv_path, worker, max_jobs):
+        if recursive and local_now and not admitted(service, drv_path, worker, max_jobs):
             answer = "# postpone"
         elif nix_hook is None:
             answer = "# decline"
@@ -330,7 +334,7 @@ def serve(
                 nix_hook, answer = None, "# decline"
             elif answer == "# accept":
                 if recursive:  # built on a remote machine: no local session slot needed
-                    unadmit(control_socket, drv_path)
+                    unadmit(service, drv_path)
                 machine = nix_hook.line()
                 _write_all(2, f"{answer}\n{machine or ''}\n".encode(errors="surrogateescape"))
                 return nix_hook.take_over(reader.take_unread())

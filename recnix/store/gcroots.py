@@ -48,7 +48,8 @@ class SessionRoots:
 
     def remove(self) -> None:
         """Drop every root of the session."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self._made or os.path.lexists(self.path):
+            shutil.rmtree(self.path, ignore_errors=True)
         self._made = False
 
 
