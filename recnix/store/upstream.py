@@ -171,16 +171,20 @@ class Upstream(LocalStoreFiles):
         except OSError as e:
             raise UpstreamClosed(connect_error_message(target, e)) from e
         self = cls(reader, writer, ClientConnection(client_minor=client_minor), process)  # type: ignore[arg-type]
-        ev = await self._handshake("the nix-daemon")
-        log.debug(
-            "nix-daemon %s (%s): protocol 1.%d (it offered 1.%d, recnix asked 1.%d)",
-            ev.nix_version or "(version not sent)",
-            target,
-            ev.minor,
-            ev.server_minor,
-            ev.client_minor,
-        )
-        await self.call(Op.SET_OPTIONS, {"options": default_options(hooks)})
+        try:
+            ev = await self._handshake("the nix-daemon")
+            log.debug(
+                "nix-daemon %s (%s): protocol 1.%d (it offered 1.%d, recnix asked 1.%d)",
+                ev.nix_version or "(version not sent)",
+                target,
+                ev.minor,
+                ev.server_minor,
+                ev.client_minor,
+            )
+            await self.call(Op.SET_OPTIONS, {"options": default_options(hooks)})
+        except BaseException:  # failed or cancelled half way: no connection left open
+            await self.close()
+            raise
         self.runs_hooks = hooks
         return self
 

@@ -21,6 +21,7 @@ several connections).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from recnix.store.upstream import Upstream, UpstreamError
@@ -109,16 +110,23 @@ class UpstreamPool:
         await asyncio.sleep(SPARE_REFILL_DELAY)
         while len(self._spares) < SPARE_UPSTREAMS and not self._closed:
             try:
-                self._spares.append(await self.connect())
+                up = await self.connect()
             except (UpstreamError, OSError) as e:
                 log.debug("cannot open a spare nix-daemon connection: %s", e)
                 return
+            if self._closed:
+                await up.close()
+                return
+            self._spares.append(up)
 
     async def close(self) -> None:
         """Close the spares and the idle connections; stop refilling the spares."""
         self._closed = True
         if self._filling is not None:
+            # a spare being connected is closed by Upstream.connect when cancelled
             self._filling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._filling
         for spare in self._spares:
             await spare.close()
         self._spares.clear()

@@ -127,3 +127,44 @@ def test_reachable_raises_the_connection_error() -> None:
             raise AssertionError("reachable() did not raise")
 
     run(scenario())
+
+
+def test_closing_the_pool_closes_the_spares_its_refill_made() -> None:
+    """A fresh connection taken starts the spares' refill; closing the pool (the
+    service stops, a test ends) closes what the refill made, not the caller's."""
+
+    async def scenario() -> None:
+        pool = CountingPool()
+        first = await pool.fresh()  # no spare yet: a new one, and the refill starts
+        await asyncio.sleep(0.1)  # the refill has made its spares
+        assert len(pool.made) == 3 and all(not up.closed for up in pool.made)
+        await pool.close()
+        assert [up.closed for up in pool.made] == [False, True, True]  # the caller's stays
+        await first.close()
+
+    run(scenario())
+
+
+def test_a_connection_whose_handshake_is_cancelled_is_closed(tmp_path) -> None:
+    """Upstream.connect cancelled (or failing) after the socket connected, before the
+    handshake ended: the daemon sees the connection closed, no worker is left serving
+    it (a Lix worker would outlive the test)."""
+    from recnix.store.upstream import Upstream
+
+    async def scenario() -> None:
+        closed = asyncio.Event()
+
+        async def silent_daemon(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            while await reader.read(4096):  # never answers the handshake
+                pass
+            closed.set()
+            writer.close()
+
+        server = await asyncio.start_unix_server(silent_daemon, path=str(tmp_path / "d.sock"))
+        connecting = asyncio.ensure_future(Upstream.connect(f"unix://{tmp_path}/d.sock"))
+        await asyncio.sleep(0.2)
+        connecting.cancel()
+        await asyncio.wait_for(closed.wait(), 5)
+        server.close()
+
+    run(scenario())
