@@ -36,8 +36,7 @@ from recnix.store.durable import fsync_paths
 from recnix.store.gcroots import SessionRoots
 from recnix.store.policy import Limits, drv_closure
 from recnix.store.register import FinaliseError, Registrar
-from recnix.store.restricted import censor
-from recnix.store.seam import closure_infos
+from recnix.store.restricted import censored_closure
 from recnix.store.upstream import Upstream
 from recnix.store.upstreampool import UpstreamPool
 
@@ -294,12 +293,9 @@ class Session:
         """Closure of ``roots`` over references on the keeper, stopping at paths in
         ``known`` (the session's own: its inputs, and on resume what it had allowed)."""
         assert self.keeper is not None
-        infos = await closure_infos(
-            self.keeper.query_path_info, roots, known or frozenset(), where="the host store"
+        return await censored_closure(
+            self.keeper.query_path_info, roots, known or frozenset(), self.path_infos
         )
-        for path, info in infos.items():
-            self.path_infos[path] = censor(info)
-        return set(infos)
 
     def summary(self) -> dict[str, Any]:
         """What ``recnix status`` shows of this session (JSON-ready)."""

@@ -31,7 +31,7 @@ import hashlib
 import inspect
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -91,6 +91,21 @@ def censor(info: PathInfo) -> PathInfo:
         sigs=[],
         ca=info.ca,
     )
+
+
+async def censored_closure(
+    query: Callable[[str], Awaitable[PathInfo | None]],
+    roots: Iterable[str],
+    known: Container[str],
+    path_infos: dict[str, PathInfo],
+) -> set[str]:
+    """The closure of ``roots`` over references through ``query`` (a
+    ``Store.query_path_info``), not entering paths in ``known``; each path's censored
+    info goes into ``path_infos`` (what the fast path answers from)."""
+    infos = await closure_infos(query, roots, known, where="the host store")
+    for path, info in infos.items():
+        path_infos[path] = censor(info)
+    return set(infos)
 
 
 class SessionState(Protocol):
@@ -433,12 +448,7 @@ class RestrictedStore:
         """The closure of ``roots`` over references, without what the session allows
         already; their (censored) path infos are remembered for the fast path."""
         s = self.session
-        infos = await closure_infos(
-            self.store.query_path_info, roots, s.allowed, where="the host store"
-        )
-        for path, info in infos.items():
-            s.path_infos[path] = censor(info)
-        return set(infos)
+        return await censored_closure(self.store.query_path_info, roots, s.allowed, s.path_infos)
 
     async def _guarded(
         self,
